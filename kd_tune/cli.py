@@ -1,0 +1,147 @@
+"""``kd-tune``: a thin CLI mapping subcommands to plain typed functions.
+
+Errors meant for the user print one line (exit 2 for bad input, 1 otherwise); ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kd_tune.errors import KdTuneError, UsageError
+
+UI_HOST = "127.0.0.1"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors name the subcommand's help (and exit 2, as argparse does)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
+
+
+def add_options(parser: argparse.ArgumentParser, cls: Any) -> None:
+    """One ``--flag`` per field of a options dataclass; the field's metadata help is the flag's help."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        help_text = f.metadata.get("help", "")
+        if kind == "bool":
+            parser.add_argument(flag, action="store_true", help=help_text)
+        else:
+            conv: Callable[[str], Any] = float if "float" in kind else int if "int" in kind else str
+            parser.add_argument(flag, type=conv, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def options_from(args: argparse.Namespace, cls: Any) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+# --- subcommands: plain functions ---------------------------------------------------------------
+
+
+def sweep(space: Path, opts: Any) -> int:
+    """Run every trial of a search space; exit 0 only if every trial finished."""
+    from kd_tune.sweep import format_table, run_sweep
+
+    log = (lambda s: None) if opts.quiet else (lambda s: print(s, flush=True))
+    outcome = run_sweep(space, opts, log=log)
+    print()
+    print(f"sweep {outcome.name!r}: {outcome.finished}/{outcome.total} trials finished, {outcome.errored} errored, "
+          f"teacher test acc {outcome.teacher_acc:.4f}, {outcome.wall_seconds:.0f} s")
+    print(format_table(outcome.table))
+    print()
+    print(f"MLflow: experiment {outcome.name!r} (id {outcome.experiment_id}) in {outcome.tracking_uri}")
+    ui = "kd-tune ui" + ("" if outcome.tracking_uri == _default_tracking_uri() else f" --tracking-uri '{outcome.tracking_uri}'")
+    print(f"Open the UI: {ui}   (then http://{UI_HOST}:5000)")
+    return 0 if outcome.ok else 1
+
+
+def _default_tracking_uri() -> str:
+    from kd_tune.sweep import resolve_tracking_uri
+
+    return resolve_tracking_uri(None)
+
+
+def ui(tracking_uri: str | None, host: str, port: int) -> int:
+    """Serve the MLflow UI over the sweeps' store (replaces this process with the server)."""
+    from kd_tune.sweep import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if "://" not in uri or uri.startswith(("http://", "https://")):
+        raise UsageError(f"--tracking-uri {uri!r}: the UI serves a database store; allowed: sqlite:///PATH or another SQLAlchemy URI")
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
+    print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl+C stops it)", flush=True)
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
+
+
+def data(name: str, data_dir: str | None) -> int:
+    """Fetch (or verify) a dataset's files ahead of a sweep, e.g. on a cluster's shared disk."""
+    from kd_tune.data import REGISTRY, default_data_dir, load
+
+    if name not in REGISTRY:
+        raise UsageError(f"dataset {name!r} is unknown; allowed: {', '.join(REGISTRY)}")
+    root = Path(data_dir) if data_dir else default_data_dir()
+    info, train_x, _, test_x, _ = load(name, root)
+    print(f"{name}: {len(train_x)} training and {len(test_x)} test images of shape {tuple(info.shape)} under {root}")
+    return 0
+
+
+# --- wiring -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kd_tune.sweep import SweepOptions
+
+    parser = _Parser(prog="kd-tune", description="Hyperparameter sweeps for knowledge distillation (Ray Tune + MLflow).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("sweep", help="run a sweep from a search-space YAML file", description=sweep.__doc__)
+    p.add_argument("space", type=Path, help="search-space YAML, e.g. search_spaces/smoke.yaml")
+    add_options(p, SweepOptions)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: sweep(a.space, options_from(a, SweepOptions)))
+
+    p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 over the same store", description=ui.__doc__)
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--host", default=UI_HOST, help="address to bind (default 127.0.0.1: only this machine; use ssh/ray port forwarding)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: ui(a.tracking_uri, a.host, a.port))
+
+    p = sub.add_parser("data", help="fetch or verify a dataset's files", description=data.__doc__)
+    p.add_argument("name", help="dataset name, e.g. mnist")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: $KD_TUNE_DATA_DIR or ~/.cache/kd-tune/data)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: data(a.name, a.data_dir))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KdTuneError as e:
+        if args.debug:
+            raise
+        print(f"kd-tune {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, UsageError):
+            print(f"(see 'kd-tune {args.command} --help')", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"kd-tune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

