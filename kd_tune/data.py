@@ -24,7 +24,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -87,11 +87,12 @@ _MNIST_MD5 = {
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else: a pickle can otherwise run arbitrary code."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 pickles the bytes inside an array (protocol 2); harmless
     }
 
     def find_class(self, module: str, name: str) -> Any:

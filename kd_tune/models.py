@@ -29,7 +29,7 @@ def _pad2d(h: int, w: int, kernel: int, stride: int) -> tuple[int, int, int, int
     return left, right, top, bottom
 
 
-class SeedCNN(nn.Sequential):
+class SeedCNN(nn.Module):
     """Two strided convolutions and a linear classifier; input shape fixes the paddings and Linear's size."""
 
     def __init__(self, widths: tuple[int, ...] | list[int], in_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> None:
@@ -42,9 +42,13 @@ class SeedCNN(nn.Sequential):
         layers += [nn.ZeroPad2d(_pad2d(h, w, 3, 2)), nn.Conv2d(w1, w2, 3, stride=2)]
         h, w = math.ceil(h / 2), math.ceil(w / 2)
         layers += [nn.Flatten(), nn.Linear(w2 * h * w, num_classes)]
-        super().__init__(*layers)
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
         self.widths = (w1, w2)
         self.in_shape = in_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
 
 def build_model(widths: tuple[int, ...] | list[int], in_shape: tuple[int, int, int], num_classes: int, seed: int) -> SeedCNN:

@@ -1,0 +1,91 @@
+"""The CLI on bad input: one clear line, exit 2, nothing started, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from kd_tune.cli import main
+
+from .conftest import tiny_space
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "space,expected",
+    [
+        (tiny_space(grid={"alpha": [2.0]}), "key 'grid.alpha[0]': bad value 2.0; allowed: a number in [0, 1]"),
+        (tiny_space(name="../up"), "key 'name': bad value '../up'"),
+        (tiny_space(dataset={"name": "mnist", "label_noise": 1.5}), "key 'dataset.label_noise': bad value 1.5; allowed: a number in [0, 1)"),
+        ("name: [unclosed\n", "YAML syntax error at line"),
+    ],
+)
+def test_bad_space_exits_2_with_one_line(
+    space: Any, expected: str, write_space: Callable[..., Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = write_space(space)
+    monkeypatch.chdir(tmp_path)
+    before = _files(tmp_path)
+    assert main(["sweep", str(path), "--storage", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"kd-tune sweep: error: {path}: ")
+    assert expected in err[0]
+    assert err[1] == "(see 'kd-tune sweep --help')"
+    assert len(err) == 2
+    assert not ray.is_initialized()
+    assert _files(tmp_path) == before  # no mlflow.db, no storage folder
+
+
+def test_bad_flag_value(write_space: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_space(tiny_space())
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(path), "--gpus-per-trial", "-1"]) == 2
+    assert "--gpus-per-trial -1.0: allowed: a number >= 0" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--cpus-per-trial", "64"]) == 2
+    assert "resources.cpu = 64 per trial, but this machine has" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--name", "a/b"]) == 2
+    assert "--name 'a/b': allowed:" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_usage_error_exits_2_and_points_to_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["sweep"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: the following arguments are required: space" in err
+    assert "(see 'kd-tune sweep --help')" in err
+
+
+def test_help_lists_the_options_from_the_dataclass(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--storage", "--data-dir", "--address", "--tracking-uri", "--cpus-per-trial", "--gpus-per-trial", "--max-failures"):
+        assert flag in out
+    assert "GPUs per trial, may be a fraction" in out
+
+
+def test_real_process_exit_code_and_no_traceback(write_space: Callable[..., Path], tmp_path: Path) -> None:
+    path = write_space(tiny_space(grid={"alpha": [0.5], "epochs": [0]}))
+    proc = subprocess.run([sys.executable, "-m", "kd_tune.cli", "sweep", str(path)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "KD_TUNE_STORAGE": str(tmp_path / "store")}, timeout=120)
+    assert proc.returncode == 2
+    assert "key 'grid.epochs[0]': bad value 0; allowed: an integer >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "kd_tune.cli", "sweep", str(path), "--debug"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "KD_TUNE_STORAGE": str(tmp_path / "store")}, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "SpaceError" in proc.stderr
+    assert _files(tmp_path) == {"space.yaml"}

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kd_tune.config import load_space, parse_space, space_to_yaml
+from kd_tune.errors import SpaceError
+
+from .conftest import REPO, tiny_space
+
+SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
+
+
+def test_there_are_shipped_spaces() -> None:
+    names = {p.stem for p in SHIPPED}
+    assert {"smoke", "seed_alpha_grid", "alpha_temperature"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_space_is_valid(path: Path) -> None:
+    spec = load_space(path)
+    assert spec.name == path.stem  # the file name is the sweep's default name
+    assert spec.trials()
+    # What is stored beside a sweep reads back to the same spec.
+    assert parse_space(__import__("yaml").safe_load(space_to_yaml(spec)), "stored") == spec
+
+
+def test_seed_grid_is_the_study() -> None:
+    spec = load_space(REPO / "search_spaces" / "seed_alpha_grid.yaml")
+    assert spec.teacher.widths == (256, 512) and spec.student.widths == (16, 32)
+    assert spec.grid.alpha == tuple(round(0.1 * i, 1) for i in range(11))
+    assert spec.grid.epochs == (100, 300, 500, 1000) and spec.grid.temperature == (3.0,)
+    trials = spec.trials()
+    assert sum(t.role == "student" for t in trials) == 44
+    assert sum(t.role == "scratch" for t in trials) == 4
+
+
+def test_alpha_temperature_grid() -> None:
+    spec = load_space(REPO / "search_spaces" / "alpha_temperature.yaml")
+    assert spec.grid.temperature == (1.0, 2.0, 3.0, 5.0, 10.0)
+    assert len([t for t in spec.trials() if t.role == "student"]) == 55
+
+
+def test_defaults_and_trial_points() -> None:
+    spec = parse_space(tiny_space(baselines=["scratch"]), "x.yaml")
+    trials = spec.trials()
+    assert len(trials) == 2 * 1 * 2 * 1 + 2
+    scratch = [t for t in trials if t.role == "scratch"]
+    assert all(t.alpha == 1.0 and t.temperature is None for t in scratch)
+    assert spec.max_failures == 1 and spec.dataset.seed == 0
+
+
+def _set(space: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    space = copy.deepcopy(space)
+    *parents, last = dotted.split(".")
+    node = space
+    for p in parents:
+        node = node[p]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return space
+
+
+_DELETE = object()
+
+BAD = [
+    # (key to change, value, key named in the error, words of the allowed values)
+    ("bogus", 1, "bogus", "known keys"),
+    ("grid.bogus", [1], "grid.bogus", "known keys"),
+    ("teacher", _DELETE, "teacher", "required"),
+    ("grid.alpha", _DELETE, "grid.alpha", "required"),
+    ("teacher.epochs", "ten", "teacher.epochs", "integer >= 1"),
+    ("teacher.epochs", 2.5, "teacher.epochs", "integer >= 1"),
+    ("student.lr", "fast", "student.lr", "number in (0, 10]"),
+    ("grid.alpha", [0.5, 1.5], "grid.alpha[1]", "number in [0, 1]"),
+    ("grid.alpha", [-0.1], "grid.alpha[0]", "number in [0, 1]"),
+    ("grid.alpha", [True], "grid.alpha[0]", "number in [0, 1]"),
+    ("grid.temperature", [0], "grid.temperature[0]", "number in (0, inf]"),
+    ("grid.temperature", [-2.0], "grid.temperature[0]", "number in (0, inf]"),
+    ("grid.epochs", [0], "grid.epochs[0]", "integer >= 1"),
+    ("grid.epochs", [], "grid.epochs", "non-empty list"),
+    ("grid.seed", 3, "grid.seed", "non-empty list"),
+    ("grid.alpha", [0.5, 0.5], "grid.alpha", "without repeated"),
+    ("dataset.name", "imagenet", "dataset.name", "one of mnist"),
+    ("teacher.widths", [256, -1], "teacher.widths[1]", "integer in [1, 65536]"),
+    ("student.widths", [16, 3.5], "student.widths[1]", "integer in [1, 65536]"),
+    ("student.widths", [16, 32, 64], "student.widths", "list of 2 positive integers"),
+    ("dataset.train_size", 60001, "dataset.train_size", "integer in [10, 60000]"),
+    ("dataset.train_size", 0, "dataset.train_size", "integer in [10, 60000]"),
+    ("dataset.label_noise", 1.0, "dataset.label_noise", "number in [0, 1)"),
+    ("dataset.label_noise", -0.1, "dataset.label_noise", "number in [0, 1)"),
+    ("resources.gpu", -0.5, "resources.gpu", "number in [0, 64]"),
+    ("resources.cpu", 0, "resources.cpu", "number in (0, 1024]"),
+    ("name", "../escape", "name", "no path separators"),
+    ("name", "a/b", "name", "no path separators"),
+    ("name", "", "name", "no path separators"),
+    ("name", "_teachers", "name", "starting with a letter or digit"),
+    ("baselines", ["teacher"], "baselines[0]", "one of scratch"),
+    ("max_failures", -1, "max_failures", "integer in [0, 100]"),
+]
+
+
+@pytest.mark.parametrize("key,value,named,allowed", BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD])
+def test_bad_values_name_file_key_value_and_allowed(key: str, value: Any, named: str, allowed: str) -> None:
+    with pytest.raises(SpaceError) as err:
+        parse_space(_set(tiny_space(), key, value), "spaces/bad.yaml")
+    msg = str(err.value)
+    assert msg.startswith("spaces/bad.yaml: ")
+    assert f"key '{named}'" in msg
+    assert allowed in msg
+    if value is not _DELETE:
+        assert repr(value)[:20] in msg or repr(value) in msg or named.endswith("]")
+    assert "\n" not in msg
+
+
+def test_yaml_syntax_error_names_line(write_space: Callable[..., Path]) -> None:
+    path = write_space("name: x\ngrid: {alpha: [0.1, 0.2\n")
+    with pytest.raises(SpaceError, match=r"YAML syntax error at line \d+, column \d+"):
+        load_space(path)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(SpaceError, match="no such file"):
+        load_space("does/not/exist.yaml")
+
+
+def test_not_a_mapping(write_space: Callable[..., Path]) -> None:
+    with pytest.raises(SpaceError, match="a YAML mapping"):
+        load_space(write_space("- just\n- a list\n"))
+
+
+def test_safe_load_refuses_python_objects(write_space: Callable[..., Path]) -> None:
+    with pytest.raises(SpaceError, match="YAML"):
+        load_space(write_space("name: !!python/object/apply:os.system ['true']\n"))

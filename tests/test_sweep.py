@@ -1,0 +1,100 @@
+"""End to end with a real local Ray and a real sqlite MLflow store, on a slice of real MNIST."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kd_tune.cli import main
+from kd_tune.sweep import SweepOptions, run_sweep
+from kd_tune.teacher import CACHE_FOLDER
+from kd_tune.tracking import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
+
+from .conftest import FIXTURE_DATA, tiny_space
+
+pytestmark = pytest.mark.integration
+
+
+def _runs_by_role(client: MlflowClient, experiment: str) -> dict[str, list]:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    out: dict[str, list] = {}
+    for run in client.search_runs([exp.experiment_id], max_results=1000):
+        out.setdefault(run.data.tags[TAG_ROLE], []).append(run)
+    return out
+
+
+def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., Path], tmp_path: Path) -> None:
+    storage = tmp_path / "store"
+    space = write_space(tiny_space())  # alpha {0, 1} x epochs {1, 2}: 4 trials
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kd_tune.cli", "sweep", str(space), "--storage", str(storage), "--data-dir", str(FIXTURE_DATA)],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "teacher epoch 1/1" in out and "training 8/16" in out
+    assert "sweep 'tiny': 4/4 trials finished, 0 errored" in out
+    table = out[out.index("role  alpha"):].splitlines()
+    assert len([ln for ln in table if ln.strip().startswith("student")]) == 4
+    assert "Open the UI: kd-tune ui" in out
+
+    # MLflow's own default store in the current folder: what `kd-tune ui` and `mlflow ui` read there.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = _runs_by_role(client, "tiny")
+    assert len(runs["sweep"]) == 1 and len(runs["teacher"]) == 1 and len(runs["student"]) == 4
+    parent = runs["sweep"][0]
+    assert parent.info.status == "FINISHED"
+    assert runs["teacher"][0].data.tags[TAG_PARENT] == parent.info.run_id
+    assert runs["teacher"][0].data.tags["kd_tune.cached"] == "false"
+    assert "test_acc" in runs["teacher"][0].data.metrics
+    trial_ids = set()
+    for run in runs["student"]:
+        assert run.data.tags[TAG_PARENT] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        trial_ids.add(run.data.tags[TAG_TRIAL])
+        epochs = int(run.data.params["epochs"])
+        assert run.data.params["student.widths"] == "[4, 8]" and run.data.params["alpha"] in ("0.0", "1.0")
+        for metric in EPOCH_METRICS:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+            assert sorted(steps) == list(range(1, epochs + 1)), (metric, steps)
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/student.pt"]
+    assert len(trial_ids) == 4
+
+    # Same teacher spec, another sweep (with a scratch baseline): the cached teacher is reused.
+    teacher_entries = list((storage / CACHE_FOLDER).iterdir())
+    assert len(teacher_entries) == 1
+    messages: list[str] = []
+    outcome = run_sweep(
+        write_space(tiny_space(name="tiny2", grid={"alpha": [0.5], "epochs": [1]}, baselines=["scratch"]), "tiny2.yaml"),
+        SweepOptions(storage=str(storage), data_dir=str(FIXTURE_DATA), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", quiet=True),
+        log=messages.append,
+    )
+    assert outcome.ok and outcome.total == 2
+    assert any("from the cache" in m for m in messages) and not any("training" in m for m in messages)
+    assert list((storage / CACHE_FOLDER).iterdir()) == teacher_entries
+    runs2 = _runs_by_role(client, "tiny2")
+    assert runs2["teacher"][0].data.tags["kd_tune.cached"] == "true"
+    assert len(runs2["scratch"]) == 1 and len(runs2["student"]) == 1
+    assert set(outcome.table["role"]) == {"student", "scratch"}
+    assert outcome.table["test_acc"].notna().all()
+
+
+def test_existing_sweep_name_is_refused(write_space: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tiny_space(name="once", grid={"alpha": [0.0], "epochs": [1]}))
+    args = ["sweep", str(space), "--storage", str(tmp_path / "store"), "--data-dir", str(FIXTURE_DATA), "--quiet"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "a sweep named 'once' already exists" in err

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_tune import data
+from kd_tune.config import DatasetSpec, TeacherSpec
+from kd_tune.teacher import Teacher, TeacherCache, teacher_key, train_teacher
+
+from .conftest import FIXTURE_DATA
+
+
+@pytest.fixture(scope="module")
+def split() -> data.DataSplit:
+    return data.prepare("mnist", 500, 0.0, 0, FIXTURE_DATA)
+
+
+@pytest.fixture(scope="module")
+def teacher(split: data.DataSplit) -> Teacher:
+    spec = TeacherSpec(widths=(4, 8), epochs=1, lr=3e-3, batch_size=64)
+    return train_teacher(split, spec, teacher_key(DatasetSpec(train_size=500), spec, split), log=lambda s: None)
+
+
+def test_key_covers_the_spec(split: data.DataSplit) -> None:
+    ds, t = DatasetSpec(train_size=500), TeacherSpec(widths=(4, 8), epochs=1)
+    key = teacher_key(ds, t, split)
+    assert key == teacher_key(ds, t, split)
+    assert key != teacher_key(ds, replace(t, epochs=2), split)
+    assert key != teacher_key(ds, replace(t, seed=1), split)
+    assert key != teacher_key(replace(ds, label_noise=0.1), t, split)
+    other = data.prepare("mnist", 400, 0.0, 0, FIXTURE_DATA)
+    assert key != teacher_key(ds, t, other)  # the data fingerprint is in the key too
+
+
+def test_logits_cover_train_and_test(split: data.DataSplit, teacher: Teacher) -> None:
+    assert teacher.train_logits.shape == (500, 10)
+    assert teacher.test_logits.shape == (500, 10)
+    acc = (teacher.test_logits.argmax(1) == split.test_y).float().mean().item()
+    assert acc == pytest.approx(teacher.test_acc)
+    assert len(teacher.history) == 1 and not teacher.cached
+
+
+def test_cache_roundtrip(tmp_path: Path, teacher: Teacher) -> None:
+    cache = TeacherCache(tmp_path / "_teachers")
+    assert cache.load(teacher.key) is None
+    path = cache.save(teacher, {"note": "test"})
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "teacher.pt"]
+    assert not [p for p in cache.root.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    loaded = cache.load(teacher.key)
+    assert loaded is not None and loaded.cached
+    assert torch.equal(loaded.train_logits, teacher.train_logits)
+    assert torch.equal(loaded.test_logits, teacher.test_logits)
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in teacher.state_dict.items())
+    # A second writer of the same teacher leaves the first entry in place.
+    assert cache.save(teacher, {"note": "again"}) == path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_meta"])
+def test_corrupt_entry_is_discarded_not_loaded(tmp_path: Path, teacher: Teacher, damage: str) -> None:
+    cache = TeacherCache(tmp_path / "_teachers")
+    path = cache.save(teacher, {})
+    weights = path / "teacher.pt"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "flip":
+        raw = bytearray(weights.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        weights.write_bytes(bytes(raw))
+    else:
+        (path / "meta.json").unlink()
+    messages: list[str] = []
+    assert cache.load(teacher.key, log=messages.append) is None
+    assert not path.exists()
+    assert "training the teacher again" in messages[0]

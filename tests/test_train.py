@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_tune import data
+from kd_tune.errors import DivergedError
+from kd_tune.models import build_model
+from kd_tune.train import EpochMetrics, TensorData, epoch_order, make_optimizer, train
+
+
+@pytest.fixture(scope="module")
+def split() -> data.DataSplit:
+    from .conftest import FIXTURE_DATA
+
+    return data.prepare("mnist", 600, 0.0, 0, FIXTURE_DATA)
+
+
+def _run(split: data.DataSplit, epochs: int, seed: int = 0, teacher: torch.Tensor | None = None, alpha: float = 1.0) -> tuple[torch.nn.Module, list[EpochMetrics]]:
+    d = TensorData.from_split(split, "cpu", teacher, None)
+    model = build_model((4, 8), split.info.shape, 10, seed)
+    return model, train(model, make_optimizer(model, 3e-3), d, epochs=epochs, batch_size=64, seed=seed, alpha=alpha, temperature=3.0)
+
+
+def _strip_time(h: list[EpochMetrics]) -> list[dict[str, float]]:
+    return [{k: v for k, v in m.as_dict().items() if k != "epoch_seconds"} for m in h]
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch() -> None:
+    assert torch.equal(epoch_order(50, 1, 3), epoch_order(50, 1, 3))
+    assert not torch.equal(epoch_order(50, 1, 3), epoch_order(50, 1, 4))
+    assert sorted(epoch_order(50, 1, 3).tolist()) == list(range(50))
+
+
+def test_student_learns_and_is_deterministic(split: data.DataSplit) -> None:
+    torch.set_num_threads(1)
+    _, a = _run(split, 2)
+    _, b = _run(split, 2)
+    assert _strip_time(a) == _strip_time(b)
+    assert [m.epoch for m in a] == [1, 2]
+    assert a[-1].test_acc > 0.5  # far above chance (0.1) after 2 epochs on 600 digits
+    assert a[-1].train_loss < a[0].train_loss
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(split: data.DataSplit) -> None:
+    torch.set_num_threads(1)
+    full_model, full = _run(split, 3)
+    d = TensorData.from_split(split)
+    model = build_model((4, 8), split.info.shape, 10, 0)
+    opt = make_optimizer(model, 3e-3)
+    train(model, opt, d, epochs=1, batch_size=64, seed=0)
+    saved = (model.state_dict(), opt.state_dict())
+    model2 = build_model((4, 8), split.info.shape, 10, 99)  # different init: all must come from the checkpoint
+    opt2 = make_optimizer(model2, 3e-3)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    rest = train(model2, opt2, d, epochs=3, batch_size=64, seed=0, start_epoch=1)
+    assert [m.epoch for m in rest] == [2, 3]
+    assert _strip_time(rest) == _strip_time(full[1:])
+    for p, q in zip(full_model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_distillation_reports_all_three_losses(split: data.DataSplit) -> None:
+    teacher = torch.randn(len(split.train_y), 10)
+    _, h = _run(split, 1, teacher=teacher, alpha=0.5)
+    m = h[0]
+    assert m.train_loss == pytest.approx(0.5 * m.train_hard_loss + 0.5 * m.train_distill_loss, rel=1e-5)
+    assert m.train_distill_loss > 0
+
+
+def test_nan_loss_stops_with_the_epoch_and_value(split: data.DataSplit) -> None:
+    teacher = torch.full((len(split.train_y), 10), float("nan"))
+    with pytest.raises(DivergedError, match=r"diverged at epoch 1: loss = nan") as err:
+        _run(split, 2, teacher=teacher, alpha=0.5)
+    assert err.value.epoch == 1 and math.isnan(err.value.loss)
+
+
+def test_on_epoch_sees_each_epoch(split: data.DataSplit) -> None:
+    seen: list[int] = []
+    d = TensorData.from_split(split)
+    model = build_model((4, 8), split.info.shape, 10, 0)
+    train(model, make_optimizer(model, 1e-3), d, epochs=2, batch_size=128, seed=0, on_epoch=lambda m: seen.append(m.epoch))
+    assert seen == [1, 2]
+
+
+def test_fixture_path_exists() -> None:
+    from .conftest import FIXTURE_DATA
+
+    assert Path(FIXTURE_DATA, "MNIST", "raw", "train-images-idx3-ubyte").exists()
