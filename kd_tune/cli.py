@@ -48,19 +48,75 @@ def options_from(args: argparse.Namespace, cls: Any) -> Any:
 
 def sweep(space: Path, opts: Any) -> int:
     """Run every trial of a search space; exit 0 only if every trial finished."""
-    from kd_tune.sweep import format_table, run_sweep
+    from kd_tune.config import load_space
+    from kd_tune.sweep import run_sweep
 
-    log = (lambda s: None) if opts.quiet else (lambda s: print(s, flush=True))
-    outcome = run_sweep(space, opts, log=log)
+    try:
+        return _report(lambda log: run_sweep(space, opts, log=log), opts.quiet)
+    except (Exception, KeyboardInterrupt) as e:
+        if not isinstance(e, UsageError):
+            _hint_resume(lambda: opts.name or load_space(space).name, opts.storage)
+        raise
+
+
+def resume(name: str, opts: Any) -> int:
+    """Continue an interrupted sweep: finished trials stay, the others go on from their last checkpoint."""
+    from kd_tune.sweep import resume_sweep
+
+    try:
+        return _report(lambda log: resume_sweep(name, opts, log=log), opts.quiet)
+    except (Exception, KeyboardInterrupt) as e:
+        if not isinstance(e, UsageError):
+            _hint_resume(lambda: name, opts.storage)
+        raise
+
+
+def status(name: str, storage: str | None) -> int:
+    """Trials finished / running / pending / errored of a sweep, read from its storage."""
+    from kd_tune.sweep import sweep_status
+
+    st = sweep_status(name, storage)
+    counts = ", ".join(f"{n} {k}" for k, n in st.counts.items() if n)
+    print(f"sweep {st.name!r} in {st.path}: {counts}; driver {'running' if st.driver_alive else 'not running'}")
+    shown = st.table.copy()
+    shown["test_acc"] = shown["test_acc"].map(lambda v: "" if v is None or v != v else f"{v:.4f}")
+    print(shown.to_string(index=False))
+    if not st.driver_alive and st.counts["finished"] < len(st.table):
+        print(f"to continue: {st.resume_command}")
+    return 0
+
+
+def _report(run: Callable[[Callable[[str], None]], Any], quiet: bool) -> int:
+    from kd_tune.sweep import format_table
+
+    log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    outcome = run(log)
     print()
+    how = outcome.table["how"].value_counts().to_dict()
+    resumed = "" if set(how) <= {"new"} else " (" + ", ".join(f"{n} {k}" for k, n in sorted(how.items())) + ")"
     print(f"sweep {outcome.name!r}: {outcome.finished}/{outcome.total} trials finished, {outcome.errored} errored, "
+          f"{outcome.diverged} diverged{resumed}, "
           f"teacher test acc {outcome.teacher_acc:.4f}, {outcome.wall_seconds:.0f} s")
     print(format_table(outcome.table))
     print()
     print(f"MLflow: experiment {outcome.name!r} (id {outcome.experiment_id}) in {outcome.tracking_uri}")
     ui = "kd-tune ui" + ("" if outcome.tracking_uri == _default_tracking_uri() else f" --tracking-uri '{outcome.tracking_uri}'")
     print(f"Open the UI: {ui}   (then http://{UI_HOST}:5000)")
+    if not outcome.ok:
+        print(f"Not every trial finished; to retry the rest: {outcome.resume_command}")
     return 0 if outcome.ok else 1
+
+
+def _hint_resume(name: Callable[[], str], storage: str | None) -> None:
+    """After an abnormal end of a sweep that had started, say how to continue it."""
+    from kd_tune.sweep import SWEEP_FILE, resolve_storage, resume_command, sweep_path
+
+    try:
+        root = resolve_storage(storage)
+        if (sweep_path(root, name()) / SWEEP_FILE).exists():
+            print(f"kd-tune: the sweep did not end normally; to continue it: {resume_command(name(), root)}", file=sys.stderr, flush=True)
+    except Exception:  # noqa: BLE001 - a hint must never hide the real error
+        pass
 
 
 def _default_tracking_uri() -> str:
@@ -99,7 +155,7 @@ def data(name: str, data_dir: str | None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kd_tune.sweep import SweepOptions
+    from kd_tune.sweep import ResumeOptions, SweepOptions
 
     parser = _Parser(prog="kd-tune", description="Hyperparameter sweeps for knowledge distillation (Ray Tune + MLflow).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -110,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, SweepOptions)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(run=lambda a: sweep(a.space, options_from(a, SweepOptions)))
+
+    p = sub.add_parser("resume", help="continue an interrupted sweep", description=resume.__doc__)
+    p.add_argument("name", help="the sweep's name")
+    add_options(p, ResumeOptions)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: resume(a.name, SweepOptions(**{f.name: getattr(a, f.name) for f in dataclasses.fields(ResumeOptions)})))
+
+    p = sub.add_parser("status", help="trials finished / running / pending / errored of a sweep", description=status.__doc__)
+    p.add_argument("name", help="the sweep's name")
+    p.add_argument("--storage", default=None, help="folder holding the sweeps (default: $KD_TUNE_STORAGE or ./kd_tune_results)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: status(a.name, a.storage))
 
     p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 over the same store", description=ui.__doc__)
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")

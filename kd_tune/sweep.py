@@ -8,12 +8,14 @@ once, and every trial reads them from there.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from kd_tune.config import NAME_ALLOWED, NAME_PATTERN, ResourcesSpec, SweepSpec, TrialPoint, load_space, space_to_yaml
-from kd_tune.data import DataSplit, prepare
+from kd_tune.data import DataSplit, atomic_write_bytes, prepare
 from kd_tune.errors import KdTuneError, UsageError
 from kd_tune.teacher import CACHE_FOLDER, Teacher, TeacherCache, teacher_key, train_teacher
 from kd_tune.tracking import (
@@ -32,15 +34,17 @@ from kd_tune.tracking import (
     TAG_ROLE,
     TAG_SWEEP,
     MlflowTrackingCallback,
+    close_running_runs,
     find_run,
     get_or_create_experiment,
     log_metrics,
     params_batch,
 )
-from kd_tune.trainable import TrialBundle, kd_trainable, trial_device
+from kd_tune.trainable import TrialBundle, kd_trainable, trial_device, trial_dirname
 
 STORAGE_ENV = "KD_TUNE_STORAGE"
 SPACE_FILE = "kd_tune_space.yaml"  # the validated spec, kept beside Ray's experiment state
+SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, experiment, parent run)
 RESULT_COLUMNS = ["role", "alpha", "temperature", "epochs", "seed", "status", "test_acc", "test_loss", "teacher_agreement"]
 
 
@@ -61,6 +65,20 @@ class SweepOptions:
     gpus_per_trial: float | None = field(default=None, metadata=_help("GPUs per trial, may be a fraction, overrides resources.gpu"))
     max_failures: int | None = field(default=None, metadata=_help("retries of a crashed trial from its checkpoint, overrides max_failures"))
     quiet: bool = field(default=False, metadata=_help("print only the final table"))
+    resume: bool = field(default=False, metadata=_help("continue the sweep if one of this name exists (same as kd-tune resume)"))
+
+
+@dataclass(frozen=True)
+class ResumeOptions:
+    """The settings a resume may give (the sweep's name, space, MLflow store and retries are fixed)."""
+
+    storage: str | None = field(default=None, metadata=SweepOptions.__dataclass_fields__["storage"].metadata)
+    data_dir: str | None = field(default=None, metadata=SweepOptions.__dataclass_fields__["data_dir"].metadata)
+    address: str | None = field(default=None, metadata=SweepOptions.__dataclass_fields__["address"].metadata)
+    tracking_uri: str | None = field(default=None, metadata=_help("must be the sweep's own store if given (it is read from the sweep)"))
+    cpus_per_trial: float | None = field(default=None, metadata=SweepOptions.__dataclass_fields__["cpus_per_trial"].metadata)
+    gpus_per_trial: float | None = field(default=None, metadata=SweepOptions.__dataclass_fields__["gpus_per_trial"].metadata)
+    quiet: bool = field(default=False, metadata=SweepOptions.__dataclass_fields__["quiet"].metadata)
 
 
 @dataclass(frozen=True)
@@ -71,11 +89,13 @@ class SweepOutcome:
     total: int
     finished: int
     errored: int
+    diverged: int
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     teacher_acc: float
     wall_seconds: float
+    resume_command: str
 
     @property
     def ok(self) -> bool:
@@ -213,6 +233,8 @@ def progress_reporter() -> tune.ProgressReporter:
     # The newer output engine shows the whole grid point as one truncated dict; the classic one can
     # name the columns. RAY_AIR_NEW_OUTPUT=1 in the environment still selects the newer one.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A checkpoint per epoch of short epochs is by design here, not the misuse Tune warns about.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     return tune.CLIReporter(
         parameter_columns={"point/role": "role", "point/alpha": "alpha", "point/temperature": "T", "point/epochs": "epochs", "point/seed": "seed"},
         metric_columns={"epoch": "epoch", "test_acc": "test acc", "train_loss": "train loss"},
@@ -221,93 +243,227 @@ def progress_reporter() -> tune.ProgressReporter:
     )
 
 
-def trial_dirname(trial: Any) -> str:
-    return f"{TrialPoint.from_config(trial.config).label}_{trial.trial_id}"
-
-
 def trial_name(trial: Any) -> str:
     return TrialPoint.from_config(trial.config).label
 
 
-def results_table(result_grid: tune.ResultGrid) -> pd.DataFrame:
+def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None = None) -> pd.DataFrame:
+    """One row per trial: its grid point, status, final metrics and how this run got it.
+
+    ``how`` is ``new`` for a first run; on a resume ``restored`` (finished before, not rerun),
+    ``resumed`` (continued from a checkpoint) or ``restarted`` (no checkpoint: from epoch 0).
+    """
+    finished_before = finished_before or set()
     rows = []
     for i in range(len(result_grid)):
         r = result_grid[i]
-        point = TrialPoint.from_config(r.config) if r.config else None
-        if point is None:
+        if not r.config:
             continue
+        point = TrialPoint.from_config(r.config)
         m = r.metrics or {}
-        done = r.error is None and m.get("epoch") == point.epochs
+        done = r.error is None and m.get("epoch") == point.epochs and not m.get("diverged")
+        trial_id = str(m.get("trial_id", ""))
+        if trial_id in finished_before:
+            how = "restored"
+        elif not finished_before and not m.get("resumed_from"):
+            how = "new"
+        else:
+            how = "resumed" if m.get("resumed_from") else "restarted"
         rows.append({
-            **point.as_config(), "status": "finished" if done else ("errored" if r.error else "unfinished"),
+            **point.as_config(), "how": how,
+            "status": "finished" if done else "errored" if r.error else "diverged" if m.get("diverged") else "unfinished",
             "test_acc": m.get("test_acc"), "test_loss": m.get("test_loss"), "teacher_agreement": m.get("teacher_agreement"),
         })
-    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    df = pd.DataFrame(rows, columns=[*RESULT_COLUMNS[:6], "how", *RESULT_COLUMNS[6:]])
     return df.sort_values(["role", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
 
 
 # --- the sweep --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SweepRecord:
+    """Where a sweep is tracked, kept beside it (``kd_tune_sweep.json``) so a resume reattaches."""
+
+    name: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    def save(self, path: Path) -> None:
+        atomic_write_bytes(path / SWEEP_FILE, json.dumps(asdict(self), indent=2).encode())
+
+    @classmethod
+    def load(cls, path: Path) -> SweepRecord:
+        return cls(**json.loads((path / SWEEP_FILE).read_text()))
+
+
+def resume_command(name: str, storage: Path) -> str:
+    default = resolve_storage(None)
+    return f"kd-tune resume {name}" + ("" if storage == default else f" --storage {storage}")
+
+
+class SweepExistsError(UsageError):
+    pass
+
+
 def run_sweep(space: str | Path, opts: SweepOptions = SweepOptions(), log: Callable[[str], None] = print) -> SweepOutcome:
-    started = time.perf_counter()
+    """Start a new sweep from a search-space file (or, with ``opts.resume``, continue one of that name)."""
     spec = apply_overrides(load_space(space), opts)
     storage = resolve_storage(opts.storage)
     path = sweep_path(storage, spec.name)
+    if tune.Tuner.can_restore(str(path)):
+        if opts.resume:
+            return resume_sweep(spec.name, replace(opts, name=None), log)
+        raise SweepExistsError(f"a sweep named {spec.name!r} already exists in {storage}; "
+                               f"to continue it: {resume_command(spec.name, storage)} (or add --resume; or choose another --name)")
+    # Killed before Ray saved any state: start over, but keep the MLflow parent run made then.
+    record = SweepRecord.load(path) if (path / SWEEP_FILE).exists() else None
+    return _execute(spec, storage, path, opts, record, log)
+
+
+def resume_sweep(name: str, opts: SweepOptions = SweepOptions(), log: Callable[[str], None] = print) -> SweepOutcome:
+    """Continue an interrupted sweep: finished trials stay, the others go on from their checkpoints."""
+    storage = resolve_storage(opts.storage)
+    path = sweep_path(storage, name)
+    if not tune.Tuner.can_restore(str(path)) or not (path / SWEEP_FILE).exists():
+        known = sorted(p.name for p in storage.glob("*") if (p / SWEEP_FILE).exists()) if storage.is_dir() else []
+        raise UsageError(f"no sweep named {name!r} in {storage}; allowed: {', '.join(known) or 'none there yet (start one with kd-tune sweep)'}")
+    record = SweepRecord.load(path)
+    if opts.tracking_uri and resolve_tracking_uri(opts.tracking_uri) != record.tracking_uri:
+        raise UsageError(f"--tracking-uri {opts.tracking_uri!r}: sweep {name!r} is tracked in {record.tracking_uri}; allowed: that URI or none")
+    spec = apply_overrides(load_space(path / SPACE_FILE), replace(opts, name=None, max_failures=None))
+    return _execute(spec, storage, path, opts, record, log)
+
+
+def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, record: SweepRecord | None,
+             log: Callable[[str], None]) -> SweepOutcome:
+    started = time.perf_counter()
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if not address:
         check_local_fits(spec.resources)
-    if tune.Tuner.can_restore(str(path)):
-        raise UsageError(f"a sweep named {spec.name!r} already exists in {storage}; choose another --name or remove {path}")
     split = prepare(spec.dataset.name, spec.dataset.train_size, spec.dataset.label_noise, spec.dataset.seed,
                     Path(opts.data_dir) if opts.data_dir else None, log)
-
-    tracking_uri = resolve_tracking_uri(opts.tracking_uri)
+    tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
+    if _driver_alive(path):
+        raise UsageError(f"sweep {spec.name!r} is running now (see {path / DRIVER_FILE}); allowed: one driver per sweep")
     client = MlflowClient(tracking_uri)
-    experiment_id = get_or_create_experiment(client, spec.name)
+    experiment_id = get_or_create_experiment(client, spec.name)  # by the driver, before any trial: no sqlite race
+    finished_before: set[str] = set()
+    if record is None:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path / SPACE_FILE, space_to_yaml(spec).encode())
+        parent = client.create_run(experiment_id, run_name=spec.name, tags={TAG_SWEEP: spec.name, TAG_ROLE: "sweep", "kd_tune.path": str(path)})
+        record = SweepRecord(spec.name, tracking_uri, experiment_id, parent.info.run_id)
+        client.log_batch(record.parent_run_id, params=params_batch(spec.flat_params()))
+        client.log_artifact(record.parent_run_id, str(path / SPACE_FILE))
+        record.save(path)
+    else:
+        client.update_run(record.parent_run_id, status="RUNNING")  # reattached, not duplicated
+        if tune.Tuner.can_restore(str(path)):
+            finished_before = {t.trial_id for t in tune.ExperimentAnalysis(str(path)).trials if t.status == "TERMINATED"}
+
+    atomic_write_bytes(path / DRIVER_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
     started_ray = connect_ray(address)
     try:
         node_cpus = largest_node_cpus(spec.resources, log)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / SPACE_FILE).write_text(space_to_yaml(spec))
-        parent = client.create_run(experiment_id, run_name=spec.name, tags={TAG_SWEEP: spec.name, TAG_ROLE: "sweep", "kd_tune.path": str(path)})
-        parent_id = parent.info.run_id
-        client.log_batch(parent_id, params=params_batch(spec.flat_params()))
-        client.log_artifact(parent_id, str(path / SPACE_FILE))
-
         teacher = get_teacher(spec, split, storage, node_cpus, log)
-        log_teacher_run(client, experiment_id, parent_id, spec, teacher)
-        log_metrics(client, parent_id, {"teacher_test_acc": teacher.test_acc}, step=0)
+        log_teacher_run(client, record.experiment_id, record.parent_run_id, spec, teacher)
+        log_metrics(client, record.parent_run_id, {"teacher_test_acc": teacher.test_acc}, step=0)
 
         trials = spec.trials()
-        log(f"sweep {spec.name!r}: {len(trials)} trials, {spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {path}")
-        bundle = TrialBundle(split, spec.student, teacher.train_logits, teacher.test_logits)
+        verb = f"resuming ({len(finished_before)} of {len(trials)} finished before)" if finished_before or opts.resume else "starting"
+        log(f"sweep {spec.name!r}: {verb}; {len(trials)} trials, {spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {path}")
+        # Object refs do not survive a restore: the bundle is put in the object store anew each run.
+        bundle = TrialBundle(split, spec.student, teacher.train_logits, teacher.test_logits, str(path))
         trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-        tracking = MlflowTrackingCallback(tracking_uri, experiment_id, parent_id, spec.name, spec.flat_params())
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"point": tune.grid_search([p.as_config() for p in trials])},
-            tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_dirname, reuse_actors=False),
-            run_config=tune.RunConfig(
-                name=spec.name,
-                storage_path=str(storage),
-                callbacks=[tracking],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                verbose=0 if opts.quiet else 1,
-                progress_reporter=progress_reporter(),
-            ),
-        )
-        grid = tuner.fit()
-        table = results_table(grid)
+        if tune.Tuner.can_restore(str(path)):
+            # The restored run config brings back the MLflow callback (same store, experiment, parent run).
+            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tracking = MlflowTrackingCallback(tracking_uri, record.experiment_id, record.parent_run_id, spec.name, spec.flat_params())
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"point": tune.grid_search([p.as_config() for p in trials])},
+                tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_dirname, reuse_actors=False),
+                run_config=tune.RunConfig(
+                    name=spec.name,
+                    storage_path=str(storage),
+                    callbacks=[tracking],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    verbose=0 if opts.quiet else 1,
+                    progress_reporter=progress_reporter(),
+                ),
+            )
+        try:
+            grid = tuner.fit()
+        finally:
+            # Runs of trials cut short (Ctrl+C, a crash in the driver) are not left RUNNING; a resume reopens them.
+            close_running_runs(client, record.experiment_id, record.parent_run_id)
+        table = results_table(grid, finished_before)
         finished = int((table["status"] == "finished").sum())
         errored = int((table["status"] == "errored").sum())
-        client.set_terminated(parent_id, "FINISHED" if finished == len(trials) else "FAILED")
-        return SweepOutcome(spec.name, path, table, len(trials), finished, errored, tracking_uri, experiment_id, parent_id,
-                            teacher.test_acc, time.perf_counter() - started)
+        diverged = int((table["status"] == "diverged").sum())
+        client.set_terminated(record.parent_run_id, "FINISHED" if finished == len(trials) else "FAILED")
+        return SweepOutcome(spec.name, path, table, len(trials), finished, errored, diverged, tracking_uri, record.experiment_id,
+                            record.parent_run_id, teacher.test_acc, time.perf_counter() - started, resume_command(spec.name, storage))
+    except BaseException:
+        client.set_terminated(record.parent_run_id, "KILLED")
+        raise
     finally:
+        (path / DRIVER_FILE).unlink(missing_ok=True)
         if started_ray:
             ray.shutdown()
+
+
+DRIVER_FILE = "kd_tune_driver.json"  # pid and host of the driver while a sweep runs
+
+
+@dataclass(frozen=True)
+class SweepStatus:
+    name: str
+    path: Path
+    counts: dict[str, int]
+    table: pd.DataFrame
+    driver_alive: bool
+    resume_command: str
+
+
+def _driver_alive(path: Path) -> bool:
+    try:
+        info = json.loads((path / DRIVER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("host") != socket.gethostname():
+        return True  # another machine's driver: assume it runs (its file is removed when it ends)
+    try:
+        os.kill(int(info["pid"]), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
+    """Trials finished / running / pending / errored, read from the sweep's storage (no Ray needed)."""
+    root = resolve_storage(storage)
+    path = sweep_path(root, name)
+    if not tune.Tuner.can_restore(str(path)):
+        known = sorted(p.name for p in root.glob("*") if tune.Tuner.can_restore(str(p))) if root.is_dir() else []
+        raise UsageError(f"no sweep named {name!r} in {root}; allowed: {', '.join(known) or 'none there yet'}")
+    alive = _driver_alive(path)
+    names = {"TERMINATED": "finished", "RUNNING": "running" if alive else "interrupted", "PENDING": "pending",
+             "ERROR": "errored", "PAUSED": "paused"}
+    rows = []
+    for t in tune.ExperimentAnalysis(str(path)).trials:
+        point = TrialPoint.from_config(t.config)
+        last = t.last_result or {}
+        status = "diverged" if last.get("diverged") else names.get(t.status, t.status.lower())
+        rows.append({"trial": point.label, "status": status,
+                     "epoch": f"{int(last.get('epoch', 0))}/{point.epochs}", "test_acc": last.get("test_acc")})
+    table = pd.DataFrame(rows, columns=["trial", "status", "epoch", "test_acc"]).sort_values("trial").reset_index(drop=True)
+    counts = {k: int((table["status"] == k).sum()) for k in ("finished", "running", "interrupted", "pending", "paused", "errored", "diverged")}
+    return SweepStatus(name, path, counts, table, alive, resume_command(name, root))
 
 
 def format_table(table: pd.DataFrame) -> str:

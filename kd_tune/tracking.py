@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -65,11 +66,13 @@ class MlflowTrackingCallback(tune.Callback):
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._last_step: dict[str, int] = {}  # trial id -> last epoch logged
+        self._complete: set[str] = set()  # trial ids whose run was already finished when reattached
+        self._diverged: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles the run config with the experiment; a live client and caches do not belong there.
         state = self.__dict__.copy()
-        state.update(_client=None, _runs={}, _last_step={})
+        state.update(_client=None, _runs={}, _last_step={}, _complete=set(), _diverged=set())
         return state
 
     @property
@@ -92,8 +95,16 @@ class MlflowTrackingCallback(tune.Callback):
             self.client.log_batch(run_id, params=params_batch({**self.static_params, **point.as_config()}))
             self._last_step[tid] = 0
         else:
+            # Reattached after a restart or a resume: reopen it and skip the epochs it already has.
             history = self.client.get_metric_history(run_id, "test_acc")
             self._last_step[tid] = max((m.step for m in history), default=0)
+            status = self.client.get_run(run_id).info.status
+            if status == "FINISHED" and self._last_step[tid] >= TrialPoint.from_config(trial.config).epochs:
+                # Finished before a kill that Ray's state did not see: Ray reruns it (a no-op from
+                # its final checkpoint); the record is complete and stays untouched.
+                self._complete.add(tid)
+            elif status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
         self._runs[tid] = run_id
         return run_id
 
@@ -104,6 +115,11 @@ class MlflowTrackingCallback(tune.Callback):
         run_id = self.run_id(trial)
         tid = str(trial.trial_id)
         epoch = int(result["epoch"])
+        if result.get("diverged"):
+            self._diverged.add(tid)
+            message = f"training diverged at epoch {epoch}: loss = {result.get('diverged_loss')}"
+            self.client.log_batch(run_id, tags=[RunTag("kd_tune.diverged", "true"), RunTag("kd_tune.error", message)])
+            return
         if epoch <= self._last_step.get(tid, 0):
             return  # a recomputed epoch after a restart: its numbers are already in the record
         if self._last_step.get(tid, 0) == 0:
@@ -116,15 +132,22 @@ class MlflowTrackingCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
+        if str(trial.trial_id) in self._complete:
+            return
+        if str(trial.trial_id) in self._diverged:
+            self.client.set_terminated(run_id, status="FAILED")
+            return
         checkpoint = trial.checkpoint
         if checkpoint is not None:
-            from kd_tune.trainable import MODEL_FILE
+            from kd_tune.trainable import read_checkpoint
 
             with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
-                # The logged model is the weights alone (no optimizer state), under a stable name.
-                model = Path(tmp) / "student.pt"
-                model.write_bytes((Path(folder) / MODEL_FILE).read_bytes())
-                self.client.log_artifact(run_id, str(model), artifact_path="model")
+                state = read_checkpoint(Path(folder))
+                if state is not None:
+                    # The logged model is the weights alone (no optimizer state), under a stable name.
+                    model = Path(tmp) / "student.pt"
+                    torch.save(state["model"], model)
+                    self.client.log_artifact(run_id, str(model), artifact_path="model")
         self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -135,6 +158,15 @@ class MlflowTrackingCallback(tune.Callback):
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, "kd_tune.error", error_summary(trial))
         self.client.set_terminated(run_id, status="FAILED")
+
+
+def close_running_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str = "KILLED") -> int:
+    """Mark the sweep's child runs still RUNNING (their trials were cut short) as ``status``."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+                              max_results=10000)
+    for run in runs:
+        client.set_terminated(run.info.run_id, status)
+    return len(runs)
 
 
 def error_summary(trial: Any) -> str:

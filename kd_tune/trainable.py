@@ -2,14 +2,15 @@
 
 The data and the teacher's logits arrive through Ray's object store (``tune.with_parameters``),
 put there once by the driver: no trial loads files or runs the teacher. Each epoch is reported
-with ``tune.report`` together with a checkpoint; a restarted trial continues from
-``tune.get_checkpoint()``.
+with ``tune.report`` together with a checkpoint; a restarted trial continues from the newest
+complete checkpoint, which after a SIGKILLed driver can be newer than the one Ray's experiment
+state remembers (``tune.get_checkpoint()``), so the trial also looks in its own folder.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,12 @@ from ray import tune
 
 from kd_tune.config import StudentSpec, TrialPoint
 from kd_tune.data import DataSplit
+from kd_tune.errors import DivergedError
 from kd_tune.models import build_model
 from kd_tune.train import EpochMetrics, TensorData, make_optimizer, train
 
-MODEL_FILE = "model.pt"
-OPTIMIZER_FILE = "optimizer.pt"
-PROGRESS_FILE = "progress.json"  # written last: its presence marks a complete checkpoint
+STATE_FILE = "state.pt"  # one file: model, optimizer and epoch can never disagree
+FAULT_ENV = "KD_TUNE_TEST_FAULT"  # test-only fault injection: "<trial label>:once|always[,...]"
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,13 @@ class TrialBundle:
     student: StudentSpec
     teacher_train_logits: torch.Tensor
     teacher_test_logits: torch.Tensor
+    sweep_dir: str
+    """The sweep's folder in the storage, where each trial's checkpoints are persisted."""
+
+
+def trial_dirname(trial: Any) -> str:
+    """A trial's folder: readable, and computable inside the trial from its config and id."""
+    return f"{TrialPoint.from_config(trial.config).label}_{trial.trial_id}"
 
 
 def trial_device() -> torch.device:
@@ -50,18 +58,32 @@ def trial_threads() -> int:
     return max(1, int(cpus))
 
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
-    torch.save(model.state_dict(), folder / MODEL_FILE)
-    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
-    (folder / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch}))
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, history: list[dict[str, float]]) -> None:
+    """Weights, optimizer and every epoch's metrics so far, in one file written atomically."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": int(history[-1]["epoch"]), "history": history}
+    tmp = folder / f".{STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / STATE_FILE)
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore model and optimizer; returns the number of epochs already trained."""
-    epoch = int(json.loads((folder / PROGRESS_FILE).read_text())["epoch"])
-    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
-    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    return epoch
+def read_checkpoint(folder: Path) -> dict[str, Any] | None:
+    """The checkpoint's state, or None if it is missing or incomplete (a copy cut short by a kill)."""
+    try:
+        state: dict[str, Any] = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        int(state["epoch"])
+        return state
+    except Exception:  # noqa: BLE001 - any unreadable file is an incomplete checkpoint
+        return None
+
+
+def newest_on_disk(trial_dir: Path) -> dict[str, Any] | None:
+    """The complete checkpoint with the highest epoch among the trial's persisted ones."""
+    best: dict[str, Any] | None = None
+    for folder in trial_dir.glob("checkpoint_*"):
+        state = read_checkpoint(folder)
+        if state is not None and (best is None or state["epoch"] > best["epoch"]):
+            best = state
+    return best
 
 
 def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
@@ -70,6 +92,8 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
     point = TrialPoint.from_config(config)
     device = trial_device()
     torch.set_num_threads(trial_threads())
+    ctx = tune.get_context()
+    trial_dir = Path(bundle.sweep_dir) / f"{point.label}_{ctx.get_trial_id()}"
 
     split = bundle.split
     use_teacher = point.role == "student"
@@ -77,20 +101,66 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
     model = build_model(bundle.student.widths, split.info.shape, split.info.num_classes, point.seed).to(device)
     optimizer = make_optimizer(model, bundle.student.lr)
 
-    start = 0
+    state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            start = load_checkpoint(Path(folder), model, optimizer)
+            state = read_checkpoint(Path(folder))
+    known_epoch = int(state["epoch"]) if state else 0
+    on_disk = newest_on_disk(trial_dir) if trial_dir.is_dir() else None
+    if on_disk is not None and on_disk["epoch"] > known_epoch:
+        state = on_disk  # Ray's state lagged behind what the trial had persisted before a kill
+    start = 0
+    history: list[dict[str, float]] = []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["epoch"]), list(state["history"])
+    extra = {"device": str(device), "resumed_from": start}
+    # Epochs trained before a kill but unknown to Ray may never have reached the driver (and MLflow):
+    # report them again from the checkpoint's history; the tracking callback skips those it has.
+    for m in history:
+        if m["epoch"] > known_epoch:
+            tune.report({**m, **extra})
+    _maybe_inject_fault(point, trial_dir, "always")
 
     def report(m: EpochMetrics) -> None:
+        history.append(m.as_dict())
         with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(Path(folder), model, optimizer, m.epoch)
-            tune.report({**m.as_dict(), "device": str(device)}, checkpoint=tune.Checkpoint.from_directory(folder))
+            save_checkpoint(Path(folder), model, optimizer, history)
+            tune.report({**m.as_dict(), **extra}, checkpoint=tune.Checkpoint.from_directory(folder))
+        _maybe_inject_fault(point, trial_dir, "once")
 
-    train(
-        model, optimizer, data,
-        epochs=point.epochs, batch_size=bundle.student.batch_size, seed=point.seed,
-        alpha=point.alpha, temperature=point.temperature or 1.0, start_epoch=start, on_epoch=report,
-    )
+    if _fault_mode(point) == "nan":
+        data = TensorData(data.train_x.clone().fill_(float("nan")), data.train_y, data.test_x, data.test_y, data.teacher_train, data.teacher_test)
+    try:
+        train(
+            model, optimizer, data,
+            epochs=point.epochs, batch_size=bundle.student.batch_size, seed=point.seed,
+            alpha=point.alpha, temperature=point.temperature or 1.0, start_epoch=start, on_epoch=report,
+        )
+    except DivergedError as e:
+        # Deterministic: a retry would diverge again. Record it and end the trial (no retries).
+        tune.report({"epoch": e.epoch, "diverged": 1.0, "diverged_loss": e.loss, **extra})
 
+
+def _fault_mode(point: TrialPoint) -> str:
+    for spec in os.environ.get(FAULT_ENV, "").split(","):
+        label, _, mode = spec.rpartition(":")
+        if label == point.label:
+            return mode
+    return ""
+
+
+def _maybe_inject_fault(point: TrialPoint, trial_dir: Path, where: str) -> None:
+    """Test-only fault injection, set by KD_TUNE_TEST_FAULT="<trial label>:<mode>[,...]": ``always`` crashes
+    every attempt before training; ``once`` crashes the first attempt after its first reported epoch;
+    ``nan`` feeds NaN images so that the loss diverges."""
+    mode = _fault_mode(point)
+    if mode != where:
+        return
+    marker = trial_dir / ".kd_tune_fault_injected"
+    if mode == "always" or not marker.exists():
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text("1")
+        raise RuntimeError(f"injected fault ({FAULT_ENV}={point.label}:{mode})")
