@@ -86,6 +86,26 @@ def status(name: str, storage: str | None) -> int:
     return 0
 
 
+def plan(space: Path, share_epochs: bool | None) -> int:
+    """Validate a search space and print its trials and their cost in student epochs (nothing runs)."""
+    from dataclasses import replace
+
+    from kd_tune.config import load_space
+
+    spec = load_space(space)
+    if share_epochs is not None:
+        spec = replace(spec, share_epochs=share_epochs)
+    shared, separate = replace(spec, share_epochs=True), replace(spec, share_epochs=False)
+    print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {len(spec.trials())} trials "
+          f"(epoch sharing {'on' if spec.share_epochs else 'off'})")
+    for t in spec.trials():
+        print(f"  {t.label:<32} trains {t.epochs} epochs, reports {', '.join(map(str, t.milestones))}")
+    saved = separate.student_epochs() - shared.student_epochs()
+    print(f"student epochs: {spec.student_epochs()} (with sharing {shared.student_epochs()}, without {separate.student_epochs()}: "
+          f"sharing saves {saved}, {saved / separate.student_epochs():.0%})")
+    return 0
+
+
 def _report(run: Callable[[Callable[[str], None]], Any], quiet: bool) -> int:
     from kd_tune.sweep import format_table
 
@@ -94,7 +114,7 @@ def _report(run: Callable[[Callable[[str], None]], Any], quiet: bool) -> int:
     print()
     how = outcome.table["how"].value_counts().to_dict()
     resumed = "" if set(how) <= {"new"} else " (" + ", ".join(f"{n} {k}" for k, n in sorted(how.items())) + ")"
-    print(f"sweep {outcome.name!r}: {outcome.finished}/{outcome.total} trials finished, {outcome.errored} errored, "
+    print(f"sweep {outcome.name!r}: {outcome.finished}/{outcome.total} grid points finished, {outcome.errored} errored, "
           f"{outcome.diverged} diverged{resumed}, "
           f"teacher test acc {outcome.teacher_acc:.4f}, {outcome.wall_seconds:.0f} s")
     print(format_table(outcome.table))
@@ -166,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, SweepOptions)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(run=lambda a: sweep(a.space, options_from(a, SweepOptions)))
+
+    p = sub.add_parser("plan", help="validate a search space and show its trials and cost", description=plan.__doc__)
+    p.add_argument("space", type=Path, help="search-space YAML")
+    p.add_argument("--no-share-epochs", dest="share", action="store_false", default=None, help="plan without epoch sharing")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: plan(a.space, a.share))
 
     p = sub.add_parser("resume", help="continue an interrupted sweep", description=resume.__doc__)
     p.add_argument("name", help="the sweep's name")

@@ -87,29 +87,48 @@ class ResourcesSpec:
 
 @dataclass(frozen=True)
 class TrialPoint:
-    """One trial: a point of the grid, or a baseline."""
+    """One trial: a point of the grid or a baseline, trained to ``epochs``.
+
+    With epoch sharing, one trial serves every grid point that differs only in its number of
+    epochs: ``milestones`` lists them (the largest is ``epochs``), and each gets its own MLflow run.
+    """
 
     role: str
     alpha: float
     temperature: float | None
     epochs: int
     seed: int
+    milestones: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.milestones:
+            object.__setattr__(self, "milestones", (self.epochs,))
 
     def as_config(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "milestones": list(self.milestones)}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrialPoint:
         """From :meth:`as_config`'s dict, or from a Tune trial config holding it under ``point``."""
         config = config.get("point", config)
-        return cls(**{k: config[k] for k in ("role", "alpha", "temperature", "epochs", "seed")})
+        fields = {k: config[k] for k in ("role", "alpha", "temperature", "epochs", "seed")}
+        return cls(**fields, milestones=tuple(config.get("milestones") or ()))
+
+    def at(self, epochs: int) -> TrialPoint:
+        """The grid point this trial serves at one of its milestones."""
+        return TrialPoint(self.role, self.alpha, self.temperature, epochs, self.seed)
+
+    def grid_config(self) -> dict[str, Any]:
+        """The grid point's own values (what a user sees as the run's params)."""
+        return {k: v for k, v in asdict(self).items() if k != "milestones"}
 
     @property
     def label(self) -> str:
-        """A short name, used for Ray trials and MLflow runs alike."""
+        """A short name, used for Ray trials and MLflow runs alike (``e1+2`` for shared epochs)."""
+        e = "+".join(str(m) for m in self.milestones)
         if self.role == "scratch":
-            return f"scratch-e{self.epochs}-s{self.seed}"
-        return f"a{self.alpha:g}-T{self.temperature:g}-e{self.epochs}-s{self.seed}"
+            return f"scratch-e{e}-s{self.seed}"
+        return f"a{self.alpha:g}-T{self.temperature:g}-e{e}-s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -125,22 +144,43 @@ class SweepSpec:
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     max_failures: int = 1
     """How often a crashed trial is retried from its last checkpoint before it counts as errored."""
+    share_epochs: bool = True
+    """Serve grid points that differ only in epochs with one trial trained to the largest value.
 
-    def trials(self) -> list[TrialPoint]:
-        """Every trial of the sweep: the grid's product, then one baseline per (epochs, seed)."""
+    Exact with the constant-lr Adam used here: epoch e's data order depends on (seed, e) alone, so
+    the state after e epochs is the same whatever the total. A learning-rate schedule that depends
+    on the total number of epochs would have to turn this off."""
+
+    def grid_points(self) -> list[TrialPoint]:
+        """Every point of the grid, then one baseline per (epochs, seed): a row each in the results."""
         g = self.grid
         points = [
             TrialPoint("student", a, t, e, s)
-            for a, t, e, s in itertools.product(g.alpha, g.temperature, g.epochs, g.seed)
+            for a, t, s, e in itertools.product(g.alpha, g.temperature, g.seed, sorted(g.epochs))
         ]
         if "scratch" in self.baselines:
             # Training on hard labels alone ignores the teacher and the temperature.
-            points += [TrialPoint("scratch", 1.0, None, e, s) for e, s in itertools.product(g.epochs, g.seed)]
+            points += [TrialPoint("scratch", 1.0, None, e, s) for s, e in itertools.product(g.seed, sorted(g.epochs))]
         return points
+
+    def trials(self) -> list[TrialPoint]:
+        """The trials that serve the grid points: one per point, or one per epochs group when shared."""
+        points = self.grid_points()
+        if not self.share_epochs:
+            return points
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for p in points:
+            groups.setdefault((p.role, p.alpha, p.temperature, p.seed), []).append(p.epochs)
+        return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es))) for (r, a, t, s), es in groups.items()]
+
+    def student_epochs(self) -> int:
+        """Student epochs the sweep trains (the cost that epoch sharing cuts)."""
+        return sum(t.epochs for t in self.trials())
 
     def flat_params(self) -> dict[str, Any]:
         """Every static config value as ``section.key`` -> value (for MLflow params)."""
-        out: dict[str, Any] = {"name": self.name, "baselines": ",".join(self.baselines), "max_failures": self.max_failures}
+        out: dict[str, Any] = {"name": self.name, "baselines": ",".join(self.baselines), "max_failures": self.max_failures,
+                               "share_epochs": self.share_epochs}
         for section in ("dataset", "teacher", "student", "resources"):
             for k, v in asdict(getattr(self, section)).items():
                 out[f"{section}.{k}"] = list(v) if isinstance(v, tuple) else v
@@ -214,7 +254,7 @@ def parse_space(data: object, source: str) -> SweepSpec:
     if not isinstance(data, Mapping):
         raise r.fail("", data, "a YAML mapping with keys name, dataset, teacher, student, grid, ...")
     top = r.section(
-        data, "", ("name", "dataset", "teacher", "student", "grid", "baselines", "resources", "max_failures"),
+        data, "", ("name", "dataset", "teacher", "student", "grid", "baselines", "resources", "max_failures", "share_epochs"),
         required=("name", "dataset", "teacher", "student", "grid"),
     )
     name = top["name"]
@@ -272,7 +312,10 @@ def parse_space(data: object, source: str) -> SweepSpec:
         gpu=r.number("resources.gpu", res.get("gpu", 0.0), 0.0, 64.0),
     )
     max_failures = r.integer("max_failures", top.get("max_failures", 1), 0, 100)
-    return SweepSpec(name, dataset, teacher, student, grid, baselines, resources, max_failures)
+    share = top.get("share_epochs", True)
+    if not isinstance(share, bool):
+        raise r.fail("share_epochs", share, "true or false")
+    return SweepSpec(name, dataset, teacher, student, grid, baselines, resources, max_failures, share)
 
 
 def _two(r: _Reader, key: str, widths: tuple[int, ...]) -> tuple[int, ...]:

@@ -66,6 +66,7 @@ class SweepOptions:
     max_failures: int | None = field(default=None, metadata=_help("retries of a crashed trial from its checkpoint, overrides max_failures"))
     quiet: bool = field(default=False, metadata=_help("print only the final table"))
     resume: bool = field(default=False, metadata=_help("continue the sweep if one of this name exists (same as kd-tune resume)"))
+    no_share_epochs: bool = field(default=False, metadata=_help("one trial per epochs value instead of one trial reporting each (share_epochs: false)"))
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ def apply_overrides(spec: SweepSpec, opts: SweepOptions) -> SweepSpec:
         if not NAME_PATTERN.match(opts.name) or ".." in opts.name:
             raise UsageError(f"--name {opts.name!r}: allowed: {NAME_ALLOWED}")
         name = opts.name
-    return replace(spec, name=name, resources=res, max_failures=max_failures)
+    share = spec.share_epochs and not opts.no_share_epochs
+    return replace(spec, name=name, resources=res, max_failures=max_failures, share_epochs=share)
 
 
 def connect_ray(address: str | None) -> bool:
@@ -248,10 +250,11 @@ def trial_name(trial: Any) -> str:
 
 
 def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None = None) -> pd.DataFrame:
-    """One row per trial: its grid point, status, final metrics and how this run got it.
+    """One row per grid point: its values, status, metrics at its epochs and how this run got them.
 
-    ``how`` is ``new`` for a first run; on a resume ``restored`` (finished before, not rerun),
-    ``resumed`` (continued from a checkpoint) or ``restarted`` (no checkpoint: from epoch 0).
+    A trial shared by several epochs values gives a row for each, with the metrics it reported
+    when it passed that epoch. ``how`` is ``new`` for a first run; on a resume ``restored``
+    (finished before, not rerun), ``resumed`` (continued from a checkpoint) or ``restarted``.
     """
     finished_before = finished_before or set()
     rows = []
@@ -260,20 +263,26 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
         if not r.config:
             continue
         point = TrialPoint.from_config(r.config)
-        m = r.metrics or {}
-        done = r.error is None and m.get("epoch") == point.epochs and not m.get("diverged")
-        trial_id = str(m.get("trial_id", ""))
+        last = r.metrics or {}
+        history = r.metrics_dataframe
+        trial_id = str(last.get("trial_id", ""))
         if trial_id in finished_before:
             how = "restored"
-        elif not finished_before and not m.get("resumed_from"):
-            how = "new"
+        elif not finished_before:
+            how = "resumed" if last.get("resumed_from") else "new"
         else:
-            how = "resumed" if m.get("resumed_from") else "restarted"
-        rows.append({
-            **point.as_config(), "how": how,
-            "status": "finished" if done else "errored" if r.error else "diverged" if m.get("diverged") else "unfinished",
-            "test_acc": m.get("test_acc"), "test_loss": m.get("test_loss"), "teacher_agreement": m.get("teacher_agreement"),
-        })
+            how = "resumed" if last.get("resumed_from") else "restarted"
+        for milestone in point.milestones:
+            at: dict[str, Any] = {}
+            if history is not None and "epoch" in history and "test_acc" in history:
+                match = history[(history["epoch"] == milestone) & history["test_acc"].notna()]
+                if len(match):
+                    at = match.iloc[-1].to_dict()
+            status = "finished" if at else "errored" if r.error else "diverged" if last.get("diverged") else "unfinished"
+            rows.append({
+                **point.at(milestone).grid_config(), "status": status, "how": how,
+                "test_acc": at.get("test_acc"), "test_loss": at.get("test_loss"), "teacher_agreement": at.get("teacher_agreement"),
+            })
     df = pd.DataFrame(rows, columns=[*RESULT_COLUMNS[:6], "how", *RESULT_COLUMNS[6:]])
     return df.sort_values(["role", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
 
@@ -371,9 +380,10 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
         log_teacher_run(client, record.experiment_id, record.parent_run_id, spec, teacher)
         log_metrics(client, record.parent_run_id, {"teacher_test_acc": teacher.test_acc}, step=0)
 
-        trials = spec.trials()
-        verb = f"resuming ({len(finished_before)} of {len(trials)} finished before)" if finished_before or opts.resume else "starting"
-        log(f"sweep {spec.name!r}: {verb}; {len(trials)} trials, {spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {path}")
+        trials, points = spec.trials(), spec.grid_points()
+        verb = f"resuming ({len(finished_before)} of {len(trials)} trials finished before)" if finished_before or opts.resume else "starting"
+        log(f"sweep {spec.name!r}: {verb}; {len(trials)} trials for {len(points)} grid points ({spec.student_epochs()} student epochs), "
+            f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {path}")
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
         bundle = TrialBundle(split, spec.student, teacher.train_logits, teacher.test_logits, str(path))
         trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
@@ -405,8 +415,8 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
         finished = int((table["status"] == "finished").sum())
         errored = int((table["status"] == "errored").sum())
         diverged = int((table["status"] == "diverged").sum())
-        client.set_terminated(record.parent_run_id, "FINISHED" if finished == len(trials) else "FAILED")
-        return SweepOutcome(spec.name, path, table, len(trials), finished, errored, diverged, tracking_uri, record.experiment_id,
+        client.set_terminated(record.parent_run_id, "FINISHED" if finished == len(points) else "FAILED")
+        return SweepOutcome(spec.name, path, table, len(points), finished, errored, diverged, tracking_uri, record.experiment_id,
                             record.parent_run_id, teacher.test_acc, time.perf_counter() - started, resume_command(spec.name, storage))
     except BaseException:
         client.set_terminated(record.parent_run_id, "KILLED")

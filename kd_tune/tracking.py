@@ -23,6 +23,7 @@ from kd_tune.config import TrialPoint
 TAG_SWEEP = "kd_tune.sweep"
 TAG_ROLE = "kd_tune.role"
 TAG_TRIAL = "kd_tune.trial_id"
+TAG_EPOCHS = "kd_tune.epochs"  # the grid point's epochs (a shared trial has a run per epochs value)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement", "epoch_seconds")
@@ -64,10 +65,11 @@ class MlflowTrackingCallback(tune.Callback):
         self.sweep = sweep
         self.static_params = static_params
         self._client: MlflowClient | None = None
-        self._runs: dict[str, str] = {}  # trial id -> run id
-        self._last_step: dict[str, int] = {}  # trial id -> last epoch logged
-        self._complete: set[str] = set()  # trial ids whose run was already finished when reattached
-        self._diverged: set[str] = set()
+        # Keys are "<trial id>:<milestone>": a trial shared by several epochs values has a run for each.
+        self._runs: dict[str, str] = {}
+        self._last_step: dict[str, int] = {}  # last epoch logged to the run
+        self._complete: set[str] = set()  # runs that are done (finished now, or before a kill)
+        self._diverged: set[str] = set()  # trial ids
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles the run config with the experiment; a live client and caches do not belong there.
@@ -81,83 +83,118 @@ class MlflowTrackingCallback(tune.Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def run_id(self, trial: Any) -> str:
-        """The trial's child run: from memory, else found by tag, else created (with its params)."""
+    def run_id(self, trial: Any, milestone: int) -> str:
+        """The child run of one grid point the trial serves: from memory, else found by tag, else created."""
         tid = str(trial.trial_id)
-        if tid in self._runs:
-            return self._runs[tid]
-        run_id = find_run(self.client, self.experiment_id, {TAG_SWEEP: self.sweep, TAG_TRIAL: tid})
+        key = f"{tid}:{milestone}"
+        if key in self._runs:
+            return self._runs[key]
+        point = TrialPoint.from_config(trial.config)
+        run_id = find_run(self.client, self.experiment_id, {TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_EPOCHS: str(milestone)})
         if run_id is None:
-            point = TrialPoint.from_config(trial.config)
-            tags = {TAG_PARENT: self.parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_ROLE: point.role}
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=point.label)
+            grid_point = point.at(milestone)
+            tags = {TAG_PARENT: self.parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_ROLE: point.role,
+                    TAG_EPOCHS: str(milestone), "kd_tune.trial": point.label}
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=grid_point.label)
             run_id = run.info.run_id
-            self.client.log_batch(run_id, params=params_batch({**self.static_params, **point.as_config()}))
-            self._last_step[tid] = 0
+            self.client.log_batch(run_id, params=params_batch({**self.static_params, **grid_point.grid_config()}))
+            self._last_step[key] = 0
         else:
             # Reattached after a restart or a resume: reopen it and skip the epochs it already has.
             history = self.client.get_metric_history(run_id, "test_acc")
-            self._last_step[tid] = max((m.step for m in history), default=0)
+            self._last_step[key] = max((m.step for m in history), default=0)
             status = self.client.get_run(run_id).info.status
-            if status == "FINISHED" and self._last_step[tid] >= TrialPoint.from_config(trial.config).epochs:
-                # Finished before a kill that Ray's state did not see: Ray reruns it (a no-op from
-                # its final checkpoint); the record is complete and stays untouched.
-                self._complete.add(tid)
+            if status == "FINISHED" and self._last_step[key] >= milestone:
+                # Finished before a kill that Ray's state did not see: Ray reruns the trial (a no-op
+                # from its final checkpoint); this record is complete and stays untouched.
+                self._complete.add(key)
             elif status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
-        self._runs[tid] = run_id
+        self._runs[key] = run_id
         return run_id
 
+    def _open(self, trial: Any) -> list[tuple[int, str, str]]:
+        """(milestone, key, run id) of the trial's runs that are not done yet."""
+        tid = str(trial.trial_id)
+        out = []
+        for m in TrialPoint.from_config(trial.config).milestones:
+            run_id = self.run_id(trial, m)
+            if f"{tid}:{m}" not in self._complete:
+                out.append((m, f"{tid}:{m}", run_id))
+        return out
+
+    def _finish(self, key: str, run_id: str, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                # The logged model is the weights alone (no optimizer state), under a stable name.
+                model = Path(tmp) / "student.pt"
+                torch.save(state["model"], model)
+                self.client.log_artifact(run_id, str(model), artifact_path="model")
+        self.client.set_terminated(run_id, status="FINISHED")
+        self._complete.add(key)
+
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.run_id(trial)
+        self._open(trial)
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
-        run_id = self.run_id(trial)
-        tid = str(trial.trial_id)
         epoch = int(result["epoch"])
         if result.get("diverged"):
-            self._diverged.add(tid)
+            self._diverged.add(str(trial.trial_id))
             message = f"training diverged at epoch {epoch}: loss = {result.get('diverged_loss')}"
-            self.client.log_batch(run_id, tags=[RunTag("kd_tune.diverged", "true"), RunTag("kd_tune.error", message)])
+            for _, _, run_id in self._open(trial):
+                self.client.log_batch(run_id, tags=[RunTag("kd_tune.diverged", "true"), RunTag("kd_tune.error", message)])
             return
-        if epoch <= self._last_step.get(tid, 0):
-            return  # a recomputed epoch after a restart: its numbers are already in the record
-        if self._last_step.get(tid, 0) == 0:
-            tags = [RunTag("kd_tune.node_ip", str(result.get("node_ip", ""))), RunTag("kd_tune.hostname", str(result.get("hostname", "")))]
-            if "device" in result:
-                tags.append(RunTag("kd_tune.device", str(result["device"])))
-            self.client.log_batch(run_id, tags=tags)
-        log_metrics(self.client, run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=epoch)
-        self._last_step[tid] = epoch
+        metrics = {k: result[k] for k in EPOCH_METRICS if k in result}
+        for milestone, key, run_id in self._open(trial):
+            if epoch > milestone or epoch <= self._last_step.get(key, 0):
+                continue  # beyond this grid point, or recomputed after a restart and already logged
+            if self._last_step.get(key, 0) == 0:
+                tags = [RunTag("kd_tune.node_ip", str(result.get("node_ip", ""))), RunTag("kd_tune.hostname", str(result.get("hostname", "")))]
+                if "device" in result:
+                    tags.append(RunTag("kd_tune.device", str(result["device"])))
+                self.client.log_batch(run_id, tags=tags)
+            log_metrics(self.client, run_id, metrics, step=epoch)
+            self._last_step[key] = epoch
+
+    def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
+        """A shared trial passing a smaller epochs value: that grid point's run ends here, with its model."""
+        point = TrialPoint.from_config(trial.config)
+        if len(point.milestones) == 1:
+            return
+        from kd_tune.trainable import read_checkpoint
+
+        with checkpoint.as_directory() as folder:
+            state = read_checkpoint(Path(folder))
+        if state is None:
+            return
+        for milestone, key, run_id in self._open(trial):
+            if milestone == state["epoch"] and milestone < point.epochs:
+                self._finish(key, run_id, state)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        run_id = self.run_id(trial)
-        if str(trial.trial_id) in self._complete:
-            return
         if str(trial.trial_id) in self._diverged:
-            self.client.set_terminated(run_id, status="FAILED")
+            for _, _, run_id in self._open(trial):
+                self.client.set_terminated(run_id, status="FAILED")
             return
-        checkpoint = trial.checkpoint
-        if checkpoint is not None:
+        state = None
+        if trial.checkpoint is not None:
             from kd_tune.trainable import read_checkpoint
 
-            with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+            with trial.checkpoint.as_directory() as folder:
                 state = read_checkpoint(Path(folder))
-                if state is not None:
-                    # The logged model is the weights alone (no optimizer state), under a stable name.
-                    model = Path(tmp) / "student.pt"
-                    torch.save(state["model"], model)
-                    self.client.log_artifact(run_id, str(model), artifact_path="model")
-        self.client.set_terminated(run_id, status="FINISHED")
+        for milestone, key, run_id in self._open(trial):
+            # A smaller milestone still open here was replayed without its checkpoint after a kill.
+            self._finish(key, run_id, state if state is not None and state["epoch"] == milestone else None)
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        run_id = self.run_id(trial)
-        self.client.set_tag(run_id, "kd_tune.retries", str(trial.run_metadata.num_failures))
+        for _, _, run_id in self._open(trial):
+            self.client.set_tag(run_id, "kd_tune.retries", str(trial.run_metadata.num_failures))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        run_id = self.run_id(trial)
-        self.client.set_tag(run_id, "kd_tune.error", error_summary(trial))
-        self.client.set_terminated(run_id, status="FAILED")
+        message = error_summary(trial)
+        for _, _, run_id in self._open(trial):
+            self.client.set_tag(run_id, "kd_tune.error", message)
+            self.client.set_terminated(run_id, status="FAILED")
 
 
 def close_running_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str = "KILLED") -> int:

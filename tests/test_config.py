@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +35,28 @@ def test_seed_grid_is_the_study() -> None:
     assert spec.teacher.widths == (256, 512) and spec.student.widths == (16, 32)
     assert spec.grid.alpha == tuple(round(0.1 * i, 1) for i in range(11))
     assert spec.grid.epochs == (100, 300, 500, 1000) and spec.grid.temperature == (3.0,)
+    points = spec.grid_points()
+    assert sum(t.role == "student" for t in points) == 44
+    assert sum(t.role == "scratch" for t in points) == 4
+    # Epoch sharing: one trial per (alpha, T, seed) trains 1000 epochs and reports 100/300/500/1000.
     trials = spec.trials()
-    assert sum(t.role == "student" for t in trials) == 44
-    assert sum(t.role == "scratch" for t in trials) == 4
+    assert len(trials) == 12 and all(t.milestones == (100, 300, 500, 1000) and t.epochs == 1000 for t in trials)
+    assert spec.student_epochs() == 12 * 1000
+    assert replace(spec, share_epochs=False).student_epochs() == 12 * 1900
 
 
 def test_alpha_temperature_grid() -> None:
     spec = load_space(REPO / "search_spaces" / "alpha_temperature.yaml")
     assert spec.grid.temperature == (1.0, 2.0, 3.0, 5.0, 10.0)
-    assert len([t for t in spec.trials() if t.role == "student"]) == 55
+    assert len([t for t in spec.grid_points() if t.role == "student"]) == 55
 
 
 def test_defaults_and_trial_points() -> None:
     spec = parse_space(tiny_space(baselines=["scratch"]), "x.yaml")
-    trials = spec.trials()
+    trials = spec.grid_points()
     assert len(trials) == 2 * 1 * 2 * 1 + 2
+    assert [t.label for t in spec.trials()] == ["a0-T3-e1+2-s0", "a1-T3-e1+2-s0", "scratch-e1+2-s0"]
+    assert spec.share_epochs
     scratch = [t for t in trials if t.role == "scratch"]
     assert all(t.alpha == 1.0 and t.temperature is None for t in scratch)
     assert spec.max_failures == 1 and spec.dataset.seed == 0
@@ -103,6 +111,7 @@ BAD = [
     ("name", "_teachers", "name", "starting with a letter or digit"),
     ("baselines", ["teacher"], "baselines[0]", "one of scratch"),
     ("max_failures", -1, "max_failures", "integer in [0, 100]"),
+    ("share_epochs", "yes", "share_epochs", "true or false"),
 ]
 
 

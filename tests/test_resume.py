@@ -29,14 +29,16 @@ from .conftest import FIXTURE_DATA, tiny_space
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EPOCHS = 5
-# Slow enough per epoch (~1 s) that a kill lands between epochs and inside them.
+# Slow enough per epoch (~1 s) that a kill lands between epochs and inside them. Epochs 3 and 5
+# share a trial (8 grid points, 4 trials), so kills also hit a trial between its two milestones.
 SPACE = tiny_space(
     name="study",
     dataset={"name": "mnist", "train_size": 2000},
     student={"widths": [16, 32], "lr": 0.003, "batch_size": 16},
-    grid={"alpha": [0.0, 0.5, 1.0], "epochs": [EPOCHS]},
+    grid={"alpha": [0.0, 0.5, 1.0], "epochs": [3, EPOCHS]},
     baselines=["scratch"],
 )
+SINGLE = {**SPACE, "grid": {"alpha": [0.0, 0.5, 1.0], "epochs": [EPOCHS]}}
 
 
 class Sweep:
@@ -69,7 +71,7 @@ class Sweep:
                     epochs.append(int(json.loads(ln)["epoch"]))
                 except (ValueError, KeyError):
                     pass  # a line cut short by the kill
-            out[f.parent.name.rsplit("_", 2)[0]] = epochs
+            out[f.parent.name.rsplit("_", 2)[0]] = epochs  # keyed by trial label
         return out
 
     def wait_until(self, proc: subprocess.Popen[str], cond: Callable[[dict[str, list[int]]], bool], timeout: float = 300) -> None:
@@ -137,7 +139,7 @@ def reference_metrics(sweep: Sweep) -> dict[str, dict[str, float]]:
     assert teacher is not None
     torch.set_num_threads(1)
     out = {}
-    for point in spec.trials():
+    for point in spec.grid_points():  # each grid point on its own: no epoch sharing here
         d = TensorData.from_split(split, "cpu", teacher.train_logits if point.role == "student" else None, teacher.test_logits)
         model = build_model(spec.student.widths, split.info.shape, 10, point.seed)
         h = train(model, make_optimizer(model, spec.student.lr), d, epochs=point.epochs, batch_size=spec.student.batch_size,
@@ -146,10 +148,10 @@ def reference_metrics(sweep: Sweep) -> dict[str, dict[str, float]]:
     return out
 
 
-def check_record(sweep: Sweep, untouched: dict[str, float]) -> None:
+def check_record(sweep: Sweep, untouched: dict[str, float], grid_points: int) -> None:
     runs = sweep.child_runs()
-    by_trial = Counter(r.data.tags[TAG_TRIAL] for r in runs)
-    assert len(runs) == 4 and set(by_trial.values()) == {1}, by_trial  # exactly one run per trial
+    by_point = Counter((r.data.tags[TAG_TRIAL], r.data.tags["kd_tune.epochs"]) for r in runs)
+    assert len(runs) == grid_points and set(by_point.values()) == {1}, by_point  # exactly one run per grid point
     parents = {r.data.tags[TAG_PARENT] for r in runs}
     exp = sweep.client.get_experiment_by_name("study")
     assert exp is not None
@@ -161,7 +163,7 @@ def check_record(sweep: Sweep, untouched: dict[str, float]) -> None:
         assert r.info.status == "FINISHED"
         for metric in EPOCH_METRICS:
             steps = [m.step for m in sweep.client.get_metric_history(r.info.run_id, metric)]
-            assert sorted(steps) == list(range(1, EPOCHS + 1)), (r.info.run_name, metric, steps)
+            assert sorted(steps) == list(range(1, int(r.data.params["epochs"]) + 1)), (r.info.run_name, metric, steps)
         if r.info.run_id in untouched:
             assert r.info.end_time == untouched[r.info.run_id]  # finished before a kill: left alone
 
@@ -195,8 +197,8 @@ def test_kills_at_several_moments_then_resume(write_space: Callable[..., Path], 
 
     done = sweep.run("resume", "study")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "4/4 trials finished" in done.stdout and "restored" in done.stdout
-    check_record(sweep, untouched)
+    assert "8/8 grid points finished" in done.stdout and "restored" in done.stdout
+    check_record(sweep, untouched, 8)
 
     # Nothing recomputed beyond the epoch in progress: each epoch reached the driver at most once per interruption.
     final = sweep.progress()
@@ -227,16 +229,16 @@ def test_sigint_then_resume(write_space: Callable[..., Path], tmp_path: Path) ->
     assert refused.returncode == 2 and "to continue it: kd-tune resume study" in refused.stderr
     done = sweep.run("resume", "study")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    check_record(sweep, {})
+    check_record(sweep, {}, 8)
 
 
 def test_trial_faults_retry_then_error(write_space: Callable[..., Path], tmp_path: Path) -> None:
-    space = {**SPACE, "student": {"widths": [4, 8], "lr": 0.003, "batch_size": 64}, "max_failures": 1}
+    space = {**SINGLE, "student": {"widths": [4, 8], "lr": 0.003, "batch_size": 64}, "max_failures": 1}
     sweep = Sweep(tmp_path, write_space(space))
     faults = "a0.5-T3-e5-s0:once,a0-T3-e5-s0:always,scratch-e5-s0:nan"
     res = sweep.run("sweep", str(sweep.space), env={"KD_TUNE_TEST_FAULT": faults})
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "2/4 trials finished, 1 errored, 1 diverged" in res.stdout
+    assert "2/4 grid points finished, 1 errored, 1 diverged" in res.stdout
     assert "to retry the rest: kd-tune resume study" in res.stdout
     runs = {r.info.run_name: r for r in sweep.child_runs()}
     assert len(runs) == 4
@@ -258,7 +260,7 @@ def test_trial_faults_retry_then_error(write_space: Callable[..., Path], tmp_pat
     # the diverged one is not rerun (it would diverge again).
     done = sweep.run("resume", "study")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "3/4 trials finished, 0 errored, 1 diverged" in done.stdout
+    assert "3/4 grid points finished, 0 errored, 1 diverged" in done.stdout
     runs2 = {r.info.run_name: r for r in sweep.child_runs()}
     assert runs2["a0-T3-e5-s0"].info.run_id == failed.info.run_id and runs2["a0-T3-e5-s0"].info.status == "FINISHED"
     assert runs2["scratch-e5-s0"].info.end_time == diverged.info.end_time

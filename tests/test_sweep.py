@@ -32,7 +32,7 @@ def _runs_by_role(client: MlflowClient, experiment: str) -> dict[str, list]:
 
 def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., Path], tmp_path: Path) -> None:
     storage = tmp_path / "store"
-    space = write_space(tiny_space())  # alpha {0, 1} x epochs {1, 2}: 4 trials
+    space = write_space(tiny_space())  # alpha {0, 1} x epochs {1, 2}: 4 grid points, 2 trials (epochs shared)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
@@ -42,7 +42,7 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "teacher epoch 1/1" in out and "training 8/16" in out
-    assert "sweep 'tiny': 4/4 trials finished, 0 errored" in out
+    assert "sweep 'tiny': 4/4 grid points finished, 0 errored" in out
     table = out[out.index("role  alpha"):].splitlines()
     assert len([ln for ln in table if ln.strip().startswith("student")]) == 4
     assert "Open the UI: kd-tune ui" in out
@@ -66,8 +66,9 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
         for metric in EPOCH_METRICS:
             steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
             assert sorted(steps) == list(range(1, epochs + 1)), (metric, steps)
+        assert run.data.tags["kd_tune.epochs"] == str(epochs)
         assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/student.pt"]
-    assert len(trial_ids) == 4
+    assert len(trial_ids) == 2  # one trial per alpha served both epochs values, each with its own run
 
     # Same teacher spec, another sweep (with a scratch baseline): the cached teacher is reused.
     teacher_entries = list((storage / CACHE_FOLDER).iterdir())
@@ -98,3 +99,28 @@ def test_existing_sweep_name_is_refused(write_space: Callable[..., Path], tmp_pa
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "a sweep named 'once' already exists" in err
+
+
+def test_epoch_sharing_gives_the_same_runs_as_separate_trials(write_space: Callable[..., Path], tmp_path: Path) -> None:
+    """One trial trained to 3 epochs reporting at 1 and 3 == two trials of 1 and 3 epochs (CPU, same seed)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = tiny_space(grid={"alpha": [0.5], "epochs": [1, 3]}, baselines=["scratch"])
+    metrics: dict[str, dict[str, dict[str, list[tuple[int, float]]]]] = {}
+    for name, share in (("shared", True), ("separate", False)):
+        outcome = run_sweep(
+            write_space({**space, "name": name}, f"{name}.yaml"),
+            SweepOptions(storage=str(tmp_path / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True, no_share_epochs=not share),
+            log=lambda s: None,
+        )
+        assert outcome.ok and outcome.total == 4 and len(outcome.table) == 4
+        client = MlflowClient(uri)
+        runs = [r for role in ("student", "scratch") for r in _runs_by_role(client, name)[role]]
+        assert len({r.data.tags[TAG_TRIAL] for r in runs}) == (2 if share else 4)
+        metrics[name] = {
+            r.info.run_name: {k: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, k))
+                              for k in EPOCH_METRICS if k != "epoch_seconds"}
+            for r in runs
+        }
+        assert all(r.info.status == "FINISHED" for r in runs)
+    assert set(metrics["shared"]) == {"a0.5-T3-e1-s0", "a0.5-T3-e3-s0", "scratch-e1-s0", "scratch-e3-s0"}
+    assert metrics["shared"] == metrics["separate"]
