@@ -294,7 +294,7 @@ def normalize(x: torch.Tensor, info: DatasetInfo, device: torch.device | str = "
     x = x.to(device, non_blocking=True).float().div_(255.0)
     mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
-    return x.sub_(mean).div_(std)
+    return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)  # the models' layout
 
 
 def data_hash(split: DataSplit) -> str:

@@ -395,7 +395,7 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
             tuner = tune.Tuner(
                 trainable,
                 param_space={"point": tune.grid_search([p.as_config() for p in trials])},
-                tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_dirname, reuse_actors=False),
+                tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_dirname, reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=spec.name,
                     storage_path=str(storage),

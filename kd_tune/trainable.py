@@ -92,6 +92,8 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
     point = TrialPoint.from_config(config)
     device = trial_device()
     torch.set_num_threads(trial_threads())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     ctx = tune.get_context()
     trial_dir = Path(bundle.sweep_dir) / f"{point.label}_{ctx.get_trial_id()}"
 

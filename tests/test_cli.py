@@ -89,3 +89,23 @@ def test_real_process_exit_code_and_no_traceback(write_space: Callable[..., Path
                           env={**os.environ, "KD_TUNE_STORAGE": str(tmp_path / "store")}, timeout=120)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "SpaceError" in proc.stderr
     assert _files(tmp_path) == {"space.yaml"}
+
+
+def test_data_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from .conftest import FIXTURE_DATA
+
+    assert main(["data", "mnist", "--data-dir", str(FIXTURE_DATA)]) == 0
+    assert "mnist: 2000 training and 500 test images of shape (1, 28, 28)" in capsys.readouterr().out
+    assert main(["data", "imagenet"]) == 2
+    assert "dataset 'imagenet' is unknown; allowed: mnist" in capsys.readouterr().err
+
+
+def test_plan_counts_student_epochs(write_space: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_space(tiny_space(grid={"alpha": [0.0, 0.5], "epochs": [1, 3]}, baselines=["scratch"]))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "6 grid points, 3 trials (epoch sharing on)" in out
+    assert "a0.5-T3-e1+3-s0" in out and "reports 1, 3" in out
+    assert "student epochs: 9 (with sharing 9, without 12: sharing saves 3, 25%)" in out
+    assert main(["plan", str(path), "--no-share-epochs"]) == 0
+    assert "6 grid points, 6 trials (epoch sharing off)" in capsys.readouterr().out
