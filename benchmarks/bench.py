@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"images per epoch: {len(split.train_y)}, batch {batch}, 1 thread, median of {args.repeats} interleaved repeats")
     print()
-    print(f"| measure | A (s) | B (s) | A / B | goal |\n| --- | --- | --- | --- | --- |")
+    print("| measure | A (s) | B (s) | A / B | goal |\n| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r.name} | {r.a:.3f} | {r.b:.3f} | {r.ratio:.2f} | {r.goal} |")
     print(f"| concurrency: student epochs/s with 2 concurrent 1-CPU trials / with 1 | {two:.3f} | {one:.3f} | {two / one:.2f} | >= 1.7 |")
