@@ -86,6 +86,23 @@ def status(name: str, storage: str | None) -> int:
     return 0
 
 
+def report(name: str, out: str | None, tracking_uri: str | None, storage: str | None) -> int:
+    """Tables and figures of a sweep from its MLflow runs; also logged on the sweep's parent run."""
+    from kd_tune.report import make_report
+    from kd_tune.sweep import SWEEP_FILE, SweepRecord, resolve_storage, resolve_tracking_uri, sweep_path
+
+    path = sweep_path(resolve_storage(storage), name)
+    uri = resolve_tracking_uri(tracking_uri)
+    if tracking_uri is None and (path / SWEEP_FILE).exists():
+        uri = SweepRecord.load(path).tracking_uri  # where that sweep logged, whatever the defaults now
+    rep = make_report(name, uri, Path(out) if out else Path("reports") / name)
+    print(rep.markdown())
+    print("files (also on the sweep's parent run in MLflow, under report/):")
+    for f in rep.files:
+        print(f"  {f}")
+    return 0
+
+
 def plan(space: Path, share_epochs: bool | None) -> int:
     """Validate a search space and print its trials and their cost in student epochs (nothing runs)."""
     from dataclasses import replace
@@ -192,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-share-epochs", dest="share", action="store_false", default=None, help="plan without epoch sharing")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(run=lambda a: plan(a.space, a.share))
+
+    p = sub.add_parser("report", help="tables and figures of a sweep, from MLflow", description=report.__doc__)
+    p.add_argument("name", help="the sweep's name")
+    p.add_argument("--out", default=None, help="folder for the CSV, summary and PNG files (default: reports/NAME)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the sweep's own, else $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here)")
+    p.add_argument("--storage", default=None, help="folder holding the sweeps (default: $KD_TUNE_STORAGE or ./kd_tune_results)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: report(a.name, a.out, a.tracking_uri, a.storage))
 
     p = sub.add_parser("resume", help="continue an interrupted sweep", description=resume.__doc__)
     p.add_argument("name", help="the sweep's name")
