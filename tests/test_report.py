@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import pytest
@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from kd_tune.cli import main
-from kd_tune.report import make_report, summarize, t_interval, welch_interval
+from kd_tune.report import summarize, t_interval, welch_interval
 from kd_tune.sweep import SweepOptions, run_sweep
 from kd_tune.tracking import TAG_ROLE
 
