@@ -11,6 +11,7 @@ Welch's t (unequal variances). With one seed there is no interval, and the repor
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,10 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from kd_tune.errors import UsageError  # noqa: E402
-from kd_tune.tracking import TAG_PARENT, TAG_ROLE, TAG_SWEEP  # noqa: E402
+from kd_tune.tracking import CONFUSION_ARTIFACT, TAG_PARENT, TAG_ROLE, TAG_SWEEP  # noqa: E402
 
-METRICS = ["test_acc", "test_loss", "teacher_agreement", "train_loss", "train_hard_loss", "train_distill_loss"]
+METRICS = ["test_acc", "test_loss", "teacher_agreement", "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece",
+           "train_loss", "train_hard_loss", "train_distill_loss"]
 FIGSIZE = (8.0, 5.0)
 DPI = 100
 
@@ -273,6 +275,31 @@ def fig_learning_curves(client: MlflowClient, runs: pd.DataFrame, best: Best, ou
     return _save(fig, out / "learning_curves.png")
 
 
+def fig_confusion(client: MlflowClient, best: Best, out: Path) -> Path | None:
+    """The best student's confusion matrix on the test set (from its run's artifact)."""
+    try:
+        local = client.download_artifacts(best.run_id, CONFUSION_ARTIFACT, str(out))
+    except Exception:  # noqa: BLE001 - runs logged before the artifact existed have none
+        return None
+    path = Path(local)
+    matrix = json.loads(path.read_text())["matrix"]
+    path.unlink()
+    fig, ax = plt.subplots(figsize=(6.0, 5.0))
+    im = ax.imshow(matrix, cmap="Blues")
+    k = len(matrix)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i][j] > 0.5 * max(map(max, matrix)) else "black")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"Best student (alpha = {best.alpha:g}, T = {best.temperature:g}, {best.epochs} epochs): test images")
+    fig.colorbar(im, ax=ax, label="images")
+    return _save(fig, out / "confusion_matrix.png")
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -300,6 +327,9 @@ def make_report(name: str, tracking_uri: str, out: Path) -> Report:
             files.append(heat)
         if best is not None:
             files.append(fig_learning_curves(client, runs, best, out))
+            confusion = fig_confusion(client, best, out)
+            if confusion is not None:
+                files.append(confusion)
     md = out / "summary.md"
     md.write_text(report.markdown())
     files.append(md)

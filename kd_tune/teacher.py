@@ -24,7 +24,7 @@ import torch
 from kd_tune.config import DatasetSpec, TeacherSpec
 from kd_tune.data import DataSplit, data_hash
 from kd_tune.models import build_model
-from kd_tune.train import EpochMetrics, TensorData, make_optimizer, predict_logits, train
+from kd_tune.train import EpochMetrics, Evaluation, TensorData, make_optimizer, predict_logits, train
 
 CACHE_FORMAT = 1
 CACHE_FOLDER = "_teachers"  # beside the sweeps in the storage; sweep names cannot start with '_'
@@ -60,7 +60,7 @@ def train_teacher(
     data = TensorData.from_split(split, device)
     model = build_model(spec.widths, split.info.shape, split.info.num_classes, spec.seed).to(device)
 
-    def progress(m: EpochMetrics) -> None:
+    def progress(m: EpochMetrics, _: Evaluation) -> None:
         log(f"teacher epoch {m.epoch}/{spec.epochs}: train loss {m.train_loss:.4f}, test acc {m.test_acc:.4f} ({m.epoch_seconds:.1f} s)")
 
     history = train(model, make_optimizer(model, spec.lr), data, epochs=spec.epochs, batch_size=spec.batch_size, seed=spec.seed, on_epoch=progress)

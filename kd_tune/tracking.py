@@ -8,6 +8,7 @@ tag and skips epochs already logged, so reattaching never duplicates a run or a 
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ TAG_TRIAL = "kd_tune.trial_id"
 TAG_EPOCHS = "kd_tune.epochs"  # the grid point's epochs (a shared trial has a run per epochs value)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
-EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement", "epoch_seconds")
+EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
+                 "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds")
+CONFUSION_ARTIFACT = "confusion_matrix.json"
 MAX_PARAM_LEN = 6000
 
 
@@ -130,6 +133,10 @@ class MlflowTrackingCallback(tune.Callback):
                 model = Path(tmp) / "student.pt"
                 torch.save(state["model"], model)
                 self.client.log_artifact(run_id, str(model), artifact_path="model")
+                if "confusion" in state:
+                    cm = Path(tmp) / CONFUSION_ARTIFACT
+                    cm.write_text(json.dumps({"rows": "true class", "columns": "predicted class", "matrix": state["confusion"]}))
+                    self.client.log_artifact(run_id, str(cm))
         self.client.set_terminated(run_id, status="FINISHED")
         self._complete.add(key)
 

@@ -62,6 +62,42 @@ class TensorData:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """The model on the test set."""
+
+    acc: float
+    loss: float
+    teacher_agreement: float | None
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    ece: float
+    """Expected calibration error: 15 equal-width confidence bins, |accuracy - confidence| weighted by bin size."""
+    confusion: list[list[int]]
+    """confusion[true][predicted] counts."""
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> tuple[float, float, float, float, list[list[int]]]:
+    """Macro precision, recall, F1 (classes without predictions or examples count as 0), ECE, confusion matrix."""
+    k = logits.shape[1]
+    probs = logits.float().softmax(dim=1)
+    conf, pred = probs.max(dim=1)
+    cm = torch.bincount(labels * k + pred, minlength=k * k).view(k, k).double()
+    tp = cm.diag()
+    precision = torch.where(cm.sum(0) > 0, tp / cm.sum(0).clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(cm.sum(1) > 0, tp / cm.sum(1).clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
+    correct = (pred == labels).double()
+    which = (conf.double() * bins).ceil().clamp(1, bins).long() - 1  # bin b holds confidences in (b/bins, (b+1)/bins]
+    ece = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.double().mean() * (correct[mask].mean() - conf[mask].double().mean()).abs()
+    return precision.mean().item(), recall.mean().item(), f1.mean().item(), ece.item(), cm.long().tolist()
+
+
+@dataclass(frozen=True)
 class EpochMetrics:
     """What one epoch produced; the names are those reported to Ray and logged to MLflow."""
 
@@ -72,6 +108,10 @@ class EpochMetrics:
     test_acc: float
     test_loss: float
     teacher_agreement: float | None
+    test_macro_precision: float
+    test_macro_recall: float
+    test_macro_f1: float
+    test_ece: float
     epoch_seconds: float
 
     def as_dict(self) -> dict[str, float]:
@@ -93,8 +133,9 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BAT
     return out
 
 
-def evaluate(model: nn.Module, data: TensorData) -> tuple[float, float, float | None]:
-    """Test accuracy, test loss (cross-entropy on the true labels) and agreement with the teacher."""
+def evaluate(model: nn.Module, data: TensorData) -> Evaluation:
+    """Test accuracy and loss (cross-entropy on the true labels), agreement with the teacher, macro
+    precision / recall / F1, calibration error and the confusion matrix."""
     logits = predict_logits(model, data.test_x)
     pred = logits.argmax(dim=1)
     acc = (pred == data.test_y).float().mean().item()
@@ -102,7 +143,8 @@ def evaluate(model: nn.Module, data: TensorData) -> tuple[float, float, float | 
     agree = None
     if data.teacher_test is not None:
         agree = (pred == data.teacher_test.argmax(dim=1)).float().mean().item()
-    return acc, loss, agree
+    p, r, f1, ece, cm = classification_metrics(logits, data.test_y)
+    return Evaluation(acc, loss, agree, p, r, f1, ece, cm)
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -122,7 +164,7 @@ def train(
     alpha: float = 1.0,
     temperature: float = 1.0,
     start_epoch: int = 0,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_epoch: Callable[[EpochMetrics, Evaluation], None] | None = None,
 ) -> list[EpochMetrics]:
     """Train from the end of epoch ``start_epoch`` to the end of epoch ``epochs``.
 
@@ -150,9 +192,10 @@ def train(
         total, hard, distill = (sums / n).tolist()
         if not math.isfinite(total):
             raise DivergedError(epoch, total)
-        acc, test_loss, agree = evaluate(model, data)
-        metrics = EpochMetrics(epoch, total, hard, distill, acc, test_loss, agree, time.perf_counter() - t0)
+        ev = evaluate(model, data)
+        metrics = EpochMetrics(epoch, total, hard, distill, ev.acc, ev.loss, ev.teacher_agreement,
+                               ev.macro_precision, ev.macro_recall, ev.macro_f1, ev.ece, time.perf_counter() - t0)
         history.append(metrics)
         if on_epoch is not None:
-            on_epoch(metrics)
+            on_epoch(metrics, ev)
     return history

@@ -24,7 +24,7 @@ from kd_tune.config import StudentSpec, TrialPoint
 from kd_tune.data import DataSplit
 from kd_tune.errors import DivergedError
 from kd_tune.models import build_model
-from kd_tune.train import EpochMetrics, TensorData, make_optimizer, train
+from kd_tune.train import EpochMetrics, Evaluation, TensorData, make_optimizer, train
 
 STATE_FILE = "state.pt"  # one file: model, optimizer and epoch can never disagree
 FAULT_ENV = "KD_TUNE_TEST_FAULT"  # test-only fault injection: "<trial label>:once|always[,...]"
@@ -58,9 +58,11 @@ def trial_threads() -> int:
     return max(1, int(cpus))
 
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, history: list[dict[str, float]]) -> None:
-    """Weights, optimizer and every epoch's metrics so far, in one file written atomically."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": int(history[-1]["epoch"]), "history": history}
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, history: list[dict[str, float]],
+                    confusion: list[list[int]]) -> None:
+    """Weights, optimizer, every epoch's metrics so far and this epoch's confusion matrix, in one file written atomically."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": int(history[-1]["epoch"]), "history": history,
+             "confusion": confusion}
     tmp = folder / f".{STATE_FILE}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, folder / STATE_FILE)
@@ -126,10 +128,10 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
             tune.report({**m, **extra})
     _maybe_inject_fault(point, trial_dir, "always")
 
-    def report(m: EpochMetrics) -> None:
+    def report(m: EpochMetrics, ev: Evaluation) -> None:
         history.append(m.as_dict())
         with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(Path(folder), model, optimizer, history)
+            save_checkpoint(Path(folder), model, optimizer, history, ev.confusion)
             tune.report({**m.as_dict(), **extra}, checkpoint=tune.Checkpoint.from_directory(folder))
         _maybe_inject_fault(point, trial_dir, "once")
 

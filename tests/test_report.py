@@ -49,6 +49,7 @@ def test_summary_groups_over_seeds() -> None:
         "run_id": list("abcd"), "role": ["student"] * 3 + ["scratch"], "alpha": [0.5, 0.5, 0.5, 1.0],
         "temperature": [3.0, 3.0, 3.0, math.nan], "epochs": [2, 2, 2, 2], "seed": [0, 1, 2, 0], "status": ["FINISHED"] * 4,
         "test_acc": [0.91, 0.93, 0.95, 0.90], "test_loss": [0.3] * 4, "teacher_agreement": [0.9] * 4,
+        "test_macro_precision": [0.9] * 4, "test_macro_recall": [0.9] * 4, "test_macro_f1": [0.9] * 4, "test_ece": [0.05] * 4,
         "train_loss": [0.2] * 4, "train_hard_loss": [0.2] * 4, "train_distill_loss": [0.1] * 4,
     })
     s = summarize(runs)
@@ -80,6 +81,8 @@ def test_report_of_a_real_sweep(write_space: Callable[..., Path], tmp_path: Path
         run = client.get_run(row["run_id"])
         assert row["test_acc"] == pytest.approx(run.data.metrics["test_acc"])  # the CSV is MLflow's numbers
         assert int(row["epochs"]) == int(run.data.params["epochs"])
+        assert row["test_macro_f1"] == pytest.approx(run.data.metrics["test_macro_f1"]) and 0 < row["test_macro_f1"] <= 1
+        assert 0 <= row["test_ece"] <= 1
     summary = pd.read_csv(out / "summary.csv")
     one = summary[(summary["role"] == "student") & (summary["alpha"] == 0.0) & (summary["temperature"] == 2.0) & (summary["epochs"] == 2)].iloc[0]
     accs = csv[(csv["role"] == "student") & (csv["alpha"] == 0.0) & (csv["temperature"] == 2.0) & (csv["epochs"] == 2)]["test_acc"].tolist()
@@ -87,7 +90,7 @@ def test_report_of_a_real_sweep(write_space: Callable[..., Path], tmp_path: Path
     assert one["ci_high"] - one["mean"] == pytest.approx(T_975_DF1 * statistics.stdev(accs) / math.sqrt(2))
 
     expected = {"accuracy_vs_alpha.png": (1357, 500), "loss_vs_alpha.png": (800, 500), "heatmap_alpha_temperature.png": (800, 500),
-                "learning_curves.png": (800, 500)}
+                "learning_curves.png": (800, 500), "confusion_matrix.png": (600, 500)}
     for name, size in expected.items():
         with Image.open(out / name) as im:
             assert im.size == size, name

@@ -83,7 +83,7 @@ def test_on_epoch_sees_each_epoch(split: data.DataSplit) -> None:
     seen: list[int] = []
     d = TensorData.from_split(split)
     model = build_model((4, 8), split.info.shape, 10, 0)
-    train(model, make_optimizer(model, 1e-3), d, epochs=2, batch_size=128, seed=0, on_epoch=lambda m: seen.append(m.epoch))
+    train(model, make_optimizer(model, 1e-3), d, epochs=2, batch_size=128, seed=0, on_epoch=lambda m, ev: seen.append(m.epoch))
     assert seen == [1, 2]
 
 
@@ -91,3 +91,20 @@ def test_fixture_path_exists() -> None:
     from .conftest import FIXTURE_DATA
 
     assert Path(FIXTURE_DATA, "MNIST", "raw", "train-images-idx3-ubyte").exists()
+
+
+def test_classification_metrics_by_hand() -> None:
+    from kd_tune.train import classification_metrics
+
+    # 3 classes; true labels 0,0,1,2; predictions 0,1,1,1 with confidences 0.9, 0.6, 0.8, 0.5 (by construction).
+    labels = torch.tensor([0, 0, 1, 2])
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1], [0.25, 0.5, 0.25]])
+    p, r, f1, ece, cm = classification_metrics(probs.log(), labels)
+    assert cm == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+    # precision: class 0 = 1/1, class 1 = 1/3, class 2 = 0 (never predicted); recall: 1/2, 1/1, 0/1
+    assert p == pytest.approx((1 + 1 / 3 + 0) / 3)
+    assert r == pytest.approx((0.5 + 1 + 0) / 3)
+    f1_0, f1_1 = 2 * 1 * 0.5 / 1.5, 2 * (1 / 3) * 1 / (4 / 3)
+    assert f1 == pytest.approx((f1_0 + f1_1 + 0) / 3)
+    # ECE, 15 bins: 0.9 (correct) | 0.6 (wrong) | 0.8 (correct) | 0.5 (wrong), each alone in its bin
+    assert ece == pytest.approx((abs(1 - 0.9) + abs(0 - 0.6) + abs(1 - 0.8) + abs(0 - 0.5)) / 4)
