@@ -11,7 +11,7 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +52,12 @@ class TeacherSpec:
     lr: float = 1e-3
     batch_size: int = 128
     seed: int = 0
+    ensemble: int = 1
+    """Number of teachers (seeds seed, seed + 1, ...) whose logits are averaged; each is cached on its own."""
+
+    def members(self) -> list[TeacherSpec]:
+        """One single-teacher spec per member of the ensemble."""
+        return [replace(self, seed=self.seed + i, ensemble=1) for i in range(self.ensemble)]
 
 
 @dataclass(frozen=True)
@@ -277,13 +283,14 @@ def parse_space(data: object, source: str) -> SweepSpec:
     def widths(key: str, value: object) -> tuple[int, ...]:
         return r.items(key, value, lambda k, v: r.integer(k, v, 1, 65536), unique=False)
 
-    t = r.section(top, "teacher", ("widths", "epochs", "lr", "batch_size", "seed"), required=("widths", "epochs"))
+    t = r.section(top, "teacher", ("widths", "epochs", "lr", "batch_size", "seed", "ensemble"), required=("widths", "epochs"))
     teacher = TeacherSpec(
         widths=_two(r, "teacher.widths", widths("teacher.widths", t["widths"])),
         epochs=r.integer("teacher.epochs", t["epochs"], 1),
         lr=r.number("teacher.lr", t.get("lr", 1e-3), 0.0, 10.0, lo_open=True),
         batch_size=r.integer("teacher.batch_size", t.get("batch_size", 128), 1),
         seed=r.integer("teacher.seed", t.get("seed", 0), 0),
+        ensemble=r.integer("teacher.ensemble", t.get("ensemble", 1), 1, 16),
     )
 
     s = r.section(top, "student", ("widths", "lr", "batch_size"), required=("widths",))

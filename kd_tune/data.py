@@ -55,6 +55,11 @@ class DatasetInfo:
     std: tuple[float, ...]
     offline: Callable[[Path], None] | None = None
     """Writes the files from a source that works without the dataset's own hosts."""
+    reader: Callable[[DatasetInfo, Path, bool], tuple[Any, Any]] | None = None
+    """Reads (images, labels) of the train or test split; raises RuntimeError when files are missing.
+    Default: the torchvision class (which reads IDX files, no pickle)."""
+    fetcher: Callable[[DatasetInfo, Path], None] | None = None
+    """Downloads the files; default: the torchvision class with download=True."""
     raw_md5: dict[str, str] = field(default_factory=dict)
     """md5 of each raw file, relative to the data folder, checked before it is written."""
     how_to_provide: str = ""
@@ -171,6 +176,51 @@ def atomic_write_bytes(path: Path, content: bytes) -> None:
         raise
 
 
+# --- offline Fashion-MNIST (Debian's dataset-fashion-mnist) ------------------------------------
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_MD5 = {  # the official files, uncompressed (Debian recompressed the .gz, so those md5s differ)
+    "FashionMNIST/raw/train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "FashionMNIST/raw/train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "FashionMNIST/raw/t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "FashionMNIST/raw/t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+
+
+def _fashion_mnist_offline(root: Path) -> None:
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        raise OSError(f"{DEBIAN_FASHION_MNIST} not found (Debian: apt-get install dataset-fashion-mnist)")
+    files = {rel: gzip.decompress((DEBIAN_FASHION_MNIST / (Path(rel).name + ".gz")).read_bytes()) for rel in _FASHION_MD5}
+    write_verified(root, files, _FASHION_MD5)
+
+
+# --- CIFAR-10: read with the restricted unpickler, never torchvision's plain pickle.load -------
+
+
+def _cifar10_read(info: DatasetInfo, root: Path, train: bool) -> tuple[Any, Any]:
+    from torchvision.datasets import CIFAR10
+
+    xs, ys = [], []
+    for name, md5 in CIFAR10.train_list if train else CIFAR10.test_list:
+        path = root / CIFAR10.base_folder / name
+        if not path.exists():
+            raise RuntimeError(f"Dataset not found: {path}")
+        raw = path.read_bytes()
+        if hashlib.md5(raw).hexdigest() != md5:
+            raise RuntimeError(f"{path}: md5 does not match the official file")
+        entry = restricted_unpickle(raw)
+        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, *info.shape))
+        ys += list(entry.get("labels") or entry.get("fine_labels") or [])
+    return np.concatenate(xs), np.asarray(ys)
+
+
+def _cifar10_fetch(info: DatasetInfo, root: Path) -> None:
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+
+
 # --- the registry -----------------------------------------------------------------------------
 
 REGISTRY: dict[str, DatasetInfo] = {
@@ -186,63 +236,98 @@ REGISTRY: dict[str, DatasetInfo] = {
         offline=_mnist_offline,
         raw_md5=_MNIST_MD5,
     ),
+    "fashion_mnist": DatasetInfo(
+        name="fashion_mnist",
+        torchvision_class="FashionMNIST",
+        shape=(1, 28, 28),
+        num_classes=10,
+        train_count=60000,
+        test_count=10000,
+        mean=(0.2860,),
+        std=(0.3530,),
+        offline=_fashion_mnist_offline,
+        raw_md5=_FASHION_MD5,
+        how_to_provide="install Debian's dataset-fashion-mnist, or put torchvision's FashionMNIST/raw files there",
+    ),
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        torchvision_class="CIFAR10",
+        shape=(3, 32, 32),
+        num_classes=10,
+        train_count=50000,
+        test_count=10000,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        reader=_cifar10_read,
+        fetcher=_cifar10_fetch,
+        how_to_provide="download cifar-10-python.tar.gz (the CIFAR-10 python version) and extract it there, "
+                       "so that cifar-10-batches-py/ holds data_batch_1..5 and test_batch",
+    ),
 }
 
 
-def _torchvision_dataset(info: DatasetInfo, root: Path, train: bool, download: bool) -> Any:
+def _read(info: DatasetInfo, root: Path, train: bool) -> tuple[Any, Any]:
+    if info.reader is not None:
+        return info.reader(info, root, train)
+    import torchvision.datasets
+
+    ds = getattr(torchvision.datasets, info.torchvision_class)(str(root), train=train, download=False)
+    return ds.data, ds.targets
+
+
+def _fetch(info: DatasetInfo, root: Path) -> None:
+    if info.fetcher is not None:
+        info.fetcher(info, root)
+        return
     import torchvision.datasets
 
     cls = getattr(torchvision.datasets, info.torchvision_class)
-    return cls(str(root), train=train, download=download)
+    for train in (True, False):
+        cls(str(root), train=train, download=True)
 
 
 def _as_nchw(data: Any, info: DatasetInfo) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(data), dtype=torch.uint8)
     if x.ndim == 3:  # N, H, W (MNIST-like)
         x = x.unsqueeze(1)
-    elif x.ndim == 4 and x.shape[-1] == info.shape[0]:  # N, H, W, C (CIFAR-like)
+    elif x.ndim == 4 and x.shape[1:] != info.shape and x.shape[-1] == info.shape[0]:  # N, H, W, C
         x = x.permute(0, 3, 1, 2)
     return x.contiguous()
 
 
 def ensure_files(info: DatasetInfo, root: Path, log: Callable[[str], None] = print) -> None:
-    """Make sure the dataset's files are under root: on disk, downloaded, or from the offline source."""
-    try:
-        _torchvision_dataset(info, root, train=True, download=False)
-        _torchvision_dataset(info, root, train=False, download=False)
-        return
-    except RuntimeError:
-        pass
+    """Get the dataset's files under root: torchvision's download, then the offline source; else a clear error."""
     errors: list[str] = []
-    log(f"{info.name}: files not found under {root}; downloading with torchvision")
+    log(f"{info.name}: files not found under {root}; downloading")
     try:
-        _torchvision_dataset(info, root, train=True, download=True)
-        _torchvision_dataset(info, root, train=False, download=True)
+        _fetch(info, root)
         return
-    except Exception as e:  # torchvision raises RuntimeError, URLError, OSError... depending on the mirror
-        errors.append(f"torchvision download: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
+    except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, OSError... depending on the mirror
+        errors.append(f"download: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
     if info.offline is not None:
-        log(f"{info.name}: torchvision download failed; trying the offline source")
+        log(f"{info.name}: download failed; trying the offline source")
         try:
             info.offline(root)
             log(f"{info.name}: wrote verified files under {root}")
             return
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure of the source is reported with the others
             errors.append(f"offline source: {e}")
-    hint = info.how_to_provide or f"put torchvision's {info.torchvision_class} files under {root}"
-    raise DataUnavailableError(f"dataset {info.name!r} is not available ({'; '.join(errors)}); {hint}")
+    hint = info.how_to_provide or f"put torchvision's {info.torchvision_class} files there"
+    raise DataUnavailableError(f"dataset {info.name!r} is not available under {root} ({'; '.join(errors)}); {hint}")
 
 
 def load(name: str, root: Path | None = None, log: Callable[[str], None] = print) -> tuple[DatasetInfo, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole dataset as uint8 images (N, C, H, W) and int64 labels: train_x, train_y, test_x, test_y."""
     info = REGISTRY[name]
     root = (root or default_data_dir()).expanduser()
-    ensure_files(info, root, log)
-    out = []
-    for train in (True, False):
-        ds = _torchvision_dataset(info, root, train=train, download=False)
-        out += [_as_nchw(ds.data, info), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)]
-    return info, out[0], out[1], out[2], out[3]
+    try:
+        splits = [_read(info, root, train) for train in (True, False)]
+    except RuntimeError:  # torchvision's "Dataset not found", or a file that fails its md5
+        ensure_files(info, root, log)
+        splits = [_read(info, root, train) for train in (True, False)]
+    (tx, ty), (sx, sy) = splits
+    as_labels = lambda y: torch.as_tensor(np.asarray(y), dtype=torch.int64)  # noqa: E731
+    return info, _as_nchw(tx, info), as_labels(ty), _as_nchw(sx, info), as_labels(sy)
 
 
 def stratified_subset(labels: torch.Tensor, size: int, seed: int, num_classes: int) -> torch.Tensor:

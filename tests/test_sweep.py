@@ -124,3 +124,28 @@ def test_epoch_sharing_gives_the_same_runs_as_separate_trials(write_space: Calla
         assert all(r.info.status == "FINISHED" for r in runs)
     assert set(metrics["shared"]) == {"a0.5-T3-e1-s0", "a0.5-T3-e3-s0", "scratch-e1-s0", "scratch-e3-s0"}
     assert metrics["shared"] == metrics["separate"]
+
+
+def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Path], tmp_path: Path) -> None:
+    import torch
+
+    from kd_tune import data
+    from kd_tune.config import load_space
+    from kd_tune.teacher import TeacherCache, teacher_key
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write_space(tiny_space(name="ens", teacher={"widths": [8, 16], "epochs": 1, "lr": 0.003, "batch_size": 64, "ensemble": 2},
+                                   grid={"alpha": [0.5], "epochs": [1]}))
+    outcome = run_sweep(space, SweepOptions(storage=str(tmp_path / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True),
+                        log=lambda s: None)
+    assert outcome.ok
+    spec = load_space(space)
+    split = data.prepare("mnist", 1000, 0.0, 0, FIXTURE_DATA)
+    cache = TeacherCache(tmp_path / "store" / CACHE_FOLDER)
+    members = [cache.load(teacher_key(spec.dataset, m, split)) for m in spec.teacher.members()]
+    assert all(m is not None for m in members) and len(list(cache.root.iterdir())) == 2  # each member cached on its own
+    avg = torch.stack([m.test_logits for m in members if m is not None]).mean(0)
+    assert outcome.teacher_acc == pytest.approx((avg.argmax(1) == split.test_y).float().mean().item())
+    runs = _runs_by_role(MlflowClient(uri), "ens")
+    assert sorted(r.info.run_name for r in runs["teacher"]) == ["teacher-0", "teacher-1"]
+    assert sorted(r.data.params["teacher.seed"] for r in runs["teacher"]) == ["0", "1"]
