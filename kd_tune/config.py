@@ -54,10 +54,14 @@ class TeacherSpec:
     seed: int = 0
     ensemble: int = 1
     """Number of teachers (seeds seed, seed + 1, ...) whose logits are averaged; each is cached on its own."""
+    clean: bool = False
+    """Train the teacher on the clean labels even when the students see noisy ones (label noise)."""
 
     def members(self) -> list[TeacherSpec]:
         """One single-teacher spec per member of the ensemble."""
-        return [replace(self, seed=self.seed + i, ensemble=1) for i in range(self.ensemble)]
+        # `clean` only chooses which labels a member learns from (the sweep passes those in), so it
+        # is no part of a member's identity: the clean teacher is the noise-free one, cached once.
+        return [replace(self, seed=self.seed + i, ensemble=1, clean=False) for i in range(self.ensemble)]
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class GridSpec:
     """Training lengths in epochs, each >= 1."""
     seed: tuple[int, ...] = (0,)
     """Repeats: the seed sets the student's initial weights and its data order."""
+    label_noise: tuple[float, ...] = ()
+    """Fractions of flipped training labels as an axis (empty: dataset.label_noise for every trial)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ class TrialPoint:
     epochs: int
     seed: int
     milestones: tuple[int, ...] = ()
+    label_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.milestones:
@@ -118,11 +125,11 @@ class TrialPoint:
         """From :meth:`as_config`'s dict, or from a Tune trial config holding it under ``point``."""
         config = config.get("point", config)
         fields = {k: config[k] for k in ("role", "alpha", "temperature", "epochs", "seed")}
-        return cls(**fields, milestones=tuple(config.get("milestones") or ()))
+        return cls(**fields, milestones=tuple(config.get("milestones") or ()), label_noise=float(config.get("label_noise", 0.0)))
 
     def at(self, epochs: int) -> TrialPoint:
         """The grid point this trial serves at one of its milestones."""
-        return TrialPoint(self.role, self.alpha, self.temperature, epochs, self.seed)
+        return TrialPoint(self.role, self.alpha, self.temperature, epochs, self.seed, label_noise=self.label_noise)
 
     def grid_config(self) -> dict[str, Any]:
         """The grid point's own values (what a user sees as the run's params)."""
@@ -132,9 +139,10 @@ class TrialPoint:
     def label(self) -> str:
         """A short name, used for Ray trials and MLflow runs alike (``e1+2`` for shared epochs)."""
         e = "+".join(str(m) for m in self.milestones)
+        noise = f"-n{self.label_noise:g}" if self.label_noise else ""
         if self.role == "scratch":
-            return f"scratch-e{e}-s{self.seed}"
-        return f"a{self.alpha:g}-T{self.temperature:g}-e{e}-s{self.seed}"
+            return f"scratch-e{e}-s{self.seed}{noise}"
+        return f"a{self.alpha:g}-T{self.temperature:g}-e{e}-s{self.seed}{noise}"
 
 
 @dataclass(frozen=True)
@@ -157,16 +165,21 @@ class SweepSpec:
     the state after e epochs is the same whatever the total. A learning-rate schedule that depends
     on the total number of epochs would have to turn this off."""
 
+    def noise_levels(self) -> tuple[float, ...]:
+        """The label-noise values the trials see (an axis of the grid, or the dataset's one value)."""
+        return self.grid.label_noise or (self.dataset.label_noise,)
+
     def grid_points(self) -> list[TrialPoint]:
-        """Every point of the grid, then one baseline per (epochs, seed): a row each in the results."""
+        """Every point of the grid, then one baseline per (epochs, seed, noise): a row each in the results."""
         g = self.grid
         points = [
-            TrialPoint("student", a, t, e, s)
-            for a, t, s, e in itertools.product(g.alpha, g.temperature, g.seed, sorted(g.epochs))
+            TrialPoint("student", a, t, e, s, label_noise=n)
+            for n, a, t, s, e in itertools.product(self.noise_levels(), g.alpha, g.temperature, g.seed, sorted(g.epochs))
         ]
         if "scratch" in self.baselines:
             # Training on hard labels alone ignores the teacher and the temperature.
-            points += [TrialPoint("scratch", 1.0, None, e, s) for s, e in itertools.product(g.seed, sorted(g.epochs))]
+            points += [TrialPoint("scratch", 1.0, None, e, s, label_noise=n)
+                       for n, s, e in itertools.product(self.noise_levels(), g.seed, sorted(g.epochs))]
         return points
 
     def trials(self) -> list[TrialPoint]:
@@ -176,8 +189,8 @@ class SweepSpec:
             return points
         groups: dict[tuple[Any, ...], list[int]] = {}
         for p in points:
-            groups.setdefault((p.role, p.alpha, p.temperature, p.seed), []).append(p.epochs)
-        return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es))) for (r, a, t, s), es in groups.items()]
+            groups.setdefault((p.role, p.alpha, p.temperature, p.seed, p.label_noise), []).append(p.epochs)
+        return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es)), n) for (r, a, t, s, n), es in groups.items()]
 
     def student_epochs(self) -> int:
         """Student epochs the sweep trains (the cost that epoch sharing cuts)."""
@@ -283,7 +296,10 @@ def parse_space(data: object, source: str) -> SweepSpec:
     def widths(key: str, value: object) -> tuple[int, ...]:
         return r.items(key, value, lambda k, v: r.integer(k, v, 1, 65536), unique=False)
 
-    t = r.section(top, "teacher", ("widths", "epochs", "lr", "batch_size", "seed", "ensemble"), required=("widths", "epochs"))
+    t = r.section(top, "teacher", ("widths", "epochs", "lr", "batch_size", "seed", "ensemble", "clean"), required=("widths", "epochs"))
+    clean = t.get("clean", False)
+    if not isinstance(clean, bool):
+        raise r.fail("teacher.clean", clean, "true or false")
     teacher = TeacherSpec(
         widths=_two(r, "teacher.widths", widths("teacher.widths", t["widths"])),
         epochs=r.integer("teacher.epochs", t["epochs"], 1),
@@ -291,6 +307,7 @@ def parse_space(data: object, source: str) -> SweepSpec:
         batch_size=r.integer("teacher.batch_size", t.get("batch_size", 128), 1),
         seed=r.integer("teacher.seed", t.get("seed", 0), 0),
         ensemble=r.integer("teacher.ensemble", t.get("ensemble", 1), 1, 16),
+        clean=clean,
     )
 
     s = r.section(top, "student", ("widths", "lr", "batch_size"), required=("widths",))
@@ -300,12 +317,18 @@ def parse_space(data: object, source: str) -> SweepSpec:
         batch_size=r.integer("student.batch_size", s.get("batch_size", 128), 1),
     )
 
-    g = r.section(top, "grid", ("alpha", "temperature", "epochs", "seed"), required=("alpha",))
+    g = r.section(top, "grid", ("alpha", "temperature", "epochs", "seed", "label_noise"), required=("alpha",))
+    noise_axis: tuple[float, ...] = ()
+    if "label_noise" in g:
+        noise_axis = r.items("grid.label_noise", g["label_noise"], lambda k, v: r.number(k, v, 0.0, 1.0, hi_open=True))
+        if dataset.label_noise:
+            raise r.fail("grid.label_noise", g["label_noise"], "either dataset.label_noise or grid.label_noise, not both")
     grid = GridSpec(
         alpha=r.items("grid.alpha", g["alpha"], lambda k, v: r.number(k, v, 0.0, 1.0)),
         temperature=r.items("grid.temperature", g.get("temperature", [3.0]), lambda k, v: r.number(k, v, 0.0, math.inf, lo_open=True)),
         epochs=r.items("grid.epochs", g.get("epochs", [1]), lambda k, v: r.integer(k, v, 1)),
         seed=r.items("grid.seed", g.get("seed", [0]), lambda k, v: r.integer(k, v, 0)),
+        label_noise=noise_axis,
     )
 
     baselines_raw = top.get("baselines", [])
@@ -361,4 +384,7 @@ def space_to_yaml(spec: SweepSpec) -> str:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return yaml.safe_dump(plain(asdict(spec)), sort_keys=False)
+    data = plain(asdict(spec))
+    if not data["grid"]["label_noise"]:
+        del data["grid"]["label_noise"]  # no noise axis: dataset.label_noise holds the one value
+    return yaml.safe_dump(data, sort_keys=False)

@@ -47,6 +47,7 @@ class Best:
     gain_ci_low: float | None
     gain_ci_high: float | None
     run_id: str
+    label_noise: float = 0.0
 
     @property
     def ci_excludes_zero(self) -> bool | None:
@@ -73,6 +74,8 @@ class Report:
         shown["mean acc %"] = (100 * shown["mean"]).map(lambda v: f"{v:.2f}")
         shown["95% CI %"] = shown.apply(lambda r: "n/a (n=1)" if r["n"] < 2 else f"[{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}]", axis=1)
         cols = ["role", "alpha", "temperature", "epochs", "n", "mean acc %", "95% CI %"]
+        if shown["label_noise"].nunique() > 1:
+            cols.insert(1, "label_noise")
         lines.append(markdown_table(shown[cols]))
         lines.append("")
         b = self.best
@@ -83,7 +86,8 @@ class Report:
             else:
                 ci = (f"95% CI [{100 * b.gain_ci_low:+.2f}, {100 * b.gain_ci_high:+.2f}], "
                       f"{'excludes' if b.ci_excludes_zero else 'includes'} zero")
-            lines.append(f"Best configuration: alpha = {b.alpha:g}, T = {b.temperature:g}, {b.epochs} epochs: "
+            noise = f", label noise {b.label_noise:g}" if b.label_noise else ""
+            lines.append(f"Best configuration: alpha = {b.alpha:g}, T = {b.temperature:g}, {b.epochs} epochs{noise}: "
                          f"{100 * b.mean:.2f} % (n = {b.n}); over scratch at {b.epochs} epochs: {gain}, {ci}.")
         return "\n".join(lines) + "\n"
 
@@ -121,11 +125,12 @@ def load_runs(name: str, tracking_uri: str) -> tuple[pd.DataFrame, str, str]:
         "temperature": pd.to_numeric(raw.get("params.temperature", pd.Series(dtype=float)).replace("None", None)),
         "epochs": pd.to_numeric(raw.get("params.epochs", pd.Series(dtype=float))).astype("Int64"),
         "seed": pd.to_numeric(raw.get("params.seed", pd.Series(dtype=float))).astype("Int64"),
+        "label_noise": pd.to_numeric(raw.get("params.label_noise", pd.Series(0.0, index=raw.index, dtype=float))).fillna(0.0),
         "status": raw.get("status", pd.Series(dtype=str)),
     })
     for m in METRICS:
         rows[m] = pd.to_numeric(raw[f"metrics.{m}"]) if f"metrics.{m}" in raw else float("nan")
-    rows = rows.sort_values(["role", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
+    rows = rows.sort_values(["role", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
     return rows, exp.experiment_id, parent
 
 
@@ -158,7 +163,7 @@ def welch_interval(a: pd.Series, b: pd.Series) -> tuple[float, float | None, flo
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, 95 % CI and n of the test accuracy over seeds, per configuration (finished runs only)."""
     done = runs[runs["status"] == "FINISHED"]
-    keys = ["role", "alpha", "temperature", "epochs"]
+    keys = ["role", "label_noise", "alpha", "temperature", "epochs"]
     rows = []
     for key, group in done.groupby(keys, dropna=False, sort=True):
         mean, lo, hi, n = t_interval(group["test_acc"])
@@ -175,13 +180,14 @@ def best_config(runs: pd.DataFrame, summary: pd.DataFrame) -> Best | None:
         return None
     b = students.sort_values("mean", ascending=False, kind="stable").iloc[0]
     done = runs[runs["status"] == "FINISHED"]
-    mine = done[(done["role"] == "student") & (done["alpha"] == b["alpha"]) & (done["temperature"] == b["temperature"]) & (done["epochs"] == b["epochs"])]
-    scratch = done[(done["role"] == "scratch") & (done["epochs"] == b["epochs"])]
+    same = (done["epochs"] == b["epochs"]) & (done["label_noise"] == b["label_noise"])
+    mine = done[same & (done["role"] == "student") & (done["alpha"] == b["alpha"]) & (done["temperature"] == b["temperature"])]
+    scratch = done[same & (done["role"] == "scratch")]
     if scratch.empty:  # no scratch baseline: alpha = 1 trains on hard labels alone, the same thing
-        scratch = done[(done["role"] == "student") & (done["alpha"] == 1.0) & (done["epochs"] == b["epochs"])]
+        scratch = done[same & (done["role"] == "student") & (done["alpha"] == 1.0)]
     gain, lo, hi = welch_interval(mine["test_acc"], scratch["test_acc"]) if len(scratch) else (math.nan, None, None)
     return Best(float(b["alpha"]), float(b["temperature"]), int(b["epochs"]), float(b["mean"]), int(b["n"]), gain, lo, hi,
-                str(mine.sort_values("test_acc").iloc[-1]["run_id"]))
+                str(mine.sort_values("test_acc").iloc[-1]["run_id"]), float(b["label_noise"]))
 
 
 # --- figures ----------------------------------------------------------------------------------
@@ -198,16 +204,19 @@ def _errorbar(ax: plt.Axes, x: pd.Series, rows: pd.DataFrame, **kw: object) -> N
 def fig_accuracy_vs_alpha(summary: pd.DataFrame, out: Path) -> Path:
     students, scratch = summary[summary["role"] == "student"], summary[summary["role"] == "scratch"]
     temps = sorted(students["temperature"].dropna().unique()) or [math.nan]
-    fig, axes = plt.subplots(1, len(temps), figsize=(FIGSIZE[0] * max(1, len(temps)) ** 0.5 * 1.2, FIGSIZE[1]), squeeze=False, sharey=True)
+    noises = sorted(students["label_noise"].unique()) or [0.0]
+    panels = [(t, n) for n in noises for t in temps]  # a panel per temperature (and per label noise, if varied)
+    fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE[0] * len(panels) ** 0.5 * 1.2, FIGSIZE[1]), squeeze=False, sharey=True)
     colors = plt.get_cmap("tab10")
-    for ax, temp in zip(axes[0], temps, strict=True):
+    for ax, (temp, noise) in zip(axes[0], panels, strict=True):
         for i, epochs in enumerate(sorted(students["epochs"].dropna().unique())):
-            rows = students[(students["epochs"] == epochs) & (students["temperature"] == temp)].sort_values("alpha")
+            here = (students["epochs"] == epochs) & (students["temperature"] == temp) & (students["label_noise"] == noise)
+            rows = students[here].sort_values("alpha")
             _errorbar(ax, rows["alpha"], rows, color=colors(i), label=f"distilled, {epochs} epoch{'s' if epochs != 1 else ''}")
-            base = scratch[scratch["epochs"] == epochs]
+            base = scratch[(scratch["epochs"] == epochs) & (scratch["label_noise"] == noise)]
             if len(base):
                 ax.axhline(100 * float(base["mean"].iloc[0]), color=colors(i), linestyle="--", linewidth=1, label=f"scratch, {epochs} epoch{'s' if epochs != 1 else ''}")
-        ax.set_title(f"T = {temp:g}")
+        ax.set_title(f"T = {temp:g}" + (f", label noise {noise:g}" if len(noises) > 1 else ""))
         ax.set_xlabel("alpha (weight of the hard-label loss)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
@@ -218,6 +227,7 @@ def fig_accuracy_vs_alpha(summary: pd.DataFrame, out: Path) -> Path:
 
 
 def fig_loss_vs_alpha(summary: pd.DataFrame, out: Path) -> Path:
+    summary = summary[summary["label_noise"] == summary["label_noise"].min()]  # the cleanest labels of the sweep
     students, scratch = summary[summary["role"] == "student"], summary[summary["role"] == "scratch"]
     epochs = students["epochs"].max()
     temp = sorted(students["temperature"].dropna().unique())[0] if len(students) else math.nan
@@ -238,6 +248,7 @@ def fig_loss_vs_alpha(summary: pd.DataFrame, out: Path) -> Path:
 
 
 def fig_heatmap(summary: pd.DataFrame, out: Path) -> Path | None:
+    summary = summary[summary["label_noise"] == summary["label_noise"].min()]
     students = summary[summary["role"] == "student"]
     if students["temperature"].nunique() < 2:
         return None
@@ -260,7 +271,7 @@ def fig_learning_curves(client: MlflowClient, runs: pd.DataFrame, best: Best, ou
     done = runs[runs["status"] == "FINISHED"]
     epochs = best.epochs
     mine = done[done["run_id"] == best.run_id]
-    scratch = done[(done["role"] == "scratch") & (done["epochs"] == epochs)]
+    scratch = done[(done["role"] == "scratch") & (done["epochs"] == epochs) & (done["label_noise"] == best.label_noise)]
     fig, ax = plt.subplots(figsize=FIGSIZE)
     for rows, label, color in ((mine, f"best: alpha = {best.alpha:g}, T = {best.temperature:g}", "tab:orange"),
                                (scratch, "scratch", "tab:blue")):

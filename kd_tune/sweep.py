@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from kd_tune.config import NAME_ALLOWED, NAME_PATTERN, ResourcesSpec, SweepSpec, TrialPoint, load_space, space_to_yaml
-from kd_tune.data import DataSplit, atomic_write_bytes, prepare
+from kd_tune.data import DataSplit, atomic_write_bytes, flip_labels, prepare
 from kd_tune.errors import KdTuneError, UsageError
 from kd_tune.teacher import CACHE_FOLDER, Teacher, TeacherCache, teacher_key, train_teacher
 from kd_tune.tracking import (
@@ -45,7 +45,7 @@ from kd_tune.trainable import TrialBundle, kd_trainable, trial_device, trial_dir
 STORAGE_ENV = "KD_TUNE_STORAGE"
 SPACE_FILE = "kd_tune_space.yaml"  # the validated spec, kept beside Ray's experiment state
 SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, experiment, parent run)
-RESULT_COLUMNS = ["role", "alpha", "temperature", "epochs", "seed", "status", "test_acc", "test_loss", "teacher_agreement"]
+RESULT_COLUMNS = ["role", "alpha", "temperature", "epochs", "seed", "label_noise", "status", "how", "test_acc", "test_loss", "teacher_agreement"]
 
 
 def _help(text: str) -> dict[str, str]:
@@ -223,11 +223,13 @@ def ensemble_logits(teachers: list[Teacher], test_y: torch.Tensor) -> tuple[torc
 
 def log_teacher_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, spec: SweepSpec, teachers: list[Teacher]) -> None:
     """Each teacher's own run under the sweep's parent (once per sweep, also when it came from the cache)."""
+    noise = spec.dataset.label_noise
     for i, (member, teacher) in enumerate(zip(spec.teacher.members(), teachers, strict=True)):
-        tags = {TAG_SWEEP: spec.name, TAG_ROLE: "teacher", "kd_tune.member": str(i)}
+        tags = {TAG_SWEEP: spec.name, TAG_ROLE: "teacher", "kd_tune.member": str(i), "kd_tune.label_noise": f"{noise:g}"}
         if find_run(client, experiment_id, tags) is not None:
             continue
-        run = client.create_run(experiment_id, run_name="teacher" if len(teachers) == 1 else f"teacher-{i}",
+        name = "teacher" if len(teachers) == 1 else f"teacher-{i}"
+        run = client.create_run(experiment_id, run_name=name + (f"-n{noise:g}" if noise else ""),
                                 tags={**tags, TAG_PARENT: parent_run_id, "kd_tune.teacher_key": teacher.key, "kd_tune.cached": str(teacher.cached).lower()})
         run_id = run.info.run_id
         params = {f"teacher.{k}": v for k, v in asdict(member).items()} | {f"dataset.{k}": v for k, v in asdict(spec.dataset).items()}
@@ -294,8 +296,8 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
                 **point.at(milestone).grid_config(), "status": status, "how": how,
                 "test_acc": at.get("test_acc"), "test_loss": at.get("test_loss"), "teacher_agreement": at.get("teacher_agreement"),
             })
-    df = pd.DataFrame(rows, columns=[*RESULT_COLUMNS[:6], "how", *RESULT_COLUMNS[6:]])
-    return df.sort_values(["role", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return df.sort_values(["role", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
 
 
 # --- the sweep --------------------------------------------------------------------------------
@@ -362,8 +364,9 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if not address:
         check_local_fits(spec.resources)
-    split = prepare(spec.dataset.name, spec.dataset.train_size, spec.dataset.label_noise, spec.dataset.seed,
-                    Path(opts.data_dir) if opts.data_dir else None, log)
+    split = prepare(spec.dataset.name, spec.dataset.train_size, 0.0, spec.dataset.seed, Path(opts.data_dir) if opts.data_dir else None, log)
+    # The same fixed flips as prepare() would make, once per noise level of the sweep.
+    labels = {n: flip_labels(split.train_y, n, spec.dataset.seed, split.info.num_classes) for n in spec.noise_levels()}
     tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
     if _driver_alive(path):
         raise UsageError(f"sweep {spec.name!r} is running now (see {path / DRIVER_FILE}); allowed: one driver per sweep")
@@ -387,19 +390,30 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
     started_ray = connect_ray(address)
     try:
         node_cpus = largest_node_cpus(spec.resources, log)
-        teachers = get_teachers(spec, split, storage, node_cpus, log)
-        log_teacher_runs(client, record.experiment_id, record.parent_run_id, spec, teachers)
-        teacher_train, teacher_test, teacher_acc = ensemble_logits(teachers, split.test_y)
-        if len(teachers) > 1:
-            log(f"ensemble of {len(teachers)} teachers: test acc {teacher_acc:.4f} (members: {', '.join(f'{t.test_acc:.4f}' for t in teachers)})")
-        log_metrics(client, record.parent_run_id, {"teacher_test_acc": teacher_acc}, step=0)
+        # One teacher (or ensemble) per label-noise level: it learns from the labels the students see,
+        # unless teacher.clean asks for the clean labels (then one teacher serves every level).
+        teacher_train, teacher_test, teacher_accs = {}, {}, {}
+        for noise in spec.noise_levels():
+            seen = 0.0 if spec.teacher.clean else noise
+            if seen not in teacher_accs:
+                tspec = replace(spec, dataset=replace(spec.dataset, label_noise=seen))
+                teachers = get_teachers(tspec, replace(split, train_y=labels.get(seen, split.train_y)), storage, node_cpus, log)
+                log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, teachers)
+                teacher_train[seen], teacher_test[seen], teacher_accs[seen] = ensemble_logits(teachers, split.test_y)
+                if len(teachers) > 1:
+                    log(f"ensemble of {len(teachers)} teachers: test acc {teacher_accs[seen]:.4f} "
+                        f"(members: {', '.join(f'{t.test_acc:.4f}' for t in teachers)})")
+            teacher_train[noise], teacher_test[noise], teacher_accs[noise] = teacher_train[seen], teacher_test[seen], teacher_accs[seen]
+        teacher_acc = teacher_accs[spec.noise_levels()[0]]
+        log_metrics(client, record.parent_run_id, {"teacher_test_acc": teacher_acc}
+                    | {f"teacher_test_acc_noise_{n:g}": a for n, a in teacher_accs.items() if len(teacher_accs) > 1}, step=0)
 
         trials, points = spec.trials(), spec.grid_points()
         verb = f"resuming ({len(finished_before)} of {len(trials)} trials finished before)" if finished_before or opts.resume else "starting"
         log(f"sweep {spec.name!r}: {verb}; {len(trials)} trials for {len(points)} grid points ({spec.student_epochs()} student epochs), "
             f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {path}")
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
-        bundle = TrialBundle(split, spec.student, teacher_train, teacher_test, str(path))
+        bundle = TrialBundle(split, spec.student, labels, teacher_train, teacher_test, str(path))
         trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         if tune.Tuner.can_restore(str(path)):
             # The restored run config brings back the MLflow callback (same store, experiment, parent run).
@@ -492,6 +506,8 @@ def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
 
 def format_table(table: pd.DataFrame) -> str:
     shown = table.copy()
+    if shown["label_noise"].nunique() <= 1:
+        shown = shown.drop(columns="label_noise")  # not an axis of this sweep
     for col in ("test_acc", "teacher_agreement"):
         shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     shown["test_loss"] = shown["test_loss"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")

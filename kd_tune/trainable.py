@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,13 @@ class TrialBundle:
     """What every trial of a sweep shares, read-only, from the object store."""
 
     split: DataSplit
+    """Images and clean labels (the test labels are never perturbed)."""
     student: StudentSpec
-    teacher_train_logits: torch.Tensor
-    teacher_test_logits: torch.Tensor
+    labels: dict[float, torch.Tensor]
+    """Training labels per label-noise level of the sweep."""
+    teacher_train_logits: dict[float, torch.Tensor]
+    """The teacher's logits on the training images, per label-noise level (the teacher saw that noise)."""
+    teacher_test_logits: dict[float, torch.Tensor]
     sweep_dir: str
     """The sweep's folder in the storage, where each trial's checkpoints are persisted."""
 
@@ -99,9 +103,10 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
     ctx = tune.get_context()
     trial_dir = Path(bundle.sweep_dir) / f"{point.label}_{ctx.get_trial_id()}"
 
-    split = bundle.split
+    split = replace(bundle.split, train_y=bundle.labels[point.label_noise])
     use_teacher = point.role == "student"
-    data = TensorData.from_split(split, device, bundle.teacher_train_logits if use_teacher else None, bundle.teacher_test_logits)
+    teacher_train = bundle.teacher_train_logits[point.label_noise] if use_teacher else None
+    data = TensorData.from_split(split, device, teacher_train, bundle.teacher_test_logits[point.label_noise])
     model = build_model(bundle.student.widths, split.info.shape, split.info.num_classes, point.seed).to(device)
     optimizer = make_optimizer(model, bundle.student.lr)
 

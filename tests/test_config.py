@@ -113,6 +113,9 @@ BAD = [
     ("max_failures", -1, "max_failures", "integer in [0, 100]"),
     ("share_epochs", "yes", "share_epochs", "true or false"),
     ("teacher.ensemble", 0, "teacher.ensemble", "integer in [1, 16]"),
+    ("teacher.clean", "no", "teacher.clean", "true or false"),
+    ("grid.label_noise", [0.0, 1.0], "grid.label_noise[1]", "number in [0, 1)"),
+    ("grid.label_noise", [], "grid.label_noise", "non-empty list"),
     ("dataset.name", "cifar100", "dataset.name", "one of mnist, fashion_mnist, cifar10"),
 ]
 
@@ -157,3 +160,14 @@ def test_ensemble_members_and_dataset_sizes() -> None:
     assert load_space(REPO / "search_spaces" / "fashion_mnist.yaml").dataset.name == "fashion_mnist"
     with pytest.raises(SpaceError, match=r"key 'dataset.train_size': bad value 50001; allowed: an integer in \[10, 50000\]"):
         parse_space(tiny_space(dataset={"name": "cifar10", "train_size": 50001}), "c.yaml")
+
+
+def test_label_noise_axis() -> None:
+    spec = parse_space(tiny_space(grid={"alpha": [0.5], "epochs": [1, 2], "label_noise": [0.0, 0.2]}, baselines=["scratch"]), "n.yaml")
+    assert spec.noise_levels() == (0.0, 0.2)
+    assert [t.label for t in spec.trials()] == ["a0.5-T3-e1+2-s0", "a0.5-T3-e1+2-s0-n0.2", "scratch-e1+2-s0", "scratch-e1+2-s0-n0.2"]
+    assert len(spec.grid_points()) == 8
+    with pytest.raises(SpaceError, match="either dataset.label_noise or grid.label_noise, not both"):
+        parse_space(tiny_space(dataset={"name": "mnist", "label_noise": 0.1}, grid={"alpha": [0.5], "label_noise": [0.2]}), "n.yaml")
+    shipped = load_space(REPO / "search_spaces" / "label_noise.yaml")
+    assert len(shipped.noise_levels()) > 1

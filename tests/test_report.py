@@ -50,7 +50,7 @@ def test_summary_groups_over_seeds() -> None:
         "temperature": [3.0, 3.0, 3.0, math.nan], "epochs": [2, 2, 2, 2], "seed": [0, 1, 2, 0], "status": ["FINISHED"] * 4,
         "test_acc": [0.91, 0.93, 0.95, 0.90], "test_loss": [0.3] * 4, "teacher_agreement": [0.9] * 4,
         "test_macro_precision": [0.9] * 4, "test_macro_recall": [0.9] * 4, "test_macro_f1": [0.9] * 4, "test_ece": [0.05] * 4,
-        "train_loss": [0.2] * 4, "train_hard_loss": [0.2] * 4, "train_distill_loss": [0.1] * 4,
+        "train_loss": [0.2] * 4, "train_hard_loss": [0.2] * 4, "train_distill_loss": [0.1] * 4, "label_noise": [0.0] * 4,
     })
     s = summarize(runs)
     student = s[s["role"] == "student"].iloc[0]

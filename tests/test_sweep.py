@@ -149,3 +149,35 @@ def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Pat
     runs = _runs_by_role(MlflowClient(uri), "ens")
     assert sorted(r.info.run_name for r in runs["teacher"]) == ["teacher-0", "teacher-1"]
     assert sorted(r.data.params["teacher.seed"] for r in runs["teacher"]) == ["0", "1"]
+
+
+def test_label_noise_axis_with_noisy_and_clean_teachers(write_space: Callable[..., Path], tmp_path: Path) -> None:
+    from kd_tune import data
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    opts = SweepOptions(storage=str(tmp_path / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True)
+    grid = {"alpha": [0.5], "epochs": [1], "label_noise": [0.0, 0.3]}
+    outcome = run_sweep(write_space(tiny_space(name="noisy", grid=grid, baselines=["scratch"]), "noisy.yaml"), opts, log=lambda s: None)
+    assert outcome.ok and outcome.total == 4
+    assert sorted(outcome.table["label_noise"].tolist()) == [0.0, 0.0, 0.3, 0.3]
+    cache = tmp_path / "store" / CACHE_FOLDER
+    assert len(list(cache.iterdir())) == 2  # the teacher learnt from the noisy labels too: one per level
+    client = MlflowClient(uri)
+    runs = _runs_by_role(client, "noisy")
+    assert sorted(r.data.tags["kd_tune.label_noise"] for r in runs["teacher"]) == ["0", "0.3"]
+    assert sorted(r.data.params["label_noise"] for r in runs["student"] + runs["scratch"]) == ["0.0", "0.0", "0.3", "0.3"]
+    # The noisy students really saw other labels: same seed, different results.
+    accs = {float(r.data.params["label_noise"]): r.data.metrics["train_hard_loss"] for r in runs["scratch"]}
+    assert accs[0.0] != accs[0.3]
+    # Exactly 30 % of the 1,000 training labels flipped, as data.prepare would (the sweep's flips are the same).
+    clean, noisy = data.prepare("mnist", 1000, 0.0, 0, FIXTURE_DATA), data.prepare("mnist", 1000, 0.3, 0, FIXTURE_DATA)
+    assert int((clean.train_y != noisy.train_y).sum()) == 300
+
+    # teacher.clean: every level distils from the clean-label teacher, already in the cache.
+    messages: list[str] = []
+    teacher = {"widths": [8, 16], "epochs": 1, "lr": 0.003, "batch_size": 64, "clean": True}
+    outcome = run_sweep(write_space(tiny_space(name="cleanteacher", teacher=teacher, grid=grid), "clean.yaml"), opts, log=messages.append)
+    assert outcome.ok and outcome.total == 2
+    assert not any("training" in m for m in messages) and len(list(cache.iterdir())) == 2
+    runs = _runs_by_role(client, "cleanteacher")
+    assert [r.data.tags["kd_tune.label_noise"] for r in runs["teacher"]] == ["0"]
