@@ -62,6 +62,7 @@ class Report:
     runs: pd.DataFrame
     summary: pd.DataFrame
     best: Best | None
+    best_distilled: Best | None
     files: list[Path]
     unfinished: int
 
@@ -78,8 +79,9 @@ class Report:
             cols.insert(1, "label_noise")
         lines.append(markdown_table(shown[cols]))
         lines.append("")
-        b = self.best
-        if b is not None:
+        for title, b in (("Best configuration", self.best), ("Best distilled configuration (alpha < 1)", self.best_distilled)):
+            if b is None or (title != "Best configuration" and b == self.best):
+                continue
             gain = f"{100 * b.gain:+.2f} points"
             if b.gain_ci_low is None or b.gain_ci_high is None:
                 ci = "no CI (fewer than 2 seeds on a side)"
@@ -87,8 +89,9 @@ class Report:
                 ci = (f"95% CI [{100 * b.gain_ci_low:+.2f}, {100 * b.gain_ci_high:+.2f}], "
                       f"{'excludes' if b.ci_excludes_zero else 'includes'} zero")
             noise = f", label noise {b.label_noise:g}" if b.label_noise else ""
-            lines.append(f"Best configuration: alpha = {b.alpha:g}, T = {b.temperature:g}, {b.epochs} epochs{noise}: "
+            lines.append(f"{title}: alpha = {b.alpha:g}, T = {b.temperature:g}, {b.epochs} epochs{noise}: "
                          f"{100 * b.mean:.2f} % (n = {b.n}); over scratch at {b.epochs} epochs: {gain}, {ci}.")
+            lines.append("")
         return "\n".join(lines) + "\n"
 
 
@@ -173,9 +176,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*keys, "n", "mean", "ci_low", "ci_high", "test_loss", "train_hard_loss", "train_distill_loss"])
 
 
-def best_config(runs: pd.DataFrame, summary: pd.DataFrame) -> Best | None:
-    """The distilled configuration with the highest mean accuracy, and its gain over scratch at the same epochs."""
-    students = summary[summary["role"] == "student"]
+def best_config(runs: pd.DataFrame, summary: pd.DataFrame, distilled_only: bool = False) -> Best | None:
+    """The student configuration with the highest mean accuracy (with ``distilled_only``, among alpha < 1:
+    the ones that learn from the teacher at all), and its gain over scratch at the same epochs."""
+    students = summary[(summary["role"] == "student") & ((summary["alpha"] < 1.0) if distilled_only else True)]
     if students.empty:
         return None
     b = students.sort_values("mean", ascending=False, kind="stable").iloc[0]
@@ -239,11 +243,7 @@ def fig_loss_vs_alpha(summary: pd.DataFrame, out: Path) -> Path:
     base = scratch[scratch["epochs"] == epochs]
     if len(base):
         ax.axhline(float(base["train_hard_loss"].iloc[0]), color="tab:green", linestyle="--", label="scratch loss (train)")
-    ax.set_xlabel("alpha (weight of the hard-label loss)")
-    ax.set_ylabel("loss (nats, mean per image)")
-    ax.set_title(f"Losses vs alpha ({epochs} epochs, T = {temp:g})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "alpha (weight of the hard-label loss)", "loss (nats, mean per image)", f"Losses vs alpha ({epochs} epochs, T = {temp:g})")
     return _save(fig, out / "loss_vs_alpha.png")
 
 
@@ -278,11 +278,7 @@ def fig_learning_curves(client: MlflowClient, runs: pd.DataFrame, best: Best, ou
         for k, (_, r) in enumerate(rows.iterrows()):
             hist = sorted((m.step, m.value) for m in client.get_metric_history(str(r["run_id"]), "test_acc"))
             ax.plot([s for s, _ in hist], [100 * v for _, v in hist], marker=".", color=color, alpha=0.8, label=label if k == 0 else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Learning curves, {epochs} epochs")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "epoch", "test accuracy (%)", f"Learning curves, {epochs} epochs")
     return _save(fig, out / "learning_curves.png")
 
 
@@ -311,6 +307,14 @@ def fig_confusion(client: MlflowClient, best: Best, out: Path) -> Path | None:
     return _save(fig, out / "confusion_matrix.png")
 
 
+def _finish(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -326,10 +330,11 @@ def make_report(name: str, tracking_uri: str, out: Path) -> Report:
     client = MlflowClient(tracking_uri)
     summary = summarize(runs)
     best = best_config(runs, summary)
+    best_distilled = best_config(runs, summary, distilled_only=True)
     files = [out / "runs.csv", out / "summary.csv"]
     runs.to_csv(files[0], index=False)
     summary.to_csv(files[1], index=False)
-    report = Report(name, runs, summary, best, files, int((runs["status"] != "FINISHED").sum()))
+    report = Report(name, runs, summary, best, best_distilled, files, int((runs["status"] != "FINISHED").sum()))
     if not summary.empty:
         files.append(fig_accuracy_vs_alpha(summary, out))
         files.append(fig_loss_vs_alpha(summary, out))

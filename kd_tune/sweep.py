@@ -188,12 +188,13 @@ def largest_node_cpus(res: ResourcesSpec, log: Callable[[str], None]) -> int:
 
 
 @ray.remote
-def _teacher_task(split: DataSplit, spec: SweepSpec, key: str) -> Teacher:
+def _teacher_task(split: DataSplit, spec: SweepSpec, key: str, verbose: bool) -> Teacher:
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))))
-    return train_teacher(split, spec.teacher, key, trial_device(), log=lambda s: print(s, flush=True))
+    return train_teacher(split, spec.teacher, key, trial_device(), log=(lambda s: print(s, flush=True)) if verbose else (lambda s: None))
 
 
-def get_teachers(spec: SweepSpec, split: DataSplit, storage: Path, node_cpus: int, log: Callable[[str], None]) -> list[Teacher]:
+def get_teachers(spec: SweepSpec, split: DataSplit, storage: Path, node_cpus: int, log: Callable[[str], None],
+                 verbose: bool = True) -> list[Teacher]:
     """Every member of the teacher (one, or an ensemble): from the cache, or trained now as a Ray task
     on a whole node (teachers train before any trial starts)."""
     cache = TeacherCache(storage / CACHE_FOLDER)
@@ -207,7 +208,7 @@ def get_teachers(spec: SweepSpec, split: DataSplit, storage: Path, node_cpus: in
             w = member.widths
             log(f"teacher {key}: training {w[0]}/{w[1]} (seed {member.seed}) for {member.epochs} epochs on {len(split.train_y)} images")
             gpus = 1 if spec.resources.gpu > 0 else 0
-            teacher = ray.get(_teacher_task.options(num_cpus=node_cpus, num_gpus=gpus).remote(split, replace(spec, teacher=member), key))
+            teacher = ray.get(_teacher_task.options(num_cpus=node_cpus, num_gpus=gpus).remote(split, replace(spec, teacher=member), key, verbose))
             cache.save(teacher, {"dataset": asdict(spec.dataset), "teacher": asdict(member)})
             log(f"teacher {key}: test acc {teacher.test_acc:.4f}, cached in {cache.path(key)}")
         teachers.append(teacher)
@@ -397,7 +398,7 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
             seen = 0.0 if spec.teacher.clean else noise
             if seen not in teacher_accs:
                 tspec = replace(spec, dataset=replace(spec.dataset, label_noise=seen))
-                teachers = get_teachers(tspec, replace(split, train_y=labels.get(seen, split.train_y)), storage, node_cpus, log)
+                teachers = get_teachers(tspec, replace(split, train_y=labels.get(seen, split.train_y)), storage, node_cpus, log, not opts.quiet)
                 log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, teachers)
                 teacher_train[seen], teacher_test[seen], teacher_accs[seen] = ensemble_logits(teachers, split.test_y)
                 if len(teachers) > 1:
