@@ -45,6 +45,7 @@ from kd_tune.trainable import TrialBundle, kd_trainable, trial_device, trial_dir
 STORAGE_ENV = "KD_TUNE_STORAGE"
 SPACE_FILE = "kd_tune_space.yaml"  # the validated spec, kept beside Ray's experiment state
 SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, experiment, parent run)
+DRIVER_FILE = "kd_tune_driver.json"  # pid and host of the driver while a sweep runs
 RESULT_COLUMNS = ["role", "alpha", "temperature", "epochs", "seed", "label_noise", "status", "how", "test_acc", "test_loss", "teacher_agreement"]
 
 
@@ -365,12 +366,12 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if not address:
         check_local_fits(spec.resources)
+    if _driver_alive(path):
+        raise UsageError(f"sweep {spec.name!r} is running now (see {path / DRIVER_FILE}); allowed: one driver per sweep")
     split = prepare(spec.dataset.name, spec.dataset.train_size, 0.0, spec.dataset.seed, Path(opts.data_dir) if opts.data_dir else None, log)
     # The same fixed flips as prepare() would make, once per noise level of the sweep.
     labels = {n: flip_labels(split.train_y, n, spec.dataset.seed, split.info.num_classes) for n in spec.noise_levels()}
     tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
-    if _driver_alive(path):
-        raise UsageError(f"sweep {spec.name!r} is running now (see {path / DRIVER_FILE}); allowed: one driver per sweep")
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.name)  # by the driver, before any trial: no sqlite race
     finished_before: set[str] = set()
@@ -454,9 +455,6 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
         (path / DRIVER_FILE).unlink(missing_ok=True)
         if started_ray:
             ray.shutdown()
-
-
-DRIVER_FILE = "kd_tune_driver.json"  # pid and host of the driver while a sweep runs
 
 
 @dataclass(frozen=True)

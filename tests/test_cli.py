@@ -109,3 +109,16 @@ def test_plan_counts_student_epochs(write_space: Callable[..., Path], capsys: py
     assert "student epochs: 9 (with sharing 9, without 12: sharing saves 3, 25%)" in out
     assert main(["plan", str(path), "--no-share-epochs"]) == 0
     assert "6 grid points, 6 trials (epoch sharing off)" in capsys.readouterr().out
+
+
+def test_one_driver_per_sweep(write_space: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from kd_tune.sweep import DRIVER_FILE
+
+    sweep_dir = tmp_path / "store" / "tiny"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname()}))
+    assert main(["sweep", str(write_space(tiny_space())), "--storage", str(tmp_path / "store")]) == 2
+    assert "sweep 'tiny' is running now" in capsys.readouterr().err
+    assert not ray.is_initialized()
