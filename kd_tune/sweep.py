@@ -228,8 +228,12 @@ def log_teacher_runs(client: MlflowClient, experiment_id: str, parent_run_id: st
     noise = spec.dataset.label_noise
     for i, (member, teacher) in enumerate(zip(spec.teacher.members(), teachers, strict=True)):
         tags = {TAG_SWEEP: spec.name, TAG_ROLE: "teacher", "kd_tune.member": str(i), "kd_tune.label_noise": f"{noise:g}"}
-        if find_run(client, experiment_id, tags) is not None:
-            continue
+        found = find_run(client, experiment_id, tags)
+        if found is not None:
+            if client.get_run(found).info.status == "FINISHED":
+                continue
+            client.delete_run(found)  # cut short by a kill while being written: write it again, whole
+        
         name = "teacher" if len(teachers) == 1 else f"teacher-{i}"
         run = client.create_run(experiment_id, run_name=name + (f"-n{noise:g}" if noise else ""),
                                 tags={**tags, TAG_PARENT: parent_run_id, "kd_tune.teacher_key": teacher.key, "kd_tune.cached": str(teacher.cached).lower()})
@@ -380,13 +384,14 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
         atomic_write_bytes(path / SPACE_FILE, space_to_yaml(spec).encode())
         parent = client.create_run(experiment_id, run_name=spec.name, tags={TAG_SWEEP: spec.name, TAG_ROLE: "sweep", "kd_tune.path": str(path)})
         record = SweepRecord(spec.name, tracking_uri, experiment_id, parent.info.run_id)
-        client.log_batch(record.parent_run_id, params=params_batch(spec.flat_params()))
-        client.log_artifact(record.parent_run_id, str(path / SPACE_FILE))
-        record.save(path)
+        record.save(path)  # at once: a kill from here on reattaches this parent run instead of making another
     else:
         client.update_run(record.parent_run_id, status="RUNNING")  # reattached, not duplicated
-        if tune.Tuner.can_restore(str(path)):
-            finished_before = {t.trial_id for t in tune.ExperimentAnalysis(str(path)).trials if t.status == "TERMINATED"}
+    if not client.get_run(record.parent_run_id).data.params:  # new, or cut short before its params were written
+        client.log_batch(record.parent_run_id, params=params_batch(spec.flat_params()))
+        client.log_artifact(record.parent_run_id, str(path / SPACE_FILE))
+    if tune.Tuner.can_restore(str(path)):
+        finished_before = {t.trial_id for t in tune.ExperimentAnalysis(str(path)).trials if t.status == "TERMINATED"}
 
     atomic_write_bytes(path / DRIVER_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
     started_ray = connect_ray(address)

@@ -106,7 +106,13 @@ class MlflowTrackingCallback(tune.Callback):
             # Reattached after a restart or a resume: reopen it and skip the epochs it already has.
             history = self.client.get_metric_history(run_id, "test_acc")
             self._last_step[key] = max((m.step for m in history), default=0)
-            status = self.client.get_run(run_id).info.status
+            run = self.client.get_run(run_id)
+            # A kill between create_run and logging the params leaves a run without them: complete it.
+            params = {**self.static_params, **point.at(milestone).grid_config()}
+            missing = {k: v for k, v in params.items() if k not in run.data.params}
+            if missing:
+                self.client.log_batch(run_id, params=params_batch(missing))
+            status = run.info.status
             if status == "FINISHED" and self._last_step[key] >= milestone:
                 # Finished before a kill that Ray's state did not see: Ray reruns the trial (a no-op
                 # from its final checkpoint); this record is complete and stays untouched.
