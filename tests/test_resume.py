@@ -74,11 +74,14 @@ class Sweep:
             out[f.parent.name.rsplit("_", 2)[0]] = epochs  # keyed by trial label
         return out
 
-    def wait_until(self, proc: subprocess.Popen[str], cond: Callable[[dict[str, list[int]]], bool], timeout: float = 300) -> None:
+    def wait_until(self, proc: subprocess.Popen[str], cond: Callable[[dict[str, list[int]], dict[str, list[int]]], bool],
+                   timeout: float = 300) -> None:
+        """Poll until cond(progress now, progress when this run started) holds."""
+        base = self.progress()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"sweep ended before the kill point: {proc.stdout.read() if proc.stdout else ''}"
-            if cond(self.progress()):
+            if cond(self.progress(), base):
                 return
             time.sleep(0.05)  # polling a condition against a deadline
         raise AssertionError(f"condition not reached: {self.progress()}")
@@ -178,10 +181,15 @@ def test_kills_at_several_moments_then_resume(write_space: Callable[..., Path], 
             if r.info.status == "FINISHED":
                 untouched.setdefault(r.info.run_id, r.info.end_time)
 
+    def running(p: dict[str, list[int]], base: dict[str, list[int]]) -> bool:
+        """An unfinished trial has reported an epoch during this run (it is training now)."""
+        return any(EPOCHS not in e and len(e) > len(base.get(t, [])) for t, e in p.items())
+
     moments = [
-        ("before the first trial finishes", lambda p: any(p.values()) and finished(p) == 0),
-        ("mid-sweep", lambda p: 1 <= finished(p) <= 2 and any(e and EPOCHS not in e for e in p.values())),
-        ("during the last trial", lambda p: finished(p) == 3 and any(e and EPOCHS not in e for e in p.values())),
+        ("before the first trial finishes", lambda p, base: any(p.values()) and finished(p) == 0),
+        ("mid-sweep", lambda p, base: 1 <= finished(p) <= 2 and running(p, base)),
+        # Two CPUs run the last two trials side by side: "last" = every trial started, some running.
+        ("during the last trials", lambda p, base: finished(p) >= 2 and len(p) == 4 and all(p.values()) and running(p, base)),
     ]
     args: tuple[str, ...] = ("sweep", str(sweep.space))
     for name, cond in moments:
@@ -217,7 +225,7 @@ def test_kills_at_several_moments_then_resume(write_space: Callable[..., Path], 
 def test_sigint_then_resume(write_space: Callable[..., Path], tmp_path: Path) -> None:
     sweep = Sweep(tmp_path, write_space(SPACE))
     proc = sweep.start("sweep", str(sweep.space))
-    sweep.wait_until(proc, lambda p: finished(p) >= 1 and finished(p) < 4)
+    sweep.wait_until(proc, lambda p, base: finished(p) >= 1 and finished(p) < 4)
     os.kill(proc.pid, signal.SIGINT)  # Ctrl+C: Tune saves its state and stops the trials
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
