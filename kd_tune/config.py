@@ -23,6 +23,11 @@ from kd_tune.errors import SpaceError
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 NAME_ALLOWED = "1-100 letters, digits, '_', '.', '-', starting with a letter or digit (no path separators)"
 BASELINES = ("scratch",)
+
+
+def is_valid_name(name: object) -> bool:
+    """A sweep name: also a folder name, so never a path out of the storage folder."""
+    return isinstance(name, str) and bool(NAME_PATTERN.match(name)) and ".." not in name
 ROLES = ("student", "scratch")
 
 T = TypeVar("T")
@@ -277,7 +282,7 @@ def parse_space(data: object, source: str) -> SweepSpec:
         required=("name", "dataset", "teacher", "student", "grid"),
     )
     name = top["name"]
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    if not is_valid_name(name):
         raise r.fail("name", name, NAME_ALLOWED)
 
     d = r.section(top, "dataset", ("name", "train_size", "label_noise", "seed"), required=("name",))

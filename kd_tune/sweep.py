@@ -25,7 +25,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from kd_tune.config import NAME_ALLOWED, NAME_PATTERN, ResourcesSpec, SweepSpec, TrialPoint, load_space, space_to_yaml
+from kd_tune.config import NAME_ALLOWED, ResourcesSpec, SweepSpec, TrialPoint, is_valid_name, load_space, space_to_yaml
 from kd_tune.data import DataSplit, atomic_write_bytes, flip_labels, prepare
 from kd_tune.errors import KdTuneError, UsageError
 from kd_tune.teacher import CACHE_FOLDER, Teacher, TeacherCache, teacher_key, train_teacher
@@ -116,7 +116,7 @@ def resolve_storage(storage: str | None) -> Path:
 
 def sweep_path(storage: Path, name: str) -> Path:
     """The sweep's folder; a name is never a path out of the storage folder."""
-    if not NAME_PATTERN.match(name) or ".." in name:
+    if not is_valid_name(name):
         raise UsageError(f"sweep name {name!r} is not allowed; allowed: {NAME_ALLOWED}")
     path = (storage / name).resolve()
     if path.parent != storage:
@@ -149,7 +149,7 @@ def apply_overrides(spec: SweepSpec, opts: SweepOptions) -> SweepSpec:
         max_failures = opts.max_failures
     name = spec.name
     if opts.name is not None:
-        if not NAME_PATTERN.match(opts.name) or ".." in opts.name:
+        if not is_valid_name(opts.name):
             raise UsageError(f"--name {opts.name!r}: allowed: {NAME_ALLOWED}")
         name = opts.name
     share = spec.share_epochs and not opts.no_share_epochs
@@ -326,6 +326,13 @@ class SweepRecord:
         return cls(**json.loads((path / SWEEP_FILE).read_text()))
 
 
+def known_sweeps(storage: Path) -> list[str]:
+    """Names of the kd-tune sweeps in a storage folder (a record and Ray's state beside it)."""
+    if not storage.is_dir():
+        return []
+    return sorted(p.name for p in storage.iterdir() if (p / SWEEP_FILE).exists() and tune.Tuner.can_restore(str(p)))
+
+
 def resume_command(name: str, storage: Path) -> str:
     default = resolve_storage(None)
     return f"kd-tune resume {name}" + ("" if storage == default else f" --storage {storage}")
@@ -355,8 +362,7 @@ def resume_sweep(name: str, opts: SweepOptions = SweepOptions(), log: Callable[[
     storage = resolve_storage(opts.storage)
     path = sweep_path(storage, name)
     if not tune.Tuner.can_restore(str(path)) or not (path / SWEEP_FILE).exists():
-        known = sorted(p.name for p in storage.glob("*") if (p / SWEEP_FILE).exists()) if storage.is_dir() else []
-        raise UsageError(f"no sweep named {name!r} in {storage}; allowed: {', '.join(known) or 'none there yet (start one with kd-tune sweep)'}")
+        raise UsageError(f"no sweep named {name!r} in {storage}; allowed: {', '.join(known_sweeps(storage)) or 'none there yet (start one with kd-tune sweep)'}")
     record = SweepRecord.load(path)
     if opts.tracking_uri and resolve_tracking_uri(opts.tracking_uri) != record.tracking_uri:
         raise UsageError(f"--tracking-uri {opts.tracking_uri!r}: sweep {name!r} is tracked in {record.tracking_uri}; allowed: that URI or none")
@@ -491,8 +497,7 @@ def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
     root = resolve_storage(storage)
     path = sweep_path(root, name)
     if not tune.Tuner.can_restore(str(path)):
-        known = sorted(p.name for p in root.glob("*") if tune.Tuner.can_restore(str(p))) if root.is_dir() else []
-        raise UsageError(f"no sweep named {name!r} in {root}; allowed: {', '.join(known) or 'none there yet'}")
+        raise UsageError(f"no sweep named {name!r} in {root}; allowed: {', '.join(known_sweeps(root)) or 'none there yet'}")
     alive = _driver_alive(path)
     names = {"TERMINATED": "finished", "RUNNING": "running" if alive else "interrupted", "PENDING": "pending",
              "ERROR": "errored", "PAUSED": "paused"}
