@@ -139,7 +139,7 @@ def sweep_overhead(data_dir: Path, n_trials: int, train_size: int) -> tuple[floa
         import pandas as pd
 
         train_s = 0.0
-        for f in outcome.path.glob("*/progress.csv"):
+        for f in Path(outcome.path).glob("*/progress.csv"):
             train_s += float(pd.read_csv(f)["epoch_seconds"].sum())
     return wall, train_s, (wall - train_s) / n_trials
 

@@ -89,12 +89,13 @@ def status(name: str, storage: str | None) -> int:
 def report(name: str, out: str | None, tracking_uri: str | None, storage: str | None) -> int:
     """Tables and figures of a sweep from its MLflow runs; also logged on the sweep's parent run."""
     from kd_tune.report import make_report
-    from kd_tune.sweep import SWEEP_FILE, SweepRecord, resolve_storage, resolve_tracking_uri, sweep_path
+    from kd_tune.sweep import SweepRecord, resolve_storage, resolve_tracking_uri, sweep_path
 
-    path = sweep_path(resolve_storage(storage), name)
+    root = resolve_storage(storage)
+    sweep_path(root, name)
     uri = resolve_tracking_uri(tracking_uri)
-    if tracking_uri is None and (path / SWEEP_FILE).exists():
-        uri = SweepRecord.load(path).tracking_uri  # where that sweep logged, whatever the defaults now
+    if tracking_uri is None and SweepRecord.exists(root, name):
+        uri = SweepRecord.load(root, name).tracking_uri  # where that sweep logged, whatever the defaults now
     rep = make_report(name, uri, Path(out) if out else Path("reports") / name)
     print(rep.markdown())
     print("files (also on the sweep's parent run in MLflow, under report/):")
@@ -146,11 +147,12 @@ def _report(run: Callable[[Callable[[str], None]], Any], quiet: bool) -> int:
 
 def _hint_resume(name: Callable[[], str], storage: str | None) -> None:
     """After an abnormal end of a sweep that had started, say how to continue it."""
-    from kd_tune.sweep import SWEEP_FILE, resolve_storage, resume_command, sweep_path
+    from kd_tune.sweep import SweepRecord, resolve_storage, resume_command, sweep_path
 
     try:
         root = resolve_storage(storage)
-        if (sweep_path(root, name()) / SWEEP_FILE).exists():
+        sweep_path(root, name())
+        if SweepRecord.exists(root, name()):
             print(f"kd-tune: the sweep did not end normally; to continue it: {resume_command(name(), root)}", file=sys.stderr, flush=True)
     except Exception:  # noqa: BLE001 - a hint must never hide the real error
         pass
@@ -162,15 +164,22 @@ def _default_tracking_uri() -> str:
     return resolve_tracking_uri(None)
 
 
-def ui(tracking_uri: str | None, host: str, port: int) -> int:
-    """Serve the MLflow UI over the sweeps' store (replaces this process with the server)."""
+def ui(tracking_uri: str | None, host: str, port: int, artifacts_destination: str | None = None) -> int:
+    """Serve the MLflow UI and tracking server over the sweeps' store (replaces this process with the server).
+
+    One worker and no job execution keep it at ~0.5 GB; on a cluster's head it is the team's tracking
+    server (drivers log to http://127.0.0.1:PORT there; people reach it through `ray attach --port-forward`).
+    """
     from kd_tune.sweep import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if "://" not in uri or uri.startswith(("http://", "https://")):
         raise UsageError(f"--tracking-uri {uri!r}: the UI serves a database store; allowed: sqlite:///PATH or another SQLAlchemy URI")
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
+    if artifacts_destination:
+        # The server stores the artifacts clients send it (proxied uploads): drivers need no access to that storage.
+        cmd += ["--artifacts-destination", artifacts_destination]
     print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl+C stops it)", flush=True)
     os.execve(sys.executable, cmd, env)
     return 0  # not reached
@@ -214,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the sweep's name")
     p.add_argument("--out", default=None, help="folder for the CSV, summary and PNG files (default: reports/NAME)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the sweep's own, else $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here)")
-    p.add_argument("--storage", default=None, help="folder holding the sweeps (default: $KD_TUNE_STORAGE or ./kd_tune_results)")
+    p.add_argument("--storage", default=None, help="where the sweeps live: a folder or a URI such as s3://bucket/prefix (default: $KD_TUNE_STORAGE or ./kd_tune_results)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(run=lambda a: report(a.name, a.out, a.tracking_uri, a.storage))
 
@@ -226,16 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="trials finished / running / pending / errored of a sweep", description=status.__doc__)
     p.add_argument("name", help="the sweep's name")
-    p.add_argument("--storage", default=None, help="folder holding the sweeps (default: $KD_TUNE_STORAGE or ./kd_tune_results)")
+    p.add_argument("--storage", default=None, help="where the sweeps live: a folder or a URI such as s3://bucket/prefix (default: $KD_TUNE_STORAGE or ./kd_tune_results)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(run=lambda a: status(a.name, a.storage))
 
-    p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 over the same store", description=ui.__doc__)
+    p = sub.add_parser("ui", help="MLflow UI and tracking server on 127.0.0.1 over the same store", description=ui.__doc__)
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.add_argument("--host", default=UI_HOST, help="address to bind (default 127.0.0.1: only this machine; use ssh/ray port forwarding)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--artifacts-destination", default=None,
+                   help="where the server keeps the artifacts clients log through it: a folder or a URI such as s3://bucket/mlflow "
+                        "(default: MLflow's ./mlartifacts)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p.set_defaults(run=lambda a: ui(a.tracking_uri, a.host, a.port))
+    p.set_defaults(run=lambda a: ui(a.tracking_uri, a.host, a.port, a.artifacts_destination))
 
     p = sub.add_parser("data", help="fetch or verify a dataset's files", description=data.__doc__)
     p.add_argument("name", help="dataset name, e.g. mnist")

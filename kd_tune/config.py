@@ -369,6 +369,11 @@ def load_space(path: str | Path) -> SweepSpec:
         raise SpaceError(source, "", "<no such file>", "the path of a search-space YAML file, e.g. search_spaces/smoke.yaml") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpaceError(source, "", f"<unreadable: {e}>", "a readable UTF-8 YAML file") from None
+    return load_space_text(text, source)
+
+
+def load_space_text(text: str, source: str) -> SweepSpec:
+    """Validate a search space given as YAML text; ``source`` names it in errors."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import socket
 import tempfile
 import time
@@ -25,10 +26,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from kd_tune.config import NAME_ALLOWED, ResourcesSpec, SweepSpec, TrialPoint, is_valid_name, load_space, space_to_yaml
-from kd_tune.data import DataSplit, atomic_write_bytes, flip_labels, prepare
+from kd_tune.config import NAME_ALLOWED, ResourcesSpec, SweepSpec, TrialPoint, is_valid_name, load_space, load_space_text, space_to_yaml
+from kd_tune.data import DataSplit, flip_labels, prepare
 from kd_tune.errors import KdTuneError, UsageError
-from kd_tune.teacher import CACHE_FOLDER, Teacher, TeacherCache, teacher_key, train_teacher
+from kd_tune.storage import STORAGE_ENV, Storage, check_shared, resolve_storage
+from kd_tune.teacher import Teacher, TeacherCache, teacher_key, train_teacher
 from kd_tune.tracking import (
     TAG_PARENT,
     TAG_ROLE,
@@ -42,7 +44,6 @@ from kd_tune.tracking import (
 )
 from kd_tune.trainable import TrialBundle, kd_trainable, trial_device, trial_dirname
 
-STORAGE_ENV = "KD_TUNE_STORAGE"
 SPACE_FILE = "kd_tune_space.yaml"  # the validated spec, kept beside Ray's experiment state
 SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, experiment, parent run)
 DRIVER_FILE = "kd_tune_driver.json"  # pid and host of the driver while a sweep runs
@@ -58,7 +59,9 @@ class SweepOptions:
     """Command-line settings of a sweep; each field's help is the flag's ``--help``."""
 
     name: str | None = field(default=None, metadata=_help("sweep name (default: the search space's 'name')"))
-    storage: str | None = field(default=None, metadata=_help(f"folder holding sweeps and the teacher cache (default: ${STORAGE_ENV} or ./kd_tune_results)"))
+    storage: str | None = field(default=None, metadata=_help(
+        f"where sweeps and the teacher cache live: a folder (NFS on a cluster) or a URI such as s3://bucket/prefix "
+        f"(default: ${STORAGE_ENV} or ./kd_tune_results)"))
     data_dir: str | None = field(default=None, metadata=_help("dataset folder, torchvision layout (default: $KD_TUNE_DATA_DIR or ~/.cache/kd-tune/data)"))
     address: str | None = field(default=None, metadata=_help("Ray cluster to join, e.g. 'auto' (default: $RAY_ADDRESS, else a local Ray started for this sweep)"))
     tracking_uri: str | None = field(default=None, metadata=_help("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default sqlite:///mlflow.db here)"))
@@ -86,7 +89,8 @@ class ResumeOptions:
 @dataclass(frozen=True)
 class SweepOutcome:
     name: str
-    path: Path
+    path: str
+    """The sweep's folder (a local path, or scheme://bucket/prefix/name)."""
     table: pd.DataFrame
     total: int
     finished: int
@@ -107,21 +111,19 @@ class SweepOutcome:
 # --- the pieces -------------------------------------------------------------------------------
 
 
-def resolve_storage(storage: str | None) -> Path:
-    raw = storage or os.environ.get(STORAGE_ENV) or "kd_tune_results"
-    if "://" in raw:
-        raise UsageError(f"--storage {raw!r}: URIs are not supported yet; allowed: a local or shared (NFS) folder path")
-    return Path(raw).expanduser().resolve()
-
-
-def sweep_path(storage: Path, name: str) -> Path:
-    """The sweep's folder; a name is never a path out of the storage folder."""
+def sweep_path(storage: Storage, name: str) -> str:
+    """The sweep's folder in the storage's filesystem; a name is never a path out of the storage folder."""
     if not is_valid_name(name):
         raise UsageError(f"sweep name {name!r} is not allowed; allowed: {NAME_ALLOWED}")
-    path = (storage / name).resolve()
-    if path.parent != storage:
-        raise UsageError(f"sweep name {name!r} leaves the storage folder {storage}; allowed: {NAME_ALLOWED}")
+    path = storage.path(name)
+    if storage.is_local and Path(path).resolve().parent != Path(storage.root):
+        raise UsageError(f"sweep name {name!r} leaves the storage folder {storage.root}; allowed: {NAME_ALLOWED}")
     return path
+
+
+def can_restore(storage: Storage, name: str) -> bool:
+    """Ray has saved this sweep's experiment state (it can be restored)."""
+    return bool(tune.Tuner.can_restore(sweep_path(storage, name), storage_filesystem=storage.ray_filesystem))
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -162,7 +164,11 @@ def connect_ray(address: str | None) -> bool:
         return False
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True, "configure_logging": True}
     if address:
-        ray.init(address=address, **quiet)  # type: ignore[arg-type]
+        try:
+            ray.init(address=address, **quiet)  # type: ignore[arg-type]
+        except ConnectionError as e:
+            raise UsageError(f"--address {address!r}: no Ray cluster answers there ({str(e).splitlines()[0]}); allowed: 'auto' on a "
+                             "node of a running cluster (ray up / ray start), or the head's HOST:PORT") from None
     else:
         # "local" always starts a fresh embedded Ray, whatever a stale /tmp/ray says.
         ray.init(address="local", include_dashboard=False, **quiet)  # type: ignore[arg-type]
@@ -178,14 +184,17 @@ def check_local_fits(res: ResourcesSpec) -> None:
         raise UsageError(f"resources.gpu = {res.gpu:g} per trial, but this machine has {gpus} GPUs; allowed: at most {gpus}")
 
 
-def largest_node_cpus(res: ResourcesSpec, log: Callable[[str], None]) -> int:
-    """CPUs of the biggest live node (the teacher gets a whole one); warns when no node fits a trial yet."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    max_cpu = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
-    max_gpu = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
-    if res.cpu > max_cpu or res.gpu > max_gpu:
+def teacher_cpus(res: ResourcesSpec, log: Callable[[str], None]) -> int:
+    """CPUs for the teacher task: a whole node of the kind that runs the trials (the biggest GPU node
+    when trials use GPUs, else the biggest node). Warns when no live node fits a trial yet."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(r.get("CPU", 0.0) >= res.cpu and r.get("GPU", 0.0) >= res.gpu for r in nodes):
         log(f"warning: no Ray node has {res.cpu:g} CPUs and {res.gpu:g} GPUs yet; trials wait until the autoscaler adds one")
-    return max(1, int(max_cpu))
+    if res.gpu > 0:
+        nodes = [r for r in nodes if r.get("GPU", 0.0) >= 1]
+        if not nodes:  # GPU workers not up yet: ask for what one trial needs, the autoscaler can grant that
+            return max(1, int(res.cpu))
+    return max(1, int(max((r.get("CPU", 0.0) for r in nodes), default=1.0)))
 
 
 @ray.remote
@@ -194,11 +203,11 @@ def _teacher_task(split: DataSplit, spec: SweepSpec, key: str, verbose: bool) ->
     return train_teacher(split, spec.teacher, key, trial_device(), log=(lambda s: print(s, flush=True)) if verbose else (lambda s: None))
 
 
-def get_teachers(spec: SweepSpec, split: DataSplit, storage: Path, node_cpus: int, log: Callable[[str], None],
+def get_teachers(spec: SweepSpec, split: DataSplit, storage: Storage, node_cpus: int, log: Callable[[str], None],
                  verbose: bool = True) -> list[Teacher]:
     """Every member of the teacher (one, or an ensemble): from the cache, or trained now as a Ray task
     on a whole node (teachers train before any trial starts)."""
-    cache = TeacherCache(storage / CACHE_FOLDER)
+    cache = TeacherCache(storage)
     teachers = []
     for member in spec.teacher.members():
         key = teacher_key(spec.dataset, member, split)
@@ -318,24 +327,26 @@ class SweepRecord:
     experiment_id: str
     parent_run_id: str
 
-    def save(self, path: Path) -> None:
-        atomic_write_bytes(path / SWEEP_FILE, json.dumps(asdict(self), indent=2).encode())
+    def save(self, storage: Storage) -> None:
+        storage.write_text(json.dumps(asdict(self), indent=2), self.name, SWEEP_FILE)
 
     @classmethod
-    def load(cls, path: Path) -> SweepRecord:
-        return cls(**json.loads((path / SWEEP_FILE).read_text()))
+    def load(cls, storage: Storage, name: str) -> SweepRecord:
+        return cls(**json.loads(storage.read_text(name, SWEEP_FILE)))
+
+    @staticmethod
+    def exists(storage: Storage, name: str) -> bool:
+        return storage.exists(name, SWEEP_FILE)
 
 
-def known_sweeps(storage: Path) -> list[str]:
+def known_sweeps(storage: Storage) -> list[str]:
     """Names of the kd-tune sweeps in a storage folder (a record and Ray's state beside it)."""
-    if not storage.is_dir():
-        return []
-    return sorted(p.name for p in storage.iterdir() if (p / SWEEP_FILE).exists() and tune.Tuner.can_restore(str(p)))
+    return [n for n in storage.list_dirs() if is_valid_name(n) and SweepRecord.exists(storage, n) and can_restore(storage, n)]
 
 
-def resume_command(name: str, storage: Path) -> str:
+def resume_command(name: str, storage: Storage) -> str:
     default = resolve_storage(None)
-    return f"kd-tune resume {name}" + ("" if storage == default else f" --storage {storage}")
+    return f"kd-tune resume {name}" + ("" if storage.given == default.given else f" --storage {shlex.quote(storage.given)}")
 
 
 class SweepExistsError(UsageError):
@@ -346,63 +357,80 @@ def run_sweep(space: str | Path, opts: SweepOptions = SweepOptions(), log: Calla
     """Start a new sweep from a search-space file (or, with ``opts.resume``, continue one of that name)."""
     spec = apply_overrides(load_space(space), opts)
     storage = resolve_storage(opts.storage)
-    path = sweep_path(storage, spec.name)
-    if tune.Tuner.can_restore(str(path)):
+    sweep_path(storage, spec.name)
+    if can_restore(storage, spec.name):
         if opts.resume:
             return resume_sweep(spec.name, replace(opts, name=None), log)
-        raise SweepExistsError(f"a sweep named {spec.name!r} already exists in {storage}; "
+        raise SweepExistsError(f"a sweep named {spec.name!r} already exists in {storage.show()}; "
                                f"to continue it: {resume_command(spec.name, storage)} (or add --resume; or choose another --name)")
     # Killed before Ray saved any state: start over, but keep the MLflow parent run made then.
-    record = SweepRecord.load(path) if (path / SWEEP_FILE).exists() else None
-    return _execute(spec, storage, path, opts, record, log)
+    record = SweepRecord.load(storage, spec.name) if SweepRecord.exists(storage, spec.name) else None
+    return _execute(spec, storage, opts, record, log)
 
 
 def resume_sweep(name: str, opts: SweepOptions = SweepOptions(), log: Callable[[str], None] = print) -> SweepOutcome:
     """Continue an interrupted sweep: finished trials stay, the others go on from their checkpoints."""
     storage = resolve_storage(opts.storage)
-    path = sweep_path(storage, name)
-    if not tune.Tuner.can_restore(str(path)) or not (path / SWEEP_FILE).exists():
-        raise UsageError(f"no sweep named {name!r} in {storage}; allowed: {', '.join(known_sweeps(storage)) or 'none there yet (start one with kd-tune sweep)'}")
-    record = SweepRecord.load(path)
+    sweep_path(storage, name)
+    if not can_restore(storage, name) or not SweepRecord.exists(storage, name):
+        raise UsageError(f"no sweep named {name!r} in {storage.show()}; allowed: "
+                         f"{', '.join(known_sweeps(storage)) or 'none there yet (start one with kd-tune sweep)'}")
+    record = SweepRecord.load(storage, name)
     if opts.tracking_uri and resolve_tracking_uri(opts.tracking_uri) != record.tracking_uri:
         raise UsageError(f"--tracking-uri {opts.tracking_uri!r}: sweep {name!r} is tracked in {record.tracking_uri}; allowed: that URI or none")
-    spec = apply_overrides(load_space(path / SPACE_FILE), replace(opts, name=None, max_failures=None))
-    return _execute(spec, storage, path, opts, record, log)
+    spec = apply_overrides(load_space_text(storage.read_text(name, SPACE_FILE), storage.show(name, SPACE_FILE)),
+                           replace(opts, name=None, max_failures=None))
+    return _execute(spec, storage, opts, record, log)
 
 
-def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, record: SweepRecord | None,
+def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None,
              log: Callable[[str], None]) -> SweepOutcome:
     started = time.perf_counter()
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if not address:
         check_local_fits(spec.resources)
-    if _driver_alive(path):
-        raise UsageError(f"sweep {spec.name!r} is running now (see {path / DRIVER_FILE}); allowed: one driver per sweep")
+    if _driver_alive(storage, spec.name):
+        raise UsageError(f"sweep {spec.name!r} is running now (see {storage.show(spec.name, DRIVER_FILE)}); allowed: one driver per sweep")
+    started_ray = connect_ray(address)
+    try:
+        if address:
+            # Every node must reach the storage; on a cluster find that out now, not at the first checkpoint.
+            check_shared(storage, log)
+        return _run(spec, storage, opts, record, log, started)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None,
+         log: Callable[[str], None], started: float) -> SweepOutcome:
+    name, path, fs = spec.name, sweep_path(storage, spec.name), storage.ray_filesystem
     split = prepare(spec.dataset.name, spec.dataset.train_size, 0.0, spec.dataset.seed, Path(opts.data_dir) if opts.data_dir else None, log)
     # The same fixed flips as prepare() would make, once per noise level of the sweep.
     labels = {n: flip_labels(split.train_y, n, spec.dataset.seed, split.info.num_classes) for n in spec.noise_levels()}
     tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
     client = MlflowClient(tracking_uri)
-    experiment_id = get_or_create_experiment(client, spec.name)  # by the driver, before any trial: no sqlite race
+    experiment_id = get_or_create_experiment(client, name)  # by the driver, before any trial: no sqlite race
     finished_before: set[str] = set()
     if record is None:
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path / SPACE_FILE, space_to_yaml(spec).encode())
-        parent = client.create_run(experiment_id, run_name=spec.name, tags={TAG_SWEEP: spec.name, TAG_ROLE: "sweep", "kd_tune.path": str(path)})
-        record = SweepRecord(spec.name, tracking_uri, experiment_id, parent.info.run_id)
-        record.save(path)  # at once: a kill from here on reattaches this parent run instead of making another
+        storage.write_text(space_to_yaml(spec), name, SPACE_FILE)
+        parent = client.create_run(experiment_id, run_name=name, tags={TAG_SWEEP: name, TAG_ROLE: "sweep", "kd_tune.path": storage.show(name)})
+        record = SweepRecord(name, tracking_uri, experiment_id, parent.info.run_id)
+        record.save(storage)  # at once: a kill from here on reattaches this parent run instead of making another
     else:
         client.update_run(record.parent_run_id, status="RUNNING")  # reattached, not duplicated
     if not client.get_run(record.parent_run_id).data.params:  # new, or cut short before its params were written
         client.log_batch(record.parent_run_id, params=params_batch(spec.flat_params()))
-        client.log_artifact(record.parent_run_id, str(path / SPACE_FILE))
-    if tune.Tuner.can_restore(str(path)):
-        finished_before = {t.trial_id for t in tune.ExperimentAnalysis(str(path)).trials if t.status == "TERMINATED"}
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / SPACE_FILE).write_text(space_to_yaml(spec))
+            client.log_artifact(record.parent_run_id, str(Path(tmp) / SPACE_FILE))
+    restoring = can_restore(storage, name)
+    if restoring:
+        finished_before = {t.trial_id for t in tune.ExperimentAnalysis(path, storage_filesystem=fs).trials if t.status == "TERMINATED"}
 
-    atomic_write_bytes(path / DRIVER_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
-    started_ray = connect_ray(address)
+    storage.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}), name, DRIVER_FILE)
     try:
-        node_cpus = largest_node_cpus(spec.resources, log)
+        node_cpus = teacher_cpus(spec.resources, log)
         # One teacher (or ensemble) per label-noise level: it learns from the labels the students see,
         # unless teacher.clean asks for the clean labels (then one teacher serves every level).
         teacher_train, teacher_test, teacher_accs = {}, {}, {}
@@ -423,25 +451,27 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
 
         trials, points = spec.trials(), spec.grid_points()
         verb = f"resuming ({len(finished_before)} of {len(trials)} trials finished before)" if finished_before or opts.resume else "starting"
-        log(f"sweep {spec.name!r}: {verb}; {len(trials)} trials for {len(points)} grid points ({spec.student_epochs()} student epochs), "
-            f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {path}")
+        log(f"sweep {name!r}: {verb}; {len(trials)} trials for {len(points)} grid points ({spec.student_epochs()} student epochs), "
+            f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {storage.show(name)}")
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
-        bundle = TrialBundle(split, spec.student, labels, teacher_train, teacher_test, str(path))
+        bundle = TrialBundle(split, spec.student, labels, teacher_train, teacher_test, storage, name)
         trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-        if tune.Tuner.can_restore(str(path)):
+        if restoring:
             # The restored run config brings back the MLflow callback (same store, experiment, parent run).
-            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
         else:
-            tracking = MlflowTrackingCallback(tracking_uri, record.experiment_id, record.parent_run_id, spec.name, spec.flat_params())
+            tracking = MlflowTrackingCallback(tracking_uri, record.experiment_id, record.parent_run_id, name, spec.flat_params())
             tuner = tune.Tuner(
                 trainable,
                 param_space={"point": tune.grid_search([p.as_config() for p in trials])},
                 tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_dirname, reuse_actors=True),
                 run_config=tune.RunConfig(
-                    name=spec.name,
-                    storage_path=str(storage),
+                    name=name,
+                    storage_path=storage.root,
+                    storage_filesystem=fs,
                     callbacks=[tracking],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    # A crashed trial, or one whose node died, restarts from its last checkpoint on any live node.
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     verbose=0 if opts.quiet else 1,
                     progress_reporter=progress_reporter(),
@@ -457,30 +487,28 @@ def _execute(spec: SweepSpec, storage: Path, path: Path, opts: SweepOptions, rec
         errored = int((table["status"] == "errored").sum())
         diverged = int((table["status"] == "diverged").sum())
         client.set_terminated(record.parent_run_id, "FINISHED" if finished == len(points) else "FAILED")
-        return SweepOutcome(spec.name, path, table, len(points), finished, errored, diverged, tracking_uri, record.experiment_id,
-                            record.parent_run_id, teacher_acc, time.perf_counter() - started, resume_command(spec.name, storage))
+        return SweepOutcome(name, storage.show(name), table, len(points), finished, errored, diverged, tracking_uri, record.experiment_id,
+                            record.parent_run_id, teacher_acc, time.perf_counter() - started, resume_command(name, storage))
     except BaseException:
         client.set_terminated(record.parent_run_id, "KILLED")
         raise
     finally:
-        (path / DRIVER_FILE).unlink(missing_ok=True)
-        if started_ray:
-            ray.shutdown()
+        storage.delete(name, DRIVER_FILE)
 
 
 @dataclass(frozen=True)
 class SweepStatus:
     name: str
-    path: Path
+    path: str
     counts: dict[str, int]
     table: pd.DataFrame
     driver_alive: bool
     resume_command: str
 
 
-def _driver_alive(path: Path) -> bool:
+def _driver_alive(storage: Storage, name: str) -> bool:
     try:
-        info = json.loads((path / DRIVER_FILE).read_text())
+        info = json.loads(storage.read_text(name, DRIVER_FILE))
     except (OSError, ValueError):
         return False
     if info.get("host") != socket.gethostname():
@@ -496,13 +524,13 @@ def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
     """Trials finished / running / pending / errored, read from the sweep's storage (no Ray needed)."""
     root = resolve_storage(storage)
     path = sweep_path(root, name)
-    if not tune.Tuner.can_restore(str(path)):
-        raise UsageError(f"no sweep named {name!r} in {root}; allowed: {', '.join(known_sweeps(root)) or 'none there yet'}")
-    alive = _driver_alive(path)
+    if not can_restore(root, name):
+        raise UsageError(f"no sweep named {name!r} in {root.show()}; allowed: {', '.join(known_sweeps(root)) or 'none there yet'}")
+    alive = _driver_alive(root, name)
     names = {"TERMINATED": "finished", "RUNNING": "running" if alive else "interrupted", "PENDING": "pending",
              "ERROR": "errored", "PAUSED": "paused"}
     rows = []
-    for t in tune.ExperimentAnalysis(str(path)).trials:
+    for t in tune.ExperimentAnalysis(path, storage_filesystem=root.ray_filesystem).trials:
         point = TrialPoint.from_config(t.config)
         last = t.last_result or {}
         status = "diverged" if last.get("diverged") else names.get(t.status, t.status.lower())
@@ -510,7 +538,7 @@ def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
                      "epoch": f"{int(last.get('epoch', 0))}/{point.epochs}", "test_acc": last.get("test_acc")})
     table = pd.DataFrame(rows, columns=["trial", "status", "epoch", "test_acc"]).sort_values("trial").reset_index(drop=True)
     counts = {k: int((table["status"] == k).sum()) for k in ("finished", "running", "interrupted", "pending", "paused", "errored", "diverged")}
-    return SweepStatus(name, path, counts, table, alive, resume_command(name, root))
+    return SweepStatus(name, root.show(name), counts, table, alive, resume_command(name, root))
 
 
 def format_table(table: pd.DataFrame) -> str:

@@ -2,21 +2,19 @@
 
 The cache key hashes everything that determines the teacher (dataset, subset, label noise, data
 fingerprint, widths, epochs, lr, batch size, seed), so later sweeps with the same spec reuse it and
-any change trains a new one. Entries are written atomically (a temporary folder renamed into place)
-and verified by sha256 when loaded: a truncated or corrupt entry is retrained, never loaded.
+any change trains a new one. The cache lives in the sweeps' storage (a folder or an object store), so
+every node of a cluster finds it; entries are verified by sha256 when loaded: a truncated or
+corrupt entry is retrained, never loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +22,7 @@ import torch
 from kd_tune.config import DatasetSpec, TeacherSpec
 from kd_tune.data import DataSplit, data_hash
 from kd_tune.models import build_model
+from kd_tune.storage import Storage
 from kd_tune.train import EpochMetrics, Evaluation, TensorData, make_optimizer, predict_logits, train
 
 CACHE_FORMAT = 1
@@ -70,66 +69,52 @@ def train_teacher(
     return Teacher(key, state, train_logits, test_logits, history[-1].test_acc, [m.as_dict() for m in history])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class TeacherCache:
-    """``<storage>/_teachers/<key>/{teacher.pt, meta.json}``."""
+    """``<storage>/_teachers/<key>/{teacher.pt, meta.json}`` on any :class:`~kd_tune.storage.Storage`.
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    ``meta.json`` is written last and holds the sha256 of ``teacher.pt``: an entry is complete when
+    its meta is there and the weights match it. Each file is written atomically, so a kill at any
+    moment leaves either a complete entry or one that is detected as incomplete and retrained; this
+    works the same on a local or NFS folder and on an object store, where folders cannot be renamed.
+    """
 
-    def path(self, key: str) -> Path:
-        return self.root / key
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def path(self, key: str) -> str:
+        return self.storage.show(CACHE_FOLDER, key)
+
+    def keys(self) -> list[str]:
+        return self.storage.list_dirs(CACHE_FOLDER)
 
     def load(self, key: str, log: Callable[[str], None] = print) -> Teacher | None:
-        folder = self.path(key)
-        meta_path, weights = folder / "meta.json", folder / "teacher.pt"
-        if not folder.exists():
+        if not self.storage.exists(CACHE_FOLDER, key):
             return None
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(self.storage.read_text(CACHE_FOLDER, key, "meta.json"))
             if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
                 raise ValueError("format or key mismatch")
-            if _sha256(weights) != meta["sha256"]:
+            raw = self.storage.read_bytes(CACHE_FOLDER, key, "teacher.pt")
+            if hashlib.sha256(raw).hexdigest() != meta["sha256"]:
                 raise ValueError("sha256 mismatch (truncated or corrupt file)")
-            blob: dict[str, Any] = torch.load(weights, map_location="cpu", weights_only=True)
+            blob: dict[str, Any] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:
-            log(f"teacher cache entry {folder} is unusable ({e}); training the teacher again")
-            shutil.rmtree(folder, ignore_errors=True)
+            log(f"teacher cache entry {self.path(key)} is unusable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); training the teacher again")
+            self.storage.delete(CACHE_FOLDER, key)
             return None
         return Teacher(key, blob["state_dict"], blob["train_logits"], blob["test_logits"], meta["test_acc"], meta["history"], cached=True)
 
-    def save(self, teacher: Teacher, spec: dict[str, Any]) -> Path:
-        """Write the entry into a temporary folder, then rename it into place (atomic)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        final = self.path(teacher.key)
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{teacher.key}.tmp-"))
-        try:
-            weights = tmp / "teacher.pt"
-            blob = {"state_dict": teacher.state_dict, "train_logits": teacher.train_logits, "test_logits": teacher.test_logits}
-            torch.save(blob, weights)
-            meta = {
-                "format": CACHE_FORMAT, "key": teacher.key, "spec": spec, "sha256": _sha256(weights),
-                "test_acc": teacher.test_acc, "history": teacher.history, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            for f in (weights, tmp / "meta.json"):
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            os.chmod(tmp, 0o755)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.exists():
-                    raise
-                shutil.rmtree(tmp)  # another sweep wrote the same teacher first; theirs is as good
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final
+    def save(self, teacher: Teacher, spec: dict[str, Any]) -> str:
+        """Weights first, then the meta that vouches for them (each written atomically)."""
+        if self.storage.exists(CACHE_FOLDER, teacher.key, "meta.json"):
+            return self.path(teacher.key)  # another sweep wrote the same teacher first; theirs is as good
+        buf = io.BytesIO()
+        torch.save({"state_dict": teacher.state_dict, "train_logits": teacher.train_logits, "test_logits": teacher.test_logits}, buf)
+        raw = buf.getvalue()
+        meta = {
+            "format": CACHE_FORMAT, "key": teacher.key, "spec": spec, "sha256": hashlib.sha256(raw).hexdigest(),
+            "test_acc": teacher.test_acc, "history": teacher.history, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.storage.write_bytes(raw, CACHE_FOLDER, teacher.key, "teacher.pt")
+        self.storage.write_text(json.dumps(meta, indent=2), CACHE_FOLDER, teacher.key, "meta.json")
+        return self.path(teacher.key)

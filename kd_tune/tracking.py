@@ -25,6 +25,8 @@ TAG_SWEEP = "kd_tune.sweep"
 TAG_ROLE = "kd_tune.role"
 TAG_TRIAL = "kd_tune.trial_id"
 TAG_EPOCHS = "kd_tune.epochs"  # the grid point's epochs (a shared trial has a run per epochs value)
+TAG_NODE = "kd_tune.node_id"  # the Ray node of the trial's latest attempt
+TAG_NODES = "kd_tune.nodes"  # every node the trial ran on, in order (a retry after a node died adds one)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
@@ -71,13 +73,15 @@ class MlflowTrackingCallback(tune.Callback):
         # Keys are "<trial id>:<milestone>": a trial shared by several epochs values has a run for each.
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}  # last epoch logged to the run
+        self._nodes: dict[str, list[str]] = {}  # nodes the run's trial ran on
+        self._epoch: dict[str, int] = {}  # trial id -> epoch of its latest result
         self._complete: set[str] = set()  # runs that are done (finished now, or before a kill)
         self._diverged: set[str] = set()  # trial ids
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles the run config with the experiment; a live client and caches do not belong there.
         state = self.__dict__.copy()
-        state.update(_client=None, _runs={}, _last_step={}, _complete=set(), _diverged=set())
+        state.update(_client=None, _runs={}, _last_step={}, _nodes={}, _epoch={}, _complete=set(), _diverged=set())
         return state
 
     @property
@@ -107,6 +111,7 @@ class MlflowTrackingCallback(tune.Callback):
             history = self.client.get_metric_history(run_id, "test_acc")
             self._last_step[key] = max((m.step for m in history), default=0)
             run = self.client.get_run(run_id)
+            self._nodes[key] = [n for n in run.data.tags.get(TAG_NODES, "").split(",") if n]
             # A kill between create_run and logging the params leaves a run without them: complete it.
             params = {**self.static_params, **point.at(milestone).grid_config()}
             missing = {k: v for k, v in params.items() if k not in run.data.params}
@@ -157,31 +162,44 @@ class MlflowTrackingCallback(tune.Callback):
             for _, _, run_id in self._open(trial):
                 self.client.log_batch(run_id, tags=[RunTag("kd_tune.diverged", "true"), RunTag("kd_tune.error", message)])
             return
+        self._epoch[str(trial.trial_id)] = epoch
         metrics = {k: result[k] for k in EPOCH_METRICS if k in result}
         for milestone, key, run_id in self._open(trial):
-            if epoch > milestone or epoch <= self._last_step.get(key, 0):
-                continue  # beyond this grid point, or recomputed after a restart and already logged
-            if self._last_step.get(key, 0) == 0:
-                tags = [RunTag("kd_tune.node_ip", str(result.get("node_ip", ""))), RunTag("kd_tune.hostname", str(result.get("hostname", "")))]
-                if "device" in result:
-                    tags.append(RunTag("kd_tune.device", str(result["device"])))
-                self.client.log_batch(run_id, tags=tags)
+            if epoch > milestone:
+                continue  # beyond this grid point
+            self._tag_node(key, run_id, result)
+            if epoch <= self._last_step.get(key, 0):
+                continue  # recomputed after a restart and already logged
             log_metrics(self.client, run_id, metrics, step=epoch)
             self._last_step[key] = epoch
+
+    def _tag_node(self, key: str, run_id: str, result: dict[str, Any]) -> None:
+        """Tag the run with the node and device of the attempt that reported, once per attempt."""
+        node = str(result.get("node_id", ""))
+        nodes = self._nodes.setdefault(key, [])
+        if not node or (nodes and nodes[-1] == node):
+            return
+        nodes.append(node)
+        tags = {TAG_NODE: node, TAG_NODES: ",".join(nodes), "kd_tune.node_ip": str(result.get("node_ip", "")),
+                "kd_tune.hostname": str(result.get("hostname", "")), "kd_tune.device": str(result.get("device", ""))}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
         """A shared trial passing a smaller epochs value: that grid point's run ends here, with its model."""
         point = TrialPoint.from_config(trial.config)
-        if len(point.milestones) == 1:
+        # The result of this checkpoint came just before it (Ray calls on_trial_result first): its epoch
+        # says whether a smaller milestone ends here, so the checkpoint is only fetched when one does.
+        epoch = self._epoch.get(str(trial.trial_id))
+        if epoch not in point.milestones or epoch == point.epochs:
             return
         from kd_tune.trainable import read_checkpoint
 
         with checkpoint.as_directory() as folder:
             state = read_checkpoint(Path(folder))
-        if state is None:
+        if state is None or state["epoch"] != epoch:
             return
         for milestone, key, run_id in self._open(trial):
-            if milestone == state["epoch"] and milestone < point.epochs:
+            if milestone == epoch:
                 self._finish(key, run_id, state)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

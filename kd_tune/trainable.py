@@ -4,11 +4,13 @@ The data and the teacher's logits arrive through Ray's object store (``tune.with
 put there once by the driver: no trial loads files or runs the teacher. Each epoch is reported
 with ``tune.report`` together with a checkpoint; a restarted trial continues from the newest
 complete checkpoint, which after a SIGKILLed driver can be newer than the one Ray's experiment
-state remembers (``tune.get_checkpoint()``), so the trial also looks in its own folder.
+state remembers (``tune.get_checkpoint()``), so the trial also looks in its own folder in the
+sweep's storage (a local or NFS folder, or an object store: see :mod:`kd_tune.storage`).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -24,6 +26,7 @@ from kd_tune.config import StudentSpec, TrialPoint
 from kd_tune.data import DataSplit
 from kd_tune.errors import DivergedError
 from kd_tune.models import build_model
+from kd_tune.storage import Storage
 from kd_tune.train import EpochMetrics, Evaluation, TensorData, make_optimizer, train
 
 STATE_FILE = "state.pt"  # one file: model, optimizer and epoch can never disagree
@@ -42,8 +45,14 @@ class TrialBundle:
     teacher_train_logits: dict[float, torch.Tensor]
     """The teacher's logits on the training images, per label-noise level (the teacher saw that noise)."""
     teacher_test_logits: dict[float, torch.Tensor]
-    sweep_dir: str
-    """The sweep's folder in the storage, where each trial's checkpoints are persisted."""
+    storage: Storage
+    """Where the sweep lives; each trial's checkpoints are persisted in its folder there."""
+    sweep: str
+    """The sweep's name: its folder in the storage."""
+
+    def trial_dir(self, point: TrialPoint, trial_id: str) -> str:
+        """The trial's folder, relative to the storage root (see :func:`trial_dirname`)."""
+        return f"{self.sweep}/{point.label}_{trial_id}"
 
 
 def trial_dirname(trial: Any) -> str:
@@ -75,19 +84,28 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
 def read_checkpoint(folder: Path) -> dict[str, Any] | None:
     """The checkpoint's state, or None if it is missing or incomplete (a copy cut short by a kill)."""
     try:
-        state: dict[str, Any] = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        int(state["epoch"])
-        return state
+        return _state(torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True))
     except Exception:  # noqa: BLE001 - any unreadable file is an incomplete checkpoint
         return None
 
 
-def newest_on_disk(trial_dir: Path) -> dict[str, Any] | None:
-    """The complete checkpoint with the highest epoch among the trial's persisted ones."""
+def _state(state: dict[str, Any]) -> dict[str, Any]:
+    int(state["epoch"])
+    return state
+
+
+def newest_persisted(storage: Storage, trial_dir: str) -> dict[str, Any] | None:
+    """The complete checkpoint with the highest epoch among the trial's persisted ones (``trial_dir`` is
+    relative to the storage root)."""
     best: dict[str, Any] | None = None
-    for folder in trial_dir.glob("checkpoint_*"):
-        state = read_checkpoint(folder)
-        if state is not None and (best is None or state["epoch"] > best["epoch"]):
+    for folder in storage.list_dirs(trial_dir):
+        if not folder.startswith("checkpoint_"):
+            continue
+        try:
+            state = _state(torch.load(io.BytesIO(storage.read_bytes(trial_dir, folder, STATE_FILE)), map_location="cpu", weights_only=True))
+        except Exception:  # noqa: BLE001 - any unreadable file is an incomplete checkpoint
+            continue
+        if best is None or state["epoch"] > best["epoch"]:
             best = state
     return best
 
@@ -100,8 +118,7 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
     torch.set_num_threads(trial_threads())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-    ctx = tune.get_context()
-    trial_dir = Path(bundle.sweep_dir) / f"{point.label}_{ctx.get_trial_id()}"
+    trial_dir = bundle.trial_dir(point, tune.get_context().get_trial_id())
 
     split = replace(bundle.split, train_y=bundle.labels[point.label_noise])
     use_teacher = point.role == "student"
@@ -116,7 +133,7 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
         with checkpoint.as_directory() as folder:
             state = read_checkpoint(Path(folder))
     known_epoch = int(state["epoch"]) if state else 0
-    on_disk = newest_on_disk(trial_dir) if trial_dir.is_dir() else None
+    on_disk = newest_persisted(bundle.storage, trial_dir)
     if on_disk is not None and on_disk["epoch"] > known_epoch:
         state = on_disk  # Ray's state lagged behind what the trial had persisted before a kill
     start = 0
@@ -125,20 +142,21 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["epoch"]), list(state["history"])
-    extra = {"device": str(device), "resumed_from": start}
+    # Where this attempt runs: the tracking callback tags the MLflow run with it (node_ip and hostname come from Ray).
+    extra = {"device": str(device), "node_id": ray.get_runtime_context().get_node_id(), "resumed_from": start}
     # Epochs trained before a kill but unknown to Ray may never have reached the driver (and MLflow):
     # report them again from the checkpoint's history; the tracking callback skips those it has.
     for m in history:
         if m["epoch"] > known_epoch:
             tune.report({**m, **extra})
-    _maybe_inject_fault(point, trial_dir, "always")
+    _maybe_inject_fault(point, bundle.storage, trial_dir, "always")
 
     def report(m: EpochMetrics, ev: Evaluation) -> None:
         history.append(m.as_dict())
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(Path(folder), model, optimizer, history, ev.confusion)
             tune.report({**m.as_dict(), **extra}, checkpoint=tune.Checkpoint.from_directory(folder))
-        _maybe_inject_fault(point, trial_dir, "once")
+        _maybe_inject_fault(point, bundle.storage, trial_dir, "once")
 
     if _fault_mode(point) == "nan":
         data = TensorData(data.train_x.clone().fill_(float("nan")), data.train_y, data.test_x, data.test_y, data.teacher_train, data.teacher_test)
@@ -161,15 +179,14 @@ def _fault_mode(point: TrialPoint) -> str:
     return ""
 
 
-def _maybe_inject_fault(point: TrialPoint, trial_dir: Path, where: str) -> None:
+def _maybe_inject_fault(point: TrialPoint, storage: Storage, trial_dir: str, where: str) -> None:
     """Test-only fault injection, set by KD_TUNE_TEST_FAULT="<trial label>:<mode>[,...]": ``always`` crashes
     every attempt before training; ``once`` crashes the first attempt after its first reported epoch;
     ``nan`` feeds NaN images so that the loss diverges."""
     mode = _fault_mode(point)
     if mode != where:
         return
-    marker = trial_dir / ".kd_tune_fault_injected"
-    if mode == "always" or not marker.exists():
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text("1")
+    marker = f"{trial_dir}/.kd_tune_fault_injected"
+    if mode == "always" or not storage.exists(marker):
+        storage.write_text("1", marker)
         raise RuntimeError(f"injected fault ({FAULT_ENV}={point.label}:{mode})")

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from kd_tune import data
 from kd_tune.config import load_space
 from kd_tune.models import build_model
-from kd_tune.teacher import CACHE_FOLDER, TeacherCache, teacher_key
+from kd_tune.storage import resolve_storage
+from kd_tune.teacher import TeacherCache, teacher_key
 from kd_tune.tracking import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 from kd_tune.train import TensorData, make_optimizer, train
 
@@ -138,7 +139,7 @@ def reference_metrics(sweep: Sweep) -> dict[str, dict[str, float]]:
     """Each trial trained without Ray, uninterrupted, in this process (1 thread, like a 1-CPU trial)."""
     spec = load_space(sweep.space)
     split = data.prepare("mnist", spec.dataset.train_size, 0.0, 0, FIXTURE_DATA)
-    teacher = TeacherCache(sweep.storage / CACHE_FOLDER).load(teacher_key(spec.dataset, spec.teacher, split))
+    teacher = TeacherCache(resolve_storage(str(sweep.storage))).load(teacher_key(spec.dataset, spec.teacher, split))
     assert teacher is not None
     torch.set_num_threads(1)
     out = {}

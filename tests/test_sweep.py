@@ -131,6 +131,7 @@ def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Pat
 
     from kd_tune import data
     from kd_tune.config import load_space
+    from kd_tune.storage import resolve_storage
     from kd_tune.teacher import TeacherCache, teacher_key
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -141,9 +142,9 @@ def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Pat
     assert outcome.ok
     spec = load_space(space)
     split = data.prepare("mnist", 1000, 0.0, 0, FIXTURE_DATA)
-    cache = TeacherCache(tmp_path / "store" / CACHE_FOLDER)
+    cache = TeacherCache(resolve_storage(str(tmp_path / "store")))
     members = [cache.load(teacher_key(spec.dataset, m, split)) for m in spec.teacher.members()]
-    assert all(m is not None for m in members) and len(list(cache.root.iterdir())) == 2  # each member cached on its own
+    assert all(m is not None for m in members) and len(cache.keys()) == 2  # each member cached on its own
     avg = torch.stack([m.test_logits for m in members if m is not None]).mean(0)
     assert outcome.teacher_acc == pytest.approx((avg.argmax(1) == split.test_y).float().mean().item())
     runs = _runs_by_role(MlflowClient(uri), "ens")

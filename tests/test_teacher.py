@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import torch
 
 from kd_tune import data
 from kd_tune.config import DatasetSpec, TeacherSpec
-from kd_tune.teacher import Teacher, TeacherCache, teacher_key, train_teacher
+from kd_tune.storage import resolve_storage
+from kd_tune.teacher import CACHE_FOLDER, Teacher, TeacherCache, teacher_key, train_teacher
 
 from .conftest import FIXTURE_DATA
 
@@ -44,24 +46,26 @@ def test_logits_cover_train_and_test(split: data.DataSplit, teacher: Teacher) ->
 
 
 def test_cache_roundtrip(tmp_path: Path, teacher: Teacher) -> None:
-    cache = TeacherCache(tmp_path / "_teachers")
+    cache = TeacherCache(resolve_storage(str(tmp_path)))
     assert cache.load(teacher.key) is None
-    path = cache.save(teacher, {"note": "test"})
-    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "teacher.pt"]
-    assert not [p for p in cache.root.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    path = Path(cache.save(teacher, {"note": "test"}))
+    assert path == tmp_path / CACHE_FOLDER / teacher.key
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "teacher.pt"]  # no temporary file left
+    assert cache.keys() == [teacher.key]
     loaded = cache.load(teacher.key)
     assert loaded is not None and loaded.cached
     assert torch.equal(loaded.train_logits, teacher.train_logits)
     assert torch.equal(loaded.test_logits, teacher.test_logits)
     assert all(torch.equal(loaded.state_dict[k], v) for k, v in teacher.state_dict.items())
     # A second writer of the same teacher leaves the first entry in place.
-    assert cache.save(teacher, {"note": "again"}) == path
+    assert cache.save(teacher, {"note": "again"}) == str(path)
+    assert json.loads((path / "meta.json").read_text())["spec"] == {"note": "test"}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete_meta"])
 def test_corrupt_entry_is_discarded_not_loaded(tmp_path: Path, teacher: Teacher, damage: str) -> None:
-    cache = TeacherCache(tmp_path / "_teachers")
-    path = cache.save(teacher, {})
+    cache = TeacherCache(resolve_storage(str(tmp_path)))
+    path = Path(cache.save(teacher, {}))
     weights = path / "teacher.pt"
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:100])

@@ -1,0 +1,208 @@
+"""Where sweeps and the teacher cache live: a local folder, a shared (NFS) folder, or an object store.
+
+``--storage`` is a path or a URI (``s3://bucket/prefix``, ``gs://bucket/prefix``, any scheme
+``pyarrow.fs`` reads, with its query options such as ``?endpoint_override=...``). Ray Tune writes
+its experiment state and the trials' checkpoints through that pyarrow filesystem; kd-tune's own
+files (the validated space, the sweep record, the teacher cache) go through the same one, so every
+node of a cluster finds them. Writes are atomic: a temporary file renamed into place on a local or
+NFS folder, one PUT on an object store (an object appears whole or not at all).
+
+On a multi-node cluster a folder that only the driver's machine sees would fail at the first
+checkpoint a remote trial persists; :func:`check_shared` finds that out up front by asking every
+node to read a probe file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow
+import pyarrow.fs as pafs
+
+from kd_tune.errors import UsageError
+
+STORAGE_ENV = "KD_TUNE_STORAGE"
+DEFAULT_STORAGE = "kd_tune_results"
+ALLOWED = "a local folder, a folder every node mounts (NFS), or a URI such as s3://bucket/prefix or gs://bucket/prefix"
+# File systems that every node of a cluster can mount; a local path on anything else is seen by one machine only.
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.", "9p", "efs", "wekafs", "panfs")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A storage root: ``fs`` is the pyarrow filesystem, ``root`` the path inside it."""
+
+    given: str
+    """The path or URI as the user wrote it (local paths made absolute): what a resume command repeats."""
+    fs: pafs.FileSystem
+    root: str
+
+    @property
+    def is_local(self) -> bool:
+        """A path of this machine's file system (which may be an NFS mount), not an object store."""
+        return bool(self.fs.type_name == "local")
+
+    @property
+    def ray_filesystem(self) -> pafs.FileSystem | None:
+        """What Ray Tune takes as ``storage_filesystem`` (None: a local path, Ray's default)."""
+        return None if self.is_local else self.fs
+
+    def path(self, *parts: str) -> str:
+        """The filesystem path of ``parts`` below the root."""
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def show(self, *parts: str) -> str:
+        """A path to print: local as it is, remote as scheme://path."""
+        p = self.path(*parts)
+        return p if self.is_local else f"{self.fs.type_name}://{p}"
+
+    def exists(self, *parts: str) -> bool:
+        return bool(self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound)
+
+    def is_dir(self, *parts: str) -> bool:
+        return bool(self.fs.get_file_info(self.path(*parts)).type == pafs.FileType.Directory)
+
+    def list_dirs(self, *parts: str) -> list[str]:
+        """Names of the folders directly below ``parts`` (none if it does not exist)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return bytes(f.read())
+
+    def read_text(self, *parts: str) -> str:
+        return self.read_bytes(*parts).decode()
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Atomic: a reader sees the old content or the new, never a part."""
+        if self.is_local:
+            from kd_tune.data import atomic_write_bytes
+
+            atomic_write_bytes(Path(self.path(*parts)), data)
+            return
+        target = self.path(*parts)
+        self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        with self.fs.open_output_stream(target) as f:  # the object appears when the stream closes
+            f.write(data)
+
+    def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode(), *parts)
+
+    def delete(self, *parts: str) -> None:
+        """Remove a file or a whole folder; nothing if it is not there."""
+        info = self.fs.get_file_info(self.path(*parts))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(info.path)
+        elif info.type != pafs.FileType.NotFound:
+            self.fs.delete_file(info.path)
+
+    def torch_load(self, *parts: str) -> Any:
+        """A tensor file (weights only: no code is unpickled)."""
+        import torch
+
+        return torch.load(io.BytesIO(self.read_bytes(*parts)), map_location="cpu", weights_only=True)
+
+
+def resolve_storage(raw: str | None) -> Storage:
+    """``--storage``, else ``$KD_TUNE_STORAGE``, else ``./kd_tune_results``; a URI goes through pyarrow."""
+    given = raw or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    if "://" not in given:
+        path = str(Path(given).expanduser().resolve())
+        return Storage(path, pafs.LocalFileSystem(), path)
+    try:
+        fs, root = pafs.FileSystem.from_uri(given)
+    except (pyarrow.ArrowException, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--storage {given!r}: {reason}; allowed: {ALLOWED}") from None
+    root = root.rstrip("/")
+    if not root:
+        raise UsageError(f"--storage {given!r}: no bucket or folder in it; allowed: {ALLOWED}")
+    if fs.type_name == "local":  # file:///path
+        return Storage(root, fs, root)
+    return Storage(given, fs, root)
+
+
+def filesystem_type(path: str, mounts: str | None = None) -> str:
+    """The type of the file system a local path lives on: that of its longest mount point in
+    ``mounts`` (the text of /proc/mounts, read when not given)."""
+    best, kind = "", "unknown"
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return kind
+    real = os.path.realpath(path)
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+def is_network_fs(path: str, mounts: str | None = None) -> bool:
+    """Whether a local path is on a file system that other machines can mount too (NFS, Lustre, ...)."""
+    kind = filesystem_type(path, mounts)
+    return any(kind == n or (n.endswith(".") and kind.startswith(n)) for n in NETWORK_FS)
+
+
+def check_shared(storage: Storage, log: Callable[[str], None]) -> None:
+    """On a Ray cluster, make sure every live node sees the storage folder; refuse it up front if not.
+
+    An object-store URI is reachable from every node by design. A local path is probed: the driver
+    writes a file with a random token, a zero-CPU task pinned to each node reads it back; the file
+    is removed again (and the folder too, if the probe made it), so a refusal leaves nothing behind.
+    """
+    if not storage.is_local:
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        if not is_network_fs(storage.root):
+            log(f"note: storage {storage.root} is on a local disk ({filesystem_type(storage.root)}); nodes the "
+                f"autoscaler adds later will not see it: use {ALLOWED}")
+        return
+    made = [p for p in (Path(storage.root), *Path(storage.root).parents) if not p.exists()]
+    token = uuid.uuid4().hex
+    probe = f".kd_tune_probe-{token}"
+    try:
+        storage.write_text(token, probe)
+    except OSError as e:
+        raise UsageError(f"--storage {storage.root!r}: cannot write there ({e}); allowed: {ALLOWED}") from None
+    try:
+        reader = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
+        refs = {n["NodeID"]: reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            storage.path(probe), token) for n in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=120)
+        seen = {node: ref in ready and bool(ray.get(ref)) for node, ref in refs.items()}
+    finally:
+        storage.delete(probe)
+        for p in made:  # deepest first: only the folders the probe created, and only if empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+    blind = [n for n in nodes if not seen[n["NodeID"]]]
+    if blind:
+        names = ", ".join(f"{n['NodeManagerAddress']} (node {n['NodeID'][:12]})" for n in blind)
+        raise UsageError(f"--storage {storage.root!r} is a folder that {len(blind)} of the cluster's {len(nodes)} nodes cannot see: "
+                         f"{names}; trials there could not save checkpoints; allowed: {ALLOWED}")
+
+
+def _read_probe(path: str, token: str) -> bool:
+    try:
+        return Path(path).read_text() == token
+    except OSError:
+        return False

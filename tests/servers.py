@@ -1,0 +1,244 @@
+"""Real servers for the integration tests, on 127.0.0.1, each stopped by PID afterwards.
+
+- :class:`MlflowServer`: ``kd-tune ui`` (``mlflow server``, one worker, job execution off).
+- :class:`RayCluster`: a head and a worker node (``ray start --block``, 1 CPU each) on this machine;
+  the worker can run in a private mount namespace where one folder is its own (a node that cannot
+  see the driver's local disk there).
+- :class:`S3Server`: moto's S3-compatible server, for ``s3://`` storage.
+
+Each server runs in a session of its own (``start_new_session``), so every process it spawns, Ray's
+workers included, carries that session id and is found and killed by it, even after its parent died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+# The same auth mode in every Ray process of a test (Ray 2.60 turns on token auth in `ray start --head`
+# when ~/.ray/auth_token exists, while a driver without the variable may not).
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes (not zombies) of a session."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_session(proc: subprocess.Popen[Any], sig: int = signal.SIGKILL) -> None:
+    """Kill every process of the session ``proc`` leads, then make sure none is left."""
+    for pid in session_pids(proc.pid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while session_pids(proc.pid) and time.monotonic() < deadline:
+        for pid in session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)  # polling a condition against a deadline
+    assert not session_pids(proc.pid), f"processes left behind: {session_pids(proc.pid)}"
+
+
+def get_json(url: str, body: dict[str, Any] | None = None, timeout: float = 10) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_until_answers(url: str, proc: subprocess.Popen[Any], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited with {proc.returncode}: {_output(proc)}"
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered (an HTTP error is an answer)
+        except OSError:
+            time.sleep(0.3)  # polling a condition against a deadline
+    raise AssertionError(f"{url} did not answer in {timeout} s")
+
+
+def _output(proc: subprocess.Popen[Any]) -> str:
+    log = getattr(proc, "log_path", None)
+    return Path(log).read_text()[-3000:] if log and Path(log).exists() else ""
+
+
+def listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a listening TCP socket on port (from /proc/net/tcp), and ipv6 ones marked."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+    v6 = Path("/proc/net/tcp6")
+    if v6.exists():
+        for line in v6.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.split(":")[1], 16) == port:
+                found.add("ipv6:" + local.split(":")[0])
+    return found
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[Any]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
+                                env={**os.environ, **(env or {})})
+    proc.log_path = str(log)  # type: ignore[attr-defined]
+    return proc
+
+
+class MlflowServer:
+    """``kd-tune ui`` over a sqlite store, artifacts proxied into a folder: a team's tracking server."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.store = f"sqlite:///{folder / 'mlflow.db'}"
+        self.artifacts = folder / "artifacts"
+        self.proc = _start([sys.executable, "-m", "kd_tune.cli", "ui", "--tracking-uri", self.store, "--port", str(self.port),
+                            "--artifacts-destination", str(self.artifacts)], folder / "server.log", cwd=folder)
+
+    def __enter__(self) -> MlflowServer:
+        try:
+            wait_until_answers(f"{self.url}/health", self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        kill_session(self.proc, signal.SIGTERM)
+
+    def api(self, endpoint: str, body: dict[str, Any] | None = None, **query: str) -> Any:
+        """GET (query) or POST (body) on the REST API 2.0."""
+        url = f"{self.url}/api/2.0/mlflow/{endpoint}"
+        if query:
+            url += "?" + "&".join(f"{k}={urllib.request.quote(str(v))}" for k, v in query.items())
+        return get_json(url, body)
+
+
+class RayCluster:
+    """A two-node Ray cluster on this machine: ``ray start --head`` and ``ray start --address``, 1 CPU each.
+
+    ``private`` is a folder that the worker node sees as an empty tmpfs of its own (mount namespace):
+    for it, the driver's files there do not exist, as on a separate machine.
+    """
+
+    def __init__(self, folder: Path, private: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        private.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = dict(RAY_ENV)
+        ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "1", "--num-gpus", "0",
+               "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+        self.head = _start([*ray, "--head", "--port", str(self.port), "--include-dashboard", "false"], folder / "head.log", self.env)
+        self.worker: subprocess.Popen[Any] | None = None
+        try:
+            self.head_id = self._wait_for_nodes(1)[0]
+            worker_cmd = " ".join([*ray, "--address", self.address])
+            self.worker = _start(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                  f"mount -t tmpfs kd-tune-private {private} && exec {worker_cmd}"], folder / "worker.log", self.env)
+            self.worker_id = next(n for n in self._wait_for_nodes(2) if n != self.head_id)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_for_nodes(self, count: int, timeout: float = 120) -> list[str]:
+        """Node ids of the live nodes, once there are ``count`` (asked through a driver in a subprocess)."""
+        script = ("import json, sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+                  "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in (self.head, self.worker):
+                assert proc is None or proc.poll() is None, f"ray start exited: {_output(proc)}"
+            res = subprocess.run([sys.executable, "-c", script, self.address], capture_output=True, text=True, timeout=120,
+                                 env={**os.environ, **self.env})
+            if res.returncode == 0:
+                nodes: list[str] = json.loads(res.stdout.strip().splitlines()[-1])
+                if len(nodes) >= count:
+                    return nodes
+            time.sleep(0.5)  # polling a condition against a deadline
+        raise AssertionError(f"the Ray cluster did not reach {count} nodes")
+
+    def kill_worker_raylet(self) -> int:
+        """SIGKILL the worker node's raylet, as when the machine dies; its trials' processes die with it."""
+        assert self.worker is not None
+        raylets = [p for p in session_pids(self.worker.pid) if "/raylet/raylet " in cmdline(p)]
+        assert len(raylets) == 1, raylets
+        os.kill(raylets[0], signal.SIGKILL)
+        return raylets[0]
+
+    def stop(self) -> None:
+        for proc in (self.worker, self.head):
+            if proc is not None:
+                kill_session(proc)
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1 with a bucket, and the pyarrow URI options that reach it."""
+
+    CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kd-tune-test", "AWS_SECRET_ACCESS_KEY": "kd-tune-test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, folder: Path, bucket: str = "kd-tune") -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port, self.bucket = free_port(), bucket
+        self.proc = _start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)], folder / "s3.log")
+        try:
+            wait_until_answers(f"http://127.0.0.1:{self.port}/", self.proc)
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{self.port}/{bucket}", method="PUT"), timeout=10).close()
+        except BaseException:
+            self.stop()
+            raise
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}?endpoint_override=127.0.0.1:{self.port}&scheme=http"
+
+    def stop(self) -> None:
+        kill_session(self.proc)

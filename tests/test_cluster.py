@@ -1,0 +1,149 @@
+"""A sweep on a real two-node Ray cluster, tracked by a real MLflow server (checked through its REST API).
+
+The cluster is `ray start --head` plus `ray start --address`, one CPU each, on this machine; the
+worker node runs in a mount namespace of its own, where one folder is a private tmpfs, so it can
+be shown a storage folder it cannot see. Everything is stopped by PID afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import FIXTURE_DATA, tiny_space
+from .servers import RAY_ENV, MlflowServer, RayCluster, listening_addresses
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.slow]
+
+EPOCHS = 6
+# ~1 s per epoch on one CPU: a trial lasts long enough for the worker node to die in the middle of one.
+SPACE = tiny_space(
+    name="cluster",
+    dataset={"name": "mnist", "train_size": 2000},
+    student={"widths": [16, 32], "lr": 0.003, "batch_size": 16},
+    grid={"alpha": [0.0, 0.5, 1.0], "epochs": [EPOCHS]},
+    baselines=["scratch"],
+    max_failures=2,
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    root = tmp_path_factory.mktemp("cluster")
+    c = RayCluster(root / "ray", root / "private")
+    c.private = root / "private"  # type: ignore[attr-defined]
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1", "KD_TUNE_DATA_DIR": str(FIXTURE_DATA)}
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "KD_TUNE_STORAGE"):
+        env.pop(var, None)
+    return env
+
+
+def test_storage_that_a_node_cannot_see_is_refused(cluster: RayCluster, write_space: Callable[..., Path], tmp_path: Path) -> None:
+    store = cluster.private / "store"  # type: ignore[attr-defined]
+    res = subprocess.run([sys.executable, "-m", "kd_tune.cli", "sweep", str(write_space(SPACE)), "--address", cluster.address,
+                          "--storage", str(store)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    err = res.stderr.strip().splitlines()
+    assert err[-1] == "(see 'kd-tune sweep --help')" and "Traceback" not in res.stderr
+    assert err[-2].startswith(f"kd-tune sweep: error: --storage '{store}' is a folder that 1 of the cluster's 2 nodes cannot see: ")
+    assert f"(node {cluster.worker_id[:12]})" in err[-2] and cluster.head_id[:12] not in err[-2]
+    assert "allowed: a local folder, a folder every node mounts (NFS), or a URI such as s3://bucket/prefix" in err[-2]
+    assert not store.exists()  # the probe and the folders it made are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]  # no MLflow store, nothing else written
+
+
+def _progress(sweep_dir: Path) -> dict[str, list[tuple[int, str]]]:
+    """(epoch, node id) of every result the driver recorded, per trial label."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for f in sweep_dir.glob("*/result.json"):
+        rows = []
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                rows.append((int(r["epoch"]), str(r["node_id"])))
+            except (ValueError, KeyError):
+                pass  # a line being written
+        out[f.parent.name.rsplit("_", 2)[0]] = rows
+    return out
+
+
+def _tags(run: dict[str, Any]) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def test_sweep_runs_on_both_nodes_and_survives_losing_one(cluster: RayCluster, write_space: Callable[..., Path], tmp_path: Path) -> None:
+    storage = tmp_path / "shared"  # a folder both nodes see (as an NFS mount would be)
+    with MlflowServer(tmp_path / "mlflow") as server:
+        assert listening_addresses(server.port) == {"127.0.0.1"}
+        log = tmp_path / "driver.log"
+        with open(log, "w") as out:
+            driver = subprocess.Popen(
+                [sys.executable, "-m", "kd_tune.cli", "sweep", str(write_space(SPACE)), "--address", cluster.address,
+                 "--storage", str(storage), "--tracking-uri", server.url],
+                cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        try:
+            # Kill the worker node once it has finished one trial and is in the middle of another.
+            deadline, victim = time.monotonic() + 300, None
+            while victim is None:
+                assert driver.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"no kill point reached: {_progress(storage / 'cluster')}"
+                on_worker = {t: [e for e, n in rows if n == cluster.worker_id] for t, rows in _progress(storage / "cluster").items()}
+                done = [t for t, e in on_worker.items() if EPOCHS in e]
+                running = [t for t, e in on_worker.items() if e and EPOCHS not in e]
+                if done and running:
+                    victim = running[0]
+                else:
+                    time.sleep(0.05)  # polling a condition against a deadline
+            cluster.kill_worker_raylet()
+            assert driver.wait(timeout=300) == 0, log.read_text()[-4000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        out_text = log.read_text()
+        assert "sweep 'cluster': 4/4 grid points finished, 0 errored, 0 diverged" in out_text
+
+        # The record, read through the tracking server's REST API.
+        exp = server.api("experiments/get-by-name", experiment_name="cluster")["experiment"]
+        runs = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+        by_role: dict[str, list[dict[str, Any]]] = {}
+        for r in runs:
+            by_role.setdefault(_tags(r)["kd_tune.role"], []).append(r)
+        assert len(by_role["sweep"]) == 1 and by_role["sweep"][0]["info"]["status"] == "FINISHED"
+        assert len(by_role["teacher"]) == 1
+        children = by_role["student"] + by_role["scratch"]
+        assert len(children) == 4 and len({_tags(r)["kd_tune.trial_id"] for r in children}) == 4  # one run per trial
+        nodes: dict[str, list[str]] = {}
+        for r in children:
+            tags = _tags(r)
+            assert r["info"]["status"] == "FINISHED", tags
+            assert tags["mlflow.parentRunId"] == by_role["sweep"][0]["info"]["run_id"]
+            assert tags["kd_tune.device"] == "cpu"
+            nodes[tags["kd_tune.trial"]] = tags["kd_tune.nodes"].split(",")
+            assert tags["kd_tune.node_id"] == nodes[tags["kd_tune.trial"]][-1]
+            history = server.api("metrics/get-history", run_id=r["info"]["run_id"], metric_key="test_acc")["metrics"]
+            assert sorted(m["step"] for m in history) == list(range(1, EPOCHS + 1))  # each epoch once, none lost
+            files = server.api("artifacts/list", run_id=r["info"]["run_id"], path="model").get("files", [])
+            assert [f["path"] for f in files] == ["model/student.pt"]
+        # Trials ran on both nodes; the one cut short on the worker finished on the head, retried by FailureConfig.
+        assert {n[0] for n in nodes.values()} == {cluster.head_id, cluster.worker_id}, nodes
+        assert nodes[victim] == [cluster.worker_id, cluster.head_id]
+        victim_run = next(r for r in children if _tags(r)["kd_tune.trial"] == victim)
+        assert _tags(victim_run)["kd_tune.retries"] == "1"
+        # Artifacts went through the server into its destination: the driver needs no access to that storage.
+        assert len(list(server.artifacts.rglob("student.pt"))) == 4

@@ -1,0 +1,160 @@
+"""--storage: local folders and object stores (a real S3-compatible server, moto, on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_tune import data
+from kd_tune.config import DatasetSpec, TeacherSpec
+from kd_tune.errors import UsageError
+from kd_tune.storage import Storage, filesystem_type, is_network_fs, resolve_storage
+from kd_tune.sweep import SweepExistsError, SweepOptions, resume_sweep, run_sweep, sweep_status
+from kd_tune.teacher import CACHE_FOLDER, TeacherCache, teacher_key, train_teacher
+from kd_tune.trainable import STATE_FILE, newest_persisted
+
+from .conftest import FIXTURE_DATA, tiny_space
+from .servers import S3Server
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in S3Server.CREDENTIALS}
+    os.environ.update(S3Server.CREDENTIALS)  # read by pyarrow here and by the Ray workers this process starts
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "local":
+        return resolve_storage(str(tmp_path / "store"))
+    s3: S3Server = request.getfixturevalue("s3")
+    return resolve_storage(s3.uri(f"unit-{tmp_path.name}"))
+
+
+def test_local_paths_and_file_uris_resolve_to_absolute_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KD_TUNE_STORAGE", raising=False)
+    assert resolve_storage(None).root == str(tmp_path / "kd_tune_results") and resolve_storage(None).is_local
+    assert resolve_storage("rel/dir").given == str(tmp_path / "rel" / "dir")
+    assert resolve_storage(f"file://{tmp_path}/x").root == str(tmp_path / "x")
+    monkeypatch.setenv("KD_TUNE_STORAGE", str(tmp_path / "from-env"))
+    assert resolve_storage(None).root == str(tmp_path / "from-env")
+
+
+@pytest.mark.parametrize("uri,expected", [
+    ("nosuch://bucket/x", "--storage 'nosuch://bucket/x': "),
+    ("s3://", "--storage 's3://': "),
+])
+def test_bad_storage_uri_is_a_usage_error(uri: str, expected: str) -> None:
+    with pytest.raises(UsageError) as e:
+        resolve_storage(uri)
+    msg = str(e.value)
+    assert msg.startswith(expected) and "allowed: a local folder, a folder every node mounts (NFS), or a URI such as s3://" in msg
+    assert "\n" not in msg
+
+
+def test_cli_bad_storage_exits_2_and_writes_nothing(write_space: Callable[..., Path], tmp_path: Path) -> None:
+    space = write_space(tiny_space())
+    res = subprocess.run([sys.executable, "-m", "kd_tune.cli", "sweep", str(space), "--storage", "nosuch://b/x"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("kd-tune sweep: error: --storage 'nosuch://b/x': ") and "allowed:" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
+def test_network_file_systems_are_told_from_local_disks() -> None:
+    mounts = ("overlay / overlay rw 0 0\n/dev/vda1 /data ext4 rw 0 0\nfiler:/export /data/shared nfs4 rw 0 0\n"
+              "lustre@tcp:/fs /scratch lustre rw 0 0\ns3fs /mnt/bucket fuse.s3fs rw 0 0\n")
+    assert filesystem_type("/data/shared/sweeps", mounts) == "nfs4" and is_network_fs("/data/shared/sweeps", mounts)
+    assert filesystem_type("/data/sweeps", mounts) == "ext4" and not is_network_fs("/data/sweeps", mounts)
+    assert filesystem_type("/data/sharedness", mounts) == "ext4"  # a prefix of the name is not a mount below it
+    assert is_network_fs("/scratch/x", mounts) and is_network_fs("/mnt/bucket/x", mounts)
+    assert not is_network_fs("/home/x", mounts)
+
+
+def test_storage_files_roundtrip(storage: Storage) -> None:
+    assert not storage.exists("a", "f.json") and storage.list_dirs() == []
+    storage.write_text('{"v": 1}', "a", "f.json")
+    storage.write_text('{"v": 2}', "a", "f.json")  # replaced whole
+    storage.write_bytes(b"x", "b", "c", "g.bin")
+    assert json.loads(storage.read_text("a", "f.json")) == {"v": 2}
+    assert storage.list_dirs() == ["a", "b"] and storage.list_dirs("b") == ["c"] and storage.is_dir("b", "c")
+    storage.delete("b")
+    storage.delete("b")  # already gone: nothing to do
+    assert storage.list_dirs() == ["a"] and not storage.exists("b", "c", "g.bin")
+    if storage.is_local:
+        assert sorted(p.name for p in Path(storage.root, "a").iterdir()) == ["f.json"]  # no temporary file left
+    else:
+        assert storage.show("a").startswith("s3://kd-tune/unit-")
+
+
+def test_teacher_cache_and_checkpoints_on_storage(storage: Storage) -> None:
+    split = data.prepare("mnist", 300, 0.0, 0, FIXTURE_DATA)
+    spec = TeacherSpec(widths=(4, 8), epochs=1, lr=3e-3, batch_size=64)
+    teacher = train_teacher(split, spec, teacher_key(DatasetSpec(train_size=300), spec, split), log=lambda s: None)
+    cache = TeacherCache(storage)
+    assert cache.load(teacher.key) is None
+    cache.save(teacher, {})
+    loaded = cache.load(teacher.key)
+    assert loaded is not None and loaded.cached and torch.equal(loaded.test_logits, teacher.test_logits)
+    raw = storage.read_bytes(CACHE_FOLDER, teacher.key, "teacher.pt")
+    storage.write_bytes(raw[: len(raw) // 2], CACHE_FOLDER, teacher.key, "teacher.pt")  # a torn copy
+    messages: list[str] = []
+    assert cache.load(teacher.key, messages.append) is None and "sha256 mismatch" in messages[0]
+    assert cache.keys() == []  # discarded, to be trained again
+
+    # The newest complete checkpoint of a trial, as a restarted trial finds it in the storage.
+    for epoch in (1, 2):
+        buf = io.BytesIO()
+        torch.save({"epoch": epoch, "model": teacher.state_dict}, buf)
+        storage.write_bytes(buf.getvalue(), "sweep", "t_1", f"checkpoint_{epoch:06d}", STATE_FILE)
+    storage.write_bytes(b"torn", "sweep", "t_1", "checkpoint_000003", STATE_FILE)
+    state = newest_persisted(storage, "sweep/t_1")
+    assert state is not None and state["epoch"] == 2
+    assert newest_persisted(storage, "sweep/none") is None
+
+
+@pytest.mark.integration
+def test_sweep_on_s3_storage_then_resume(s3: S3Server, write_space: Callable[..., Path], tmp_path: Path) -> None:
+    """Ray Tune's state and checkpoints, the teacher cache and the sweep record all in the bucket."""
+    uri = s3.uri("sweeps")
+    opts = SweepOptions(storage=uri, data_dir=str(FIXTURE_DATA), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", quiet=True)
+    space = write_space(tiny_space(name="ons3", grid={"alpha": [0.5], "epochs": [1, 2]}, baselines=["scratch"]))
+    outcome = run_sweep(space, opts, log=lambda s: None)
+    assert outcome.ok and outcome.total == 4
+    assert outcome.path == "s3://kd-tune/sweeps/ons3"
+    store = resolve_storage(uri)
+    assert store.list_dirs() == ["_teachers", "ons3"] and len(TeacherCache(store).keys()) == 1
+    assert store.exists("ons3", "kd_tune_sweep.json") and store.exists("ons3", "kd_tune_space.yaml")
+    trials = [d for d in store.list_dirs("ons3") if d.startswith(("a0.5", "scratch"))]
+    assert len(trials) == 2 and all(store.list_dirs("ons3", t) for t in trials)  # checkpoints persisted in the bucket
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "space.yaml"]  # nothing on the local disk
+
+    st = sweep_status("ons3", uri)
+    assert st.counts["finished"] == 2 and not st.driver_alive
+    with pytest.raises(SweepExistsError) as e:
+        run_sweep(space, opts, log=lambda s: None)
+    assert f"kd-tune resume ons3 --storage '{uri}'" in str(e.value)  # quoted: the URI has '&' in it
+    messages: list[str] = []
+    again = resume_sweep("ons3", SweepOptions(storage=uri, data_dir=str(FIXTURE_DATA)), log=messages.append)
+    assert again.ok and set(again.table["how"]) == {"restored"}
+    assert any("from the cache (s3://kd-tune/sweeps/_teachers/" in m for m in messages)
