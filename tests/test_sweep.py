@@ -182,3 +182,21 @@ def test_label_noise_axis_with_noisy_and_clean_teachers(write_space: Callable[..
     assert not any("training" in m for m in messages) and len(list(cache.iterdir())) == 2
     runs = _runs_by_role(client, "cleanteacher")
     assert [r.data.tags["kd_tune.label_noise"] for r in runs["teacher"]] == ["0"]
+
+
+@pytest.mark.parametrize("nodes,gpu,expected,warns", [
+    ([{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}], 0.0, 8, False),  # CPU sweep: the biggest node
+    ([{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}], 0.25, 4, False),  # GPU sweep: the biggest GPU node, not the CPU head
+    ([{"CPU": 8.0}], 0.25, 1, True),  # GPU workers not up yet: what one trial asks, which the autoscaler can grant
+])
+def test_teacher_gets_a_whole_node_of_the_trials_kind(monkeypatch: pytest.MonkeyPatch, nodes: list[dict[str, float]], gpu: float,
+                                                      expected: int, warns: bool) -> None:
+    import ray
+
+    from kd_tune.config import ResourcesSpec
+    from kd_tune.sweep import teacher_cpus
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes] + [{"Alive": False, "Resources": {"CPU": 64.0}}])
+    messages: list[str] = []
+    assert teacher_cpus(ResourcesSpec(cpu=1.0, gpu=gpu), messages.append) == expected
+    assert bool(messages) == warns
