@@ -158,17 +158,39 @@ def apply_overrides(spec: SweepSpec, opts: SweepOptions) -> SweepSpec:
     return replace(spec, name=name, resources=res, max_failures=max_failures, share_epochs=share)
 
 
+ADDRESS_ALLOWED = "allowed: 'auto' on a node of a running cluster (ray up / ray start), or the head's HOST:PORT (GCS port, 6379 by default)"
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a cluster address nothing listens at (ray.init would retry for minutes)."""
+    if address.startswith("ray://"):
+        return  # Ray Client: its own connection error is quick and clear
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        resolved = canonicalize_bootstrap_address(address)  # "auto": $RAY_ADDRESS or the cluster started on this machine
+    except (ConnectionError, ValueError) as e:
+        raise UsageError(f"--address {address!r}: {str(e).splitlines()[0]}; {ADDRESS_ALLOWED}") from None
+    if resolved is None:
+        return
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        raise UsageError(f"--address {address!r}: nothing answers at {resolved}; {ADDRESS_ALLOWED}") from None
+
+
 def connect_ray(address: str | None) -> bool:
     """Join the given cluster, else start an embedded one; True when this call started Ray."""
     if ray.is_initialized():
         return False
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True, "configure_logging": True}
     if address:
+        check_reachable(address)
         try:
             ray.init(address=address, **quiet)  # type: ignore[arg-type]
         except ConnectionError as e:
-            raise UsageError(f"--address {address!r}: no Ray cluster answers there ({str(e).splitlines()[0]}); allowed: 'auto' on a "
-                             "node of a running cluster (ray up / ray start), or the head's HOST:PORT") from None
+            raise UsageError(f"--address {address!r}: no Ray cluster answers there ({str(e).splitlines()[0]}); {ADDRESS_ALLOWED}") from None
     else:
         # "local" always starts a fresh embedded Ray, whatever a stale /tmp/ray says.
         ray.init(address="local", include_dashboard=False, **quiet)  # type: ignore[arg-type]

@@ -122,3 +122,21 @@ def test_one_driver_per_sweep(write_space: Callable[..., Path], tmp_path: Path, 
     assert main(["sweep", str(write_space(tiny_space())), "--storage", str(tmp_path / "store")]) == 2
     assert "sweep 'tiny' is running now" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_address_where_no_cluster_answers(write_space: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from .servers import free_port
+
+    monkeypatch.chdir(tmp_path)
+    path = write_space(tiny_space())
+    port = free_port()  # nothing listens there
+    address = f"127.0.0.1:{port}"
+    assert main(["sweep", str(path), "--address", address, "--storage", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"kd-tune sweep: error: --address '{address}': nothing answers at ")  # Ray names the host by its IP
+    assert err[0].endswith(f":{port}; allowed: 'auto' on a node of a running cluster (ray up / ray start), "
+                           "or the head's HOST:PORT (GCS port, 6379 by default)")
+    assert err[1] == "(see 'kd-tune sweep --help')" and len(err) == 2
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
