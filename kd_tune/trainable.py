@@ -10,7 +10,6 @@ sweep's storage (a local or NFS folder, or an object store: see :mod:`kd_tune.st
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tempfile
@@ -102,7 +101,7 @@ def newest_persisted(storage: Storage, trial_dir: str) -> dict[str, Any] | None:
         if not folder.startswith("checkpoint_"):
             continue
         try:
-            state = _state(torch.load(io.BytesIO(storage.read_bytes(trial_dir, folder, STATE_FILE)), map_location="cpu", weights_only=True))
+            state = _state(storage.torch_load(trial_dir, folder, STATE_FILE))
         except Exception:  # noqa: BLE001 - any unreadable file is an incomplete checkpoint
             continue
         if best is None or state["epoch"] > best["epoch"]:
