@@ -411,8 +411,12 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if not address:
         check_local_fits(spec.resources)
-    if _driver_alive(storage, spec.name):
-        raise UsageError(f"sweep {spec.name!r} is running now (see {storage.show(spec.name, DRIVER_FILE)}); allowed: one driver per sweep")
+    driver = _live_driver(storage, spec.name)
+    if driver:
+        where = storage.show(spec.name, DRIVER_FILE)
+        gone = "" if driver["host"] == socket.gethostname() else f"; if that machine is gone, delete {where} and run this again"
+        raise UsageError(f"sweep {spec.name!r} is running now (driver pid {driver['pid']} on {driver['host']}, see {where}){gone}; "
+                         "allowed: one driver per sweep")
     started_ray = connect_ray(address)
     try:
         if address:
@@ -528,18 +532,20 @@ class SweepStatus:
     resume_command: str
 
 
-def _driver_alive(storage: Storage, name: str) -> bool:
+def _live_driver(storage: Storage, name: str) -> dict[str, Any] | None:
+    """The sweep's driver (pid, host) if one runs: this machine's is checked by pid; another
+    machine's is assumed to run (its file is removed when it ends)."""
     try:
-        info = json.loads(storage.read_text(name, DRIVER_FILE))
+        info: dict[str, Any] = json.loads(storage.read_text(name, DRIVER_FILE))
     except (OSError, ValueError):
-        return False
+        return None
     if info.get("host") != socket.gethostname():
-        return True  # another machine's driver: assume it runs (its file is removed when it ends)
+        return info
     try:
         os.kill(int(info["pid"]), 0)
-        return True
-    except (OSError, ValueError):
-        return False
+        return info
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
@@ -548,7 +554,7 @@ def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
     path = sweep_path(root, name)
     if not can_restore(root, name):
         raise UsageError(f"no sweep named {name!r} in {root.show()}; allowed: {', '.join(known_sweeps(root)) or 'none there yet'}")
-    alive = _driver_alive(root, name)
+    alive = _live_driver(root, name) is not None
     names = {"TERMINATED": "finished", "RUNNING": "running" if alive else "interrupted", "PENDING": "pending",
              "ERROR": "errored", "PAUSED": "paused"}
     rows = []

@@ -120,7 +120,11 @@ def test_one_driver_per_sweep(write_space: Callable[..., Path], tmp_path: Path, 
     sweep_dir.mkdir(parents=True)
     (sweep_dir / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname()}))
     assert main(["sweep", str(write_space(tiny_space())), "--storage", str(tmp_path / "store")]) == 2
-    assert "sweep 'tiny' is running now" in capsys.readouterr().err
+    assert f"sweep 'tiny' is running now (driver pid {os.getpid()} on " in capsys.readouterr().err
+    # Another machine's driver cannot be checked by pid: the message says what to do if that machine died.
+    (sweep_dir / DRIVER_FILE).write_text(json.dumps({"pid": 1, "host": "head-node-that-died"}))
+    assert main(["sweep", str(write_space(tiny_space())), "--storage", str(tmp_path / "store")]) == 2
+    assert f"on head-node-that-died, see {sweep_dir / DRIVER_FILE}); if that machine is gone, delete {sweep_dir / DRIVER_FILE}" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
