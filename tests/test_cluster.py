@@ -86,7 +86,7 @@ def _tags(run: dict[str, Any]) -> dict[str, str]:
     return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
 
 
-def test_sweep_runs_on_both_nodes_and_survives_losing_one(cluster: RayCluster, write_space: Callable[..., Path], tmp_path: Path) -> None:
+def test_sweep_on_both_nodes_tracked_by_mlflow_server_survives_losing_one(cluster: RayCluster, write_space: Callable[..., Path], tmp_path: Path) -> None:
     storage = tmp_path / "shared"  # a folder both nodes see (as an NFS mount would be)
     with MlflowServer(tmp_path / "mlflow") as server:
         assert listening_addresses(server.port) == {"127.0.0.1"}
