@@ -7,9 +7,10 @@ files (the validated space, the sweep record, the teacher cache) go through the 
 node of a cluster finds them. Writes are atomic: a temporary file renamed into place on a local or
 NFS folder, one PUT on an object store (an object appears whole or not at all).
 
-On a multi-node cluster a folder that only the driver's machine sees would fail at the first
-checkpoint a remote trial persists; :func:`check_shared` finds that out up front by asking every
-node to read a probe file.
+A storage the driver cannot write to is refused before anything starts (:func:`check_writable`).
+On a multi-node cluster a folder that only the driver's machine sees, or a bucket some node has
+no credentials for, would fail at the first checkpoint a remote trial persists; :func:`check_shared`
+finds that out up front by asking every node to read a probe file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import io
 import os
 import posixpath
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,8 +122,7 @@ def resolve_storage(raw: str | None) -> Storage:
     try:
         fs, root = pafs.FileSystem.from_uri(given)
     except (pyarrow.ArrowException, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"--storage {given!r}: {reason}; allowed: {ALLOWED}") from None
+        raise UsageError(f"--storage {given!r}: {_first_line(e)}; allowed: {ALLOWED}") from None
     root = root.rstrip("/")
     if not root:
         raise UsageError(f"--storage {given!r}: no bucket or folder in it; allowed: {ALLOWED}")
@@ -156,53 +157,80 @@ def is_network_fs(path: str, mounts: str | None = None) -> bool:
     return any(kind == n or (n.endswith(".") and kind.startswith(n)) for n in NETWORK_FS)
 
 
-def check_shared(storage: Storage, log: Callable[[str], None]) -> None:
-    """On a Ray cluster, make sure every live node sees the storage folder; refuse it up front if not.
+@contextmanager
+def _probe_file(storage: Storage) -> Iterator[tuple[str, str]]:
+    """A file with a random token in the storage root, removed afterwards (with any folder made for it)."""
+    made = [p for p in (Path(storage.root), *Path(storage.root).parents) if not p.exists()] if storage.is_local else []
+    token = uuid.uuid4().hex
+    probe = f".kd_tune_probe-{token}"
+    try:
+        try:
+            storage.write_text(token, probe)
+        except OSError as e:
+            raise UsageError(f"--storage {storage.given!r}: cannot write there ({_first_line(e)}); allowed: {ALLOWED}") from None
+        yield probe, token
+    finally:
+        storage.delete(probe)
+        for p in made:  # deepest first: only the folders made for the probe, and only if empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
-    An object-store URI is reachable from every node by design. A local path is probed: the driver
-    writes a file with a random token, a zero-CPU task pinned to each node reads it back; the file
-    is removed again (and the folder too, if the probe made it), so a refusal leaves nothing behind.
+
+def check_writable(storage: Storage) -> None:
+    """Refuse a storage the driver cannot write to (a missing bucket, no credentials, a read-only
+    folder) before anything is started or written."""
+    with _probe_file(storage):
+        pass
+
+
+def check_shared(storage: Storage, log: Callable[[str], None]) -> None:
+    """On a Ray cluster, make sure every live node reaches the storage; refuse it up front if not.
+
+    The driver writes a probe file, a zero-CPU task pinned to each live node reads it back through
+    the same filesystem the trials will use (a local path, or the object store with that node's
+    credentials); the file is removed again, so a refusal leaves nothing behind.
     """
-    if not storage.is_local:
-        return
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
-        if not is_network_fs(storage.root):
+        if storage.is_local and not is_network_fs(storage.root):
             log(f"note: storage {storage.root} is on a local disk ({filesystem_type(storage.root)}); nodes the "
                 f"autoscaler adds later will not see it: use {ALLOWED}")
         return
-    made = [p for p in (Path(storage.root), *Path(storage.root).parents) if not p.exists()]
-    token = uuid.uuid4().hex
-    probe = f".kd_tune_probe-{token}"
-    try:
-        storage.write_text(token, probe)
-    except OSError as e:
-        raise UsageError(f"--storage {storage.root!r}: cannot write there ({e}); allowed: {ALLOWED}") from None
-    try:
+    with _probe_file(storage) as (probe, token):
         reader = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
         refs = {n["NodeID"]: reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            storage.path(probe), token) for n in nodes}
+            storage, probe, token) for n in nodes}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=120)
-        seen = {node: ref in ready and bool(ray.get(ref)) for node, ref in refs.items()}
-    finally:
-        storage.delete(probe)
-        for p in made:  # deepest first: only the folders the probe created, and only if empty
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        seen = {node: ref in ready and _answer(ref) for node, ref in refs.items()}
     blind = [n for n in nodes if not seen[n["NodeID"]]]
     if blind:
         names = ", ".join(f"{n['NodeManagerAddress']} (node {n['NodeID'][:12]})" for n in blind)
-        raise UsageError(f"--storage {storage.root!r} is a folder that {len(blind)} of the cluster's {len(nodes)} nodes cannot see: "
-                         f"{names}; trials there could not save checkpoints; allowed: {ALLOWED}")
+        what = "is a folder that" if storage.is_local else "is out of reach (no access or no credentials) for"
+        raise UsageError(f"--storage {storage.given!r} {what} {len(blind)} of the cluster's {len(nodes)} nodes"
+                         f"{' cannot see' if storage.is_local else ''}: {names}; trials there could not save checkpoints; allowed: {ALLOWED}")
 
 
-def _read_probe(path: str, token: str) -> bool:
+def _read_probe(storage: Storage, probe: str, token: str) -> bool:
     try:
-        return Path(path).read_text() == token
+        return storage.read_text(probe) == token
     except OSError:
         return False
+
+
+def _answer(ref: Any) -> bool:
+    import ray
+
+    try:
+        return bool(ray.get(ref))
+    except Exception:  # noqa: BLE001 - a node whose task failed (say, cannot build the filesystem) does not reach it
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -29,7 +29,7 @@ from ray import tune
 from kd_tune.config import NAME_ALLOWED, ResourcesSpec, SweepSpec, TrialPoint, is_valid_name, load_space, load_space_text, space_to_yaml
 from kd_tune.data import DataSplit, flip_labels, prepare
 from kd_tune.errors import KdTuneError, UsageError
-from kd_tune.storage import STORAGE_ENV, Storage, check_shared, resolve_storage
+from kd_tune.storage import STORAGE_ENV, Storage, check_shared, check_writable, resolve_storage
 from kd_tune.teacher import Teacher, TeacherCache, teacher_key, train_teacher
 from kd_tune.tracking import (
     TAG_PARENT,
@@ -417,6 +417,7 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
         gone = "" if driver["host"] == socket.gethostname() else f"; if that machine is gone, delete {where} and run this again"
         raise UsageError(f"sweep {spec.name!r} is running now (driver pid {driver['pid']} on {driver['host']}, see {where}){gone}; "
                          "allowed: one driver per sweep")
+    check_writable(storage)
     started_ray = connect_ray(address)
     try:
         if address:
@@ -431,6 +432,8 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
 def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None,
          log: Callable[[str], None], started: float) -> SweepOutcome:
     name, path, fs = spec.name, sweep_path(storage, spec.name), storage.ray_filesystem
+    # With a tracking server MLflow prints two "View run at" lines per run it ends: hundreds in a sweep.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     split = prepare(spec.dataset.name, spec.dataset.train_size, 0.0, spec.dataset.seed, Path(opts.data_dir) if opts.data_dir else None, log)
     # The same fixed flips as prepare() would make, once per noise level of the sweep.
     labels = {n: flip_labels(split.train_y, n, spec.dataset.seed, split.info.num_classes) for n in spec.noise_levels()}

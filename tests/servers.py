@@ -27,6 +27,10 @@ from typing import Any
 # The same auth mode in every Ray process of a test (Ray 2.60 turns on token auth in `ray start --head`
 # when ~/.ray/auth_token exists, while a driver without the variable may not).
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# Credentials for the test S3 server (moto accepts any); with them set, no AWS SDK looks for the
+# cloud's instance-metadata service, and the metadata lookup is turned off besides.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "kd-tune-test", "AWS_SECRET_ACCESS_KEY": "kd-tune-test", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 def free_port() -> int:
@@ -175,23 +179,35 @@ class RayCluster:
         private.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = dict(RAY_ENV)
+        self.env = {**RAY_ENV, **S3_ENV}  # every node reaches the test S3 server, as with an instance profile
         ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "1", "--num-gpus", "0",
                "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+        self.folder, self.private, self._ray = folder, private, ray
         self.head = _start([*ray, "--head", "--port", str(self.port), "--include-dashboard", "false"], folder / "head.log", self.env)
         self.worker: subprocess.Popen[Any] | None = None
+        self.worker_id = ""
         try:
-            self.head_id = self._wait_for_nodes(1)[0]
-            worker_cmd = " ".join([*ray, "--address", self.address])
-            self.worker = _start(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                  f"mount -t tmpfs kd-tune-private {private} && exec {worker_cmd}"], folder / "worker.log", self.env)
-            self.worker_id = next(n for n in self._wait_for_nodes(2) if n != self.head_id)
+            self.head_id = self._wait_for_new_node(set())
+            self.start_worker()
         except BaseException:
             self.stop()
             raise
 
-    def _wait_for_nodes(self, count: int, timeout: float = 120) -> list[str]:
-        """Node ids of the live nodes, once there are ``count`` (asked through a driver in a subprocess)."""
+    def start_worker(self) -> None:
+        """(Re)start the worker node, e.g. after a test killed the last one."""
+        if self.worker is not None:
+            kill_session(self.worker)
+        worker_cmd = " ".join([*self._ray, "--address", self.address])
+        self.worker = _start(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                              f"mount -t tmpfs kd-tune-private {self.private} && exec {worker_cmd}"], self.folder / "worker.log", self.env)
+        # A killed worker can still count as alive for a while (until Ray's health checks give up on it).
+        self.worker_id = self._wait_for_new_node({self.head_id, self.worker_id})
+
+    def worker_alive(self) -> bool:
+        return self.worker is not None and any("/raylet/raylet " in cmdline(p) for p in session_pids(self.worker.pid))
+
+    def _wait_for_new_node(self, known: set[str], timeout: float = 120) -> str:
+        """The id of a live node not in ``known``, once one has joined (asked through a driver in a subprocess)."""
         script = ("import json, sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
                   "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
         deadline = time.monotonic() + timeout
@@ -201,11 +217,11 @@ class RayCluster:
             res = subprocess.run([sys.executable, "-c", script, self.address], capture_output=True, text=True, timeout=120,
                                  env={**os.environ, **self.env})
             if res.returncode == 0:
-                nodes: list[str] = json.loads(res.stdout.strip().splitlines()[-1])
-                if len(nodes) >= count:
-                    return nodes
+                new = set(json.loads(res.stdout.strip().splitlines()[-1])) - known
+                if new:
+                    return new.pop()
             time.sleep(0.5)  # polling a condition against a deadline
-        raise AssertionError(f"the Ray cluster did not reach {count} nodes")
+        raise AssertionError(f"no node joined the Ray cluster beside {known}")
 
     def kill_worker_raylet(self) -> int:
         """SIGKILL the worker node's raylet, as when the machine dies; its trials' processes die with it."""
@@ -224,7 +240,7 @@ class RayCluster:
 class S3Server:
     """moto's S3 server on 127.0.0.1 with a bucket, and the pyarrow URI options that reach it."""
 
-    CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kd-tune-test", "AWS_SECRET_ACCESS_KEY": "kd-tune-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    CREDENTIALS = S3_ENV
 
     def __init__(self, folder: Path, bucket: str = "kd-tune") -> None:
         folder.mkdir(parents=True, exist_ok=True)

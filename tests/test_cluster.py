@@ -7,7 +7,6 @@ be shown a storage folder it cannot see. Everything is stopped by PID afterwards
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,16 +18,16 @@ from typing import Any
 import pytest
 
 from .conftest import FIXTURE_DATA, tiny_space
-from .servers import RAY_ENV, MlflowServer, RayCluster, listening_addresses
+from .servers import RAY_ENV, MlflowServer, RayCluster, S3Server, listening_addresses
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.slow]
 
 EPOCHS = 6
-# ~1 s per epoch on one CPU: a trial lasts long enough for the worker node to die in the middle of one.
+# ~0.8 s per epoch on one CPU (250 small steps): a trial lasts long enough for the worker node to die in the middle of one.
 SPACE = tiny_space(
     name="cluster",
     dataset={"name": "mnist", "train_size": 2000},
-    student={"widths": [16, 32], "lr": 0.003, "batch_size": 16},
+    student={"widths": [16, 32], "lr": 0.003, "batch_size": 8},
     grid={"alpha": [0.0, 0.5, 1.0], "epochs": [EPOCHS]},
     baselines=["scratch"],
     max_failures=2,
@@ -39,7 +38,6 @@ SPACE = tiny_space(
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     root = tmp_path_factory.mktemp("cluster")
     c = RayCluster(root / "ray", root / "private")
-    c.private = root / "private"  # type: ignore[attr-defined]
     try:
         yield c
     finally:
@@ -54,7 +52,7 @@ def _env() -> dict[str, str]:
 
 
 def test_storage_that_a_node_cannot_see_is_refused(cluster: RayCluster, write_space: Callable[..., Path], tmp_path: Path) -> None:
-    store = cluster.private / "store"  # type: ignore[attr-defined]
+    store = cluster.private / "store"
     res = subprocess.run([sys.executable, "-m", "kd_tune.cli", "sweep", str(write_space(SPACE)), "--address", cluster.address,
                           "--storage", str(store)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
@@ -67,56 +65,70 @@ def test_storage_that_a_node_cannot_see_is_refused(cluster: RayCluster, write_sp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]  # no MLflow store, nothing else written
 
 
-def _progress(sweep_dir: Path) -> dict[str, list[tuple[int, str]]]:
-    """(epoch, node id) of every result the driver recorded, per trial label."""
-    out: dict[str, list[tuple[int, str]]] = {}
-    for f in sweep_dir.glob("*/result.json"):
-        rows = []
-        for line in f.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                rows.append((int(r["epoch"]), str(r["node_id"])))
-            except (ValueError, KeyError):
-                pass  # a line being written
-        out[f.parent.name.rsplit("_", 2)[0]] = rows
-    return out
-
-
 def _tags(run: dict[str, Any]) -> dict[str, str]:
     return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
 
 
-def test_sweep_on_both_nodes_tracked_by_mlflow_server_survives_losing_one(cluster: RayCluster, write_space: Callable[..., Path], tmp_path: Path) -> None:
-    storage = tmp_path / "shared"  # a folder both nodes see (as an NFS mount would be)
+def _trial_runs(server: MlflowServer, experiment_id: str) -> list[dict[str, Any]]:
+    """The sweep's student and scratch runs, read through the REST API."""
+    runs = server.api("runs/search", {"experiment_ids": [experiment_id], "max_results": 100}).get("runs", [])
+    return [r for r in runs if _tags(r).get("kd_tune.role") in ("student", "scratch")]
+
+
+def _step(run: dict[str, Any]) -> int:
+    return max((int(m["step"]) for m in run["data"].get("metrics", []) if m["key"] == "test_acc"), default=0)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", ["folder", "s3"])
+def test_sweep_on_both_nodes_tracked_by_mlflow_server_survives_losing_one(
+    kind: str, cluster: RayCluster, write_space: Callable[..., Path], tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    # A folder both nodes see (as an NFS mount would be), or a bucket both reach with their credentials.
+    storage = str(tmp_path / "shared") if kind == "folder" else request.getfixturevalue("s3").uri(f"sweeps-{tmp_path.name}")
+    if not cluster.worker_alive():
+        cluster.start_worker()  # the previous case killed it
     with MlflowServer(tmp_path / "mlflow") as server:
         assert listening_addresses(server.port) == {"127.0.0.1"}
         log = tmp_path / "driver.log"
         with open(log, "w") as out:
             driver = subprocess.Popen(
                 [sys.executable, "-m", "kd_tune.cli", "sweep", str(write_space(SPACE)), "--address", cluster.address,
-                 "--storage", str(storage), "--tracking-uri", server.url],
-                cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                 "--storage", storage, "--tracking-uri", server.url],
+                cwd=tmp_path, env={**_env(), **cluster.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
-            # Kill the worker node once it has finished one trial and is in the middle of another.
-            deadline, victim = time.monotonic() + 300, None
+            # Kill the worker node once it has finished one trial and is in the middle of another
+            # (watched through the tracking server: node tags and the latest logged epoch).
+            deadline, victim, experiment, runs = time.monotonic() + 300, None, None, []
             while victim is None:
-                assert driver.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, f"no kill point reached: {_progress(storage / 'cluster')}"
-                on_worker = {t: [e for e, n in rows if n == cluster.worker_id] for t, rows in _progress(storage / "cluster").items()}
-                done = [t for t, e in on_worker.items() if EPOCHS in e]
-                running = [t for t, e in on_worker.items() if e and EPOCHS not in e]
+                assert driver.poll() is None, (f"the sweep ended before the kill point; worker {cluster.worker_id}, runs: "
+                                               f"{[(_tags(r).get('kd_tune.nodes'), r['info']['status'], _step(r)) for r in runs]}")
+                if experiment is None:
+                    found = server.api("experiments/search", {"max_results": 10, "filter": "name = 'cluster'"}).get("experiments", [])
+                    experiment = found[0]["experiment_id"] if found else None
+                runs = [r for r in _trial_runs(server, experiment) if _tags(r).get("kd_tune.node_id") == cluster.worker_id] if experiment else []
+                assert time.monotonic() < deadline, f"no kill point reached: {[(_tags(r)['kd_tune.trial'], _step(r)) for r in runs]}"
+                done = [r for r in runs if r["info"]["status"] == "FINISHED"]
+                running = [r for r in runs if r["info"]["status"] == "RUNNING" and 1 <= _step(r) < EPOCHS]
                 if done and running:
-                    victim = running[0]
+                    victim = _tags(running[0])["kd_tune.trial"]
                 else:
-                    time.sleep(0.05)  # polling a condition against a deadline
+                    time.sleep(0.1)  # polling a condition against a deadline
             cluster.kill_worker_raylet()
             assert driver.wait(timeout=300) == 0, log.read_text()[-4000:]
         finally:
             if driver.poll() is None:
                 driver.kill()
-        out_text = log.read_text()
-        assert "sweep 'cluster': 4/4 grid points finished, 0 errored, 0 diverged" in out_text
+        assert "sweep 'cluster': 4/4 grid points finished, 0 errored, 0 diverged" in log.read_text()
 
         # The record, read through the tracking server's REST API.
         exp = server.api("experiments/get-by-name", experiment_name="cluster")["experiment"]

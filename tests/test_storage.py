@@ -158,3 +158,19 @@ def test_sweep_on_s3_storage_then_resume(s3: S3Server, write_space: Callable[...
     again = resume_sweep("ons3", SweepOptions(storage=uri, data_dir=str(FIXTURE_DATA)), log=messages.append)
     assert again.ok and set(again.table["how"]) == {"restored"}
     assert any("from the cache (s3://kd-tune/sweeps/_teachers/" in m for m in messages)
+
+
+def test_storage_the_driver_cannot_write_is_refused_before_anything_starts(s3: S3Server, write_space: Callable[..., Path],
+                                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tiny_space())
+    (tmp_path / "a-file").write_text("not a folder")
+    missing_bucket = s3.uri("x").replace(f"s3://{s3.bucket}/", "s3://no-such-bucket/")
+    for storage in (str(tmp_path / "a-file" / "store"), missing_bucket):
+        with pytest.raises(UsageError) as e:
+            run_sweep(space, SweepOptions(storage=storage, data_dir=str(FIXTURE_DATA)), log=lambda s: None)
+        assert str(e.value).startswith(f"--storage {storage!r}: cannot write there (") and "allowed: " in str(e.value)
+        assert not ray.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "space.yaml"]  # no MLflow store, no storage folder
