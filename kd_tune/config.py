@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from kd_tune.data import REGISTRY
-from kd_tune.errors import SpaceError
+from kd_tune.errors import SpaceError, first_line
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 NAME_ALLOWED = "1-100 letters, digits, '_', '.', '-', starting with a letter or digit (no path separators)"
@@ -379,7 +379,7 @@ def load_space_text(text: str, source: str) -> SweepSpec:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise SpaceError(source, "", f"<YAML syntax error at {where}: {problem}>", "valid YAML") from None
     return parse_space(data, source)
 

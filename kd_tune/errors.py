@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run on), or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class KdTuneError(Exception):
     """An error whose message is meant for the user. ``exit_code`` is the CLI's exit status."""
 

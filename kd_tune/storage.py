@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow
 import pyarrow.fs as pafs
 
-from kd_tune.errors import UsageError
+from kd_tune.errors import UsageError, first_line
 
 STORAGE_ENV = "KD_TUNE_STORAGE"
 DEFAULT_STORAGE = "kd_tune_results"
@@ -67,9 +67,6 @@ class Storage:
 
     def exists(self, *parts: str) -> bool:
         return bool(self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound)
-
-    def is_dir(self, *parts: str) -> bool:
-        return bool(self.fs.get_file_info(self.path(*parts)).type == pafs.FileType.Directory)
 
     def list_dirs(self, *parts: str) -> list[str]:
         """Names of the folders directly below ``parts`` (none if it does not exist)."""
@@ -122,7 +119,7 @@ def resolve_storage(raw: str | None) -> Storage:
     try:
         fs, root = pafs.FileSystem.from_uri(given)
     except (pyarrow.ArrowException, OSError, ValueError) as e:
-        raise UsageError(f"--storage {given!r}: {_first_line(e)}; allowed: {ALLOWED}") from None
+        raise UsageError(f"--storage {given!r}: {first_line(e)}; allowed: {ALLOWED}") from None
     root = root.rstrip("/")
     if not root:
         raise UsageError(f"--storage {given!r}: no bucket or folder in it; allowed: {ALLOWED}")
@@ -167,7 +164,7 @@ def _probe_file(storage: Storage) -> Iterator[tuple[str, str]]:
         try:
             storage.write_text(token, probe)
         except OSError as e:
-            raise UsageError(f"--storage {storage.given!r}: cannot write there ({_first_line(e)}); allowed: {ALLOWED}") from None
+            raise UsageError(f"--storage {storage.given!r}: cannot write there ({first_line(e)}); allowed: {ALLOWED}") from None
         yield probe, token
     finally:
         storage.delete(probe)
@@ -229,8 +226,3 @@ def _answer(ref: Any) -> bool:
         return bool(ray.get(ref))
     except Exception:  # noqa: BLE001 - a node whose task failed (say, cannot build the filesystem) does not reach it
         return False
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -28,7 +28,7 @@ from ray import tune
 
 from kd_tune.config import NAME_ALLOWED, ResourcesSpec, SweepSpec, TrialPoint, is_valid_name, load_space, load_space_text, space_to_yaml
 from kd_tune.data import DataSplit, flip_labels, prepare
-from kd_tune.errors import KdTuneError, UsageError
+from kd_tune.errors import KdTuneError, UsageError, first_line
 from kd_tune.storage import STORAGE_ENV, Storage, check_shared, check_writable, resolve_storage
 from kd_tune.teacher import Teacher, TeacherCache, teacher_key, train_teacher
 from kd_tune.tracking import (
@@ -170,7 +170,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         resolved = canonicalize_bootstrap_address(address)  # "auto": $RAY_ADDRESS or the cluster started on this machine
     except (ConnectionError, ValueError) as e:
-        raise UsageError(f"--address {address!r}: {str(e).splitlines()[0]}; {ADDRESS_ALLOWED}") from None
+        raise UsageError(f"--address {address!r}: {first_line(e)}; {ADDRESS_ALLOWED}") from None
     if resolved is None:
         return
     host, _, port = resolved.rpartition(":")
@@ -190,7 +190,7 @@ def connect_ray(address: str | None) -> bool:
         try:
             ray.init(address=address, **quiet)  # type: ignore[arg-type]
         except ConnectionError as e:
-            raise UsageError(f"--address {address!r}: no Ray cluster answers there ({str(e).splitlines()[0]}); {ADDRESS_ALLOWED}") from None
+            raise UsageError(f"--address {address!r}: no Ray cluster answers there ({first_line(e)}); {ADDRESS_ALLOWED}") from None
     else:
         # "local" always starts a fresh embedded Ray, whatever a stale /tmp/ray says.
         ray.init(address="local", include_dashboard=False, **quiet)  # type: ignore[arg-type]

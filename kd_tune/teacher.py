@@ -21,6 +21,7 @@ import torch
 
 from kd_tune.config import DatasetSpec, TeacherSpec
 from kd_tune.data import DataSplit, data_hash
+from kd_tune.errors import first_line
 from kd_tune.models import build_model
 from kd_tune.storage import Storage
 from kd_tune.train import EpochMetrics, Evaluation, TensorData, make_optimizer, predict_logits, train
@@ -99,7 +100,7 @@ class TeacherCache:
                 raise ValueError("sha256 mismatch (truncated or corrupt file)")
             blob: dict[str, Any] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:
-            log(f"teacher cache entry {self.path(key)} is unusable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); training the teacher again")
+            log(f"teacher cache entry {self.path(key)} is unusable ({first_line(e)}); training the teacher again")
             self.storage.delete(CACHE_FOLDER, key)
             return None
         return Teacher(key, blob["state_dict"], blob["train_logits"], blob["test_logits"], meta["test_acc"], meta["history"], cached=True)

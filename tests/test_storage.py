@@ -97,7 +97,7 @@ def test_storage_files_roundtrip(storage: Storage) -> None:
     storage.write_text('{"v": 2}', "a", "f.json")  # replaced whole
     storage.write_bytes(b"x", "b", "c", "g.bin")
     assert json.loads(storage.read_text("a", "f.json")) == {"v": 2}
-    assert storage.list_dirs() == ["a", "b"] and storage.list_dirs("b") == ["c"] and storage.is_dir("b", "c")
+    assert storage.list_dirs() == ["a", "b"] and storage.list_dirs("b") == ["c"]
     storage.delete("b")
     storage.delete("b")  # already gone: nothing to do
     assert storage.list_dirs() == ["a"] and not storage.exists("b", "c", "g.bin")
