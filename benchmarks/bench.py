@@ -117,7 +117,8 @@ def sweep_overhead(data_dir: Path, n_trials: int, train_size: int) -> tuple[floa
     run one at a time (each asks for every CPU), with the teacher already cached."""
     import yaml
 
-    from kd_tune.sweep import SweepOptions, run_sweep
+    from kd_tune.options import SweepOptions
+    from kd_tune.sweep import run_sweep
 
     cpus = os.cpu_count() or 1
     alphas = [round(i / max(1, n_trials - 1), 3) for i in range(n_trials)]
@@ -151,11 +152,11 @@ def concurrency(split: kd_data.DataSplit, epochs: int) -> tuple[float, float]:
     """Student epochs per second with one 1-CPU Ray task, then with two side by side."""
     import ray
 
-    from kd_tune.trainable import trial_threads
+    from kd_tune.cluster import assigned_threads
 
     @ray.remote(num_cpus=1)
     def student(split: kd_data.DataSplit, epochs: int) -> tuple[float, float]:
-        torch.set_num_threads(trial_threads())  # what the trainable does
+        torch.set_num_threads(assigned_threads())  # what the trainable does
         data = TensorData.from_split(split)
         model = build_model((16, 32), split.info.shape, 10, 0)
         t0 = time.time()

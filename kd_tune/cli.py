@@ -1,7 +1,8 @@
 """``kd-tune``: a thin CLI mapping subcommands to plain typed functions.
 
 Errors meant for the user print one line (exit 2 for bad input, 1 otherwise); ``--debug`` shows
-the traceback instead.
+the traceback instead. Building the parser imports neither torch, Ray nor MLflow (the options are
+plain dataclasses): each subcommand imports what it needs, so ``--help`` and ``plan`` answer at once.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kd_tune.errors import KdTuneError, UsageError
+from kd_tune.errors import FlagError, KdTuneError, UsageError
+from kd_tune.options import STORAGE_HELP, ResumeOptions, SweepOptions
+
+if TYPE_CHECKING:
+    from kd_tune.results import SweepOutcome
 
 UI_HOST = "127.0.0.1"
 
@@ -46,7 +51,7 @@ def options_from(args: argparse.Namespace, cls: Any) -> Any:
 # --- subcommands: plain functions ---------------------------------------------------------------
 
 
-def sweep(space: Path, opts: Any) -> int:
+def sweep(space: Path, opts: SweepOptions) -> int:
     """Run every trial of a search space; exit 0 only if every trial finished."""
     from kd_tune.config import load_space
     from kd_tune.sweep import run_sweep
@@ -59,7 +64,7 @@ def sweep(space: Path, opts: Any) -> int:
         raise
 
 
-def resume(name: str, opts: Any) -> int:
+def resume(name: str, opts: SweepOptions) -> int:
     """Continue an interrupted sweep: finished trials stay, the others go on from their last checkpoint."""
     from kd_tune.sweep import resume_sweep
 
@@ -73,23 +78,18 @@ def resume(name: str, opts: Any) -> int:
 
 def status(name: str, storage: str | None) -> int:
     """Trials finished / running / pending / errored of a sweep, read from its storage."""
-    from kd_tune.sweep import sweep_status
+    from kd_tune.results import sweep_status
 
-    st = sweep_status(name, storage)
-    counts = ", ".join(f"{n} {k}" for k, n in st.counts.items() if n)
-    print(f"sweep {st.name!r} in {st.path}: {counts}; driver {'running' if st.driver_alive else 'not running'}")
-    shown = st.table.copy()
-    shown["test_acc"] = shown["test_acc"].map(lambda v: "" if v is None or v != v else f"{v:.4f}")
-    print(shown.to_string(index=False))
-    if not st.driver_alive and st.counts["finished"] < len(st.table):
-        print(f"to continue: {st.resume_command}")
+    print(sweep_status(name, storage).format())
     return 0
 
 
 def report(name: str, out: str | None, tracking_uri: str | None, storage: str | None) -> int:
     """Tables and figures of a sweep from its MLflow runs; also logged on the sweep's parent run."""
+    from kd_tune.mlflow_runs import resolve_tracking_uri
+    from kd_tune.record import SweepRecord, sweep_path
     from kd_tune.report import make_report
-    from kd_tune.sweep import SweepRecord, resolve_storage, resolve_tracking_uri, sweep_path
+    from kd_tune.storage import resolve_storage
 
     root = resolve_storage(storage)
     sweep_path(root, name)
@@ -124,17 +124,13 @@ def plan(space: Path, share_epochs: bool | None) -> int:
     return 0
 
 
-def _report(run: Callable[[Callable[[str], None]], Any], quiet: bool) -> int:
-    from kd_tune.sweep import format_table
+def _report(run: Callable[[Callable[[str], None]], SweepOutcome], quiet: bool) -> int:
+    from kd_tune.results import format_table
 
     log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
     outcome = run(log)
     print()
-    how = outcome.table["how"].value_counts().to_dict()
-    resumed = "" if set(how) <= {"new"} else " (" + ", ".join(f"{n} {k}" for k, n in sorted(how.items())) + ")"
-    print(f"sweep {outcome.name!r}: {outcome.finished}/{outcome.total} grid points finished, {outcome.errored} errored, "
-          f"{outcome.diverged} diverged{resumed}, "
-          f"teacher test acc {outcome.teacher_acc:.4f}, {outcome.wall_seconds:.0f} s")
+    print(outcome.summary_line())
     print(format_table(outcome.table))
     print()
     print(f"MLflow: experiment {outcome.name!r} (id {outcome.experiment_id}) in {outcome.tracking_uri}")
@@ -147,7 +143,8 @@ def _report(run: Callable[[Callable[[str], None]], Any], quiet: bool) -> int:
 
 def _hint_resume(name: Callable[[], str], storage: str | None) -> None:
     """After an abnormal end of a sweep that had started, say how to continue it."""
-    from kd_tune.sweep import SweepRecord, resolve_storage, resume_command, sweep_path
+    from kd_tune.record import SweepRecord, resume_command, sweep_path
+    from kd_tune.storage import resolve_storage
 
     try:
         root = resolve_storage(storage)
@@ -159,7 +156,7 @@ def _hint_resume(name: Callable[[], str], storage: str | None) -> None:
 
 
 def _default_tracking_uri() -> str:
-    from kd_tune.sweep import resolve_tracking_uri
+    from kd_tune.mlflow_runs import resolve_tracking_uri
 
     return resolve_tracking_uri(None)
 
@@ -170,11 +167,11 @@ def ui(tracking_uri: str | None, host: str, port: int, artifacts_destination: st
     One worker and no job execution keep it at ~0.5 GB; on a cluster's head it is the team's tracking
     server (drivers log to http://127.0.0.1:PORT there; people reach it through `ray attach --port-forward`).
     """
-    from kd_tune.sweep import resolve_tracking_uri
+    from kd_tune.mlflow_runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if "://" not in uri or uri.startswith(("http://", "https://")):
-        raise UsageError(f"--tracking-uri {uri!r}: the UI serves a database store; allowed: sqlite:///PATH or another SQLAlchemy URI")
+        raise FlagError("--tracking-uri", uri, "sqlite:///PATH or another SQLAlchemy URI", "the UI serves a database store")
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
     if artifacts_destination:
@@ -187,10 +184,12 @@ def ui(tracking_uri: str | None, host: str, port: int, artifacts_destination: st
 
 def data(name: str, data_dir: str | None) -> int:
     """Fetch (or verify) a dataset's files ahead of a sweep, e.g. on a cluster's shared disk."""
-    from kd_tune.data import REGISTRY, default_data_dir, load
+    from kd_tune.datasets import REGISTRY
 
     if name not in REGISTRY:
-        raise UsageError(f"dataset {name!r} is unknown; allowed: {', '.join(REGISTRY)}")
+        raise FlagError("dataset", name, ", ".join(REGISTRY), "is unknown")
+    from kd_tune.data import default_data_dir, load
+
     root = Path(data_dir) if data_dir else default_data_dir()
     info, train_x, _, test_x, _ = load(name, root)
     print(f"{name}: {len(train_x)} training and {len(test_x)} test images of shape {tuple(info.shape)} under {root}")
@@ -201,8 +200,6 @@ def data(name: str, data_dir: str | None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kd_tune.sweep import ResumeOptions, SweepOptions
-
     parser = _Parser(prog="kd-tune", description="Hyperparameter sweeps for knowledge distillation (Ray Tune + MLflow).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -223,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the sweep's name")
     p.add_argument("--out", default=None, help="folder for the CSV, summary and PNG files (default: reports/NAME)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the sweep's own, else $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here)")
-    p.add_argument("--storage", default=None, help="where the sweeps live: a folder or a URI such as s3://bucket/prefix (default: $KD_TUNE_STORAGE or ./kd_tune_results)")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(run=lambda a: report(a.name, a.out, a.tracking_uri, a.storage))
 
@@ -231,11 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the sweep's name")
     add_options(p, ResumeOptions)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p.set_defaults(run=lambda a: resume(a.name, SweepOptions(**{f.name: getattr(a, f.name) for f in dataclasses.fields(ResumeOptions)})))
+    p.set_defaults(run=lambda a: resume(a.name, options_from(a, ResumeOptions).as_sweep_options()))
 
     p = sub.add_parser("status", help="trials finished / running / pending / errored of a sweep", description=status.__doc__)
     p.add_argument("name", help="the sweep's name")
-    p.add_argument("--storage", default=None, help="where the sweeps live: a folder or a URI such as s3://bucket/prefix (default: $KD_TUNE_STORAGE or ./kd_tune_results)")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(run=lambda a: status(a.name, a.storage))
 

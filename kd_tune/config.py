@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from kd_tune.data import REGISTRY
+from kd_tune.datasets import REGISTRY
 from kd_tune.errors import SpaceError, first_line
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -38,7 +38,7 @@ class DatasetSpec:
     """Which data the teacher and the students learn from."""
 
     name: str = "mnist"
-    """Dataset name, one of the registry's (``kd_tune.data.REGISTRY``)."""
+    """Dataset name, one of the registry's (``kd_tune.datasets.REGISTRY``)."""
     train_size: int | None = None
     """Size of a fixed, seeded, class-stratified subset of the training set; null = all of it."""
     label_noise: float = 0.0

@@ -22,13 +22,14 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from kd_tune.datasets import REGISTRY, DatasetInfo
 from kd_tune.errors import DataUnavailableError, UsageError
 
 DATA_DIR_ENV = "KD_TUNE_DATA_DIR"
@@ -40,19 +41,9 @@ def default_data_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
-    """One registry entry: where torchvision keeps the files, their shape and normalization."""
+class Source:
+    """How one dataset's files are fetched and read (its facts are in :mod:`kd_tune.datasets`)."""
 
-    name: str
-    torchvision_class: str
-    """Class in ``torchvision.datasets`` that reads (and downloads) the files."""
-    shape: tuple[int, int, int]
-    """(channels, height, width) of one image."""
-    num_classes: int
-    train_count: int
-    test_count: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     offline: Callable[[Path], None] | None = None
     """Writes the files from a source that works without the dataset's own hosts."""
     reader: Callable[[DatasetInfo, Path, bool], tuple[Any, Any]] | None = None
@@ -60,9 +51,6 @@ class DatasetInfo:
     Default: the torchvision class (which reads IDX files, no pickle)."""
     fetcher: Callable[[DatasetInfo, Path], None] | None = None
     """Downloads the files; default: the torchvision class with download=True."""
-    raw_md5: dict[str, str] = field(default_factory=dict)
-    """md5 of each raw file, relative to the data folder, checked before it is written."""
-    how_to_provide: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,54 +209,20 @@ def _cifar10_fetch(info: DatasetInfo, root: Path) -> None:
     download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
 
 
-# --- the registry -----------------------------------------------------------------------------
+# --- where each dataset of the registry comes from -------------------------------------------
 
-REGISTRY: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(
-        name="mnist",
-        torchvision_class="MNIST",
-        shape=(1, 28, 28),
-        num_classes=10,
-        train_count=60000,
-        test_count=10000,
-        mean=(0.1307,),
-        std=(0.3081,),
-        offline=_mnist_offline,
-        raw_md5=_MNIST_MD5,
-    ),
-    "fashion_mnist": DatasetInfo(
-        name="fashion_mnist",
-        torchvision_class="FashionMNIST",
-        shape=(1, 28, 28),
-        num_classes=10,
-        train_count=60000,
-        test_count=10000,
-        mean=(0.2860,),
-        std=(0.3530,),
-        offline=_fashion_mnist_offline,
-        raw_md5=_FASHION_MD5,
-        how_to_provide="install Debian's dataset-fashion-mnist, or put torchvision's FashionMNIST/raw files there",
-    ),
-    "cifar10": DatasetInfo(
-        name="cifar10",
-        torchvision_class="CIFAR10",
-        shape=(3, 32, 32),
-        num_classes=10,
-        train_count=50000,
-        test_count=10000,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        reader=_cifar10_read,
-        fetcher=_cifar10_fetch,
-        how_to_provide="download cifar-10-python.tar.gz (the CIFAR-10 python version) and extract it there, "
-                       "so that cifar-10-batches-py/ holds data_batch_1..5 and test_batch",
-    ),
+SOURCES: dict[str, Source] = {
+    "mnist": Source(offline=_mnist_offline),
+    "fashion_mnist": Source(offline=_fashion_mnist_offline),
+    "cifar10": Source(reader=_cifar10_read, fetcher=_cifar10_fetch),
 }
+assert set(SOURCES) == set(REGISTRY), "every dataset of the registry needs its source here"
 
 
 def _read(info: DatasetInfo, root: Path, train: bool) -> tuple[Any, Any]:
-    if info.reader is not None:
-        return info.reader(info, root, train)
+    reader = SOURCES[info.name].reader
+    if reader is not None:
+        return reader(info, root, train)
     import torchvision.datasets
 
     ds = getattr(torchvision.datasets, info.torchvision_class)(str(root), train=train, download=False)
@@ -276,8 +230,9 @@ def _read(info: DatasetInfo, root: Path, train: bool) -> tuple[Any, Any]:
 
 
 def _fetch(info: DatasetInfo, root: Path) -> None:
-    if info.fetcher is not None:
-        info.fetcher(info, root)
+    fetcher = SOURCES[info.name].fetcher
+    if fetcher is not None:
+        fetcher(info, root)
         return
     import torchvision.datasets
 
@@ -304,10 +259,11 @@ def ensure_files(info: DatasetInfo, root: Path, log: Callable[[str], None] = pri
         return
     except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, OSError... depending on the mirror
         errors.append(f"download: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
-    if info.offline is not None:
+    offline = SOURCES[info.name].offline
+    if offline is not None:
         log(f"{info.name}: download failed; trying the offline source")
         try:
-            info.offline(root)
+            offline(root)
             log(f"{info.name}: wrote verified files under {root}")
             return
         except Exception as e:  # noqa: BLE001 - any failure of the source is reported with the others

@@ -33,6 +33,25 @@ class SpaceError(UsageError):
         super().__init__(f"{source}: {where}: bad value {shown}; allowed: {allowed}")
 
 
+class FlagError(UsageError):
+    """A bad command-line flag or argument (or the environment variable standing for it): the message
+    names the flag, the value and what is allowed, as :class:`SpaceError` does for a search-space key.
+
+    ``problem`` says what is wrong when "not allowed" is not enough; a problem phrased as a predicate
+    ("is a folder that ...") follows the value directly, any other after a colon.
+    """
+
+    def __init__(self, flag: str, value: object, allowed: str, problem: str = "") -> None:
+        self.flag, self.value, self.allowed, self.problem = flag, value, allowed, problem
+        if not problem:
+            said = ":"
+        elif problem.startswith(("is ", "has ")):
+            said = f" {problem};"
+        else:
+            said = f": {problem};"
+        super().__init__(f"{flag} {value!r}{said} allowed: {allowed}")
+
+
 class DataUnavailableError(KdTuneError):
     """A dataset's files are not on disk and could not be fetched from any source."""
 

@@ -11,6 +11,7 @@ the Keras model exactly.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,12 +47,18 @@ class SeedCNN(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.widths = (w1, w2)
         self.in_shape = in_shape
+        self.num_classes = num_classes
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """What :func:`build_model` needs to rebuild this model, saved beside its weights."""
+        return {"widths": list(self.widths), "in_shape": list(self.in_shape), "num_classes": self.num_classes}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
-def build_model(widths: tuple[int, ...] | list[int], in_shape: tuple[int, int, int], num_classes: int, seed: int) -> SeedCNN:
+def build_model(widths: tuple[int, ...] | list[int], in_shape: tuple[int, int, int] | list[int], num_classes: int, seed: int) -> SeedCNN:
     """A freshly initialised model; the seed fixes its weights whatever else used the global RNG.
 
     Weights are channels_last: PyTorch's CPU max-pool with stride 1 is several times slower on
@@ -59,7 +66,7 @@ def build_model(widths: tuple[int, ...] | list[int], in_shape: tuple[int, int, i
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SeedCNN(widths, in_shape, num_classes).to(memory_format=torch.channels_last)
+        return SeedCNN(widths, (in_shape[0], in_shape[1], in_shape[2]), num_classes).to(memory_format=torch.channels_last)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,7 +26,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from kd_tune.errors import UsageError  # noqa: E402
-from kd_tune.tracking import CONFUSION_ARTIFACT, TAG_PARENT, TAG_ROLE, TAG_SWEEP  # noqa: E402
+from kd_tune.mlflow_runs import TAG_PARENT, TAG_ROLE, TAG_SWEEP  # noqa: E402
+from kd_tune.tracking import CONFUSION_ARTIFACT  # noqa: E402
 
 METRICS = ["test_acc", "test_loss", "teacher_agreement", "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece",
            "train_loss", "train_hard_loss", "train_distill_loss"]

@@ -9,8 +9,8 @@ NFS folder, one PUT on an object store (an object appears whole or not at all).
 
 A storage the driver cannot write to is refused before anything starts (:func:`check_writable`).
 On a multi-node cluster a folder that only the driver's machine sees, or a bucket some node has
-no credentials for, would fail at the first checkpoint a remote trial persists; :func:`check_shared`
-finds that out up front by asking every node to read a probe file.
+no credentials for, would fail at the first checkpoint a remote trial persists;
+:func:`kd_tune.cluster.check_shared` finds that out up front by asking every node to read a probe file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import io
 import os
 import posixpath
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow
 import pyarrow.fs as pafs
 
-from kd_tune.errors import UsageError, first_line
+from kd_tune.errors import FlagError, first_line
 
 STORAGE_ENV = "KD_TUNE_STORAGE"
 DEFAULT_STORAGE = "kd_tune_results"
@@ -119,10 +119,10 @@ def resolve_storage(raw: str | None) -> Storage:
     try:
         fs, root = pafs.FileSystem.from_uri(given)
     except (pyarrow.ArrowException, OSError, ValueError) as e:
-        raise UsageError(f"--storage {given!r}: {first_line(e)}; allowed: {ALLOWED}") from None
+        raise FlagError("--storage", given, ALLOWED, first_line(e)) from None
     root = root.rstrip("/")
     if not root:
-        raise UsageError(f"--storage {given!r}: no bucket or folder in it; allowed: {ALLOWED}")
+        raise FlagError("--storage", given, ALLOWED, "no bucket or folder in it")
     if fs.type_name == "local":  # file:///path
         return Storage(root, fs, root)
     return Storage(given, fs, root)
@@ -155,7 +155,7 @@ def is_network_fs(path: str, mounts: str | None = None) -> bool:
 
 
 @contextmanager
-def _probe_file(storage: Storage) -> Iterator[tuple[str, str]]:
+def probe_file(storage: Storage) -> Iterator[tuple[str, str]]:
     """A file with a random token in the storage root, removed afterwards (with any folder made for it)."""
     made = [p for p in (Path(storage.root), *Path(storage.root).parents) if not p.exists()] if storage.is_local else []
     token = uuid.uuid4().hex
@@ -164,7 +164,7 @@ def _probe_file(storage: Storage) -> Iterator[tuple[str, str]]:
         try:
             storage.write_text(token, probe)
         except OSError as e:
-            raise UsageError(f"--storage {storage.given!r}: cannot write there ({first_line(e)}); allowed: {ALLOWED}") from None
+            raise FlagError("--storage", storage.given, ALLOWED, f"cannot write there ({first_line(e)})") from None
         yield probe, token
     finally:
         storage.delete(probe)
@@ -178,51 +178,5 @@ def _probe_file(storage: Storage) -> Iterator[tuple[str, str]]:
 def check_writable(storage: Storage) -> None:
     """Refuse a storage the driver cannot write to (a missing bucket, no credentials, a read-only
     folder) before anything is started or written."""
-    with _probe_file(storage):
+    with probe_file(storage):
         pass
-
-
-def check_shared(storage: Storage, log: Callable[[str], None]) -> None:
-    """On a Ray cluster, make sure every live node reaches the storage; refuse it up front if not.
-
-    The driver writes a probe file, a zero-CPU task pinned to each live node reads it back through
-    the same filesystem the trials will use (a local path, or the object store with that node's
-    credentials); the file is removed again, so a refusal leaves nothing behind.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) <= 1:
-        if storage.is_local and not is_network_fs(storage.root):
-            log(f"note: storage {storage.root} is on a local disk ({filesystem_type(storage.root)}); nodes the "
-                f"autoscaler adds later will not see it: use {ALLOWED}")
-        return
-    with _probe_file(storage) as (probe, token):
-        reader = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
-        refs = {n["NodeID"]: reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            storage, probe, token) for n in nodes}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=120)
-        seen = {node: ref in ready and _answer(ref) for node, ref in refs.items()}
-    blind = [n for n in nodes if not seen[n["NodeID"]]]
-    if blind:
-        names = ", ".join(f"{n['NodeManagerAddress']} (node {n['NodeID'][:12]})" for n in blind)
-        what = "is a folder that" if storage.is_local else "is out of reach (no access or no credentials) for"
-        raise UsageError(f"--storage {storage.given!r} {what} {len(blind)} of the cluster's {len(nodes)} nodes"
-                         f"{' cannot see' if storage.is_local else ''}: {names}; trials there could not save checkpoints; allowed: {ALLOWED}")
-
-
-def _read_probe(storage: Storage, probe: str, token: str) -> bool:
-    try:
-        return storage.read_text(probe) == token
-    except OSError:
-        return False
-
-
-def _answer(ref: Any) -> bool:
-    import ray
-
-    try:
-        return bool(ray.get(ref))
-    except Exception:  # noqa: BLE001 - a node whose task failed (say, cannot build the filesystem) does not reach it
-        return False

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kd_tune.config import DatasetSpec, TeacherSpec
+from kd_tune.config import DatasetSpec, SweepSpec, TeacherSpec
 from kd_tune.data import DataSplit, data_hash
 from kd_tune.errors import first_line
 from kd_tune.models import build_model
@@ -119,3 +119,49 @@ class TeacherCache:
         self.storage.write_bytes(raw, CACHE_FOLDER, teacher.key, "teacher.pt")
         self.storage.write_text(json.dumps(meta, indent=2), CACHE_FOLDER, teacher.key, "meta.json")
         return self.path(teacher.key)
+
+
+def _train_task(split: DataSplit, spec: TeacherSpec, key: str, verbose: bool) -> Teacher:
+    """The teacher's Ray task: as many threads as the CPUs it was given, on its GPU if it has one."""
+    from kd_tune.cluster import assigned_device, assigned_threads
+
+    torch.set_num_threads(assigned_threads())
+    return train_teacher(split, spec, key, assigned_device(), log=(lambda s: print(s, flush=True)) if verbose else (lambda s: None))
+
+
+def get_teachers(spec: SweepSpec, split: DataSplit, storage: Storage, node_cpus: int, log: Callable[[str], None],
+                 verbose: bool = True) -> list[Teacher]:
+    """Every member of the teacher (one, or an ensemble): from the cache, or trained now as a Ray task
+    on a whole node (``node_cpus``; teachers train before any trial starts)."""
+    import ray
+
+    cache = TeacherCache(storage)
+    task = ray.remote(_train_task)
+    teachers = []
+    for member in spec.teacher.members():
+        key = teacher_key(spec.dataset, member, split)
+        teacher = cache.load(key, log)
+        if teacher is not None:
+            log(f"teacher {key}: from the cache ({cache.path(key)}), test acc {teacher.test_acc:.4f}")
+        else:
+            w = member.widths
+            log(f"teacher {key}: training {w[0]}/{w[1]} (seed {member.seed}) for {member.epochs} epochs on {len(split.train_y)} images")
+            gpus = 1 if spec.resources.gpu > 0 else 0
+            teacher = ray.get(task.options(num_cpus=node_cpus, num_gpus=gpus).remote(split, member, key, verbose))
+            cache.save(teacher, {"dataset": asdict(spec.dataset), "teacher": asdict(member)})
+            log(f"teacher {key}: test acc {teacher.test_acc:.4f}, cached in {cache.path(key)}")
+        teachers.append(teacher)
+    return teachers
+
+
+def ensemble_logits(teachers: list[Teacher], test_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Train and test logits averaged over the members, and the test accuracy of that average."""
+    train = torch.stack([t.train_logits for t in teachers]).mean(dim=0)
+    test = torch.stack([t.test_logits for t in teachers]).mean(dim=0)
+    return train, test, (test.argmax(dim=1) == test_y).float().mean().item()
+
+
+def log_teacher_summary(teachers: list[Teacher], acc: float, log: Callable[[str], None]) -> None:
+    """An ensemble's accuracy and its members' (a single teacher was logged as it came)."""
+    if len(teachers) > 1:
+        log(f"ensemble of {len(teachers)} teachers: test acc {acc:.4f} (members: {', '.join(f'{t.test_acc:.4f}' for t in teachers)})")

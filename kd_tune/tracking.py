@@ -1,74 +1,65 @@
-"""MLflow tracking from the driver: an experiment per sweep, a parent run, a child run per trial.
+"""The Tune callback that records every trial in MLflow, from the driver.
 
-Only the driver talks to MLflow (workers need no access to the store), through a Ray Tune
-callback. Ray's own ``MLflowLoggerCallback`` keeps trial -> run in memory only, so a restored
-sweep would get a second run per trial; this one finds a trial's run by its ``kd_tune.trial_id``
-tag and skips epochs already logged, so reattaching never duplicates a run or a step.
+Only the driver talks to MLflow (workers need no access to the store). Ray's own
+``MLflowLoggerCallback`` keeps trial -> run in memory only, so a restored sweep would get a second
+run per trial; this one finds a trial's run by its ``kd_tune.trial_id`` tag and skips epochs
+already logged, so reattaching never duplicates a run or a step.
+
+A trial shared by several epochs values (epoch sharing) has one child run per value: the runs of
+the smaller values end, with their model, when the trial passes them.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.stopper import Stopper
 
+from kd_tune.checkpoint import read_checkpoint, save_model_file
 from kd_tune.config import TrialPoint
+from kd_tune.mlflow_runs import (
+    TAG_EPOCHS,
+    TAG_NODE,
+    TAG_NODES,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_SWEEP,
+    TAG_TRIAL,
+    find_run,
+    log_metrics,
+    params_batch,
+)
 
-TAG_SWEEP = "kd_tune.sweep"
-TAG_ROLE = "kd_tune.role"
-TAG_TRIAL = "kd_tune.trial_id"
-TAG_EPOCHS = "kd_tune.epochs"  # the grid point's epochs (a shared trial has a run per epochs value)
-TAG_NODE = "kd_tune.node_id"  # the Ray node of the trial's latest attempt
-TAG_NODES = "kd_tune.nodes"  # every node the trial ran on, in order (a retry after a node died adds one)
-TAG_PARENT = "mlflow.parentRunId"
-TAG_RUN_NAME = "mlflow.runName"
 EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
                  "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds")
 CONFUSION_ARTIFACT = "confusion_matrix.json"
-MAX_PARAM_LEN = 6000
-
-
-def get_or_create_experiment(client: MlflowClient, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return str(exp.experiment_id)
-    return str(client.create_experiment(name))
-
-
-def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
-    """The run carrying all these tags, if there is one (the oldest, should there be several)."""
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
-def params_batch(params: dict[str, Any]) -> list[Param]:
-    return [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
-
-
-def log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], step: int) -> None:
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+__all__ = ["EPOCH_METRICS", "TAG_PARENT", "TAG_ROLE", "TAG_TRIAL", "MlflowTrackingCallback"]
 
 
 class MlflowTrackingCallback(tune.Callback):
-    """Logs every trial to MLflow from the driver (params, per-epoch metrics, final model, status)."""
+    """Logs every trial to MLflow from the driver (params, per-epoch metrics, final model, status).
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, static_params: dict[str, Any]) -> None:
+    Ray pickles the callback with the experiment and calls :meth:`setup` both when a sweep starts and
+    when ``Tuner.restore`` continues it: the client and every cache are built there, so a restored
+    callback starts from the store, not from stale memory.
+    """
+
+    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, static_params: dict[str, Any]) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep = sweep
         self.static_params = static_params
+        self._reset()
+
+    def _reset(self) -> None:
         self._client: MlflowClient | None = None
         # Keys are "<trial id>:<milestone>": a trial shared by several epochs values has a run for each.
         self._runs: dict[str, str] = {}
@@ -78,56 +69,54 @@ class MlflowTrackingCallback(tune.Callback):
         self._complete: set[str] = set()  # runs that are done (finished now, or before a kill)
         self._diverged: set[str] = set()  # trial ids
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Ray pickles the run config with the experiment; a live client and caches do not belong there.
-        state = self.__dict__.copy()
-        state.update(_client=None, _runs={}, _last_step={}, _nodes={}, _epoch={}, _complete=set(), _diverged=set())
-        return state
+    def setup(self, stop: Stopper | None = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any) -> None:
+        self._reset()
+        self._client = MlflowClient(self.tracking_uri)
 
     @property
     def client(self) -> MlflowClient:
-        if self._client is None:
+        if self._client is None:  # a callback used without Tune calling setup() (unit use)
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def run_id(self, trial: Any, milestone: int) -> str:
+    def run_id(self, trial: Trial, milestone: int) -> str:
         """The child run of one grid point the trial serves: from memory, else found by tag, else created."""
         tid = str(trial.trial_id)
         key = f"{tid}:{milestone}"
         if key in self._runs:
             return self._runs[key]
         point = TrialPoint.from_config(trial.config)
+        params = {**self.static_params, **point.at(milestone).grid_config()}
         run_id = find_run(self.client, self.experiment_id, {TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_EPOCHS: str(milestone)})
         if run_id is None:
-            grid_point = point.at(milestone)
             tags = {TAG_PARENT: self.parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_ROLE: point.role,
                     TAG_EPOCHS: str(milestone), "kd_tune.trial": point.label}
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=grid_point.label)
-            run_id = run.info.run_id
-            self.client.log_batch(run_id, params=params_batch({**self.static_params, **grid_point.grid_config()}))
+            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=point.at(milestone).label).info.run_id
+            self.client.log_batch(run_id, params=params_batch(params))
             self._last_step[key] = 0
         else:
-            # Reattached after a restart or a resume: reopen it and skip the epochs it already has.
-            history = self.client.get_metric_history(run_id, "test_acc")
-            self._last_step[key] = max((m.step for m in history), default=0)
-            run = self.client.get_run(run_id)
-            self._nodes[key] = [n for n in run.data.tags.get(TAG_NODES, "").split(",") if n]
-            # A kill between create_run and logging the params leaves a run without them: complete it.
-            params = {**self.static_params, **point.at(milestone).grid_config()}
-            missing = {k: v for k, v in params.items() if k not in run.data.params}
-            if missing:
-                self.client.log_batch(run_id, params=params_batch(missing))
-            status = run.info.status
-            if status == "FINISHED" and self._last_step[key] >= milestone:
-                # Finished before a kill that Ray's state did not see: Ray reruns the trial (a no-op
-                # from its final checkpoint); this record is complete and stays untouched.
-                self._complete.add(key)
-            elif status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
+            self._reattach(key, run_id, milestone, params)
         self._runs[key] = run_id
         return run_id
 
-    def _open(self, trial: Any) -> list[tuple[int, str, str]]:
+    def _reattach(self, key: str, run_id: str, milestone: int, params: dict[str, Any]) -> None:
+        """A run found again after a restart or a resume: reopen it and skip the epochs it already has."""
+        history = self.client.get_metric_history(run_id, "test_acc")
+        self._last_step[key] = max((m.step for m in history), default=0)
+        run = self.client.get_run(run_id)
+        self._nodes[key] = [n for n in run.data.tags.get(TAG_NODES, "").split(",") if n]
+        # A kill between create_run and logging the params leaves a run without them: complete it.
+        missing = {k: v for k, v in params.items() if k not in run.data.params}
+        if missing:
+            self.client.log_batch(run_id, params=params_batch(missing))
+        if run.info.status == "FINISHED" and self._last_step[key] >= milestone:
+            # Finished before a kill that Ray's state did not see: Ray reruns the trial (a no-op
+            # from its final checkpoint); this record is complete and stays untouched.
+            self._complete.add(key)
+        elif run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+
+    def _open(self, trial: Trial) -> list[tuple[int, str, str]]:
         """(milestone, key, run id) of the trial's runs that are not done yet."""
         tid = str(trial.trial_id)
         out = []
@@ -140,9 +129,9 @@ class MlflowTrackingCallback(tune.Callback):
     def _finish(self, key: str, run_id: str, state: dict[str, Any] | None) -> None:
         if state is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                # The logged model is the weights alone (no optimizer state), under a stable name.
-                model = Path(tmp) / "student.pt"
-                torch.save(state["model"], model)
+                model = Path(tmp) / "student.pt"  # a stable name; weights and model_args, no optimizer state
+                # (checkpoints written before model_args existed give a file without them)
+                save_model_file(model, state.get("model_args"), state["model"])
                 self.client.log_artifact(run_id, str(model), artifact_path="model")
                 if "confusion" in state:
                     cm = Path(tmp) / CONFUSION_ARTIFACT
@@ -151,10 +140,10 @@ class MlflowTrackingCallback(tune.Callback):
         self.client.set_terminated(run_id, status="FINISHED")
         self._complete.add(key)
 
-    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._open(trial)
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any) -> None:
         epoch = int(result["epoch"])
         if result.get("diverged"):
             self._diverged.add(str(trial.trial_id))
@@ -184,7 +173,7 @@ class MlflowTrackingCallback(tune.Callback):
                 "kd_tune.hostname": str(result.get("hostname", "")), "kd_tune.device": str(result.get("device", ""))}
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
+    def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: tune.Checkpoint, **info: Any) -> None:
         """A shared trial passing a smaller epochs value: that grid point's run ends here, with its model."""
         point = TrialPoint.from_config(trial.config)
         # The result of this checkpoint came just before it (Ray calls on_trial_result first): its epoch
@@ -192,8 +181,6 @@ class MlflowTrackingCallback(tune.Callback):
         epoch = self._epoch.get(str(trial.trial_id))
         if epoch not in point.milestones or epoch == point.epochs:
             return
-        from kd_tune.trainable import read_checkpoint
-
         with checkpoint.as_directory() as folder:
             state = read_checkpoint(Path(folder))
         if state is None or state["epoch"] != epoch:
@@ -202,47 +189,36 @@ class MlflowTrackingCallback(tune.Callback):
             if milestone == epoch:
                 self._finish(key, run_id, state)
 
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if str(trial.trial_id) in self._diverged:
             for _, _, run_id in self._open(trial):
                 self.client.set_terminated(run_id, status="FAILED")
             return
         state = None
         if trial.checkpoint is not None:
-            from kd_tune.trainable import read_checkpoint
-
             with trial.checkpoint.as_directory() as folder:
                 state = read_checkpoint(Path(folder))
         for milestone, key, run_id in self._open(trial):
             # A smaller milestone still open here was replayed without its checkpoint after a kill.
             self._finish(key, run_id, state if state is not None and state["epoch"] == milestone else None)
 
-    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         for _, _, run_id in self._open(trial):
             self.client.set_tag(run_id, "kd_tune.retries", str(trial.run_metadata.num_failures))
 
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         message = error_summary(trial)
         for _, _, run_id in self._open(trial):
             self.client.set_tag(run_id, "kd_tune.error", message)
             self.client.set_terminated(run_id, status="FAILED")
 
 
-def close_running_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str = "KILLED") -> int:
-    """Mark the sweep's child runs still RUNNING (their trials were cut short) as ``status``."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-                              max_results=10000)
-    for run in runs:
-        client.set_terminated(run.info.run_id, status)
-    return len(runs)
-
-
-def error_summary(trial: Any) -> str:
+def error_summary(trial: Trial) -> str:
     """The last line of the trial's error (the exception's own message), not the whole traceback."""
     text = ""
     try:
         text = str(trial.get_error() or "")
-    except Exception:
+    except Exception:  # noqa: BLE001 - a summary must never raise
         pass
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return (lines[-1] if lines else "unknown error")[:500]

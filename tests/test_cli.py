@@ -114,7 +114,7 @@ def test_plan_counts_student_epochs(write_space: Callable[..., Path], capsys: py
 def test_one_driver_per_sweep(write_space: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from kd_tune.sweep import DRIVER_FILE
+    from kd_tune.record import DRIVER_FILE
 
     sweep_dir = tmp_path / "store" / "tiny"
     sweep_dir.mkdir(parents=True)
@@ -144,3 +144,22 @@ def test_address_where_no_cluster_answers(write_space: Callable[..., Path], tmp_
     assert err[1] == "(see 'kd-tune sweep --help')" and len(err) == 2
     assert not ray.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
+def test_parser_loads_neither_torch_nor_ray() -> None:
+    # A fresh interpreter: this test process has torch loaded already.
+    code = ("import sys; from kd_tune.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'pandas') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_flag_error_names_the_flag_value_and_what_is_allowed() -> None:
+    from kd_tune.errors import FlagError, UsageError
+
+    plain = FlagError("--max-failures", -1, "an integer >= 0")
+    assert isinstance(plain, UsageError) and plain.exit_code == 2
+    assert str(plain) == "--max-failures -1: allowed: an integer >= 0"
+    assert str(FlagError("--storage", "/x", "a folder", "cannot write there (denied)")) == "--storage '/x': cannot write there (denied); allowed: a folder"
+    assert str(FlagError("dataset", "imagenet", "mnist", "is unknown")) == "dataset 'imagenet' is unknown; allowed: mnist"

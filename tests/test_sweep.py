@@ -12,7 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kd_tune.cli import main
-from kd_tune.sweep import SweepOptions, run_sweep
+from kd_tune.options import SweepOptions
+from kd_tune.sweep import run_sweep
 from kd_tune.teacher import CACHE_FOLDER
 from kd_tune.tracking import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 
@@ -193,8 +194,8 @@ def test_teacher_gets_a_whole_node_of_the_trials_kind(monkeypatch: pytest.Monkey
                                                       expected: int, warns: bool) -> None:
     import ray
 
+    from kd_tune.cluster import teacher_cpus
     from kd_tune.config import ResourcesSpec
-    from kd_tune.sweep import teacher_cpus
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes] + [{"Alive": False, "Resources": {"CPU": 64.0}}])
     messages: list[str] = []

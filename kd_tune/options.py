@@ -1,0 +1,83 @@
+"""Command-line settings of ``sweep`` and ``resume``: typed dataclasses whose field docs are the flags' ``--help``.
+
+Plain Python (no torch, Ray or MLflow): the CLI builds its parser from these at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from kd_tune.config import NAME_ALLOWED, SweepSpec, is_valid_name
+from kd_tune.errors import FlagError
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+STORAGE_HELP = ("where sweeps and the teacher cache live: a folder (NFS on a cluster) or a URI such as s3://bucket/prefix "
+                "(default: $KD_TUNE_STORAGE or ./kd_tune_results)")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """Command-line settings of a sweep; each field's help is the flag's ``--help``."""
+
+    name: str | None = field(default=None, metadata=_help("sweep name (default: the search space's 'name')"))
+    storage: str | None = field(default=None, metadata=_help(STORAGE_HELP))
+    data_dir: str | None = field(default=None, metadata=_help("dataset folder, torchvision layout (default: $KD_TUNE_DATA_DIR or ~/.cache/kd-tune/data)"))
+    address: str | None = field(default=None, metadata=_help("Ray cluster to join, e.g. 'auto' (default: $RAY_ADDRESS, else a local Ray started for this sweep)"))
+    tracking_uri: str | None = field(default=None, metadata=_help("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default sqlite:///mlflow.db here)"))
+    cpus_per_trial: float | None = field(default=None, metadata=_help("CPUs per trial, overrides resources.cpu"))
+    gpus_per_trial: float | None = field(default=None, metadata=_help("GPUs per trial, may be a fraction, overrides resources.gpu"))
+    max_failures: int | None = field(default=None, metadata=_help("retries of a crashed trial from its checkpoint, overrides max_failures"))
+    quiet: bool = field(default=False, metadata=_help("print only the final table"))
+    resume: bool = field(default=False, metadata=_help("continue the sweep if one of this name exists (same as kd-tune resume)"))
+    no_share_epochs: bool = field(default=False, metadata=_help("one trial per epochs value instead of one trial reporting each (share_epochs: false)"))
+
+
+_SWEEP = SweepOptions.__dataclass_fields__
+
+
+@dataclass(frozen=True)
+class ResumeOptions:
+    """The settings a resume may give (the sweep's name, space, MLflow store and retries are fixed)."""
+
+    storage: str | None = field(default=None, metadata=_SWEEP["storage"].metadata)
+    data_dir: str | None = field(default=None, metadata=_SWEEP["data_dir"].metadata)
+    address: str | None = field(default=None, metadata=_SWEEP["address"].metadata)
+    tracking_uri: str | None = field(default=None, metadata=_help("must be the sweep's own store if given (it is read from the sweep)"))
+    cpus_per_trial: float | None = field(default=None, metadata=_SWEEP["cpus_per_trial"].metadata)
+    gpus_per_trial: float | None = field(default=None, metadata=_SWEEP["gpus_per_trial"].metadata)
+    quiet: bool = field(default=False, metadata=_SWEEP["quiet"].metadata)
+
+    def as_sweep_options(self) -> SweepOptions:
+        return SweepOptions(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+
+
+def apply_overrides(spec: SweepSpec, opts: SweepOptions) -> SweepSpec:
+    """The search space with the flags that override it applied.
+
+    Raises :class:`FlagError` for a flag value that is out of range.
+    """
+    res = spec.resources
+    if opts.cpus_per_trial is not None:
+        if not opts.cpus_per_trial > 0:
+            raise FlagError("--cpus-per-trial", opts.cpus_per_trial, "a number > 0")
+        res = replace(res, cpu=float(opts.cpus_per_trial))
+    if opts.gpus_per_trial is not None:
+        if not opts.gpus_per_trial >= 0:
+            raise FlagError("--gpus-per-trial", opts.gpus_per_trial, "a number >= 0 (fractions share a GPU)")
+        res = replace(res, gpu=float(opts.gpus_per_trial))
+    max_failures = spec.max_failures
+    if opts.max_failures is not None:
+        if opts.max_failures < 0:
+            raise FlagError("--max-failures", opts.max_failures, "an integer >= 0")
+        max_failures = opts.max_failures
+    name = spec.name
+    if opts.name is not None:
+        if not is_valid_name(opts.name):
+            raise FlagError("--name", opts.name, NAME_ALLOWED)
+        name = opts.name
+    share = spec.share_epochs and not opts.no_share_epochs
+    return replace(spec, name=name, resources=res, max_failures=max_failures, share_epochs=share)

@@ -1,0 +1,117 @@
+"""A sweep's own files in its storage, beside Ray Tune's experiment state, and the names that find them.
+
+``<storage>/<name>/`` is Ray Tune's experiment folder; kd-tune adds the validated space
+(``kd_tune_space.yaml``, so a resume needs no original file), the sweep record
+(``kd_tune_sweep.json``: where it is tracked) and, while a driver runs, the driver file (its pid and
+host, so a second driver is refused). A name is never a path out of the storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kd_tune.config import NAME_ALLOWED, is_valid_name
+from kd_tune.errors import FlagError, UsageError
+from kd_tune.storage import Storage, resolve_storage
+
+SPACE_FILE = "kd_tune_space.yaml"  # the validated spec, kept beside Ray's experiment state
+SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, experiment, parent run)
+DRIVER_FILE = "kd_tune_driver.json"  # pid and host of the driver while a sweep runs
+
+
+def sweep_path(storage: Storage, name: str) -> str:
+    """The sweep's folder in the storage's filesystem. Raises :class:`FlagError` for a name that is not
+    allowed or that would leave the storage folder."""
+    if not is_valid_name(name):
+        raise FlagError("sweep name", name, NAME_ALLOWED, "is not allowed")
+    path = storage.path(name)
+    if storage.is_local and Path(path).resolve().parent != Path(storage.root):
+        raise FlagError("sweep name", name, NAME_ALLOWED, f"is a path out of the storage folder {storage.root}")
+    return path
+
+
+def can_restore(storage: Storage, name: str) -> bool:
+    """Ray has saved this sweep's experiment state (it can be restored)."""
+    from ray import tune
+
+    return bool(tune.Tuner.can_restore(sweep_path(storage, name), storage_filesystem=storage.ray_filesystem))
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """Where a sweep is tracked, kept beside it (``kd_tune_sweep.json``) so a resume reattaches."""
+
+    name: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    def save(self, storage: Storage) -> None:
+        storage.write_text(json.dumps(asdict(self), indent=2), self.name, SWEEP_FILE)
+
+    @classmethod
+    def load(cls, storage: Storage, name: str) -> SweepRecord:
+        return cls(**json.loads(storage.read_text(name, SWEEP_FILE)))
+
+    @staticmethod
+    def exists(storage: Storage, name: str) -> bool:
+        return storage.exists(name, SWEEP_FILE)
+
+
+def known_sweeps(storage: Storage) -> list[str]:
+    """Names of the kd-tune sweeps in a storage folder (a record and Ray's state beside it)."""
+    return [n for n in storage.list_dirs() if is_valid_name(n) and SweepRecord.exists(storage, n) and can_restore(storage, n)]
+
+
+def require_sweep(storage: Storage, name: str, hint: str = "") -> str:
+    """The sweep's folder; raises :class:`UsageError` listing the known sweeps when there is none of that name."""
+    path = sweep_path(storage, name)
+    if not can_restore(storage, name) or not SweepRecord.exists(storage, name):
+        raise UsageError(f"no sweep named {name!r} in {storage.show()}; allowed: {', '.join(known_sweeps(storage)) or 'none there yet' + hint}")
+    return path
+
+
+def resume_command(name: str, storage: Storage) -> str:
+    default = resolve_storage(None)
+    return f"kd-tune resume {name}" + ("" if storage.given == default.given else f" --storage {shlex.quote(storage.given)}")
+
+
+def live_driver(storage: Storage, name: str) -> dict[str, Any] | None:
+    """The sweep's driver (pid, host) if one runs: this machine's is checked by pid; another
+    machine's is assumed to run (its file is removed when it ends)."""
+    try:
+        info: dict[str, Any] = json.loads(storage.read_text(name, DRIVER_FILE))
+    except (OSError, ValueError):
+        return None
+    if info.get("host") != socket.gethostname():
+        return info
+    try:
+        os.kill(int(info["pid"]), 0)
+        return info
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def refuse_second_driver(storage: Storage, name: str) -> None:
+    """Raises :class:`UsageError` when a driver runs this sweep already (one driver per sweep)."""
+    driver = live_driver(storage, name)
+    if driver:
+        where = storage.show(name, DRIVER_FILE)
+        gone = "" if driver["host"] == socket.gethostname() else f"; if that machine is gone, delete {where} and run this again"
+        raise UsageError(f"sweep {name!r} is running now (driver pid {driver['pid']} on {driver['host']}, see {where}){gone}; "
+                         "allowed: one driver per sweep")
+
+
+def claim_driver(storage: Storage, name: str) -> None:
+    """This process drives the sweep now (:func:`release_driver` when it ends)."""
+    storage.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}), name, DRIVER_FILE)
+
+
+def release_driver(storage: Storage, name: str) -> None:
+    storage.delete(name, DRIVER_FILE)

@@ -1,0 +1,149 @@
+"""A sweep's results as tables: the outcome of a run (one row per grid point) and the status read
+back from storage, and how the CLI prints them.
+
+A trial shared by several epochs values gives a row for each grid point it serves, with the
+metrics it reported when it passed that epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from kd_tune.config import TrialPoint
+from kd_tune.record import live_driver, require_sweep, resume_command
+from kd_tune.storage import resolve_storage
+
+if TYPE_CHECKING:
+    from ray import tune
+
+RESULT_COLUMNS = ["role", "alpha", "temperature", "epochs", "seed", "label_noise", "status", "how", "test_acc", "test_loss", "teacher_agreement"]
+STATUS_COUNTS = ("finished", "running", "interrupted", "pending", "paused", "errored", "diverged")
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What a sweep (or a resume) ended with."""
+
+    name: str
+    path: str
+    """The sweep's folder (a local path, or scheme://bucket/prefix/name)."""
+    table: pd.DataFrame
+    total: int
+    finished: int
+    errored: int
+    diverged: int
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    teacher_acc: float
+    wall_seconds: float
+    resume_command: str
+
+    @property
+    def ok(self) -> bool:
+        return self.finished == self.total
+
+    def summary_line(self) -> str:
+        how = self.table["how"].value_counts().to_dict()
+        resumed = "" if set(how) <= {"new"} else " (" + ", ".join(f"{n} {k}" for k, n in sorted(how.items())) + ")"
+        return (f"sweep {self.name!r}: {self.finished}/{self.total} grid points finished, {self.errored} errored, "
+                f"{self.diverged} diverged{resumed}, teacher test acc {self.teacher_acc:.4f}, {self.wall_seconds:.0f} s")
+
+
+def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None = None) -> pd.DataFrame:
+    """One row per grid point: its values, status, metrics at its epochs and how this run got them.
+
+    ``how`` is ``new`` for a first run; on a resume ``restored`` (finished before, not rerun),
+    ``resumed`` (continued from a checkpoint) or ``restarted``.
+    """
+    finished_before = finished_before or set()
+    rows = []
+    for i in range(len(result_grid)):
+        r = result_grid[i]
+        if not r.config:
+            continue
+        point = TrialPoint.from_config(r.config)
+        last = r.metrics or {}
+        history = r.metrics_dataframe
+        trial_id = str(last.get("trial_id", ""))
+        if trial_id in finished_before:
+            how = "restored"
+        elif not finished_before:
+            how = "resumed" if last.get("resumed_from") else "new"
+        else:
+            how = "resumed" if last.get("resumed_from") else "restarted"
+        for milestone in point.milestones:
+            at: dict[str, Any] = {}
+            if history is not None and "epoch" in history and "test_acc" in history:
+                match = history[(history["epoch"] == milestone) & history["test_acc"].notna()]
+                if len(match):
+                    at = match.iloc[-1].to_dict()
+            status = "finished" if at else "errored" if r.error else "diverged" if last.get("diverged") else "unfinished"
+            rows.append({
+                **point.at(milestone).grid_config(), "status": status, "how": how,
+                "test_acc": at.get("test_acc"), "test_loss": at.get("test_loss"), "teacher_agreement": at.get("teacher_agreement"),
+            })
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return df.sort_values(["role", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = table.copy()
+    if shown["label_noise"].nunique() <= 1:
+        shown = shown.drop(columns="label_noise")  # not an axis of this sweep
+    for col in ("test_acc", "teacher_agreement", "test_loss"):
+        shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    shown["temperature"] = shown["temperature"].map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+    return str(shown.to_string(index=False))
+
+
+@dataclass(frozen=True)
+class SweepStatus:
+    """A sweep's trials as its storage tells them (no Ray cluster needed)."""
+
+    name: str
+    path: str
+    counts: dict[str, int]
+    table: pd.DataFrame
+    driver_alive: bool
+    resume_command: str
+
+    def format(self) -> str:
+        counts = ", ".join(f"{n} {k}" for k, n in self.counts.items() if n)
+        shown = self.table.copy()
+        shown["test_acc"] = shown["test_acc"].map(lambda v: "" if v is None or v != v else f"{v:.4f}")
+        lines = [f"sweep {self.name!r} in {self.path}: {counts}; driver {'running' if self.driver_alive else 'not running'}",
+                 shown.to_string(index=False)]
+        if not self.driver_alive and self.counts["finished"] < len(self.table):
+            lines.append(f"to continue: {self.resume_command}")
+        return "\n".join(lines)
+
+
+def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
+    """Trials finished / running / pending / errored, read from the sweep's storage (no Ray needed).
+
+    Raises :class:`~kd_tune.errors.UsageError` when there is no sweep of that name.
+    """
+    from ray import tune
+
+    root = resolve_storage(storage)
+    path = require_sweep(root, name)
+    alive = live_driver(root, name) is not None
+    names = {"TERMINATED": "finished", "RUNNING": "running" if alive else "interrupted", "PENDING": "pending",
+             "ERROR": "errored", "PAUSED": "paused"}
+    rows = []
+    for t in tune.ExperimentAnalysis(path, storage_filesystem=root.ray_filesystem).trials:
+        point = TrialPoint.from_config(t.config)
+        last = t.last_result or {}
+        status = "diverged" if last.get("diverged") else names.get(t.status, t.status.lower())
+        rows.append({"trial": point.label, "status": status,
+                     "epoch": f"{int(last.get('epoch', 0))}/{point.epochs}", "test_acc": last.get("test_acc")})
+    table = pd.DataFrame(rows, columns=["trial", "status", "epoch", "test_acc"]).sort_values("trial").reset_index(drop=True)
+    counts = {k: int((table["status"] == k).sum()) for k in STATUS_COUNTS}
+    return SweepStatus(name, root.show(name), counts, table, alive, resume_command(name, root))
+
+
+__all__ = ["SweepOutcome", "SweepStatus", "format_table", "results_table", "sweep_status"]
