@@ -44,7 +44,13 @@ class DatasetSpec:
     label_noise: float = 0.0
     """Fraction in [0, 1) of training labels flipped to another class (fixed seed); test labels never."""
     seed: int = 0
-    """Seed of the subset and of the label noise (the same for every trial of a sweep)."""
+    """Seed of the validation split, the subset and the label noise (the same for every trial of a sweep)."""
+    normalize: bool = False
+    """Preprocessing: false = pixel / 255 only (the study's and the Keras example's); true = per-channel
+    mean/std standardization. Small as it looks, it can flip whether distillation helps."""
+    val_size: int = 5000
+    """Training images held out as a validation split (stratified, seeded; the same for teacher and
+    students, none of which trains on them); 0 = none. Reports select on it and report on test."""
 
 
 @dataclass(frozen=True)
@@ -285,17 +291,30 @@ def parse_space(data: object, source: str) -> SweepSpec:
     if not is_valid_name(name):
         raise r.fail("name", name, NAME_ALLOWED)
 
-    d = r.section(top, "dataset", ("name", "train_size", "label_noise", "seed"), required=("name",))
+    d = r.section(top, "dataset", ("name", "train_size", "label_noise", "seed", "normalize", "val_size"), required=("name",))
     ds_name = r.choice("dataset.name", d["name"], tuple(REGISTRY))
     info = REGISTRY[ds_name]
     train_size = d.get("train_size")
     if train_size is not None:
         train_size = r.integer("dataset.train_size", train_size, info.num_classes, info.train_count)
+    normalize = d.get("normalize", DatasetSpec.normalize)
+    if not isinstance(normalize, bool):
+        raise r.fail("dataset.normalize", normalize, "true (mean/std standardization) or false (pixel / 255 only)")
+    # The validation images come out of the training set first; what is left must still hold
+    # train_size images (or, without a subset, one image per class).
+    max_val = info.train_count - (train_size or info.num_classes)
+    val_size = d.get("val_size", min(DatasetSpec.val_size, max_val))
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size <= max_val:
+        left = f"train_size = {train_size}" if train_size else "one image per class"
+        raise r.fail("dataset.val_size", val_size, f"an integer in [0, {max_val}] (of the {info.train_count} training images, "
+                                                   f"what is left must hold {left})")
     dataset = DatasetSpec(
         name=ds_name,
         train_size=train_size,
         label_noise=r.number("dataset.label_noise", d.get("label_noise", 0.0), 0.0, 1.0, hi_open=True),
         seed=r.integer("dataset.seed", d.get("seed", 0), 0),
+        normalize=normalize,
+        val_size=val_size,
     )
 
     def widths(key: str, value: object) -> tuple[int, ...]:

@@ -25,10 +25,13 @@ from kd_tune.config import SweepSpec, TrialPoint, load_space, load_space_text, s
 from kd_tune.data import DataSplit, flip_labels, prepare
 from kd_tune.errors import FlagError, UsageError
 from kd_tune.mlflow_runs import (
+    DataInput,
     close_running_runs,
     complete_parent_run,
     create_parent_run,
+    dataset_inputs,
     get_or_create_experiment,
+    input_example,
     log_metrics,
     log_teacher_runs,
     resolve_tracking_uri,
@@ -125,7 +128,9 @@ class _Teachers:
 def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, started: float) -> SweepOutcome:
     # With a tracking server MLflow prints two "View run at" lines per run it ends: hundreds in a sweep.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    split = prepare(spec.dataset.name, spec.dataset.train_size, 0.0, spec.dataset.seed, Path(opts.data_dir) if opts.data_dir else None, log)
+    ds = spec.dataset
+    split = prepare(ds.name, ds.train_size, 0.0, ds.seed, Path(opts.data_dir) if opts.data_dir else None, log,
+                    val_size=ds.val_size, normalize=ds.normalize)
     # The same fixed flips as prepare() would make, once per noise level of the sweep.
     labels = {n: flip_labels(split.train_y, n, spec.dataset.seed, split.info.num_classes) for n in spec.noise_levels()}
     client, record = _open_record(spec, storage, opts, record)
@@ -180,10 +185,16 @@ def _open_record(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: 
 
 
 def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.Tensor], storage: Storage, client: MlflowClient,
-                  record: SweepRecord, quiet: bool, log: Log) -> _Teachers:
+                  record: SweepRecord, quiet: bool, log: Log, *, inputs: dict[float, list[DataInput]] | None = None,
+                  data_dir: Path | None = None) -> _Teachers:
     """One teacher (or ensemble) per label-noise level, logged under the parent run: it learns from the
-    labels the students see, unless teacher.clean asks for the clean labels (then one serves every level)."""
+    labels the students see, unless teacher.clean asks for the clean labels (then one serves every level).
+
+    ``inputs``: the datasets per label-noise level (:func:`~kd_tune.mlflow_runs.dataset_inputs`, computed
+    once by the caller); a level missing there (or all, without it) is computed here from ``data_dir``."""
     node_cpus = teacher_cpus(spec.resources, log)
+    inputs = dict(inputs or {})
+    example = input_example(split)
     train, test, accs = {}, {}, {}
     for noise in spec.noise_levels():
         seen = 0.0 if spec.teacher.clean else noise
@@ -191,7 +202,9 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
             tspec = replace(spec, dataset=replace(spec.dataset, label_noise=seen))
             tsplit = replace(split, train_y=labels.get(seen, split.train_y))
             members = get_teachers(tspec, tsplit, storage, node_cpus, log, not quiet)
-            log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, members, split)
+            if seen not in inputs:
+                inputs |= dataset_inputs(split, {seen: tsplit.train_y}, data_dir)
+            log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, members, split, inputs[seen], example)
             train[seen], test[seen], accs[seen] = ensemble_logits(members, split.test_y)
             log_teacher_summary(members, accs[seen], log)
         train[noise], test[noise], accs[noise] = train[seen], test[seen], accs[seen]
@@ -200,14 +213,20 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
     return _Teachers(train, test, accs[spec.noise_levels()[0]])
 
 
-def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: SweepRecord, restoring: bool, quiet: bool) -> tune.Tuner:
-    """A new Tuner over the trials, or the sweep's own restored (its run config brings back the MLflow callback)."""
+def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: SweepRecord, restoring: bool, quiet: bool, *,
+                inputs: dict[float, list[DataInput]] | None = None, data_dir: Path | None = None) -> tune.Tuner:
+    """A new Tuner over the trials, or the sweep's own restored (its run config brings back the MLflow callback).
+
+    The callback gets the runs' datasets (``inputs``, else computed here from ``data_dir``) and an example
+    model input: plain data, pickled with it, so a restored sweep logs them as the first driver did."""
     path, fs = sweep_path(storage, spec.name), storage.ray_filesystem
     trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if restoring:
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     tracking = MlflowTrackingCallback(tracking_uri=record.tracking_uri, experiment_id=record.experiment_id,
-                                      parent_run_id=record.parent_run_id, sweep=spec.name, static_params=spec.flat_params())
+                                      parent_run_id=record.parent_run_id, sweep=spec.name, static_params=spec.flat_params(),
+                                      inputs=inputs if inputs is not None else dataset_inputs(bundle.split, bundle.labels, data_dir),
+                                      example=input_example(bundle.split))
     return tune.Tuner(
         trainable,
         param_space={"point": tune.grid_search([p.as_config() for p in spec.trials()])},

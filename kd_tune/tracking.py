@@ -7,15 +7,22 @@ already logged, so reattaching never duplicates a run or a step.
 
 A trial shared by several epochs values (epoch sharing) has one child run per value: the runs of
 the smaller values end, with their model, when the trial passes them.
+
+Each child run also records its datasets (MLflow dataset inputs, computed once by the driver and
+handed over as plain strings) and its final student as an MLflow model (a LoggedModel linked to the
+run), each once: a reattached run that has them already gets no second copy.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -24,6 +31,7 @@ from ray.tune.stopper import Stopper
 
 from kd_tune.checkpoint import read_checkpoint, save_model_file
 from kd_tune.config import TrialPoint
+from kd_tune.errors import first_line
 from kd_tune.mlflow_runs import (
     TAG_EPOCHS,
     TAG_NODE,
@@ -32,13 +40,16 @@ from kd_tune.mlflow_runs import (
     TAG_ROLE,
     TAG_SWEEP,
     TAG_TRIAL,
+    DataInput,
     find_run,
+    log_dataset_inputs,
     log_metrics,
+    log_model_once,
     params_batch,
 )
 
 EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
-                 "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds")
+                 "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds", "val_acc", "val_loss")
 CONFUSION_ARTIFACT = "confusion_matrix.json"
 __all__ = ["EPOCH_METRICS", "TAG_PARENT", "TAG_ROLE", "TAG_TRIAL", "MlflowTrackingCallback"]
 
@@ -49,14 +60,25 @@ class MlflowTrackingCallback(tune.Callback):
     Ray pickles the callback with the experiment and calls :meth:`setup` both when a sweep starts and
     when ``Tuner.restore`` continues it: the client and every cache are built there, so a restored
     callback starts from the store, not from stale memory.
+
+    ``inputs`` maps each label-noise level to its runs' datasets; ``example`` is a model input (a
+    couple of preprocessed images) for the logged models' signature. Both are small, plain data: they
+    are pickled with the callback. A callback pickled before they existed reads the class defaults
+    (no datasets, no MLflow model) when a sweep that old is resumed.
     """
 
-    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, static_params: dict[str, Any]) -> None:
+    inputs: Mapping[float, Sequence[DataInput]] = MappingProxyType({})
+    example: np.ndarray | None = None
+
+    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, static_params: dict[str, Any],
+                 inputs: Mapping[float, Sequence[DataInput]] | None = None, example: np.ndarray | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep = sweep
         self.static_params = static_params
+        self.inputs = {float(k): list(v) for k, v in (inputs or {}).items()}
+        self.example = example
         self._reset()
 
     def _reset(self) -> None:
@@ -91,15 +113,17 @@ class MlflowTrackingCallback(tune.Callback):
         if run_id is None:
             tags = {TAG_PARENT: self.parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_ROLE: point.role,
                     TAG_EPOCHS: str(milestone), "kd_tune.trial": point.label}
-            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=point.at(milestone).label).info.run_id
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=point.at(milestone).label)
+            run_id = run.info.run_id
             self.client.log_batch(run_id, params=params_batch(params))
+            log_dataset_inputs(self.client, run_id, self.inputs.get(point.label_noise, ()), run)
             self._last_step[key] = 0
         else:
-            self._reattach(key, run_id, milestone, params)
+            self._reattach(key, run_id, milestone, params, point.label_noise)
         self._runs[key] = run_id
         return run_id
 
-    def _reattach(self, key: str, run_id: str, milestone: int, params: dict[str, Any]) -> None:
+    def _reattach(self, key: str, run_id: str, milestone: int, params: dict[str, Any], label_noise: float) -> None:
         """A run found again after a restart or a resume: reopen it and skip the epochs it already has."""
         history = self.client.get_metric_history(run_id, "test_acc")
         self._last_step[key] = max((m.step for m in history), default=0)
@@ -109,6 +133,8 @@ class MlflowTrackingCallback(tune.Callback):
         missing = {k: v for k, v in params.items() if k not in run.data.params}
         if missing:
             self.client.log_batch(run_id, params=params_batch(missing))
+        # Likewise its datasets (those it has already are not logged twice).
+        log_dataset_inputs(self.client, run_id, self.inputs.get(label_noise, ()), run)
         if run.info.status == "FINISHED" and self._last_step[key] >= milestone:
             # Finished before a kill that Ray's state did not see: Ray reruns the trial (a no-op
             # from its final checkpoint); this record is complete and stays untouched.
@@ -137,8 +163,24 @@ class MlflowTrackingCallback(tune.Callback):
                     cm = Path(tmp) / CONFUSION_ARTIFACT
                     cm.write_text(json.dumps({"rows": "true class", "columns": "predicted class", "matrix": state["confusion"]}))
                     self.client.log_artifact(run_id, str(cm))
+            self.log_model(run_id, state)
         self.client.set_terminated(run_id, status="FINISHED")
         self._complete.add(key)
+
+    def log_model(self, run_id: str, state: dict[str, Any]) -> str | None:
+        """The run's final student as its MLflow model (once: a reattached run keeps the one it has).
+
+        Returns the model's id, or None when there is nothing to log it from (no example input, a
+        checkpoint without model_args) or logging failed: then the run says why in ``kd_tune.model_error``
+        and the sweep goes on (an exception here would stop every trial), its ``student.pt`` logged.
+        """
+        if self.example is None or not state.get("model_args"):
+            return None
+        try:
+            return log_model_once(self.client, run_id, state, self.example, "student", step=int(state["epoch"]))
+        except Exception as e:  # noqa: BLE001 - any failure is reported on the run, never fatal to the sweep
+            self.client.set_tag(run_id, "kd_tune.model_error", first_line(e)[:500])
+            return None
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._open(trial)

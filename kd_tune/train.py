@@ -39,6 +39,9 @@ class TensorData:
     """The teacher's logits on train_x (row i for image i); None trains on hard labels alone."""
     teacher_test: torch.Tensor | None = None
     """The teacher's logits on test_x, for the student-teacher agreement metric."""
+    val_x: torch.Tensor | None = None
+    """Validation images held out of training (None: no validation split): what selection looks at."""
+    val_y: torch.Tensor | None = None
 
     @classmethod
     def from_split(
@@ -51,13 +54,19 @@ class TensorData:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
+        def images(x: torch.Tensor) -> torch.Tensor:
+            return normalize(x, split.info, device, standardize=split.normalize)
+
+        has_val = split.val_y.numel() > 0
         return cls(
-            normalize(split.train_x, split.info, device),
+            images(split.train_x),
             split.train_y.to(device),
-            normalize(split.test_x, split.info, device),
+            images(split.test_x),
             split.test_y.to(device),
             move(teacher_train),
             move(teacher_test),
+            images(split.val_x) if has_val else None,
+            split.val_y.to(device) if has_val else None,
         )
 
 
@@ -113,6 +122,9 @@ class EpochMetrics:
     test_macro_f1: float
     test_ece: float
     epoch_seconds: float
+    val_acc: float | None = None
+    """Accuracy and loss on the validation split (None without one)."""
+    val_loss: float | None = None
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items() if v is not None}
@@ -145,6 +157,14 @@ def evaluate(model: nn.Module, data: TensorData) -> Evaluation:
         agree = (pred == data.teacher_test.argmax(dim=1)).float().mean().item()
     p, r, f1, ece, cm = classification_metrics(logits, data.test_y)
     return Evaluation(acc, loss, agree, p, r, f1, ece, cm)
+
+
+def validate(model: nn.Module, data: TensorData) -> tuple[float | None, float | None]:
+    """Accuracy and cross-entropy on the validation split: (None, None) without one."""
+    if data.val_x is None or data.val_y is None:
+        return None, None
+    logits = predict_logits(model, data.val_x)
+    return (logits.argmax(dim=1) == data.val_y).float().mean().item(), F.cross_entropy(logits, data.val_y).item()
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -193,8 +213,9 @@ def train(
         if not math.isfinite(total):
             raise DivergedError(epoch, total)
         ev = evaluate(model, data)
+        val_acc, val_loss = validate(model, data)
         metrics = EpochMetrics(epoch, total, hard, distill, ev.acc, ev.loss, ev.teacher_agreement,
-                               ev.macro_precision, ev.macro_recall, ev.macro_f1, ev.ece, time.perf_counter() - t0)
+                               ev.macro_precision, ev.macro_recall, ev.macro_f1, ev.ece, time.perf_counter() - t0, val_acc, val_loss)
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics, ev)

@@ -101,7 +101,9 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["epoch"]), list(state["history"])
     # Where this attempt runs: the tracking callback tags the MLflow run with it (node_ip and hostname come from Ray).
-    extra = {"device": str(device), "node_id": ray.get_runtime_context().get_node_id(), "resumed_from": start}
+    # And what it trains and selects on: a check that held-out images never reach training.
+    extra = {"device": str(device), "node_id": ray.get_runtime_context().get_node_id(), "resumed_from": start,
+             "train_images": int(data.train_x.shape[0]), "val_images": 0 if data.val_x is None else int(data.val_x.shape[0])}
     # Epochs trained before a kill but unknown to Ray may never have reached the driver (and MLflow):
     # report them again from the checkpoint's history; the tracking callback skips those it has.
     for m in history:

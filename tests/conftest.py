@@ -18,7 +18,7 @@ def tiny_space(**overrides: Any) -> dict[str, Any]:
     """A valid search space with tiny models; overrides replace whole top-level sections."""
     space: dict[str, Any] = {
         "name": "tiny",
-        "dataset": {"name": "mnist", "train_size": 1000, "label_noise": 0.0},
+        "dataset": {"name": "mnist", "train_size": 1000, "label_noise": 0.0, "val_size": 100},
         "teacher": {"widths": [8, 16], "epochs": 1, "lr": 0.003, "batch_size": 64},
         "student": {"widths": [4, 8], "lr": 0.003, "batch_size": 64},
         "grid": {"alpha": [0.0, 1.0], "temperature": [3.0], "epochs": [1, 2], "seed": [0]},

@@ -82,6 +82,12 @@ BAD = [
     ("bogus", 1, "bogus", "known keys"),
     ("grid.bogus", [1], "grid.bogus", "known keys"),
     ("teacher", _DELETE, "teacher", "required"),
+    ("dataset.normalize", "yes", "dataset.normalize", "true (mean/std standardization) or false (pixel / 255 only)"),
+    ("dataset.normalize", 1, "dataset.normalize", "true (mean/std standardization) or false"),
+    ("dataset.val_size", -1, "dataset.val_size", "an integer in [0, 59000]"),
+    ("dataset.val_size", 2.5, "dataset.val_size", "an integer in [0, 59000]"),
+    ("dataset.val_size", True, "dataset.val_size", "an integer in [0, 59000]"),
+    ("dataset.val_size", 59001, "dataset.val_size", "what is left must hold train_size = 1000"),
     ("grid.alpha", _DELETE, "grid.alpha", "required"),
     ("teacher.epochs", "ten", "teacher.epochs", "integer >= 1"),
     ("teacher.epochs", 2.5, "teacher.epochs", "integer >= 1"),
@@ -171,3 +177,17 @@ def test_label_noise_axis() -> None:
         parse_space(tiny_space(dataset={"name": "mnist", "label_noise": 0.1}, grid={"alpha": [0.5], "label_noise": [0.2]}), "n.yaml")
     shipped = load_space(REPO / "search_spaces" / "label_noise.yaml")
     assert len(shipped.noise_levels()) > 1
+
+
+def test_val_size_default_and_what_train_size_leaves() -> None:
+    space = tiny_space()
+    del space["dataset"]["val_size"]
+    assert parse_space(space, "s").dataset.val_size == 5000  # the documented default
+    space["dataset"]["train_size"] = 58000
+    assert parse_space(space, "s").dataset.val_size == 2000  # what the subset leaves, not an error
+    space["dataset"]["train_size"] = None
+    spec = parse_space(space, "s")
+    assert spec.dataset.val_size == 5000 and spec.dataset.normalize is False
+    space["dataset"]["val_size"] = 59991
+    with pytest.raises(SpaceError, match=r"key 'dataset.val_size': bad value 59991; allowed: an integer in \[0, 59990\] .*one image per class"):
+        parse_space(space, "s")

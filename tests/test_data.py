@@ -179,3 +179,40 @@ def test_cifar10_missing_files_say_how_to_provide_them(tmp_path: Path, monkeypat
     monkeypatch.setattr(data, "_fetch", lambda info, root: (_ for _ in ()).throw(RuntimeError("no network")))
     with pytest.raises(DataUnavailableError, match="cifar-10-batches-py/ holds data_batch_1..5 and test_batch"):
         data.load("cifar10", tmp_path, log=lambda s: None)
+
+
+def test_validation_split_is_disjoint_stratified_and_fixed(fixture_data: Path) -> None:
+    split = data.prepare("mnist", 1000, 0.3, 0, fixture_data, val_size=200)
+    assert len(split.val_y) == 200 and len(split.train_y) == 1000
+    rows = lambda x: {bytes(r) for r in x.reshape(len(x), -1).numpy()}  # noqa: E731
+    val = rows(split.val_x)
+    # No training or test image is a validation image (the slice holds no duplicate digits).
+    assert not val & rows(split.train_x) and not val & rows(split.test_x)
+    # Stratified: each class's share of the validation split is its share of the training files, to one image.
+    _, _, all_y, _, _ = data.load("mnist", fixture_data)
+    expected = torch.bincount(all_y, minlength=10).double() * 200 / len(all_y)
+    assert (torch.bincount(split.val_y, minlength=10).double() - expected).abs().max() < 1
+    # Fixed: the same images again, and the same whatever the subset and the label noise.
+    again = data.prepare("mnist", 500, 0.0, 0, fixture_data, val_size=200)
+    assert torch.equal(again.val_x, split.val_x) and torch.equal(again.val_y, split.val_y)
+    assert not torch.equal(data.prepare("mnist", 500, 0.0, 1, fixture_data, val_size=200).val_y, split.val_y)  # the seed moves it
+    # Validation labels are never perturbed.
+    assert torch.equal(split.val_y[:20], all_y[[_row_index(fixture_data, r) for r in split.val_x[:20]]])
+
+
+def _row_index(root: Path, image: torch.Tensor) -> int:
+    _, train_x, _, _, _ = data.load("mnist", root)
+    return int(torch.nonzero((train_x == image).flatten(1).all(dim=1))[0])
+
+
+def test_val_size_beyond_the_files(fixture_data: Path) -> None:
+    with pytest.raises(UsageError, match="val_size = 1995 leaves fewer than one training image per class of the 2000"):
+        data.prepare("mnist", None, 0.0, 0, fixture_data, val_size=1995)
+    with pytest.raises(UsageError, match=r"train_size = 1900 is larger than the 1800 training images \(200 held out for validation\)"):
+        data.prepare("mnist", 1900, 0.0, 0, fixture_data, val_size=200)
+
+
+def test_preprocessing_is_a_choice() -> None:
+    info = data.REGISTRY["mnist"]
+    x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
+    assert data.normalize(x, info, standardize=False).flatten().tolist() == [0.0, 1.0]  # the study's pixel / 255

@@ -12,7 +12,7 @@ from PIL import Image
 
 from kd_tune.cli import main
 from kd_tune.options import SweepOptions
-from kd_tune.report import summarize, t_interval, welch_interval
+from kd_tune.report import best_config, gains_over_scratch, paired_interval, summarize, t_interval, welch_interval
 from kd_tune.sweep import run_sweep
 from kd_tune.tracking import TAG_ROLE
 
@@ -52,12 +52,53 @@ def test_summary_groups_over_seeds() -> None:
         "test_acc": [0.91, 0.93, 0.95, 0.90], "test_loss": [0.3] * 4, "teacher_agreement": [0.9] * 4,
         "test_macro_precision": [0.9] * 4, "test_macro_recall": [0.9] * 4, "test_macro_f1": [0.9] * 4, "test_ece": [0.05] * 4,
         "train_loss": [0.2] * 4, "train_hard_loss": [0.2] * 4, "train_distill_loss": [0.1] * 4, "label_noise": [0.0] * 4,
+        "val_acc": [0.9] * 4,
     })
     s = summarize(runs)
     student = s[s["role"] == "student"].iloc[0]
     assert student["n"] == 3 and student["mean"] == pytest.approx(0.93)
     assert student["ci_high"] - student["mean"] == pytest.approx(T_975_DF2 * 0.02 / math.sqrt(3))
     assert s[s["role"] == "scratch"].iloc[0]["n"] == 1
+
+
+def _runs(rows: list[tuple[str, float, int, float, float]]) -> pd.DataFrame:
+    """(role, alpha, seed, test_acc, val_acc) rows of one temperature and epochs value."""
+    return pd.DataFrame([{"run_id": f"r{i}", "role": role, "alpha": alpha, "temperature": math.nan if role == "scratch" else 3.0,
+                          "epochs": 2, "seed": seed, "status": "FINISHED", "label_noise": 0.0, "test_acc": acc, "val_acc": val,
+                          "test_loss": 0.3, "train_hard_loss": 0.2, "train_distill_loss": 0.1}
+                         for i, (role, alpha, seed, acc, val) in enumerate(rows)])
+
+
+def test_paired_gain_by_hand() -> None:
+    # Seed effects are large (0.90 vs 0.96), the gain is steady: pairing sees it, Welch would not.
+    runs = _runs([("student", 0.5, 0, 0.905, 0.9), ("student", 0.5, 1, 0.934, 0.9), ("student", 0.5, 2, 0.9645, 0.9),
+                  ("scratch", 1.0, 0, 0.900, 0.9), ("scratch", 1.0, 1, 0.930, 0.9), ("scratch", 1.0, 2, 0.960, 0.9)])
+    g = gains_over_scratch(runs).iloc[0]
+    diffs = [0.005, 0.004, 0.0045]
+    half = T_975_DF2 * statistics.stdev(diffs) / math.sqrt(3)
+    assert g["test"] == "paired t" and g["n"] == 3 and g["positive"] == 3
+    assert g["gain"] == pytest.approx(statistics.mean(diffs))
+    assert g["ci_low"] == pytest.approx(statistics.mean(diffs) - half) and g["ci_high"] == pytest.approx(statistics.mean(diffs) + half)
+    assert g["ci_low"] > 0
+    welch = welch_interval(pd.Series([0.905, 0.934, 0.9645]), pd.Series([0.900, 0.930, 0.960]))
+    assert welch[1] is not None and welch[1] < 0 < g["ci_low"]  # unpaired: the interval includes zero
+    # A seed on one side only is dropped from the pairs.
+    mean, lo, hi, n, positive = paired_interval(pd.Series({0: 0.91, 1: 0.92, 5: 0.99}), pd.Series({0: 0.90, 1: 0.93}))
+    assert (n, positive) == (2, 1) and mean == pytest.approx(0.0)
+
+
+def test_selection_is_made_on_validation_and_reported_on_test() -> None:
+    # alpha 0.5 looks best on test, alpha 0 on validation: the report must pick alpha 0 and show its test accuracy.
+    runs = _runs([("student", 0.0, 0, 0.950, 0.980), ("student", 0.0, 1, 0.952, 0.982),
+                  ("student", 0.5, 0, 0.970, 0.960), ("student", 0.5, 1, 0.972, 0.962),
+                  ("scratch", 1.0, 0, 0.940, 0.950), ("scratch", 1.0, 1, 0.944, 0.950)])
+    summary, gains = summarize(runs), gains_over_scratch(runs)
+    best = best_config(runs, summary, gains)
+    assert best is not None and best.alpha == 0.0
+    assert best.mean == pytest.approx(0.951) and best.val_mean == pytest.approx(0.981)
+    assert best.gain == pytest.approx(0.009) and best.gain_n == 2 and best.gain_positive == 2
+    on_test = best_config(runs, summary, gains, select_on="test")
+    assert on_test is not None and on_test.alpha == 0.5  # what selecting on the test set would (optimistically) have said
 
 
 @pytest.mark.integration
@@ -90,8 +131,8 @@ def test_report_of_a_real_sweep(write_space: Callable[..., Path], tmp_path: Path
     assert one["n"] == 2 and one["mean"] == pytest.approx(statistics.mean(accs))
     assert one["ci_high"] - one["mean"] == pytest.approx(T_975_DF1 * statistics.stdev(accs) / math.sqrt(2))
 
-    expected = {"accuracy_vs_alpha.png": (1357, 500), "loss_vs_alpha.png": (800, 500), "heatmap_alpha_temperature.png": (800, 500),
-                "learning_curves.png": (800, 500), "confusion_matrix.png": (600, 500)}
+    expected = {"accuracy_vs_alpha.png": (1357, 500), "gain_vs_alpha.png": (1357, 500), "loss_vs_alpha.png": (800, 500),
+                "heatmap_alpha_temperature.png": (800, 500), "learning_curves.png": (800, 500), "confusion_matrix.png": (600, 500)}
     for name, size in expected.items():
         with Image.open(out / name) as im:
             assert im.size == size, name
@@ -100,7 +141,12 @@ def test_report_of_a_real_sweep(write_space: Callable[..., Path], tmp_path: Path
     assert exp is not None
     parent = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags[TAG_ROLE] == "sweep"][0]
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert logged == {f"report/{n}" for n in [*expected, "runs.csv", "summary.csv", "summary.md"]}
+    assert logged == {f"report/{n}" for n in [*expected, "runs.csv", "summary.csv", "gains.csv", "summary.md"]}
+    # The protocol is stated, and the selection is made on the validation split the tiny space holds out.
+    assert "Preprocessing: pixel / 255; training images: 1000; selection: the highest mean validation accuracy" in printed
+    assert "(selected on validation accuracy " in printed and "paired t, positive on " in printed
+    gains = pd.read_csv(out / "gains.csv")
+    assert set(gains["test"]) == {"paired t"} and set(gains["n"]) == {2}
 
 
 def test_report_of_unknown_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -138,7 +138,7 @@ def finished(p: dict[str, list[int]]) -> int:
 def reference_metrics(sweep: Sweep) -> dict[str, dict[str, float]]:
     """Each trial trained without Ray, uninterrupted, in this process (1 thread, like a 1-CPU trial)."""
     spec = load_space(sweep.space)
-    split = data.prepare("mnist", spec.dataset.train_size, 0.0, 0, FIXTURE_DATA)
+    split = data.prepare("mnist", spec.dataset.train_size, 0.0, 0, FIXTURE_DATA, val_size=spec.dataset.val_size)
     teacher = TeacherCache(resolve_storage(str(sweep.storage))).load(teacher_key(spec.dataset, spec.teacher, split))
     assert teacher is not None
     torch.set_num_threads(1)

@@ -70,6 +70,11 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
         assert run.data.tags["kd_tune.epochs"] == str(epochs)
         assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/student.pt"]
     assert len(trial_ids) == 2  # one trial per alpha served both epochs values, each with its own run
+    # What the trainable received: the 1,000 training images of the subset, the 100 validation images held out of them.
+    from ray import tune
+
+    for trial in tune.ExperimentAnalysis(str(storage / "tiny")).trials:
+        assert (trial.last_result["train_images"], trial.last_result["val_images"]) == (1000, 100)
 
     # Same teacher spec, another sweep (with a scratch baseline): the cached teacher is reused.
     teacher_entries = list((storage / CACHE_FOLDER).iterdir())
@@ -142,7 +147,7 @@ def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Pat
                         log=lambda s: None)
     assert outcome.ok
     spec = load_space(space)
-    split = data.prepare("mnist", 1000, 0.0, 0, FIXTURE_DATA)
+    split = data.prepare("mnist", 1000, 0.0, 0, FIXTURE_DATA, val_size=100)
     cache = TeacherCache(resolve_storage(str(tmp_path / "store")))
     members = [cache.load(teacher_key(spec.dataset, m, split)) for m in spec.teacher.members()]
     assert all(m is not None for m in members) and len(cache.keys()) == 2  # each member cached on its own
@@ -172,7 +177,7 @@ def test_label_noise_axis_with_noisy_and_clean_teachers(write_space: Callable[..
     accs = {float(r.data.params["label_noise"]): r.data.metrics["train_hard_loss"] for r in runs["scratch"]}
     assert accs[0.0] != accs[0.3]
     # Exactly 30 % of the 1,000 training labels flipped, as data.prepare would (the sweep's flips are the same).
-    clean, noisy = data.prepare("mnist", 1000, 0.0, 0, FIXTURE_DATA), data.prepare("mnist", 1000, 0.3, 0, FIXTURE_DATA)
+    clean, noisy = data.prepare("mnist", 1000, 0.0, 0, FIXTURE_DATA, val_size=100), data.prepare("mnist", 1000, 0.3, 0, FIXTURE_DATA, val_size=100)
     assert int((clean.train_y != noisy.train_y).sum()) == 300
 
     # teacher.clean: every level distils from the clean-label teacher, already in the cache.

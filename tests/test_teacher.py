@@ -35,6 +35,11 @@ def test_key_covers_the_spec(split: data.DataSplit) -> None:
     assert key != teacher_key(replace(ds, label_noise=0.1), t, split)
     other = data.prepare("mnist", 400, 0.0, 0, FIXTURE_DATA)
     assert key != teacher_key(ds, t, other)  # the data fingerprint is in the key too
+    # Preprocessing and the validation split decide what the teacher learns: both are in the key.
+    standardized = replace(split, normalize=True)
+    assert key != teacher_key(replace(ds, normalize=True), t, standardized)
+    assert teacher_key(ds, t, split) != teacher_key(ds, t, standardized)  # even with the spec alone unchanged
+    assert key != teacher_key(replace(ds, val_size=100), t, data.prepare("mnist", 500, 0.0, 0, FIXTURE_DATA, val_size=100))
 
 
 def test_logits_cover_train_and_test(split: data.DataSplit, teacher: Teacher) -> None:
