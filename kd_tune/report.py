@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -527,3 +528,33 @@ def make_report(name: str, tracking_uri: str, out: Path) -> Report:
     for f in files:
         client.log_artifact(parent, str(f), artifact_path="report")
     return report
+
+
+def log_sweep_summary(name: str, tracking_uri: str) -> Best | None:
+    """The report's choice as metrics and tags of the sweep's parent run, so the MLflow UI shows which
+    configuration won, by how much and over how many seeds (written again at every sweep's or resume's
+    end: the latest values win). Returns the best configuration, None while no student run finished."""
+    runs, _, parent = load_runs(name, tracking_uri)
+    if runs.empty:
+        return None
+    protocol, summary, gains = protocol_of(runs), summarize(runs), gains_over_scratch(runs)
+    best = best_config(runs, summary, gains, select_on=protocol.selected_on)
+    best_distilled = best_config(runs, summary, gains, distilled_only=True, select_on=protocol.selected_on)
+    metrics: dict[str, float] = {}
+    tags = {"kd_tune.selected_on": protocol.selected_on, "kd_tune.preprocessing": protocol.preprocessing}
+    for prefix, b in (("best", best), ("best_distilled", best_distilled)):
+        if b is None:
+            continue
+        values = {"test_acc": b.mean, "test_acc_ci_low": b.ci_low, "test_acc_ci_high": b.ci_high, "n": b.n, "val_acc": b.val_mean,
+                  "gain_over_scratch": b.gain, "gain_ci_low": b.gain_ci_low, "gain_ci_high": b.gain_ci_high,
+                  "gain_positive_seeds": b.gain_positive if b.gain_test == "paired t" else None}
+        metrics |= {f"{prefix}_{k}": float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
+        tags |= {f"kd_tune.{prefix}.alpha": f"{b.alpha:g}", f"kd_tune.{prefix}.temperature": f"{b.temperature:g}",
+                 f"kd_tune.{prefix}.epochs": str(b.epochs), f"kd_tune.{prefix}.label_noise": f"{b.label_noise:g}",
+                 f"kd_tune.{prefix}.run_id": b.run_id, f"kd_tune.{prefix}.gain_test": b.gain_test}
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    MlflowClient(tracking_uri).log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                                         tags=[RunTag(k, v) for k, v in tags.items()])
+    return best

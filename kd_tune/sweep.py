@@ -23,7 +23,7 @@ from ray.tune.experiment import Trial
 from kd_tune.cluster import check_local_fits, check_shared, connect_ray, teacher_cpus
 from kd_tune.config import SweepSpec, TrialPoint, load_space, load_space_text, space_to_yaml
 from kd_tune.data import DataSplit, flip_labels, prepare
-from kd_tune.errors import FlagError, UsageError
+from kd_tune.errors import FlagError, UsageError, first_line
 from kd_tune.mlflow_runs import (
     DataInput,
     close_running_runs,
@@ -155,6 +155,7 @@ def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
         finally:
             # Runs of trials cut short (Ctrl+C, a crash in the driver) are not left RUNNING; a resume reopens them.
             close_running_runs(client, record.experiment_id, record.parent_run_id)
+        _summarize_on_parent(spec.name, record.tracking_uri, log)
         table = results_table(grid, finished_before)
         counts = {s: int((table["status"] == s).sum()) for s in ("finished", "errored", "diverged")}
         client.set_terminated(record.parent_run_id, "FINISHED" if counts["finished"] == len(points) else "FAILED")
@@ -166,6 +167,20 @@ def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
         raise
     finally:
         release_driver(storage, spec.name)
+
+
+def _summarize_on_parent(name: str, tracking_uri: str, log: Log) -> None:
+    """The report's best configuration on the parent run; a sweep never fails for want of its summary."""
+    from kd_tune.report import log_sweep_summary
+
+    try:
+        best = log_sweep_summary(name, tracking_uri)
+    except Exception as e:  # noqa: BLE001 - the runs are complete in MLflow; `kd-tune report` can redo this
+        log(f"warning: no summary on the sweep's parent run ({first_line(e)}); kd-tune report {name} computes it")
+        return
+    if best is not None:
+        log(f"best configuration (selected on {'validation' if best.val_mean is not None else 'test'}): alpha = {best.alpha:g}, "
+            f"T = {best.temperature:g}, {best.epochs} epochs: test acc {best.mean:.4f} (n = {best.n}); logged on the parent run")
 
 
 def _open_record(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None) -> tuple[MlflowClient, SweepRecord]:

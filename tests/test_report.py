@@ -140,6 +140,12 @@ def test_report_of_a_real_sweep(write_space: Callable[..., Path], tmp_path: Path
     exp = client.get_experiment_by_name("rep")
     assert exp is not None
     parent = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags[TAG_ROLE] == "sweep"][0]
+    # The sweep left the report's choice on its parent run, where the MLflow UI shows it.
+    best_row = summary[(summary["role"] == "student")].sort_values("val_mean", ascending=False, kind="stable").iloc[0]
+    assert parent.data.tags["kd_tune.selected_on"] == "validation"
+    assert float(parent.data.tags["kd_tune.best.alpha"]) == best_row["alpha"] and int(parent.data.tags["kd_tune.best.epochs"]) == best_row["epochs"]
+    assert parent.data.metrics["best_test_acc"] == pytest.approx(best_row["mean"]) and parent.data.metrics["best_n"] == 2
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(best_row["val_mean"])
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert logged == {f"report/{n}" for n in [*expected, "runs.csv", "summary.csv", "gains.csv", "summary.md"]}
     # The protocol is stated, and the selection is made on the validation split the tiny space holds out.
