@@ -1,0 +1,168 @@
+"""Packed students (kd_tune.packed) against one unpacked student: student epochs per second.
+
+    python benchmarks/pack_bench.py                          # CPU, 1 thread, K = 1, 4, 16, 64, 1,024 images (~2 min on 2 idle cores)
+    python benchmarks/pack_bench.py --threads 2
+    python benchmarks/pack_bench.py --device cuda            # K up to 256, 16,384 images
+
+PyTorch only (no Ray, no MLflow): it runs wherever torch does. The data are synthetic, with MNIST's
+shape (1x28x28 uint8 images, 10 classes, cached teacher logits): the step's cost does not depend on
+the pixel values. The study's student (16/32), batch 128, distillation loss (alpha 0.5, T 3).
+
+For each K the contenders are interleaved (A B C A B C ...) after a warm-up round, and the median of
+the repeats is kept, so a drifting machine hits all alike:
+  unpacked    one SeedCNN, the loop of kd_tune.train.train (gather by index, kd_loss_terms, Adam)
+  shared      a pack of K whose members share one data order (one seed): a plain first conv
+  per-member  a pack of K with K seeds, so K data orders: a grouped first conv on [K, B, ...] batches
+Timed: one training epoch (the host sync at its end included), without the test-set evaluation,
+which packing does not change. "speedup" = student epochs/s of the pack / those of one unpacked student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from kd_tune.losses import kd_loss_terms  # noqa: E402
+from kd_tune.models import build_model  # noqa: E402
+from kd_tune.packed import Member, PackData, build_pack, pack_epoch  # noqa: E402
+from kd_tune.train import epoch_order, make_optimizer  # noqa: E402
+
+SHAPE, CLASSES, WIDTHS, BATCH, LR, ALPHA, TEMPERATURE = (1, 28, 28), 10, (16, 32), 128, 1e-3, 0.5, 3.0
+
+
+def synthetic(n: int, device: torch.device) -> PackData:
+    """Normalized channels_last images, labels and teacher logits of MNIST's shape (test split unused)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, *SHAPE), dtype=torch.uint8, generator=g).float().div_(255).sub_(0.1307).div_(0.3081)
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, CLASSES, (1, n), generator=g).to(device)
+    teacher = (3 * torch.randn(1, n, CLASSES, generator=g)).to(device)
+    return PackData(x, y, x[:1], y[0, :1], teacher, None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def unpacked(d: PackData, device: torch.device) -> Callable[[], float]:
+    """One student, epoch after epoch, stepped exactly as kd_tune.train.train steps it."""
+    model = build_model(WIDTHS, SHAPE, CLASSES, 0).to(device)
+    opt = make_optimizer(model, LR)
+    x, y, t = d.train_x, d.train_labels[0], d.teacher_train[0] if d.teacher_train is not None else None
+    n, epoch = x.shape[0], 0
+
+    def run() -> float:
+        nonlocal epoch
+        epoch += 1
+        sync(device)
+        t0 = time.perf_counter()
+        order = epoch_order(n, 0, epoch).to(device)
+        sums = torch.zeros(3, device=device)
+        for i in range(0, n, BATCH):
+            idx = order[i : i + BATCH]
+            terms = kd_loss_terms(model(x[idx]), None if t is None else t[idx], y[idx], ALPHA, TEMPERATURE)
+            opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            opt.step()
+            sums += torch.stack([terms.total.detach(), terms.hard.detach(), terms.distill.detach()]) * idx.numel()
+        (sums / n).tolist()  # train.train's one host sync per epoch
+        return time.perf_counter() - t0
+
+    return run
+
+
+def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_last: bool) -> Callable[[], float]:
+    seeds = [0] * k if shared else list(range(k))
+    members = [Member(seed=s, epochs=1, alpha=ALPHA, temperature=TEMPERATURE, teacher=0) for s in seeds]
+    model = build_pack(WIDTHS, SHAPE, CLASSES, seeds, channels_last=channels_last).to(device)
+    opt = make_optimizer(model, LR)
+    epoch = 0
+
+    def run() -> float:
+        nonlocal epoch
+        epoch += 1
+        sync(device)
+        t0 = time.perf_counter()
+        (pack_epoch(model, opt, d, members, epoch, BATCH) / d.train_x.shape[0]).tolist()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def interleaved(contenders: list[Callable[[], float]], repeats: int) -> list[float]:
+    """Median seconds of each contender, run in turns after one warm-up round."""
+    for run in contenders:
+        run()
+    times: list[list[float]] = [[] for _ in contenders]
+    for _ in range(repeats):
+        for i, run in enumerate(contenders):
+            times[i].append(run())
+    return [statistics.median(t) for t in times]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return f"unknown CPU ({os.cpu_count()} logical cores)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="pack sizes K, comma-separated (default 1,4,16,64; on cuda 1,4,16,64,256)")
+    p.add_argument("--images", type=int, default=None, help="training images per epoch (default 1024; on cuda 16384): seconds scale linearly with it")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: what a 1-CPU trial gets)")
+    p.add_argument("--nchw", action="store_true", help="also time packs with contiguous (NCHW) activations instead of channels_last")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device visible to torch")
+    sizes = args.sizes or ([1, 4, 16, 64, 256] if device.type == "cuda" else [1, 4, 16, 64])
+    n = args.images or (16384 if device.type == "cuda" else 1024)
+    torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # what the trainable does: fixed shapes
+    print(f"device: {device_name(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"{n} images/epoch, batch {BATCH}, student {WIDTHS[0]}/{WIDTHS[1]}, float32; {args.repeats} repeats; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}; load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    d = synthetic(n, device)
+    layouts = [True, False] if args.nchw else [True]
+    print("\n| K | variant | s per pack-epoch | student epochs/s | speedup vs unpacked |\n| --- | --- | --- | --- | --- |", flush=True)
+    for k in sizes:
+        variants: list[tuple[str, Callable[[], float]]] = [("unpacked (1 student)", unpacked(d, device))]
+        for channels_last in layouts:
+            suffix = "" if channels_last else ", NCHW"
+            variants.append((f"shared{suffix}", packed(d, device, k, True, channels_last)))
+            if k > 1:  # with one member there is only one data order: the shared path
+                variants.append((f"per-member{suffix}", packed(d, device, k, False, channels_last)))
+        seconds = interleaved([run for _, run in variants], args.repeats)
+        base = 1 / seconds[0]
+        for (name, _), s in zip(variants, seconds, strict=True):
+            students = 1 if name.startswith("unpacked") else k
+            print(f"| {k} | {name} | {s:.3f} | {students / s:.2f} | {students / s / base:.2f} |", flush=True)
+        del variants
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
