@@ -33,6 +33,7 @@ from kd_tune.mlflow_runs import (
     get_or_create_experiment,
     input_example,
     log_metrics,
+    log_sweep_inputs,
     log_teacher_runs,
     resolve_tracking_uri,
 )
@@ -129,8 +130,8 @@ def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
     # With a tracking server MLflow prints two "View run at" lines per run it ends: hundreds in a sweep.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     ds = spec.dataset
-    split = prepare(ds.name, ds.train_size, 0.0, ds.seed, Path(opts.data_dir) if opts.data_dir else None, log,
-                    val_size=ds.val_size, normalize=ds.normalize)
+    data_dir = Path(opts.data_dir) if opts.data_dir else None
+    split = prepare(ds.name, ds.train_size, 0.0, ds.seed, data_dir, log, val_size=ds.val_size, normalize=ds.normalize)
     # The same fixed flips as prepare() would make, once per noise level of the sweep.
     labels = {n: flip_labels(split.train_y, n, spec.dataset.seed, split.info.num_classes) for n in spec.noise_levels()}
     client, record = _open_record(spec, storage, opts, record)
@@ -142,14 +143,15 @@ def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
 
     claim_driver(storage, spec.name)
     try:
-        teachers = _get_teachers(spec, split, labels, storage, client, record, opts.quiet, log)
+        inputs = dataset_inputs(split, labels, data_dir)  # the runs' datasets for MLflow, fingerprinted once
+        teachers = _get_teachers(spec, split, labels, storage, client, record, opts.quiet, log, inputs=inputs, data_dir=data_dir)
         trials, points = spec.trials(), spec.grid_points()
         verb = f"resuming ({len(finished_before)} of {len(trials)} trials finished before)" if finished_before or opts.resume else "starting"
         log(f"sweep {spec.name!r}: {verb}; {len(trials)} trials for {len(points)} grid points ({spec.student_epochs()} student epochs), "
             f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {storage.show(spec.name)}")
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
         bundle = TrialBundle(split, spec.student, labels, teachers.train, teachers.test, storage, spec.name)
-        tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet)
+        tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs)
         try:
             grid = tuner.fit()
         finally:
@@ -200,16 +202,16 @@ def _open_record(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: 
 
 
 def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.Tensor], storage: Storage, client: MlflowClient,
-                  record: SweepRecord, quiet: bool, log: Log, *, inputs: dict[float, list[DataInput]] | None = None,
-                  data_dir: Path | None = None) -> _Teachers:
+                  record: SweepRecord, quiet: bool, log: Log, *, inputs: dict[float, list[DataInput]], data_dir: Path | None) -> _Teachers:
     """One teacher (or ensemble) per label-noise level, logged under the parent run: it learns from the
     labels the students see, unless teacher.clean asks for the clean labels (then one serves every level).
 
-    ``inputs``: the datasets per label-noise level (:func:`~kd_tune.mlflow_runs.dataset_inputs`, computed
-    once by the caller); a level missing there (or all, without it) is computed here from ``data_dir``."""
+    ``inputs``: the students' datasets per label-noise level (:func:`~kd_tune.mlflow_runs.dataset_inputs`,
+    computed once by the caller); a clean teacher's labels, when no student sees them, are fingerprinted here."""
     node_cpus = teacher_cpus(spec.resources, log)
-    inputs = dict(inputs or {})
+    inputs = dict(inputs)
     example = input_example(split)
+    teacher_models: list[str] = []
     train, test, accs = {}, {}, {}
     for noise in spec.noise_levels():
         seen = 0.0 if spec.teacher.clean else noise
@@ -219,28 +221,30 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
             members = get_teachers(tspec, tsplit, storage, node_cpus, log, not quiet)
             if seen not in inputs:
                 inputs |= dataset_inputs(split, {seen: tsplit.train_y}, data_dir)
-            log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, members, split, inputs[seen], example)
+            teacher_models += log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, members, split, inputs[seen], example)
             train[seen], test[seen], accs[seen] = ensemble_logits(members, split.test_y)
             log_teacher_summary(members, accs[seen], log)
         train[noise], test[noise], accs[noise] = train[seen], test[seen], accs[seen]
+    # The parent run shows every dataset of the sweep (the teachers' and the students') and its teachers.
+    log_sweep_inputs(client, record.parent_run_id, [d for level in inputs.values() for d in level], teacher_models)
     log_metrics(client, record.parent_run_id, {"teacher_test_acc": accs[spec.noise_levels()[0]]}
                 | {f"teacher_test_acc_noise_{n:g}": a for n, a in accs.items() if len(accs) > 1}, step=0)
     return _Teachers(train, test, accs[spec.noise_levels()[0]])
 
 
 def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: SweepRecord, restoring: bool, quiet: bool, *,
-                inputs: dict[float, list[DataInput]] | None = None, data_dir: Path | None = None) -> tune.Tuner:
+                inputs: dict[float, list[DataInput]]) -> tune.Tuner:
     """A new Tuner over the trials, or the sweep's own restored (its run config brings back the MLflow callback).
 
-    The callback gets the runs' datasets (``inputs``, else computed here from ``data_dir``) and an example
-    model input: plain data, pickled with it, so a restored sweep logs them as the first driver did."""
+    The callback gets the runs' datasets (``inputs``) and an example model input: plain data, pickled
+    with it, so a restored sweep logs them as the first driver did."""
     path, fs = sweep_path(storage, spec.name), storage.ray_filesystem
     trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if restoring:
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     tracking = MlflowTrackingCallback(tracking_uri=record.tracking_uri, experiment_id=record.experiment_id,
                                       parent_run_id=record.parent_run_id, sweep=spec.name, static_params=spec.flat_params(),
-                                      inputs=inputs if inputs is not None else dataset_inputs(bundle.split, bundle.labels, data_dir),
+                                      inputs=inputs,
                                       example=input_example(bundle.split))
     return tune.Tuner(
         trainable,
