@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from kd_tune.cli import main
+
 from .servers import MlflowServer, listening_addresses
 
 pytestmark = pytest.mark.integration
@@ -18,4 +20,13 @@ def test_ui_serves_the_store_on_localhost(tmp_path: Path) -> None:
         body = server.api("experiments/search", max_results="100")
         assert "seen-through-the-ui" in {e["name"] for e in body["experiments"]}
         assert listening_addresses(server.port) == {"127.0.0.1"}  # loopback only, not 0.0.0.0
+        assert server.runs_pages() == {}  # an experiment that is no sweep gets no runs-page line
     assert server.proc.returncode is not None  # stopped
+
+
+def test_ui_refuses_an_unknown_sweep_before_starting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "nope"]) == 2
+    # (MLflow itself may log that it creates the store's tables first)
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kd-tune ui: error:")]
+    assert error.startswith("kd-tune ui: error: sweep 'nope' is not tracked in sqlite:///")
+    assert error.endswith("allowed: one of the sweeps there: none yet (start one with kd-tune sweep)")
