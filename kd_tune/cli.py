@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kd_tune.errors import FlagError, KdTuneError, UsageError
-from kd_tune.options import STORAGE_HELP, ResumeOptions, SweepOptions
+from kd_tune.options import STORAGE_HELP, ResumeOptions, SubmitOptions, SweepOptions
 
 if TYPE_CHECKING:
     from kd_tune.results import SweepOutcome
@@ -64,8 +66,22 @@ def sweep(space: Path, opts: SweepOptions) -> int:
         raise
 
 
-def resume(name: str, opts: SweepOptions) -> int:
-    """Continue an interrupted sweep: finished trials stay, the others go on from their last checkpoint."""
+def resume(name: str, opts: SweepOptions, ship_code: bool = False) -> int:
+    """Continue an interrupted sweep: finished trials stay, the others go on from their last checkpoint.
+
+    With a job server's http:// address (--address, else $RAY_ADDRESS, else $RAY_API_SERVER_ADDRESS) the resume
+    is submitted to the cluster as a Ray job, like kd-tune submit; any other address is joined from this process.
+    """
+    from kd_tune.jobs import JOB_SERVER_ALLOWED, RESUME_ADDRESS_ENV, is_job_server
+
+    address = opts.address or next((os.environ[v] for v in RESUME_ADDRESS_ENV if os.environ.get(v)), None)
+    if is_job_server(address):
+        from kd_tune.jobs import submit_resume
+
+        print("\n".join(submit_resume(name, opts, ship_code).lines()))
+        return 0
+    if ship_code:
+        raise FlagError("--address", address, JOB_SERVER_ALLOWED, "is not a job server's: --ship-code sends the code with a job")
     from kd_tune.sweep import resume_sweep
 
     try:
@@ -74,6 +90,52 @@ def resume(name: str, opts: SweepOptions) -> int:
         if not isinstance(e, UsageError):
             _hint_resume(lambda: name, opts.storage)
         raise
+
+
+def submit(space: Path, opts: SubmitOptions) -> int:
+    """Submit a sweep to a Ray cluster's job server, from any machine that reaches it (a laptop: the driver
+    runs on the head node, whatever happens to the laptop). The space and flags are validated here first;
+    paths are the head node's."""
+    from kd_tune.jobs import submit_sweep
+
+    print("\n".join(submit_sweep(space, opts).lines()))
+    return 0
+
+
+def jobs(address: str | None) -> int:
+    """The cluster's kd-tune sweeps: each one's newest job and its status, trials finished / total (read from the
+    sweep's storage where this machine can read it) and its MLflow runs."""
+    from kd_tune.jobs import format_jobs, sweep_jobs_table
+
+    server, rows = sweep_jobs_table(address)
+    print(f"kd-tune sweeps on {server.address}:" if rows else f"{server.address}:")
+    print(format_jobs(rows))
+    if any(r.trials == "-" for r in rows):
+        print("(trials '-': the sweep has not saved its state yet, or its storage is not readable from here)")
+    return 0
+
+
+def logs(name: str, follow: bool, address: str | None) -> int:
+    """The logs of a sweep's newest job; --follow streams them until the job ends (exit 0 if it succeeded)."""
+    from kd_tune.jobs import show_logs
+
+    return show_logs(address, name, follow, lambda text: print(text, end="", flush=True))
+
+
+def stop(name: str, address: str | None) -> int:
+    """Stop a sweep's job: its driver ends the sweep as after Ctrl+C (trials stopped, MLflow runs closed as
+    KILLED, state saved), so kd-tune resume continues it."""
+    from kd_tune.jobs import META_STORAGE, resume_hint, seen_from_here, stop_sweep
+
+    server, job, final = stop_sweep(address, name)
+    storage = job.metadata.get(META_STORAGE, "")
+    print(f"sweep {name!r}: job {job.submission_id} is {final}")
+    seen = seen_from_here(storage, name)
+    if seen.readable and not seen.restorable:
+        print(f"it had not started its trials (nothing to resume in {storage}): submit it again to start it")
+    else:
+        print(f"to continue it: {resume_hint(name, server, storage)}")
+    return 0 if final == "STOPPED" else 1
 
 
 def status(name: str, storage: str | None) -> int:
@@ -134,8 +196,8 @@ def _report(run: Callable[[Callable[[str], None]], SweepOutcome], quiet: bool) -
     print(format_table(outcome.table))
     print()
     print(f"MLflow: experiment {outcome.name!r} (id {outcome.experiment_id}) in {outcome.tracking_uri}")
-    ui = "kd-tune ui" + ("" if outcome.tracking_uri == _default_tracking_uri() else f" --tracking-uri '{outcome.tracking_uri}'")
-    print(f"Open the UI: {ui}   (then http://{UI_HOST}:5000)")
+    ui = f"kd-tune ui {outcome.name}" + ("" if outcome.tracking_uri == _default_tracking_uri() else f" --tracking-uri '{outcome.tracking_uri}'")
+    print(f"Open the UI: {ui}   (then the runs page it prints: {runs_page(UI_HOST, 5000, outcome.experiment_id)})")
     if not outcome.ok:
         print(f"Not every trial finished; to retry the rest: {outcome.resume_command}")
     return 0 if outcome.ok else 1
@@ -161,25 +223,64 @@ def _default_tracking_uri() -> str:
     return resolve_tracking_uri(None)
 
 
-def ui(tracking_uri: str | None, host: str, port: int, artifacts_destination: str | None = None) -> int:
+def ui(tracking_uri: str | None, host: str, port: int, artifacts_destination: str | None = None, name: str | None = None) -> int:
     """Serve the MLflow UI and tracking server over the sweeps' store (replaces this process with the server).
 
-    One worker and no job execution keep it at ~0.5 GB; on a cluster's head it is the team's tracking
+    Before it starts, prints the address of each sweep's runs page (or of sweep NAME's only). One
+    worker and no job execution keep it at ~0.5 GB; on a cluster's head it is the team's tracking
     server (drivers log to http://127.0.0.1:PORT there; people reach it through `ray attach --port-forward`).
+    A store the UI cannot serve, or a NAME that is not a sweep there, is refused (FlagError: exit 2).
     """
     from kd_tune.mlflow_runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if "://" not in uri or uri.startswith(("http://", "https://")):
         raise FlagError("--tracking-uri", uri, "sqlite:///PATH or another SQLAlchemy URI", "the UI serves a database store")
+    lines = ui_lines(uri, host, port, name)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
     if artifacts_destination:
         # The server stores the artifacts clients send it (proxied uploads): drivers need no access to that storage.
         cmd += ["--artifacts-destination", artifacts_destination]
-    print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl+C stops it)", flush=True)
+    print("\n".join(lines), flush=True)
     os.execve(sys.executable, cmd, env)
     return 0  # not reached
+
+
+def runs_page(host: str, port: int, experiment_id: str) -> str:
+    """The address of an experiment's runs page in MLflow's UI, in its "Model training" view.
+
+    MLflow 3.17's UI takes the view from the page address or the browser's last choice, by default
+    GenAI (it no longer reads the experiment's ``mlflow.experimentKind`` tag for that): without
+    ``workflowType=machine_learning`` the runs table opens beside a GenAI side bar (traces, judges,
+    prompts) and the experiment's own link leads to the GenAI overview.
+    """
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_lines(uri: str, host: str, port: int, name: str | None = None) -> list[str]:
+    """What ``kd-tune ui`` prints before the server starts: where it serves, then the runs page of each
+    sweep (:func:`runs_page`), or of sweep NAME only.
+
+    Sweeps are the experiments holding a kd-tune parent run; older ones get the experiment tag that
+    makes MLflow's UI open on their runs on the way. Raises FlagError for a NAME that is not a sweep in the store.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from kd_tune.mlflow_runs import sweep_experiments
+
+    sweeps = sweep_experiments(MlflowClient(uri))
+    if name is not None:
+        if name not in sweeps:
+            known = ", ".join(sorted(sweeps)) if sweeps else "none yet (start one with kd-tune sweep)"
+            raise FlagError("sweep", name, f"one of the sweeps there: {known}", f"is not tracked in {uri}")
+        sweeps = {name: sweeps[name]}
+    lines = [f"MLflow UI for {uri} on http://{host}:{port} (Ctrl+C stops it)"]
+    if sweeps:
+        width = max(map(len, sweeps))
+        lines.append("runs of each sweep:" if name is None else f"runs of sweep {name!r}:")
+        lines += [f"  {n:<{width}}  {runs_page(host, port, i)}" for n, i in sorted(sweeps.items())]
+    return lines
 
 
 def data(name: str, data_dir: str | None) -> int:
@@ -227,8 +328,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue an interrupted sweep", description=resume.__doc__)
     p.add_argument("name", help="the sweep's name")
     add_options(p, ResumeOptions)
+    p.add_argument("--ship-code", action="store_true",
+                   help="with a job server's --address: send this machine's kd_tune package with the job (default: as the sweep's last job did)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p.set_defaults(run=lambda a: resume(a.name, options_from(a, ResumeOptions).as_sweep_options()))
+    p.set_defaults(run=lambda a: resume(a.name, options_from(a, ResumeOptions).as_sweep_options(), a.ship_code))
+
+    p = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a job (from a laptop)", description=submit.__doc__)
+    p.add_argument("space", type=Path, help="search-space YAML on this machine, e.g. search_spaces/smoke.yaml")
+    add_options(p, SubmitOptions)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: submit(a.space, options_from(a, SubmitOptions)))
+
+    address_help = SubmitOptions.__dataclass_fields__["address"].metadata["help"]
+    p = sub.add_parser("jobs", help="the kd-tune sweeps submitted to a cluster, their jobs and progress", description=jobs.__doc__)
+    p.add_argument("--address", default=None, help=address_help)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: jobs(a.address))
+
+    p = sub.add_parser("logs", help="the logs of a sweep's job", description=logs.__doc__)
+    p.add_argument("name", help="the sweep's name")
+    p.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+    p.add_argument("--address", default=None, help=address_help)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: logs(a.name, a.follow, a.address))
+
+    p = sub.add_parser("stop", help="stop a sweep's job (it can be resumed)", description=stop.__doc__)
+    p.add_argument("name", help="the sweep's name")
+    p.add_argument("--address", default=None, help=address_help)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: stop(a.name, a.address))
 
     p = sub.add_parser("status", help="trials finished / running / pending / errored of a sweep", description=status.__doc__)
     p.add_argument("name", help="the sweep's name")
@@ -237,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: status(a.name, a.storage))
 
     p = sub.add_parser("ui", help="MLflow UI and tracking server on 127.0.0.1 over the same store", description=ui.__doc__)
+    p.add_argument("name", nargs="?", default=None, help="a sweep's name: print the address of its runs page only (default: every sweep's)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.add_argument("--host", default=UI_HOST, help="address to bind (default 127.0.0.1: only this machine; use ssh/ray port forwarding)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
@@ -244,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the server keeps the artifacts clients log through it: a folder or a URI such as s3://bucket/mlflow "
                         "(default: MLflow's ./mlartifacts)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p.set_defaults(run=lambda a: ui(a.tracking_uri, a.host, a.port, a.artifacts_destination))
+    p.set_defaults(run=lambda a: ui(a.tracking_uri, a.host, a.port, a.artifacts_destination, a.name))
 
     p = sub.add_parser("data", help="fetch or verify a dataset's files", description=data.__doc__)
     p.add_argument("name", help="dataset name, e.g. mnist")
@@ -254,9 +383,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_like_ctrl_c(signum: int, frame: Any) -> None:
+    """SIGTERM handler: do what Ctrl+C does now (Tune's graceful stop during a sweep, KeyboardInterrupt otherwise)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def _stop_signals() -> Callable[[], None]:
+    """Make SIGTERM (kill, a supervisor, Ray's job stop by default) end a command as Ctrl+C does, so a sweep
+    ends as an interrupted sweep: runs closed as KILLED, the resume command printed. (``ray.init`` installs
+    its own SIGTERM handler, ``sys.exit``, which still closes the runs; kd-tune's jobs are stopped with
+    SIGINT, see kd_tune.jobs.) A Ray job's driver starts with SIGINT ignored, as Ray's workers have it;
+    it gets Python's Ctrl+C back. Returns what puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    # The variable marks a driver started by Ray's job supervisor (ray._private.runtime_env.constants).
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and before[signal.SIGINT] == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore() -> None:
+        for s, h in before.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+    return restore
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    restore_signals = _stop_signals()
     try:
         return int(args.run(args))
     except KdTuneError as e:
@@ -274,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # complaining again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        restore_signals()
 
 
 if __name__ == "__main__":

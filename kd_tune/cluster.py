@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +54,18 @@ def connect_ray(address: str | None) -> bool:
     """
     if ray.is_initialized():
         return False
+    # ray.init replaces the SIGTERM handler with a bare sys.exit; the CLI's (stop like Ctrl+C, so the
+    # sweep closes its runs and prints how to resume) is put back once Ray is up.
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _init(address)
+    finally:
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
+    return True
+
+
+def _init(address: str | None) -> None:
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True, "configure_logging": True}
     if address:
         check_reachable(address)
@@ -62,7 +76,6 @@ def connect_ray(address: str | None) -> bool:
     else:
         # "local" always starts a fresh embedded Ray, whatever a stale /tmp/ray says.
         ray.init(address="local", include_dashboard=False, **quiet)  # type: ignore[arg-type]
-    return True
 
 
 def check_local_fits(res: ResourcesSpec) -> None:

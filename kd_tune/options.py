@@ -1,4 +1,4 @@
-"""Command-line settings of ``sweep`` and ``resume``: typed dataclasses whose field docs are the flags' ``--help``.
+"""Command-line settings of ``sweep``, ``resume`` and ``submit``: typed dataclasses whose field docs are the flags' ``--help``.
 
 Plain Python (no torch, Ray or MLflow): the CLI builds its parser from these at once.
 """
@@ -53,6 +53,38 @@ class ResumeOptions:
 
     def as_sweep_options(self) -> SweepOptions:
         return SweepOptions(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """Settings of ``kd-tune submit``: the cluster's job server, the sweep flags that make sense there, and
+    whether this machine's code goes along. Paths are the head node's: the job runs there, in a temporary folder."""
+
+    address: str | None = field(default=None, metadata=_help(
+        "the cluster's job server: http://HOST:PORT of the head's dashboard (port 8265), e.g. http://127.0.0.1:8265 through "
+        "`ray dashboard cluster.yaml` (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)"))
+    name: str | None = field(default=None, metadata=_SWEEP["name"].metadata)
+    storage: str | None = field(default=None, metadata=_help(
+        "where the sweep lives, as every node sees it: an absolute folder every node mounts or a URI such as s3://bucket/prefix "
+        "(default: $KD_TUNE_STORAGE here)"))
+    data_dir: str | None = field(default=None, metadata=_help(
+        "dataset folder on the head node, an absolute path (default: the head's $KD_TUNE_DATA_DIR or ~/.cache/kd-tune/data)"))
+    tracking_uri: str | None = field(default=None, metadata=_help(
+        "MLflow tracking URI as the head node sees it, e.g. http://127.0.0.1:5000 (the server cluster.yaml starts there) "
+        "or sqlite:////ABSOLUTE/PATH.db (default: $MLFLOW_TRACKING_URI here)"))
+    cpus_per_trial: float | None = field(default=None, metadata=_SWEEP["cpus_per_trial"].metadata)
+    gpus_per_trial: float | None = field(default=None, metadata=_SWEEP["gpus_per_trial"].metadata)
+    max_failures: int | None = field(default=None, metadata=_SWEEP["max_failures"].metadata)
+    quiet: bool = field(default=False, metadata=_SWEEP["quiet"].metadata)
+    resume: bool = field(default=False, metadata=_SWEEP["resume"].metadata)
+    no_share_epochs: bool = field(default=False, metadata=_SWEEP["no_share_epochs"].metadata)
+    ship_code: bool = field(default=False, metadata=_help(
+        "send this machine's kd_tune package with the job (Ray's py_modules) instead of running the kd-tune installed on the "
+        "cluster; the cluster still needs kd-tune's dependencies (torch, ray[tune], mlflow)"))
+
+    def as_sweep_options(self) -> SweepOptions:
+        """The flags the job's ``kd-tune sweep`` gets (``address`` is the job server's, not the driver's)."""
+        return SweepOptions(**{k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("address", "ship_code")})
 
 
 def apply_overrides(spec: SweepSpec, opts: SweepOptions) -> SweepSpec:

@@ -5,6 +5,8 @@
   the worker can run in a private mount namespace where one folder is its own (a node that cannot
   see the driver's local disk there).
 - :class:`S3Server`: moto's S3-compatible server, for ``s3://`` storage.
+- :class:`RayHead`: a one-node cluster whose head runs the dashboard's job server (``ray start --head
+  --include-dashboard true``), for sweeps submitted as Ray jobs.
 
 Each server runs in a session of its own (``start_new_session``), so every process it spawns, Ray's
 workers included, carries that session id and is found and killed by it, even after its parent died.
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -134,16 +138,20 @@ def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Pa
 
 
 class MlflowServer:
-    """``kd-tune ui`` over a sqlite store, artifacts proxied into a folder: a team's tracking server."""
+    """``kd-tune ui`` over a sqlite store, artifacts proxied into a folder: a team's tracking server.
 
-    def __init__(self, folder: Path) -> None:
+    ``sweep`` is passed as ``kd-tune ui NAME``; :meth:`runs_pages` reads back what it printed.
+    """
+
+    def __init__(self, folder: Path, sweep: str | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.port = folder, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.store = f"sqlite:///{folder / 'mlflow.db'}"
         self.artifacts = folder / "artifacts"
-        self.proc = _start([sys.executable, "-m", "kd_tune.cli", "ui", "--tracking-uri", self.store, "--port", str(self.port),
-                            "--artifacts-destination", str(self.artifacts)], folder / "server.log", cwd=folder)
+        self.log = folder / "server.log"
+        self.proc = _start([sys.executable, "-m", "kd_tune.cli", "ui", *([sweep] if sweep else []), "--tracking-uri", self.store,
+                            "--port", str(self.port), "--artifacts-destination", str(self.artifacts)], self.log, cwd=folder)
 
     def __enter__(self) -> MlflowServer:
         try:
@@ -158,6 +166,16 @@ class MlflowServer:
 
     def stop(self) -> None:
         kill_session(self.proc, signal.SIGTERM)
+
+    def runs_pages(self) -> dict[str, str]:
+        """Sweep name -> address of its runs page, as ``kd-tune ui`` printed them before the server started
+        (lines ``  NAME  http://...``)."""
+        pages = {}
+        for line in self.log.read_text().splitlines():
+            parts = line.split()
+            if line.startswith("  ") and len(parts) == 2 and parts[1].startswith("http://"):
+                pages[parts[0]] = parts[1]
+        return pages
 
     def api(self, endpoint: str, body: dict[str, Any] | None = None, **query: str) -> Any:
         """GET (query) or POST (body) on the REST API 2.0."""
@@ -258,3 +276,64 @@ class S3Server:
 
     def stop(self) -> None:
         kill_session(self.proc)
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """The processes below ``pids`` (by parent pid), whatever their session."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class RayHead:
+    """A one-node Ray cluster with the job server: ``ray start --head --include-dashboard true`` on 127.0.0.1,
+    what ``ray up`` makes of a cluster's head. ``url`` is the job server, ``address`` the GCS.
+
+    Every port is a free one and the temp folder is its own (short: Ray's socket paths must fit 107 bytes):
+    a job's driver finds its cluster through ``<temp dir>/ray_current_cluster``, which another ``ray start``
+    on this machine would overwrite in the shared /tmp/ray. Ray's job supervisor starts each driver in a
+    session of its own, so :meth:`stop` kills the head's session and every descendant of it, by PID.
+    """
+
+    def __init__(self, folder: Path, num_cpus: int = 2) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = dict(RAY_ENV)
+        self.temp_dir = tempfile.mkdtemp(prefix="kdj-", dir="/tmp")
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(self.port),
+               "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats",
+               "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+               "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()), "--temp-dir", self.temp_dir]
+        self.proc = _start(cmd, folder / "head.log", self.env, cwd=folder)
+        try:
+            wait_until_answers(f"{self.url}/api/version", self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        tree = descendants(session_pids(self.proc.pid))  # jobs' drivers, in sessions of their own
+        kill_session(self.proc)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        while [p for p in tree if Path(f"/proc/{p}").exists() and cmdline(p)] and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling a condition against a deadline
+        left = [p for p in tree if Path(f"/proc/{p}").exists() and cmdline(p)]
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        assert not left, f"processes left behind: {left}"

@@ -56,7 +56,7 @@ def test_cluster_shape(config: dict[str, Any]) -> None:
 def _kd_tune_commands(text: str) -> list[list[str]]:
     """Every `kd-tune ...` command line in a text, as argv (environment variables and <placeholders> as X)."""
     text = re.sub(r'"?\$\{?\w+\}?"?|<[^>]*>', "X", text)
-    return [shlex.split(m.group(1)) for m in re.finditer(r"kd-tune ((?:sweep|resume|status|report|plan|ui|data)\b[^\n\"`;&)>]*)", text)]
+    return [shlex.split(m.group(1)) for m in re.finditer(r"kd-tune ((?:sweep|resume|status|report|plan|ui|data|submit|jobs|logs|stop)\b[^\n\"`;&)>]*)", text)]
 
 
 def test_mlflow_server_on_the_head_binds_localhost(config: dict[str, Any]) -> None:

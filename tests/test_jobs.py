@@ -1,0 +1,187 @@
+"""Sweeps submitted as Ray jobs to a real job server (``ray start --head`` with the dashboard, 2 CPUs, on this
+machine), through the real CLI as a laptop would: followed to the end, stopped mid-sweep and resumed by job,
+and bad input refused before anything reaches the cluster. Every process is stopped by PID afterwards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kd_tune.tracking import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
+
+from .conftest import FIXTURE_DATA, tiny_space
+from .servers import RAY_ENV, RayHead, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.jobs]
+
+DATASET = {"name": "mnist", "train_size": 1500, "val_size": 100}  # one teacher (cached) serves both sweeps
+FOLLOWED = tiny_space(name="followed", dataset=DATASET)  # 2 trials for 4 grid points, seconds each
+# ~0.5-1 s per epoch on one CPU: 4 trials of 6 epochs on 2 CPUs leave ~12 epochs' time between the first reported
+# epoch and the end, for the stop to land in.
+EPOCHS = 6
+STOPPED = tiny_space(name="stopped", dataset=DATASET, student={"widths": [16, 32], "lr": 0.003, "batch_size": 16},
+                     grid={"alpha": [0.0, 0.5, 1.0], "epochs": [EPOCHS]}, baselines=["scratch"])
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    h = RayHead(tmp_path_factory.mktemp("head"))
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture(scope="module")
+def where(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Storage and MLflow store shared by the tests (absolute paths: the cluster's own, here the same machine's)."""
+    root = tmp_path_factory.mktemp("shared")
+    return {"storage": str(root / "store"), "tracking": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+def kd(*args: Any, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a subprocess, with no cluster, storage or store in its environment."""
+    env = {**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1"}
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "KD_TUNE_STORAGE", "KD_TUNE_DATA_DIR"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "kd_tune.cli", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _submit_flags(where: dict[str, str]) -> list[str]:
+    return ["--storage", where["storage"], "--tracking-uri", where["tracking"], "--data-dir", str(FIXTURE_DATA), "--quiet"]
+
+
+def _client(head: RayHead, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    for k, v in RAY_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    return JobSubmissionClient(head.url)
+
+
+def _runs(where: dict[str, str], sweep: str) -> list[Any]:
+    client = MlflowClient(where["tracking"])
+    exp = client.get_experiment_by_name(sweep)
+    assert exp is not None
+    return list(client.search_runs([exp.experiment_id], max_results=1000))
+
+
+def check_record(where: dict[str, str], sweep: str, grid_points: int) -> None:
+    """One run per grid point, all finished, each epoch's metrics logged once, under one finished parent run."""
+    client = MlflowClient(where["tracking"])
+    runs = _runs(where, sweep)
+    parents = [r for r in runs if r.data.tags.get(TAG_ROLE) == "sweep"]
+    children = [r for r in runs if r.data.tags.get(TAG_ROLE) in ("student", "scratch")]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len([r for r in runs if r.data.tags.get(TAG_ROLE) == "teacher"]) == 1
+    by_point = Counter((r.data.tags[TAG_TRIAL], r.data.tags["kd_tune.epochs"]) for r in children)
+    assert len(children) == grid_points and set(by_point.values()) == {1}, by_point
+    for r in children:
+        assert r.info.status == "FINISHED" and r.data.tags[TAG_PARENT] == parents[0].info.run_id
+        for metric in EPOCH_METRICS:
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, metric)]
+            assert sorted(steps) == list(range(1, int(r.data.params["epochs"]) + 1)), (r.info.run_name, metric, steps)
+
+
+def test_bad_input_is_refused_before_anything_is_submitted(head: RayHead, where: dict[str, str], write_space: Callable[..., Path],
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = _client(head, monkeypatch)
+    before = client.list_jobs()
+    bad = write_space(tiny_space(name="bad", grid={"alpha": [2.0], "epochs": [1]}), "bad.yaml")
+    res = kd("submit", bad, "--address", head.url, *_submit_flags(where), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [f"kd-tune submit: error: {bad}: key 'grid.alpha[0]': bad value 2.0; allowed: a number in [0, 1]",
+                                       "(see 'kd-tune submit --help')"]
+    good = write_space(FOLLOWED)
+    refusals = [
+        (["--address", head.address, *_submit_flags(where)], f"--address '{head.address}' is not an http:// address"),
+        (["--address", f"http://127.0.0.1:{free_port()}", *_submit_flags(where)], "no job server answers there"),
+        (["--address", head.url, "--storage", "relative/store", "--tracking-uri", where["tracking"]], "--storage 'relative/store' is a relative path"),
+        (["--address", head.url, "--storage", where["storage"], "--tracking-uri", "sqlite:///mlflow.db"], "--tracking-uri 'sqlite:///mlflow.db' is a relative path"),
+        (["--address", head.url, *_submit_flags(where), "--gpus-per-trial", "-1"], "--gpus-per-trial -1.0: allowed: a number >= 0"),
+    ]
+    for flags, problem in refusals:
+        started = time.monotonic()
+        res = kd("submit", good, *flags, cwd=tmp_path)
+        assert res.returncode == 2 and problem in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.splitlines()) == 2 and time.monotonic() - started < 30  # one line, at once (no minutes of retries)
+    assert client.list_jobs() == before  # nothing reached the job server
+    assert not Path(where["storage"], "bad").exists()
+
+
+def test_submitted_sweep_runs_to_the_end(head: RayHead, where: dict[str, str], write_space: Callable[..., Path], tmp_path: Path) -> None:
+    res = kd("submit", write_space(FOLLOWED), "--address", head.url, *_submit_flags(where), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"sweep 'followed': sweep submitted to {head.url} as Ray job kd-tune-followed-1" in res.stdout
+    assert f"kd-tune logs followed --follow --address {head.url}" in res.stdout
+
+    logs = kd("logs", "followed", "--follow", "--address", head.url, cwd=tmp_path)
+    assert logs.returncode == 0, logs.stdout[-3000:] + logs.stderr[-3000:]
+    assert "sweep 'followed': 4/4 grid points finished, 0 errored, 0 diverged" in logs.stdout
+    assert "job kd-tune-followed-1 of sweep 'followed' is SUCCEEDED" in logs.stderr
+    check_record(where, "followed", 4)
+
+    listing = kd("jobs", "--address", head.url, cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("followed "))
+    assert row[:5] == ["followed", "kd-tune-followed-1", "SUCCEEDED", "1", "2/2"]  # 2 trials serve the 4 grid points
+    assert row[5] == where["tracking"]  # the sweep's own record names its store and experiment
+
+
+def test_stop_mid_sweep_then_resume_by_job(head: RayHead, where: dict[str, str], write_space: Callable[..., Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    space = write_space(STOPPED)
+    res = kd("submit", space, "--address", head.url, *_submit_flags(where), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    submitted = time.monotonic()
+    client, job = _client(head, monkeypatch), "kd-tune-stopped-1"
+
+    again = kd("submit", space, "--address", head.url, *_submit_flags(where), cwd=tmp_path)  # one live job per sweep
+    assert again.returncode == 2, again.stderr
+    assert f"sweep 'stopped' has a live job on {head.url}: {job} (" in again.stderr
+    assert "kd-tune logs stopped --follow" in again.stderr and "kd-tune stop stopped" in again.stderr
+
+    # Wait (polling the storage, against a deadline) until a trial has reported its first epoch.
+    results = Path(where["storage"], "stopped")
+    deadline = time.monotonic() + 300
+    while not any(f.read_text().strip() for f in results.glob("*/result.json")):
+        assert str(client.get_job_status(job).value) in ("PENDING", "RUNNING"), client.get_job_logs(job)[-3000:]
+        assert time.monotonic() < deadline, "no epoch reported"
+        time.sleep(0.1)  # polling a condition against a deadline
+    first_epoch = time.monotonic() - submitted
+
+    started = time.monotonic()
+    stopped = kd("stop", "stopped", "--address", head.url, cwd=tmp_path)
+    took = time.monotonic() - started
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert stopped.stdout.splitlines() == [f"sweep 'stopped': job {job} is STOPPED",
+                                           f"to continue it: kd-tune resume stopped --address {head.url} --storage {where['storage']}"]
+    log = client.get_job_logs(job)
+    assert "Stop signal received" in log  # Ctrl+C reached the driver: Tune stopped gracefully, not SIGKILLed
+    runs = _runs(where, "stopped")
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]  # nothing left open
+    cut = [r for r in runs if r.data.tags.get(TAG_ROLE) in ("student", "scratch") and r.info.status != "FINISHED"]
+    assert all(r.info.status == "KILLED" for r in cut)
+    assert "sweep 'stopped': " in log and "4/4 grid points finished" not in log, log[-3000:]  # stopped mid-sweep
+
+    resumed = kd("resume", "stopped", "--address", head.url, "--storage", where["storage"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"sweep 'stopped': resume submitted to {head.url} as Ray job kd-tune-stopped-2" in resumed.stdout
+    # the same images as the first job: its --data-dir is carried over
+    assert client.get_job_info("kd-tune-stopped-2").entrypoint.endswith(f"resume stopped --storage {where['storage']} --data-dir {FIXTURE_DATA}")
+    logs = kd("logs", "stopped", "--follow", "--address", head.url, cwd=tmp_path)
+    assert logs.returncode == 0, logs.stdout[-3000:] + logs.stderr[-3000:]
+    assert "sweep 'stopped': 4/4 grid points finished, 0 errored, 0 diverged (" in logs.stdout
+    check_record(where, "stopped", 4)
+    print(f"\nsubmit returned -> first epoch in storage: {first_epoch:.1f} s; kd-tune stop (CLI, until STOPPED): {took:.1f} s")
