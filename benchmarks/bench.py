@@ -123,7 +123,7 @@ def sweep_overhead(data_dir: Path, n_trials: int, train_size: int) -> tuple[floa
     cpus = os.cpu_count() or 1
     alphas = [round(i / max(1, n_trials - 1), 3) for i in range(n_trials)]
     space = {
-        "name": "bench", "dataset": {"name": "mnist", "train_size": train_size},
+        "name": "bench", "dataset": {"name": "mnist", "train_size": train_size, "val_size": 0},
         "teacher": {"widths": [8, 16], "epochs": 1}, "student": {"widths": [16, 32]},
         "grid": {"alpha": alphas, "epochs": [1]}, "resources": {"cpu": cpus},
     }

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from bench import interleaved  # noqa: E402  (benchmarks/, the script's own folder: the same interleaving as bench.py)
 
 from kd_tune.losses import kd_loss_terms  # noqa: E402
 from kd_tune.models import build_model  # noqa: E402
@@ -97,17 +98,6 @@ def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_las
         return time.perf_counter() - t0
 
     return run
-
-
-def interleaved(contenders: list[Callable[[], float]], repeats: int) -> list[float]:
-    """Median seconds of each contender, run in turns after one warm-up round."""
-    for run in contenders:
-        run()
-    times: list[list[float]] = [[] for _ in contenders]
-    for _ in range(repeats):
-        for i, run in enumerate(contenders):
-            times[i].append(run())
-    return [statistics.median(t) for t in times]
 
 
 def device_name(device: torch.device) -> str:

@@ -26,7 +26,7 @@ EPOCHS = 6
 # ~0.8 s per epoch on one CPU (250 small steps): a trial lasts long enough for the worker node to die in the middle of one.
 SPACE = tiny_space(
     name="cluster",
-    dataset={"name": "mnist", "train_size": 2000},
+    dataset={"name": "mnist", "train_size": 2000, "val_size": 0},  # the whole slice: none left to hold out
     student={"widths": [16, 32], "lr": 0.003, "batch_size": 8},
     grid={"alpha": [0.0, 0.5, 1.0], "epochs": [EPOCHS]},
     baselines=["scratch"],

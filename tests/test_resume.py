@@ -26,6 +26,7 @@ from kd_tune.tracking import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 from kd_tune.train import TensorData, make_optimizer, train
 
 from .conftest import FIXTURE_DATA, tiny_space
+from .servers import descendants
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +35,7 @@ EPOCHS = 5
 # share a trial (8 grid points, 4 trials), so kills also hit a trial between its two milestones.
 SPACE = tiny_space(
     name="study",
-    dataset={"name": "mnist", "train_size": 2000},
+    dataset={"name": "mnist", "train_size": 1800, "val_size": 200},  # the whole slice, 200 digits held out
     student={"widths": [16, 32], "lr": 0.003, "batch_size": 16},
     grid={"alpha": [0.0, 0.5, 1.0], "epochs": [3, EPOCHS]},
     baselines=["scratch"],
@@ -94,19 +95,8 @@ class Sweep:
 
 
 def _process_tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
+    """The process and every one below it (Ray's workers run in sessions of their own)."""
+    return [pid, *descendants([pid])]
 
 
 def kill_tree(proc: subprocess.Popen[str]) -> None:
