@@ -12,7 +12,7 @@ from PIL import Image
 
 from kd_tune.cli import main
 from kd_tune.options import SweepOptions
-from kd_tune.report import best_config, gains_over_scratch, paired_interval, summarize, t_interval, welch_interval
+from kd_tune.stats import best_config, gains_over_scratch, paired_interval, summarize, t_interval, welch_interval
 from kd_tune.sweep import run_sweep
 from kd_tune.tracking import TAG_ROLE
 
