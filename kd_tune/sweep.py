@@ -190,14 +190,15 @@ def _open_record(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: 
     tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.name)  # by the driver, before any trial: no sqlite race
+    space_yaml = space_to_yaml(spec)
     if record is None:
-        storage.write_text(space_to_yaml(spec), spec.name, SPACE_FILE)
+        storage.write_text(space_yaml, spec.name, SPACE_FILE)
         parent = create_parent_run(client, experiment_id, spec.name, storage.show(spec.name))
         record = SweepRecord(spec.name, tracking_uri, experiment_id, parent)
         record.save(storage)  # at once: a kill from here on reattaches this parent run instead of making another
     else:
         client.update_run(record.parent_run_id, status="RUNNING")  # reattached, not duplicated
-    complete_parent_run(client, record.parent_run_id, spec, space_to_yaml(spec), SPACE_FILE)
+    complete_parent_run(client, record.parent_run_id, spec, space_yaml, SPACE_FILE)
     return client, record
 
 
