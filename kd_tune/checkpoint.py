@@ -45,10 +45,10 @@ def _complete(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def newest_persisted(storage: Storage, trial_dir: str) -> dict[str, Any] | None:
-    """The complete checkpoint with the highest epoch among the trial's persisted ones (``trial_dir`` is
-    relative to the storage root)."""
-    best: dict[str, Any] | None = None
+def persisted_states(storage: Storage, trial_dir: str) -> dict[int, dict[str, Any]]:
+    """The trial's complete persisted checkpoints by epoch (``trial_dir`` is relative to the storage root);
+    incomplete ones (a copy cut short by a kill) are left out."""
+    out: dict[int, dict[str, Any]] = {}
     for folder in storage.list_dirs(trial_dir):
         if not folder.startswith("checkpoint_"):
             continue
@@ -56,9 +56,14 @@ def newest_persisted(storage: Storage, trial_dir: str) -> dict[str, Any] | None:
             state = _complete(storage.torch_load(trial_dir, folder, STATE_FILE))
         except Exception:  # noqa: BLE001 - any unreadable file is an incomplete checkpoint
             continue
-        if best is None or state["epoch"] > best["epoch"]:
-            best = state
-    return best
+        out[int(state["epoch"])] = state
+    return out
+
+
+def newest_persisted(storage: Storage, trial_dir: str) -> dict[str, Any] | None:
+    """The complete checkpoint with the highest epoch among the trial's persisted ones."""
+    states = persisted_states(storage, trial_dir)
+    return states[max(states)] if states else None
 
 
 def save_model_file(path: Path, model_args: dict[str, Any] | None, state_dict: dict[str, torch.Tensor]) -> None:

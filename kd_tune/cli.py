@@ -1,7 +1,7 @@
 """``kd-tune``: a thin CLI mapping subcommands to plain typed functions.
 
-Errors meant for the user print one line (exit 2 for bad input, 1 otherwise); ``--debug`` shows
-the traceback instead. Building the parser imports neither torch, Ray nor MLflow (the options are
+Errors print one line (exit 2 for bad input, 1 otherwise; 3 when a sweep's trials ended but the tracking
+store was still unreachable: ``kd-tune sync`` completes the record); ``--debug`` shows the traceback instead. Building the parser imports neither torch, Ray nor MLflow (the options are
 plain dataclasses): each subcommand imports what it needs, so ``--help`` and ``plan`` answer at once.
 """
 
@@ -17,13 +17,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kd_tune.errors import FlagError, KdTuneError, UsageError
+from kd_tune.errors import FlagError, KdTuneError, TrackingUnavailableError, UsageError
 from kd_tune.options import STORAGE_HELP, ResumeOptions, SubmitOptions, SweepOptions
 
 if TYPE_CHECKING:
     from kd_tune.results import SweepOutcome
 
 UI_HOST = "127.0.0.1"
+TRACKING_BEHIND_EXIT = 3  # every trial ended, but the tracking store was unreachable: kd-tune sync NAME completes the record
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +62,7 @@ def sweep(space: Path, opts: SweepOptions) -> int:
     try:
         return _report(lambda log: run_sweep(space, opts, log=log), opts.quiet)
     except (Exception, KeyboardInterrupt) as e:
-        if not isinstance(e, UsageError):
+        if not isinstance(e, (UsageError, TrackingUnavailableError)):  # nothing was started
             _hint_resume(lambda: opts.name or load_space(space).name, opts.storage)
         raise
 
@@ -87,7 +88,7 @@ def resume(name: str, opts: SweepOptions, ship_code: bool = False) -> int:
     try:
         return _report(lambda log: resume_sweep(name, opts, log=log), opts.quiet)
     except (Exception, KeyboardInterrupt) as e:
-        if not isinstance(e, UsageError):
+        if not isinstance(e, (UsageError, TrackingUnavailableError)):  # nothing was started
             _hint_resume(lambda: name, opts.storage)
         raise
 
@@ -146,9 +147,19 @@ def status(name: str, storage: str | None) -> int:
     return 0
 
 
+def sync(name: str, storage: str | None) -> int:
+    """Complete a sweep's MLflow record from its storage, training nothing: the epochs, run ends and models that
+    never reached the tracking store (it was unreachable when the sweep ended, or the driver was killed meanwhile).
+    Safe to repeat: what the store has is not written again. Exit 0 once the record holds every trial's checkpoints."""
+    from kd_tune.sync import sync_sweep
+
+    print("\n".join(sync_sweep(name, storage).lines()))
+    return 0
+
+
 def report(name: str, out: str | None, tracking_uri: str | None, storage: str | None) -> int:
     """Tables and figures of a sweep from its MLflow runs; also logged on the sweep's parent run."""
-    from kd_tune.mlflow_runs import resolve_tracking_uri
+    from kd_tune.mlflow_runs import check_tracking_store, configure_client_retries, resolve_tracking_uri
     from kd_tune.record import SweepRecord, sweep_path
     from kd_tune.report import make_report
     from kd_tune.storage import resolve_storage
@@ -158,6 +169,8 @@ def report(name: str, out: str | None, tracking_uri: str | None, storage: str | 
     uri = resolve_tracking_uri(tracking_uri)
     if tracking_uri is None and SweepRecord.exists(root, name):
         uri = SweepRecord.load(root, name).tracking_uri  # where that sweep logged, whatever the defaults now
+    configure_client_retries()
+    check_tracking_store(uri, "no report was made")
     rep = make_report(name, uri, Path(out) if out else Path("reports") / name)
     print(rep.markdown())
     print("files (also on the sweep's parent run in MLflow, under report/):")
@@ -200,6 +213,11 @@ def _report(run: Callable[[Callable[[str], None]], SweepOutcome], quiet: bool) -
     print(f"Open the UI: {ui}   (then the runs page it prints: {runs_page(UI_HOST, 5000, outcome.experiment_id)})")
     if not outcome.ok:
         print(f"Not every trial finished; to retry the rest: {outcome.resume_command}")
+    if outcome.tracking_behind:
+        print(f"kd-tune: the tracking store {outcome.tracking_uri} is still unreachable: {outcome.tracking_behind} for the record are "
+              f"pending (safe in the trials' checkpoints); once it is back: {outcome.resume_command.replace('kd-tune resume', 'kd-tune sync', 1)}",
+              file=sys.stderr, flush=True)
+        return TRACKING_BEHIND_EXIT
     return 0 if outcome.ok else 1
 
 
@@ -358,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(run=lambda a: stop(a.name, a.address))
 
+    p = sub.add_parser("sync", help="complete a sweep's MLflow record from its checkpoints (after a tracking outage)", description=sync.__doc__)
+    p.add_argument("name", help="the sweep's name")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(run=lambda a: sync(a.name, a.storage))
+
     p = sub.add_parser("status", help="trials finished / running / pending / errored of a sweep", description=status.__doc__)
     p.add_argument("name", help="the sweep's name")
     p.add_argument("--storage", default=None, help=STORAGE_HELP)
@@ -434,6 +458,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # complaining again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as e:
+        # Anything else (a library's error, a bug of ours): one line, the traceback only on request.
+        if args.debug:
+            raise
+        from kd_tune.errors import first_line
+
+        print(f"kd-tune {args.command}: error: {type(e).__name__}: {first_line(e)[:500]}\n(run it again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     finally:
         restore_signals()
 

@@ -52,6 +52,11 @@ class FlagError(UsageError):
         super().__init__(f"{flag} {value!r}{said} allowed: {allowed}")
 
 
+class TrackingUnavailableError(KdTuneError):
+    """The MLflow store cannot be reached (a server down, a database away) when a command needs it now;
+    the message says what was not done."""
+
+
 class DataUnavailableError(KdTuneError):
     """A dataset's files are not on disk and could not be fetched from any source."""
 

@@ -8,18 +8,23 @@ the tests can drive Ray Tune's retries, errored trials and divergence through th
   trial's folder remembers that it happened, across processes and nodes);
 - ``nan``: the images are NaN, so the loss diverges.
 
-Without the variable every hook is a no-op.
+``KD_TUNE_TEST_GATE=<path>`` holds every trial after each epoch while that file exists (a test pauses
+training at a moment of its choosing, e.g. to restart a server before the sweep can end).
+
+Without the variables every hook is a no-op.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, replace
 
 from kd_tune.storage import Storage
 from kd_tune.train import TensorData
 
 FAULT_ENV = "KD_TUNE_TEST_FAULT"
+GATE_ENV = "KD_TUNE_TEST_GATE"
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,9 @@ class FaultHook:
     def after_epoch(self) -> None:
         if self.mode == "once" and not self.storage.exists(self._marker):
             self._crash()
+        gate = os.environ.get(GATE_ENV)
+        while gate and os.path.exists(gate):
+            time.sleep(0.05)  # held by a test until it removes the file
 
     def data(self, data: TensorData) -> TensorData:
         if self.mode != "nan":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import tempfile
 import time
 import warnings
@@ -30,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.checkpoint import model_from_state, save_model_file
 from kd_tune.config import SweepSpec
+from kd_tune.errors import TrackingUnavailableError, first_line
 
 if TYPE_CHECKING:
     from kd_tune.data import DataSplit
@@ -58,6 +61,31 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if uri:
         mlflow.set_tracking_uri(uri)
     return str(mlflow.get_tracking_uri())
+
+
+# The MLflow client retries a failed request inside the call, for about 4 minutes by default. kd-tune's
+# own outbox retries tracking writes without blocking training, so the client should give up fast and
+# leave the waiting to it (a user's own setting of these variables wins).
+CLIENT_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def configure_client_retries() -> None:
+    """Short client-side retries for this process's MLflow requests (see ``CLIENT_RETRY_DEFAULTS``); urllib3's
+    line per failed attempt is silenced (kd-tune says once that the store is away, and when it is back)."""
+    for k, v in CLIENT_RETRY_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def check_tracking_store(uri: str, doing: str) -> MlflowClient:
+    """A client of the store at ``uri``, once it answers; raises :class:`TrackingUnavailableError` (one line
+    saying what was not done) when it does not."""
+    client = MlflowClient(uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - whatever the store or the network says, the user gets one line
+        raise TrackingUnavailableError(f"the tracking store {uri} cannot be reached ({first_line(e)[:200]}); {doing}") from e
+    return client
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
@@ -263,7 +291,8 @@ def log_model_once(client: MlflowClient, run_id: str, state: Mapping[str, Any], 
     output, with the run's params and its sweep and role tags), logged from a checkpoint or model-file ``state``
     (``model_args`` and ``model`` weights) unless the run has a complete one already; returns its id.
 
-    A model cut short by a kill (left PENDING or FAILED) is deleted and logged again. The model is
+    A model cut short by a kill or an outage (left PENDING or FAILED) is completed in place when the run
+    links to it already, else deleted and logged again. The model is
     created in the run's experiment first and only then filled: ``mlflow.pytorch.log_model`` on its own
     would put it in the fluent API's active experiment (``Default`` in the driver). ``step`` links the
     run's metrics at that step (its last epoch) to the model. Raises ``MlflowException`` when the
@@ -278,21 +307,30 @@ def log_model_once(client: MlflowClient, run_id: str, state: Mapping[str, Any], 
     for m in found:
         if m.status == LoggedModelStatus.READY:
             return str(m.model_id)
+    # PENDING or FAILED: cut short by a kill or an unreachable store. One linked to the run already (MLflow
+    # links a model to its run before uploading it) is completed in place: a new one would leave the run
+    # pointing at two. Any other is deleted.
+    linked = {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}
+    unfinished = next((m for m in found if m.model_id in linked), None)
     for m in found:
-        client.delete_logged_model(m.model_id)  # PENDING or FAILED: a driver killed while logging it
+        if m is not unfinished:
+            client.delete_logged_model(m.model_id)
     model = model_from_state(dict(state))
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     params = {k: str(v)[:MAX_PARAM_LEN] for k, v in run.data.params.items()}
     tags = {k: run.data.tags[k] for k in (TAG_SWEEP, TAG_ROLE) if k in run.data.tags}
-    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, params=params, tags=tags)
+    if unfinished is None:
+        model_id = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, params=params, tags=tags).model_id
+    else:
+        model_id = unfinished.model_id
     with using_tracking_uri(client.tracking_uri), warnings.catch_warnings():
         # torch.export's archive writer warns about every CPU model's weights ("No complete tensor found in
         # the group ... may cause issues when your weights are not on CPU"): noise in the sweep's output.
         warnings.filterwarnings("ignore", message="No complete tensor found", category=UserWarning)
-        mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=run_id, signature=signature, input_example=example,
-                                 pip_requirements=pip_requirements(), step=step)
-    return str(logged.model_id)
+        mlflow.pytorch.log_model(model, name=name, model_id=model_id, run_id=None if unfinished else run_id, signature=signature,
+                                 input_example=example, pip_requirements=pip_requirements(), step=step)
+    return str(model_id)
 
 
 def _run_models(client: MlflowClient, experiment_id: str, run_id: str, name: str | None = None) -> list[LoggedModel]:

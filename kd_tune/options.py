@@ -34,6 +34,9 @@ class SweepOptions:
     quiet: bool = field(default=False, metadata=_help("print only the final table"))
     resume: bool = field(default=False, metadata=_help("continue the sweep if one of this name exists (same as kd-tune resume)"))
     no_share_epochs: bool = field(default=False, metadata=_help("one trial per epochs value instead of one trial reporting each (share_epochs: false)"))
+    tracking_wait: float | None = field(default=None, metadata=_help(
+        "seconds the sweep's end waits for MLflow writes held back while the tracking store is unreachable (default 120); "
+        "what is still unsent then is safe in the checkpoints: kd-tune sync NAME sends it (exit status 3 says so)"))
 
 
 _SWEEP = SweepOptions.__dataclass_fields__
@@ -50,6 +53,7 @@ class ResumeOptions:
     cpus_per_trial: float | None = field(default=None, metadata=_SWEEP["cpus_per_trial"].metadata)
     gpus_per_trial: float | None = field(default=None, metadata=_SWEEP["gpus_per_trial"].metadata)
     quiet: bool = field(default=False, metadata=_SWEEP["quiet"].metadata)
+    tracking_wait: float | None = field(default=None, metadata=_SWEEP["tracking_wait"].metadata)
 
     def as_sweep_options(self) -> SweepOptions:
         return SweepOptions(**{k: getattr(self, k) for k in self.__dataclass_fields__})

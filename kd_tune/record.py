@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from kd_tune.storage import Storage, resolve_storage
 SPACE_FILE = "kd_tune_space.yaml"  # the validated spec, kept beside Ray's experiment state
 SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, experiment, parent run)
 DRIVER_FILE = "kd_tune_driver.json"  # pid and host of the driver while a sweep runs
+TRACKING_FILE = "kd_tune_tracking.json"  # the runs' datasets and a model input: what kd-tune sync needs to make a run
 
 
 def sweep_path(storage: Storage, name: str) -> str:
@@ -62,6 +64,29 @@ class SweepRecord:
     @staticmethod
     def exists(storage: Storage, name: str) -> bool:
         return storage.exists(name, SWEEP_FILE)
+
+
+def save_tracking_inputs(storage: Storage, name: str, inputs: Mapping[float, Sequence[Any]], example: Any) -> None:
+    """The child runs' datasets (per label-noise level) and the logged models' example input, beside the
+    sweep: a record rebuilt from storage (``kd-tune sync``) gets the same datasets and models."""
+    blob = {"inputs": {str(k): [asdict(d) for d in v] for k, v in inputs.items()},
+            "example": None if example is None else {"shape": list(example.shape), "values": example.ravel().tolist()}}
+    storage.write_text(json.dumps(blob), name, TRACKING_FILE)
+
+
+def load_tracking_inputs(storage: Storage, name: str) -> tuple[dict[float, list[Any]], Any]:
+    """What :func:`save_tracking_inputs` wrote (no datasets and no example for a sweep made before it existed)."""
+    import numpy as np
+
+    from kd_tune.mlflow_runs import DataInput
+
+    if not storage.exists(name, TRACKING_FILE):
+        return {}, None
+    blob = json.loads(storage.read_text(name, TRACKING_FILE))
+    inputs = {float(k): [DataInput(**d) for d in v] for k, v in blob["inputs"].items()}
+    ex = blob.get("example")
+    example = None if ex is None else np.asarray(ex["values"], dtype=np.float32).reshape(ex["shape"])
+    return inputs, example
 
 
 def known_sweeps(storage: Storage) -> list[str]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from kd_tune.errors import UsageError
+from kd_tune.errors import UsageError, first_line
 from kd_tune.figures import fig_accuracy_vs_alpha, fig_confusion, fig_gain_vs_alpha, fig_heatmap, fig_learning_curves, fig_loss_vs_alpha
 from kd_tune.mlflow_runs import TAG_PARENT, TAG_ROLE, TAG_SWEEP
 from kd_tune.stats import Best, Protocol, best_config, gains_over_scratch, protocol_of, summarize
@@ -199,3 +200,15 @@ def log_sweep_summary(name: str, tracking_uri: str) -> Best | None:
     MlflowClient(tracking_uri).log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                                          tags=[RunTag(k, v) for k, v in tags.items()])
     return best
+
+
+def summarize_on_parent(name: str, tracking_uri: str, log: Callable[[str], None]) -> None:
+    """The report's best configuration on the parent run; a sweep never fails for want of its summary."""
+    try:
+        best = log_sweep_summary(name, tracking_uri)
+    except Exception as e:  # noqa: BLE001 - the runs are complete in MLflow; `kd-tune report` can redo this
+        log(f"warning: no summary on the sweep's parent run ({first_line(e)}); kd-tune report {name} computes it")
+        return
+    if best is not None:
+        log(f"best configuration (selected on {'validation' if best.val_mean is not None else 'test'}): alpha = {best.alpha:g}, "
+            f"T = {best.temperature:g}, {best.epochs} epochs: test acc {best.mean:.4f} (n = {best.n}); logged on the parent run")

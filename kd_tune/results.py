@@ -41,6 +41,8 @@ class SweepOutcome:
     teacher_acc: float
     wall_seconds: float
     resume_command: str
+    tracking_behind: str = ""
+    """What had not reached the tracking store when the sweep ended (it was unreachable), e.g. "12 tracking writes (10 epochs of metrics)"."""
 
     @property
     def ok(self) -> bool:

@@ -23,11 +23,13 @@ from ray.tune.experiment import Trial
 from kd_tune.cluster import check_local_fits, check_shared, connect_ray, teacher_cpus
 from kd_tune.config import SweepSpec, TrialPoint, load_space, load_space_text, space_to_yaml
 from kd_tune.data import DataSplit, flip_labels, prepare
-from kd_tune.errors import FlagError, UsageError, first_line
+from kd_tune.errors import FlagError, UsageError
 from kd_tune.mlflow_runs import (
     DataInput,
+    check_tracking_store,
     close_running_runs,
     complete_parent_run,
+    configure_client_retries,
     create_parent_run,
     dataset_inputs,
     get_or_create_experiment,
@@ -38,6 +40,7 @@ from kd_tune.mlflow_runs import (
     resolve_tracking_uri,
 )
 from kd_tune.options import SweepOptions, apply_overrides
+from kd_tune.outbox import Backlog
 from kd_tune.record import (
     SPACE_FILE,
     SweepRecord,
@@ -47,16 +50,21 @@ from kd_tune.record import (
     release_driver,
     require_sweep,
     resume_command,
+    save_tracking_inputs,
     sweep_path,
 )
+from kd_tune.report import summarize_on_parent
 from kd_tune.results import SweepOutcome, results_table
 from kd_tune.storage import Storage, check_writable, resolve_storage
+from kd_tune.sync import recorder_for, replay
 from kd_tune.teacher import ensemble_logits, get_teachers, log_teacher_summary
-from kd_tune.tracking import MlflowTrackingCallback
+from kd_tune.tracking import MlflowTrackingCallback, outbox_of
 from kd_tune.trainable import TrialBundle, kd_trainable, trial_dirname
 
 Log = Callable[[str], None]
 DEFAULT_OPTIONS = SweepOptions()
+DEFAULT_TRACKING_WAIT_S = 120.0
+INTERRUPTED_WAIT_S = 15.0  # after Ctrl+C: the user wants the prompt back
 
 
 class SweepExistsError(UsageError):
@@ -106,6 +114,9 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
         check_local_fits(spec.resources)
     refuse_second_driver(storage, spec.name)
     check_writable(storage)
+    tracking_wait(opts)  # validated before anything starts
+    configure_client_retries()
+    check_tracking_store(record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri), "nothing started")
     started_ray = connect_ray(address)
     try:
         if address:
@@ -129,6 +140,7 @@ class _Teachers:
 def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, started: float) -> SweepOutcome:
     # With a tracking server MLflow prints two "View run at" lines per run it ends: hundreds in a sweep.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    wait = tracking_wait(opts)
     ds = spec.dataset
     data_dir = Path(opts.data_dir) if opts.data_dir else None
     split = prepare(ds.name, ds.train_size, 0.0, ds.seed, data_dir, log, val_size=ds.val_size, normalize=ds.normalize)
@@ -143,6 +155,12 @@ def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
 
     claim_driver(storage, spec.name)
     try:
+        if restoring:
+            # What the last driver never got to MLflow (killed while the store was away) is in the checkpoints.
+            done = replay(recorder_for(storage, record, spec), storage, spec.name, analysis.trials)
+            if done.steps or done.ended:
+                log(f"tracking: {done.steps} epochs of metrics and {done.ended} run ends the last driver had not recorded "
+                    "were written from the trials' checkpoints")
         inputs = dataset_inputs(split, labels, data_dir)  # the runs' datasets for MLflow, fingerprinted once
         teachers = _get_teachers(spec, split, labels, storage, client, record, opts.quiet, log, inputs=inputs, data_dir=data_dir)
         trials, points = spec.trials(), spec.grid_points()
@@ -154,35 +172,51 @@ def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
         tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs)
         try:
             grid = tuner.fit()
-        finally:
-            # Runs of trials cut short (Ctrl+C, a crash in the driver) are not left RUNNING; a resume reopens them.
+        except BaseException:
+            if not _flush_tracking(spec.name, min(wait, INTERRUPTED_WAIT_S), log):
+                # Runs of trials cut short (Ctrl+C, a crash in the driver) are not left RUNNING; a resume reopens them.
+                close_running_runs(client, record.experiment_id, record.parent_run_id)
+            raise
+        behind = _flush_tracking(spec.name, wait, log)
+        if not behind:
             close_running_runs(client, record.experiment_id, record.parent_run_id)
-        _summarize_on_parent(spec.name, record.tracking_uri, log)
         table = results_table(grid, finished_before)
         counts = {s: int((table["status"] == s).sum()) for s in ("finished", "errored", "diverged")}
-        client.set_terminated(record.parent_run_id, "FINISHED" if counts["finished"] == len(points) else "FAILED")
+        if not behind:
+            summarize_on_parent(spec.name, record.tracking_uri, log)
+            client.set_terminated(record.parent_run_id, "FINISHED" if counts["finished"] == len(points) else "FAILED")
         return SweepOutcome(spec.name, storage.show(spec.name), table, len(points), counts["finished"], counts["errored"], counts["diverged"],
                             record.tracking_uri, record.experiment_id, record.parent_run_id, teachers.acc, time.perf_counter() - started,
-                            resume_command(spec.name, storage))
+                            resume_command(spec.name, storage), tracking_behind=behind.describe() if behind else "")
     except BaseException:
-        client.set_terminated(record.parent_run_id, "KILLED")
+        try:
+            client.set_terminated(record.parent_run_id, "KILLED")
+        except Exception:  # noqa: BLE001 - the store may be away: kd-tune sync or resume closes the parent run
+            pass
         raise
     finally:
         release_driver(storage, spec.name)
 
 
-def _summarize_on_parent(name: str, tracking_uri: str, log: Log) -> None:
-    """The report's best configuration on the parent run; a sweep never fails for want of its summary."""
-    from kd_tune.report import log_sweep_summary
+def tracking_wait(opts: SweepOptions) -> float:
+    """Seconds a sweep's end waits for tracking writes held back by an unreachable store (``--tracking-wait``)."""
+    if opts.tracking_wait is None:
+        return DEFAULT_TRACKING_WAIT_S
+    if not opts.tracking_wait >= 0:
+        raise FlagError("--tracking-wait", opts.tracking_wait, "seconds >= 0")
+    return float(opts.tracking_wait)
 
-    try:
-        best = log_sweep_summary(name, tracking_uri)
-    except Exception as e:  # noqa: BLE001 - the runs are complete in MLflow; `kd-tune report` can redo this
-        log(f"warning: no summary on the sweep's parent run ({first_line(e)}); kd-tune report {name} computes it")
-        return
-    if best is not None:
-        log(f"best configuration (selected on {'validation' if best.val_mean is not None else 'test'}): alpha = {best.alpha:g}, "
-            f"T = {best.temperature:g}, {best.epochs} epochs: test acc {best.mean:.4f} (n = {best.n}); logged on the parent run")
+
+def _flush_tracking(name: str, wait: float, log: Log) -> Backlog:
+    """Wait up to ``wait`` s for the tracking writes still queued, then stop the sender; what is left unsent."""
+    outbox = outbox_of(name)
+    if outbox is None:
+        return Backlog(0, 0)
+    behind = outbox.backlog()
+    if behind and outbox.down_since is not None:
+        log(f"waiting up to {wait:.0f} s for the tracking store ({behind.describe()} to send)")
+    outbox.drain(wait)
+    return outbox.close()
 
 
 def _open_record(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None) -> tuple[MlflowClient, SweepRecord]:
@@ -243,6 +277,7 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
     trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if restoring:
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    save_tracking_inputs(storage, spec.name, inputs, input_example(bundle.split))  # what kd-tune sync needs to make a run
     tracking = MlflowTrackingCallback(tracking_uri=record.tracking_uri, experiment_id=record.experiment_id,
                                       parent_run_id=record.parent_run_id, sweep=spec.name, static_params=spec.flat_params(),
                                       inputs=inputs,

@@ -1,4 +1,8 @@
-"""The Tune callback that records every trial in MLflow, from the driver.
+"""The Tune callback that records every trial in MLflow, from the driver, without ever stalling Tune.
+
+The callback turns each trial event into a write that an :class:`~kd_tune.outbox.Outbox` ships in
+order on its own thread; the writes themselves are :class:`RunRecorder`'s, which ``kd-tune sync``
+also uses to rebuild a record from the trials' checkpoints.
 
 Only the driver talks to MLflow (workers need no access to the store). Ray's own
 ``MLflowLoggerCallback`` keeps trial -> run in memory only, so a restored sweep would get a second
@@ -15,9 +19,12 @@ run), each once: a reattached run that has them already gets no second copy.
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -47,18 +54,215 @@ from kd_tune.mlflow_runs import (
     log_model_once,
     params_batch,
 )
+from kd_tune.outbox import Outbox
 
 EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
                  "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds", "val_acc", "val_loss")
 CONFUSION_ARTIFACT = "confusion_matrix.json"
-__all__ = ["EPOCH_METRICS", "TAG_PARENT", "TAG_ROLE", "TAG_TRIAL", "MlflowTrackingCallback"]
+RETRY_MAX_ENV = "KD_TUNE_TRACKING_RETRY_MAX_S"  # longest wait between retries while the store is away (default 30 s)
+__all__ = ["EPOCH_METRICS", "TAG_PARENT", "TAG_ROLE", "TAG_TRIAL", "MlflowTrackingCallback", "RunRecorder", "outbox_of"]
+
+
+class RunRecorder:
+    """Writes the child runs of a sweep's trials to MLflow, synchronously: what the Tune callback's
+    outbox ships, and what ``kd-tune sync`` replays from the trials' checkpoints.
+
+    Every method is idempotent against the store: runs are found by tags, a run's last logged step
+    is read back, a finished run is left alone. So a method that failed half-way (a store gone in
+    the middle) can simply be called again after :meth:`forget`, and nothing is logged twice.
+    """
+
+    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, static_params: dict[str, Any],
+                 inputs: Mapping[float, Sequence[DataInput]], example: np.ndarray | None) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.sweep = sweep
+        self.static_params = static_params
+        self.inputs = inputs
+        self.example = example
+        self.client = MlflowClient(tracking_uri)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop everything cached from the store (after a failed write: the retry reads it again)."""
+        # Keys are "<trial id>:<milestone>": a trial shared by several epochs values has a run for each.
+        self._runs: dict[str, str] = {}
+        self._last_step: dict[str, int] = {}  # last epoch logged to the run
+        self._nodes: dict[str, list[str]] = {}  # nodes the run's trial ran on
+        self._complete: set[str] = set()  # runs that are done (finished now, or before a kill)
+
+    def probe(self) -> None:
+        """Raises when the store cannot be reached."""
+        self.client.search_experiments(max_results=1)
+
+    def run_id(self, tid: str, config: Mapping[str, Any], milestone: int) -> str:
+        """The child run of one grid point the trial serves: from memory, else found by tag, else created."""
+        key = f"{tid}:{milestone}"
+        if key in self._runs:
+            return self._runs[key]
+        point = TrialPoint.from_config(config)
+        params = {**self.static_params, **point.at(milestone).grid_config()}
+        run_id = find_run(self.client, self.experiment_id, {TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_EPOCHS: str(milestone)})
+        if run_id is None:
+            tags = {TAG_PARENT: self.parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_ROLE: point.role,
+                    TAG_EPOCHS: str(milestone), "kd_tune.trial": point.label}
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=point.at(milestone).label)
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, params=params_batch(params))
+            log_dataset_inputs(self.client, run_id, self.inputs.get(point.label_noise, ()), run)
+            self._last_step[key] = 0
+        else:
+            self._reattach(key, run_id, milestone, params, point.label_noise)
+        self._runs[key] = run_id
+        return run_id
+
+    def _reattach(self, key: str, run_id: str, milestone: int, params: dict[str, Any], label_noise: float) -> None:
+        """A run found again after a restart, a resume or a failed write: reopen it and skip the epochs it already has."""
+        history = self.client.get_metric_history(run_id, "test_acc")
+        self._last_step[key] = max((m.step for m in history), default=0)
+        run = self.client.get_run(run_id)
+        self._nodes[key] = [n for n in run.data.tags.get(TAG_NODES, "").split(",") if n]
+        # A kill between create_run and logging the params leaves a run without them: complete it.
+        missing = {k: v for k, v in params.items() if k not in run.data.params}
+        if missing:
+            self.client.log_batch(run_id, params=params_batch(missing))
+        # Likewise its datasets (those it has already are not logged twice).
+        log_dataset_inputs(self.client, run_id, self.inputs.get(label_noise, ()), run)
+        if run.info.status == "FINISHED" and self._last_step[key] >= milestone:
+            # Finished before a kill that Ray's state did not see: Ray reruns the trial (a no-op
+            # from its final checkpoint); this record is complete and stays untouched.
+            self._complete.add(key)
+        elif run.info.status == "FAILED" and run.data.tags.get("kd_tune.diverged") == "true":
+            self._complete.add(key)  # a diverged trial's record is final too
+        elif run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+
+    def open(self, tid: str, config: Mapping[str, Any]) -> list[tuple[int, str, str]]:
+        """(milestone, key, run id) of the trial's runs that are not done yet (made if missing)."""
+        out = []
+        for m in TrialPoint.from_config(config).milestones:
+            run_id = self.run_id(tid, config, m)
+            if f"{tid}:{m}" not in self._complete:
+                out.append((m, f"{tid}:{m}", run_id))
+        return out
+
+    def result(self, tid: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> int:
+        """One epoch's metrics, on every open run whose grid point reaches that epoch (once each); how many
+        runs got them now."""
+        epoch = int(result["epoch"])
+        metrics = {k: result[k] for k in EPOCH_METRICS if k in result}
+        logged = 0
+        for milestone, key, run_id in self.open(tid, config):
+            if epoch > milestone:
+                continue  # beyond this grid point
+            self._tag_node(key, run_id, result)
+            if epoch <= self._last_step.get(key, 0):
+                continue  # recomputed after a restart and already logged
+            log_metrics(self.client, run_id, metrics, step=epoch)
+            self._last_step[key] = epoch
+            logged += 1
+        return logged
+
+    def _tag_node(self, key: str, run_id: str, result: Mapping[str, Any]) -> None:
+        """Tag the run with the node and device of the attempt that reported, once per attempt."""
+        node = str(result.get("node_id", ""))
+        nodes = self._nodes.setdefault(key, [])
+        if not node or (nodes and nodes[-1] == node):
+            return
+        nodes.append(node)
+        tags = {TAG_NODE: node, TAG_NODES: ",".join(nodes), "kd_tune.node_ip": str(result.get("node_ip", "")),
+                "kd_tune.hostname": str(result.get("hostname", "")), "kd_tune.device": str(result.get("device", ""))}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def diverged(self, tid: str, config: Mapping[str, Any], epoch: int, loss: object) -> int:
+        """The trial's loss went NaN/inf: its open runs FAILED, tagged (a retry would diverge again); how many."""
+        message = f"training diverged at epoch {epoch}: loss = {loss}"
+        runs = self.open(tid, config)
+        for _, key, run_id in runs:
+            self.client.log_batch(run_id, tags=[RunTag("kd_tune.diverged", "true"), RunTag("kd_tune.error", message)])
+            self.client.set_terminated(run_id, status="FAILED")
+            self._complete.add(key)
+        return len(runs)
+
+    def finish(self, tid: str, config: Mapping[str, Any], state: Mapping[str, Any] | None, milestone: int | None = None) -> int:
+        """End the trial's open runs (only the one of ``milestone`` when given) as FINISHED, each with its
+        model when ``state`` is the checkpoint of its epoch (a smaller milestone replayed after a kill
+        without its checkpoint gets none); how many runs ended now."""
+        ended = 0
+        for m, key, run_id in self.open(tid, config):
+            if milestone is None or m == milestone:
+                self._finish(key, run_id, state if state is not None and state["epoch"] == m else None)
+                ended += 1
+        return ended
+
+    def _finish(self, key: str, run_id: str, state: Mapping[str, Any] | None) -> None:
+        if state is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                model = Path(tmp) / "student.pt"  # a stable name; weights and model_args, no optimizer state
+                # (checkpoints written before model_args existed give a file without them)
+                save_model_file(model, state.get("model_args"), state["model"])
+                self.client.log_artifact(run_id, str(model), artifact_path="model")
+                if "confusion" in state:
+                    cm = Path(tmp) / CONFUSION_ARTIFACT
+                    cm.write_text(json.dumps({"rows": "true class", "columns": "predicted class", "matrix": state["confusion"]}))
+                    self.client.log_artifact(run_id, str(cm))
+            self.log_model(run_id, state)
+        self.client.set_terminated(run_id, status="FINISHED")
+        self._complete.add(key)
+
+    def log_model(self, run_id: str, state: Mapping[str, Any]) -> str | None:
+        """The run's final student as its MLflow model (once: a reattached run keeps the one it has).
+
+        Returns the model's id, or None when there is nothing to log it from (no example input, a
+        checkpoint without model_args) or the model cannot be exported: then the run says why in
+        ``kd_tune.model_error`` and the sweep goes on, its ``student.pt`` logged. A store that cannot be
+        reached raises (the outbox retries the whole write once it is back).
+        """
+        if self.example is None or not state.get("model_args"):
+            return None
+        try:
+            return log_model_once(self.client, run_id, state, self.example, "student", step=int(state["epoch"]))
+        except Exception as e:  # noqa: BLE001 - any failure is reported on the run, never fatal to the sweep
+            self.probe()  # an unreachable store is not the model's fault: raise, to be retried
+            self.client.set_tag(run_id, "kd_tune.model_error", first_line(e)[:500])
+            return None
+
+    def fail(self, tid: str, config: Mapping[str, Any], message: str) -> int:
+        """The trial errored for good: its open runs FAILED, with the error's last line; how many."""
+        runs = self.open(tid, config)
+        for _, key, run_id in runs:
+            self.client.set_tag(run_id, "kd_tune.error", message)
+            self.client.set_terminated(run_id, status="FAILED")
+            self._complete.add(key)
+        return len(runs)
+
+    def retried(self, tid: str, config: Mapping[str, Any], failures: int) -> None:
+        for _, _, run_id in self.open(tid, config):
+            self.client.set_tag(run_id, "kd_tune.retries", str(failures))
+
+
+# The outbox of each sweep this process drives: the callback Ray restores is a copy unpickled from the
+# experiment state, so the driver finds the live outbox by the sweep's name (see :func:`outbox_of`).
+_OUTBOXES: dict[str, Outbox] = {}
+
+
+def outbox_of(sweep: str) -> Outbox | None:
+    """The outbox of the sweep's tracking callback in this process, once Tune has set the callback up."""
+    return _OUTBOXES.get(sweep)
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class MlflowTrackingCallback(tune.Callback):
-    """Logs every trial to MLflow from the driver (params, per-epoch metrics, final model, status).
+    """Logs every trial to MLflow from the driver (params, per-epoch metrics, final model, status)
+    without ever making Tune wait: each event becomes a write put in an :class:`~kd_tune.outbox.Outbox`
+    that one thread ships to the store in order, retrying while the store is away.
 
     Ray pickles the callback with the experiment and calls :meth:`setup` both when a sweep starts and
-    when ``Tuner.restore`` continues it: the client and every cache are built there, so a restored
+    when ``Tuner.restore`` continues it: the recorder and the outbox are built there, so a restored
     callback starts from the store, not from stale memory.
 
     ``inputs`` maps each label-noise level to its runs' datasets; ``example`` is a model input (a
@@ -79,180 +283,100 @@ class MlflowTrackingCallback(tune.Callback):
         self.static_params = static_params
         self.inputs = {float(k): list(v) for k, v in (inputs or {}).items()}
         self.example = example
+        self._outbox: Outbox | None = None
         self._reset()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled with the experiment: the outbox (a thread) and the recorder (a client) are rebuilt in setup().
+        return {**self.__dict__, "_outbox": None, "_recorder": None}
+
     def _reset(self) -> None:
-        self._client: MlflowClient | None = None
-        # Keys are "<trial id>:<milestone>": a trial shared by several epochs values has a run for each.
-        self._runs: dict[str, str] = {}
-        self._last_step: dict[str, int] = {}  # last epoch logged to the run
-        self._nodes: dict[str, list[str]] = {}  # nodes the run's trial ran on
+        self._recorder: RunRecorder | None = None
         self._epoch: dict[str, int] = {}  # trial id -> epoch of its latest result
-        self._complete: set[str] = set()  # runs that are done (finished now, or before a kill)
         self._diverged: set[str] = set()  # trial ids
 
     def setup(self, stop: Stopper | None = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any) -> None:
         self._reset()
-        self._client = MlflowClient(self.tracking_uri)
+        old = _OUTBOXES.pop(self.sweep, None)
+        if old is not None:
+            old.close()
+        recorder = self.recorder
+        self._outbox = _OUTBOXES[self.sweep] = Outbox(self.tracking_uri, recorder.probe, recorder.forget, _warn,
+                                                      max_backoff=float(os.environ.get(RETRY_MAX_ENV, "30")))
 
     @property
-    def client(self) -> MlflowClient:
-        if self._client is None:  # a callback used without Tune calling setup() (unit use)
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
+    def recorder(self) -> RunRecorder:
+        if self._recorder is None:
+            self._recorder = RunRecorder(tracking_uri=self.tracking_uri, experiment_id=self.experiment_id, parent_run_id=self.parent_run_id,
+                                         sweep=self.sweep, static_params=self.static_params, inputs=self.inputs, example=self.example)
+        return self._recorder
 
-    def run_id(self, trial: Trial, milestone: int) -> str:
-        """The child run of one grid point the trial serves: from memory, else found by tag, else created."""
-        tid = str(trial.trial_id)
-        key = f"{tid}:{milestone}"
-        if key in self._runs:
-            return self._runs[key]
-        point = TrialPoint.from_config(trial.config)
-        params = {**self.static_params, **point.at(milestone).grid_config()}
-        run_id = find_run(self.client, self.experiment_id, {TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_EPOCHS: str(milestone)})
-        if run_id is None:
-            tags = {TAG_PARENT: self.parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_ROLE: point.role,
-                    TAG_EPOCHS: str(milestone), "kd_tune.trial": point.label}
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=point.at(milestone).label)
-            run_id = run.info.run_id
-            self.client.log_batch(run_id, params=params_batch(params))
-            log_dataset_inputs(self.client, run_id, self.inputs.get(point.label_noise, ()), run)
-            self._last_step[key] = 0
+    def _put(self, run: Callable[[], object], what: str, steps: int = 0) -> None:
+        if self._outbox is None:  # a callback used without Tune calling setup() (unit use): write at once
+            run()
         else:
-            self._reattach(key, run_id, milestone, params, point.label_noise)
-        self._runs[key] = run_id
-        return run_id
+            self._outbox.put(run, what, steps)
 
-    def _reattach(self, key: str, run_id: str, milestone: int, params: dict[str, Any], label_noise: float) -> None:
-        """A run found again after a restart or a resume: reopen it and skip the epochs it already has."""
-        history = self.client.get_metric_history(run_id, "test_acc")
-        self._last_step[key] = max((m.step for m in history), default=0)
-        run = self.client.get_run(run_id)
-        self._nodes[key] = [n for n in run.data.tags.get(TAG_NODES, "").split(",") if n]
-        # A kill between create_run and logging the params leaves a run without them: complete it.
-        missing = {k: v for k, v in params.items() if k not in run.data.params}
-        if missing:
-            self.client.log_batch(run_id, params=params_batch(missing))
-        # Likewise its datasets (those it has already are not logged twice).
-        log_dataset_inputs(self.client, run_id, self.inputs.get(label_noise, ()), run)
-        if run.info.status == "FINISHED" and self._last_step[key] >= milestone:
-            # Finished before a kill that Ray's state did not see: Ray reruns the trial (a no-op
-            # from its final checkpoint); this record is complete and stays untouched.
-            self._complete.add(key)
-        elif run.info.status != "RUNNING":
-            self.client.update_run(run_id, status="RUNNING")
-
-    def _open(self, trial: Trial) -> list[tuple[int, str, str]]:
-        """(milestone, key, run id) of the trial's runs that are not done yet."""
-        tid = str(trial.trial_id)
-        out = []
-        for m in TrialPoint.from_config(trial.config).milestones:
-            run_id = self.run_id(trial, m)
-            if f"{tid}:{m}" not in self._complete:
-                out.append((m, f"{tid}:{m}", run_id))
-        return out
-
-    def _finish(self, key: str, run_id: str, state: dict[str, Any] | None) -> None:
-        if state is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                model = Path(tmp) / "student.pt"  # a stable name; weights and model_args, no optimizer state
-                # (checkpoints written before model_args existed give a file without them)
-                save_model_file(model, state.get("model_args"), state["model"])
-                self.client.log_artifact(run_id, str(model), artifact_path="model")
-                if "confusion" in state:
-                    cm = Path(tmp) / CONFUSION_ARTIFACT
-                    cm.write_text(json.dumps({"rows": "true class", "columns": "predicted class", "matrix": state["confusion"]}))
-                    self.client.log_artifact(run_id, str(cm))
-            self.log_model(run_id, state)
-        self.client.set_terminated(run_id, status="FINISHED")
-        self._complete.add(key)
-
-    def log_model(self, run_id: str, state: dict[str, Any]) -> str | None:
-        """The run's final student as its MLflow model (once: a reattached run keeps the one it has).
-
-        Returns the model's id, or None when there is nothing to log it from (no example input, a
-        checkpoint without model_args) or logging failed: then the run says why in ``kd_tune.model_error``
-        and the sweep goes on (an exception here would stop every trial), its ``student.pt`` logged.
-        """
-        if self.example is None or not state.get("model_args"):
-            return None
-        try:
-            return log_model_once(self.client, run_id, state, self.example, "student", step=int(state["epoch"]))
-        except Exception as e:  # noqa: BLE001 - any failure is reported on the run, never fatal to the sweep
-            self.client.set_tag(run_id, "kd_tune.model_error", first_line(e)[:500])
-            return None
+    @staticmethod
+    def _key(trial: Trial) -> tuple[str, dict[str, Any]]:
+        # A copy: the write may run after Tune has moved on (or changed the trial).
+        return str(trial.trial_id), copy.deepcopy(dict(trial.config))
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._open(trial)
+        tid, config = self._key(trial)
+
+        def open_runs() -> None:
+            self.recorder.open(tid, config)
+
+        self._put(open_runs, f"the runs of trial {trial}")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any) -> None:
+        tid, config = self._key(trial)
         epoch = int(result["epoch"])
         if result.get("diverged"):
-            self._diverged.add(str(trial.trial_id))
-            message = f"training diverged at epoch {epoch}: loss = {result.get('diverged_loss')}"
-            for _, _, run_id in self._open(trial):
-                self.client.log_batch(run_id, tags=[RunTag("kd_tune.diverged", "true"), RunTag("kd_tune.error", message)])
+            self._diverged.add(tid)
+            loss = result.get("diverged_loss")
+            self._put(lambda: self.recorder.diverged(tid, config, epoch, loss), f"the divergence of trial {trial}")
             return
-        self._epoch[str(trial.trial_id)] = epoch
-        metrics = {k: result[k] for k in EPOCH_METRICS if k in result}
-        for milestone, key, run_id in self._open(trial):
-            if epoch > milestone:
-                continue  # beyond this grid point
-            self._tag_node(key, run_id, result)
-            if epoch <= self._last_step.get(key, 0):
-                continue  # recomputed after a restart and already logged
-            log_metrics(self.client, run_id, metrics, step=epoch)
-            self._last_step[key] = epoch
-
-    def _tag_node(self, key: str, run_id: str, result: dict[str, Any]) -> None:
-        """Tag the run with the node and device of the attempt that reported, once per attempt."""
-        node = str(result.get("node_id", ""))
-        nodes = self._nodes.setdefault(key, [])
-        if not node or (nodes and nodes[-1] == node):
-            return
-        nodes.append(node)
-        tags = {TAG_NODE: node, TAG_NODES: ",".join(nodes), "kd_tune.node_ip": str(result.get("node_ip", "")),
-                "kd_tune.hostname": str(result.get("hostname", "")), "kd_tune.device": str(result.get("device", ""))}
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._epoch[tid] = epoch
+        kept = {k: result[k] for k in (*EPOCH_METRICS, "epoch", "node_id", "node_ip", "hostname", "device") if k in result}
+        self._put(lambda: self.recorder.result(tid, config, kept), f"epoch {epoch} of trial {trial}", steps=1)
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: tune.Checkpoint, **info: Any) -> None:
         """A shared trial passing a smaller epochs value: that grid point's run ends here, with its model."""
-        point = TrialPoint.from_config(trial.config)
+        tid, config = self._key(trial)
+        point = TrialPoint.from_config(config)
         # The result of this checkpoint came just before it (Ray calls on_trial_result first): its epoch
-        # says whether a smaller milestone ends here, so the checkpoint is only fetched when one does.
-        epoch = self._epoch.get(str(trial.trial_id))
+        # says whether a smaller milestone ends here, so the checkpoint is only read when one does. It is
+        # read now (Ray keeps two checkpoints: by the time the write is shipped this one may be gone).
+        epoch = self._epoch.get(tid)
         if epoch not in point.milestones or epoch == point.epochs:
             return
         with checkpoint.as_directory() as folder:
             state = read_checkpoint(Path(folder))
         if state is None or state["epoch"] != epoch:
             return
-        for milestone, key, run_id in self._open(trial):
-            if milestone == epoch:
-                self._finish(key, run_id, state)
+        self._put(lambda: self.recorder.finish(tid, config, state, milestone=epoch), f"the end of {point.at(epoch).label}")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        if str(trial.trial_id) in self._diverged:
-            for _, _, run_id in self._open(trial):
-                self.client.set_terminated(run_id, status="FAILED")
-            return
+        tid, config = self._key(trial)
+        if tid in self._diverged:
+            return  # its runs were ended FAILED with the divergence
         state = None
         if trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 state = read_checkpoint(Path(folder))
-        for milestone, key, run_id in self._open(trial):
-            # A smaller milestone still open here was replayed without its checkpoint after a kill.
-            self._finish(key, run_id, state if state is not None and state["epoch"] == milestone else None)
+        self._put(lambda: self.recorder.finish(tid, config, state), f"the end of trial {trial}")
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        for _, _, run_id in self._open(trial):
-            self.client.set_tag(run_id, "kd_tune.retries", str(trial.run_metadata.num_failures))
+        tid, config = self._key(trial)
+        failures = int(trial.run_metadata.num_failures)
+        self._put(lambda: self.recorder.retried(tid, config, failures), f"a retry of trial {trial}")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        tid, config = self._key(trial)
         message = error_summary(trial)
-        for _, _, run_id in self._open(trial):
-            self.client.set_tag(run_id, "kd_tune.error", message)
-            self.client.set_terminated(run_id, status="FAILED")
+        self._put(lambda: self.recorder.fail(tid, config, message), f"the error of trial {trial}")
 
 
 def error_summary(trial: Trial) -> str:

@@ -143,9 +143,9 @@ class MlflowServer:
     ``sweep`` is passed as ``kd-tune ui NAME``; :meth:`runs_pages` reads back what it printed.
     """
 
-    def __init__(self, folder: Path, sweep: str | None = None) -> None:
+    def __init__(self, folder: Path, sweep: str | None = None, port: int | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.folder, self.port = folder, free_port()
+        self.folder, self.port = folder, port or free_port()  # a port given: the same server again, after a stop
         self.url = f"http://127.0.0.1:{self.port}"
         self.store = f"sqlite:///{folder / 'mlflow.db'}"
         self.artifacts = folder / "artifacts"

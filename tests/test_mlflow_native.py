@@ -18,7 +18,7 @@ import mlflow.pytorch
 import pytest
 import torch
 import yaml
-from mlflow.entities import LoggedModelStatus, Run
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Run
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -208,10 +208,10 @@ def test_a_reattached_run_gets_no_second_model_or_dataset(swept: Swept) -> None:
     reattached = set()
     for trial in trials:
         for milestone in trial.config["point"]["milestones"]:
-            run_id = callback.run_id(trial, milestone)  # found by its tags; its datasets are checked, none is missing
+            run_id = callback.recorder.run_id(str(trial.trial_id), trial.config, milestone)  # found by its tags; its datasets are checked, none is missing
             with tempfile.TemporaryDirectory() as tmp:
                 blob = torch.load(client.download_artifacts(run_id, "model/student.pt", tmp), weights_only=True)
-            assert callback.log_model(run_id, {**blob, "epoch": milestone}) == before[run_id][1][0]  # the model it has
+            assert callback.recorder.log_model(run_id, {**blob, "epoch": milestone}) == before[run_id][1][0]  # the model it has
             reattached.add(run_id)
     assert reattached == set(before)
     after = {r.info.run_id: (len(r.inputs.dataset_inputs), [m.model_id for m in r.outputs.model_outputs]) for r in _runs(swept, "student")}
@@ -220,7 +220,8 @@ def test_a_reattached_run_gets_no_second_model_or_dataset(swept: Swept) -> None:
 
 
 def test_a_model_cut_short_is_replaced_and_a_dataset_with_new_data_is_added(tmp_path: Path) -> None:
-    """A kill while logging a model leaves it PENDING: the next try deletes it and logs a whole one. A
+    """A kill while logging a model leaves it PENDING: the next try deletes it and logs a whole one, or, when
+    MLflow had linked it to the run already, completes it in place (the run never points at two models). A
     dataset of the same name with other data (another digest) is another input, not a repeat."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("cut-short", artifact_location=str(tmp_path / "artifacts"))
@@ -233,6 +234,12 @@ def test_a_model_cut_short_is_replaced_and_a_dataset_with_new_data_is_added(tmp_
     assert model_id != pending.model_id
     assert [(m.model_id, m.status) for m in client.search_logged_models([experiment_id])] == [(model_id, LoggedModelStatus.READY)]
     assert log_model_once(client, run_id, state, input_example(split), "student") == model_id
+    linked_run = client.create_run(experiment_id).info.run_id  # cut short after MLflow linked the model to its run
+    linked = client.create_logged_model(experiment_id, name="student", source_run_id=linked_run)
+    client.log_outputs(linked_run, [LoggedModelOutput(linked.model_id, step=0)])
+    assert log_model_once(client, linked_run, state, input_example(split), "student") == linked.model_id
+    assert client.get_logged_model(linked.model_id).status == LoggedModelStatus.READY
+    assert [o.model_id for o in client.get_run(linked_run).outputs.model_outputs] == [linked.model_id]
     first = dataset_inputs(split, {0.0: split.train_y})[0.0]
     assert log_dataset_inputs(client, run_id, first) == 2 and log_dataset_inputs(client, run_id, first) == 0
     other = dataset_inputs(split, {0.0: split.train_y.roll(1)})[0.0]

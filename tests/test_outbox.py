@@ -1,0 +1,95 @@
+"""The tracking outbox's own logic (pure: a fake store that is up or down)."""
+
+from __future__ import annotations
+
+import threading
+
+from kd_tune.outbox import Outbox
+
+
+class FakeStore:
+    """A store that refuses every call while down; ``written`` is what reached it, in order."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.written: list[int] = []
+        self.calls = 0
+        self.forgotten = 0
+
+    def probe(self) -> None:
+        if not self.up:
+            raise ConnectionError("connection refused")
+
+    def write(self, value: int) -> None:
+        self.calls += 1
+        self.probe()
+        self.written.append(value)
+
+    def forget(self) -> None:
+        self.forgotten += 1
+
+
+def outbox(store: FakeStore, lines: list[str], **kw: float) -> Outbox:
+    return Outbox("fake://store", store.probe, store.forget, lines.append, first_backoff=0.001, max_backoff=0.01, **kw)
+
+
+def test_jobs_are_shipped_in_order_and_put_returns_at_once() -> None:
+    store, lines = FakeStore(), []
+    gate = threading.Event()
+    box = outbox(store, lines)
+    box.put(gate.wait, "a slow first write")  # the sender is busy: put() must still return at once
+    for i in range(5):
+        box.put(lambda i=i: store.write(i), f"write {i}", steps=1)
+    assert box.backlog().jobs == 6 and box.backlog().steps == 5
+    gate.set()
+    assert not box.drain(10)
+    assert store.written == [0, 1, 2, 3, 4] and lines == []
+    assert not box.close()
+
+
+def test_an_outage_holds_writes_says_so_once_and_catches_up_in_order() -> None:
+    store, lines = FakeStore(), []
+    box = outbox(store, lines)
+    box.put(lambda: store.write(0), "write 0", steps=1)
+    assert not box.drain(10)
+    store.up = False
+    for i in range(1, 4):
+        box.put(lambda i=i: store.write(i), f"write {i}", steps=1)
+    left = box.drain(0.3)  # bounded wait: the store is away, nothing is dropped
+    assert left.jobs == 3 and left.steps == 3 and store.written == [0]
+    assert store.calls > 2  # retried meanwhile ...
+    assert len(lines) == 1 and "unreachable" in lines[0] and "training goes on" in lines[0]  # ... but said once
+    assert store.forgotten >= 1  # the retry reads the store again, not a stale cache
+    store.up = True
+    assert not box.drain(10)
+    assert store.written == [0, 1, 2, 3]  # each once, in order
+    assert len(lines) == 2 and "is back after" in lines[1]
+    assert len(box.outages) == 1
+    box.close()
+
+
+def test_a_write_the_store_refuses_is_skipped_with_one_line_and_the_rest_go_on() -> None:
+    store, lines = FakeStore(), []
+    box = outbox(store, lines, attempts=3)
+
+    def refused() -> None:
+        raise ValueError("INVALID_PARAMETER_VALUE: metric value too long")
+
+    box.put(refused, "epoch 2 of a0.5_T3_e2_s0")
+    box.put(lambda: store.write(7), "write 7")
+    assert not box.drain(10)
+    assert store.written == [7]
+    assert box.skipped == ["epoch 2 of a0.5_T3_e2_s0"]
+    assert len(lines) == 1 and "could not record epoch 2 of a0.5_T3_e2_s0" in lines[0] and "INVALID_PARAMETER_VALUE" in lines[0]
+    box.close()
+
+
+def test_close_returns_what_was_never_sent() -> None:
+    store, lines = FakeStore(), []
+    store.up = False
+    box = outbox(store, lines)
+    box.put(lambda: store.write(1), "write 1", steps=1)
+    box.put(lambda: store.write(2), "write 2", steps=1)
+    left = box.close()
+    assert left.jobs == 2 and left.steps == 2 and "2 tracking writes (2 epochs of metrics)" == left.describe()
+    assert store.written == []
