@@ -51,6 +51,7 @@ from kd_tune.mlflow_runs import (
 EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
                  "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds", "val_acc", "val_loss")
 CONFUSION_ARTIFACT = "confusion_matrix.json"
+TAG_STOPPED = "kd_tune.stopped_early"  # a search trial stopped by the scheduler (ASHA); kd_tune.stopped_at_epoch says when
 __all__ = ["EPOCH_METRICS", "TAG_PARENT", "TAG_ROLE", "TAG_TRIAL", "MlflowTrackingCallback"]
 
 
@@ -135,7 +136,7 @@ class MlflowTrackingCallback(tune.Callback):
             self.client.log_batch(run_id, params=params_batch(missing))
         # Likewise its datasets (those it has already are not logged twice).
         log_dataset_inputs(self.client, run_id, self.inputs.get(label_noise, ()), run)
-        if run.info.status == "FINISHED" and self._last_step[key] >= milestone:
+        if run.info.status == "FINISHED" and (self._last_step[key] >= milestone or run.data.tags.get(TAG_STOPPED) == "true"):
             # Finished before a kill that Ray's state did not see: Ray reruns the trial (a no-op
             # from its final checkpoint); this record is complete and stays untouched.
             self._complete.add(key)
@@ -240,9 +241,12 @@ class MlflowTrackingCallback(tune.Callback):
         if trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 state = read_checkpoint(Path(folder))
+        stopped = stopped_early(trial)
         for milestone, key, run_id in self._open(trial):
+            if stopped is not None:  # ended by the scheduler: FINISHED, its model from its last checkpoint
+                self.client.log_batch(run_id, tags=[RunTag(TAG_STOPPED, "true"), RunTag("kd_tune.stopped_at_epoch", str(stopped))])
             # A smaller milestone still open here was replayed without its checkpoint after a kill.
-            self._finish(key, run_id, state if state is not None and state["epoch"] == milestone else None)
+            self._finish(key, run_id, state if state is not None and (state["epoch"] == milestone or stopped is not None) else None)
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         for _, _, run_id in self._open(trial):
@@ -253,6 +257,11 @@ class MlflowTrackingCallback(tune.Callback):
         for _, _, run_id in self._open(trial):
             self.client.set_tag(run_id, "kd_tune.error", message)
             self.client.set_terminated(run_id, status="FAILED")
+
+
+def stopped_early(trial: Trial) -> int | None:
+    """The epoch at which the scheduler stopped the trial (see :meth:`TrialPoint.stopped_at`), or None."""
+    return TrialPoint.from_config(trial.config).stopped_at(trial.last_result or {})
 
 
 def error_summary(trial: Trial) -> str:
