@@ -51,7 +51,8 @@ from kd_tune.mlflow_runs import (
 EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
                  "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds", "val_acc", "val_loss")
 CONFUSION_ARTIFACT = "confusion_matrix.json"
-TAG_STOPPED = "kd_tune.stopped_early"  # a search trial stopped by the scheduler (ASHA); kd_tune.stopped_at_epoch says when
+TAG_STOPPED = "kd_tune.stopped_early"  # a search trial stopped by the scheduler (ASHA)
+TAG_STOPPED_AT = "kd_tune.stopped_at_epoch"  # the last epoch it trained
 __all__ = ["EPOCH_METRICS", "TAG_PARENT", "TAG_ROLE", "TAG_TRIAL", "MlflowTrackingCallback"]
 
 
@@ -244,7 +245,7 @@ class MlflowTrackingCallback(tune.Callback):
         stopped = stopped_early(trial)
         for milestone, key, run_id in self._open(trial):
             if stopped is not None:  # ended by the scheduler: FINISHED, its model from its last checkpoint
-                self.client.log_batch(run_id, tags=[RunTag(TAG_STOPPED, "true"), RunTag("kd_tune.stopped_at_epoch", str(stopped))])
+                self.client.log_batch(run_id, tags=[RunTag(TAG_STOPPED, "true"), RunTag(TAG_STOPPED_AT, str(stopped))])
             # A smaller milestone still open here was replayed without its checkpoint after a kill.
             self._finish(key, run_id, state if state is not None and (state["epoch"] == milestone or stopped is not None) else None)
 
