@@ -380,7 +380,7 @@ def discard_forgotten_runs(client: MlflowClient, experiment_id: str, parent_run_
     does not know: trials created after its last saved state, lost with a killed driver. Ray will not
     continue them (a search suggests their places anew, a grid creates them again), so their runs would
     stay as duplicates. Each is tagged with why first."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=100000)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=10000)
     gone = [r for r in runs if r.data.tags.get(TAG_TRIAL) and r.data.tags[TAG_TRIAL] not in trial_ids]
     for run in gone:
         client.set_tag(run.info.run_id, "kd_tune.discarded", "its trial was created after Ray's last saved state and lost with the driver")
