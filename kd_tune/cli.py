@@ -189,11 +189,23 @@ def plan(space: Path, share_epochs: bool | None) -> int:
     if share_epochs is not None:
         spec = replace(spec, share_epochs=share_epochs)
     shared, separate = replace(spec, share_epochs=True), replace(spec, share_epochs=False)
-    print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {len(spec.trials())} trials "
-          f"(epoch sharing {'on' if spec.share_epochs else 'off'})")
+    if spec.is_search:
+        from kd_tune.search import describe  # imports Ray Tune: only for a search
+
+        print(f"{space}: sweep {spec.name!r}, a search: {spec.search.num_samples} student trials sampled by Ray Tune"
+              f"{f', plus {len(spec.trials())} baseline trials' if spec.trials() else ''}")
+        print("\n".join(describe(spec)))
+    else:
+        print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {len(spec.trials())} trials "
+              f"(epoch sharing {'on' if spec.share_epochs else 'off'})")
     for t in spec.trials():
         print(f"  {t.label:<32} trains {t.epochs} epochs, reports {', '.join(map(str, t.milestones))}")
     saved = separate.student_epochs() - shared.student_epochs()
+    if spec.is_search:
+        print(f"student epochs: at most {spec.student_epochs()} ({spec.search.num_samples} x {max(spec.grid.epochs)} for the search"
+              f"{', fewer as the scheduler stops trials' if spec.scheduler else ''}; {shared.student_epochs() - spec.search.num_samples * max(spec.grid.epochs)} "
+              f"for the baselines)")
+        return 0
     print(f"student epochs: {spec.student_epochs()} (with sharing {shared.student_epochs()}, without {separate.student_epochs()}: "
           f"sharing saves {saved}, {saved / separate.student_epochs():.0%})")
     return 0

@@ -23,6 +23,10 @@ from kd_tune.errors import SpaceError, first_line
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 NAME_ALLOWED = "1-100 letters, digits, '_', '.', '-', starting with a letter or digit (no path separators)"
 BASELINES = ("scratch",)
+ALGORITHMS = ("grid", "random", "optuna")
+"""How the students' alpha and T are chosen: every point of a grid, or sampled (uniformly / by Optuna's TPE)."""
+SCHEDULERS = ("asha",)
+METRICS = ("val_acc", "test_acc")
 
 
 def is_valid_name(name: object) -> bool:
@@ -85,19 +89,67 @@ class StudentSpec:
 
 
 @dataclass(frozen=True)
-class GridSpec:
-    """The axes of the sweep; every combination is one trial."""
+class Range:
+    """A continuous interval a search samples from (``{low, high, log}`` in YAML)."""
 
-    alpha: tuple[float, ...]
-    """Weight of the hard-label loss, each in [0, 1] (1 = no distillation)."""
-    temperature: tuple[float, ...] = (3.0,)
-    """Softmax temperature(s) of the distillation loss, each > 0."""
+    low: float
+    high: float
+    log: bool = False
+    """Sample log-uniformly (equal odds for each factor of the range), else uniformly."""
+
+    def show(self) -> str:
+        return f"[{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
+
+
+Axis = tuple[float, ...] | Range
+"""A grid axis: listed values (a categorical choice in a search) or, for a search only, a range."""
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The axes of the sweep; every combination is one trial (a search samples from them instead)."""
+
+    alpha: Axis
+    """Weight of the hard-label loss, each in [0, 1] (1 = no distillation); a range for a search."""
+    temperature: Axis = (3.0,)
+    """Softmax temperature(s) of the distillation loss, each > 0; a range for a search."""
     epochs: tuple[int, ...] = (1,)
     """Training lengths in epochs, each >= 1."""
     seed: tuple[int, ...] = (0,)
     """Repeats: the seed sets the student's initial weights and its data order."""
     label_noise: tuple[float, ...] = ()
     """Fractions of flipped training labels as an axis (empty: dataset.label_noise for every trial)."""
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How the students' configurations are chosen: the grid, or a seeded search run by Ray Tune."""
+
+    algorithm: str = "grid"
+    """grid (every point), random (uniform sampling) or optuna (TPE): see ``kd_tune.search``."""
+    num_samples: int = 0
+    """Student trials a search runs (the scratch baselines come on top); 0 for a grid."""
+    metric: str = "val_acc"
+    """What the searcher and the scheduler maximize: val_acc, or test_acc where there is no validation split."""
+    max_concurrent: int = 4
+    """Search trials suggested but not finished at any time (later suggestions learn from earlier results)."""
+    seed: int = 0
+    """The searcher's own seed: the same file gives the same suggestions (in the same completion order)."""
+
+    @property
+    def is_search(self) -> bool:
+        return self.algorithm != "grid"
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """Early stopping of search trials (ASHA on the search metric, one rung check per epoch)."""
+
+    name: str = "asha"
+    grace_period: int = 1
+    """Epochs every trial trains before it can be stopped."""
+    reduction_factor: int = 3
+    """Keep about the best 1 / reduction_factor of the trials at each rung."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +194,14 @@ class TrialPoint:
         """The grid point this trial serves at one of its milestones."""
         return TrialPoint(self.role, self.alpha, self.temperature, epochs, self.seed, label_noise=self.label_noise)
 
+    def stopped_at(self, last_result: Mapping[str, Any]) -> int | None:
+        """The epoch at which a scheduler stopped this trial early, or None: its last result ended it
+        (``done``, which Tune sets on a scheduler's STOP) before its epochs, and it did not diverge."""
+        epoch = int(last_result.get("epoch", 0) or 0)
+        if last_result.get("done") and not last_result.get("diverged") and 0 < epoch < self.epochs:
+            return epoch
+        return None
+
     def grid_config(self) -> dict[str, Any]:
         """The grid point's own values (what a user sees as the run's params)."""
         return {k: v for k, v in asdict(self).items() if k != "milestones"}
@@ -174,18 +234,27 @@ class SweepSpec:
 
     Exact with the constant-lr Adam used here: epoch e's data order depends on (seed, e) alone, so
     the state after e epochs is the same whatever the total. A learning-rate schedule that depends
-    on the total number of epochs would have to turn this off."""
+    on the total number of epochs would have to turn this off. In a search it serves the baselines."""
+    search: SearchSpec = field(default_factory=SearchSpec)
+    scheduler: SchedulerSpec | None = None
+    """Early stopping of search trials; None = every trial trains its epochs."""
+
+    @property
+    def is_search(self) -> bool:
+        return self.search.is_search
 
     def noise_levels(self) -> tuple[float, ...]:
         """The label-noise values the trials see (an axis of the grid, or the dataset's one value)."""
         return self.grid.label_noise or (self.dataset.label_noise,)
 
     def grid_points(self) -> list[TrialPoint]:
-        """Every point of the grid, then one baseline per (epochs, seed, noise): a row each in the results."""
+        """Every point of the grid, then one baseline per (epochs, seed, noise): a row each in the results.
+
+        A search has no grid of students (Ray Tune samples them): its points are the baselines alone."""
         g = self.grid
-        points = [
+        points = [] if self.is_search else [
             TrialPoint("student", a, t, e, s, label_noise=n)
-            for n, a, t, s, e in itertools.product(self.noise_levels(), g.alpha, g.temperature, g.seed, sorted(g.epochs))
+            for n, a, t, s, e in itertools.product(self.noise_levels(), _listed(g.alpha), _listed(g.temperature), g.seed, sorted(g.epochs))
         ]
         if "scratch" in self.baselines:
             # Training on hard labels alone ignores the teacher and the temperature.
@@ -204,16 +273,24 @@ class SweepSpec:
         return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es)), n) for (r, a, t, s, n), es in groups.items()]
 
     def student_epochs(self) -> int:
-        """Student epochs the sweep trains (the cost that epoch sharing cuts)."""
-        return sum(t.epochs for t in self.trials())
+        """Student epochs the sweep trains (the cost that epoch sharing cuts); for a search, at most
+        (every search trial trained to the largest epochs value: early stopping only lowers it)."""
+        return sum(t.epochs for t in self.trials()) + self.search.num_samples * max(self.grid.epochs)
+
+    def planned_rows(self) -> int:
+        """Rows of the results: the grid points (with baselines), plus one per search trial."""
+        return len(self.grid_points()) + self.search.num_samples
 
     def flat_params(self) -> dict[str, Any]:
         """Every static config value as ``section.key`` -> value (for MLflow params)."""
         out: dict[str, Any] = {"name": self.name, "baselines": ",".join(self.baselines), "max_failures": self.max_failures,
                                "share_epochs": self.share_epochs}
-        for section in ("dataset", "teacher", "student", "resources"):
+        sections = ["dataset", "teacher", "student", "resources"] + (["search"] if self.is_search else [])
+        for section in sections:
             for k, v in asdict(getattr(self, section)).items():
                 out[f"{section}.{k}"] = list(v) if isinstance(v, tuple) else v
+        if self.scheduler is not None:
+            out |= {f"scheduler.{k}": v for k, v in asdict(self.scheduler).items()}
         return out
 
 
@@ -284,7 +361,8 @@ def parse_space(data: object, source: str) -> SweepSpec:
     if not isinstance(data, Mapping):
         raise r.fail("", data, "a YAML mapping with keys name, dataset, teacher, student, grid, ...")
     top = r.section(
-        data, "", ("name", "dataset", "teacher", "student", "grid", "baselines", "resources", "max_failures", "share_epochs"),
+        data, "", ("name", "dataset", "teacher", "student", "grid", "baselines", "resources", "max_failures", "share_epochs", "search",
+                   "scheduler"),
         required=("name", "dataset", "teacher", "student", "grid"),
     )
     name = top["name"]
@@ -341,19 +419,28 @@ def parse_space(data: object, source: str) -> SweepSpec:
         batch_size=r.integer("student.batch_size", s.get("batch_size", 128), 1),
     )
 
+    search = _search(r, top, dataset)
     g = r.section(top, "grid", ("alpha", "temperature", "epochs", "seed", "label_noise"), required=("alpha",))
     noise_axis: tuple[float, ...] = ()
     if "label_noise" in g:
         noise_axis = r.items("grid.label_noise", g["label_noise"], lambda k, v: r.number(k, v, 0.0, 1.0, hi_open=True))
         if dataset.label_noise:
             raise r.fail("grid.label_noise", g["label_noise"], "either dataset.label_noise or grid.label_noise, not both")
+        if search.is_search:
+            raise r.fail("grid.label_noise", g["label_noise"], f"no label-noise axis with search.algorithm {search.algorithm} "
+                                                               "(dataset.label_noise gives every trial one level; an axis needs algorithm grid)")
     grid = GridSpec(
-        alpha=r.items("grid.alpha", g["alpha"], lambda k, v: r.number(k, v, 0.0, 1.0)),
-        temperature=r.items("grid.temperature", g.get("temperature", [3.0]), lambda k, v: r.number(k, v, 0.0, math.inf, lo_open=True)),
+        alpha=_axis(r, "grid.alpha", g["alpha"], search, lambda k, v, lo_open=False: r.number(k, v, 0.0, 1.0, lo_open=lo_open)),
+        temperature=_axis(r, "grid.temperature", g.get("temperature", [3.0]), search,
+                          lambda k, v, lo_open=True: r.number(k, v, 0.0, math.inf, lo_open=True)),
         epochs=r.items("grid.epochs", g.get("epochs", [1]), lambda k, v: r.integer(k, v, 1)),
         seed=r.items("grid.seed", g.get("seed", [0]), lambda k, v: r.integer(k, v, 0)),
         label_noise=noise_axis,
     )
+    if search.is_search and not any(isinstance(v, Range) or len(v) > 1 for v in (grid.alpha, grid.temperature, grid.epochs, grid.seed)):
+        raise r.fail("grid", g, f"with search.algorithm {search.algorithm}, at least one of grid.alpha, grid.temperature "
+                                "(a range {low, high} or several values), grid.epochs or grid.seed (several values) to search over")
+    scheduler = _scheduler(r, top, search, grid)
 
     baselines_raw = top.get("baselines", [])
     baselines: tuple[str, ...] = ()
@@ -369,7 +456,73 @@ def parse_space(data: object, source: str) -> SweepSpec:
     share = top.get("share_epochs", True)
     if not isinstance(share, bool):
         raise r.fail("share_epochs", share, "true or false")
-    return SweepSpec(name, dataset, teacher, student, grid, baselines, resources, max_failures, share)
+    return SweepSpec(name, dataset, teacher, student, grid, baselines, resources, max_failures, share, search, scheduler)
+
+
+def _search(r: _Reader, top: Mapping[str, Any], dataset: DatasetSpec) -> SearchSpec:
+    """The ``search`` section: the grid by default; random / optuna sample ``num_samples`` students."""
+    s = r.section(top, "search", ("algorithm", "num_samples", "metric", "max_concurrent", "seed"))
+    algorithm = r.choice("search.algorithm", s.get("algorithm", "grid"), ALGORITHMS)
+    if algorithm == "grid":
+        for k in ("num_samples", "metric", "max_concurrent", "seed"):
+            if k in s:
+                raise r.fail(f"search.{k}", s[k], "this key only with search.algorithm random or optuna (a grid trains every point)")
+        return SearchSpec()
+    if "num_samples" not in s:
+        raise r.fail("search.num_samples", "<missing>", f"this key is required with search.algorithm {algorithm}: an integer in [1, 10000]")
+    default_metric = "val_acc" if dataset.val_size > 0 else "test_acc"
+    metric = r.choice("search.metric", s.get("metric", default_metric), METRICS)
+    if metric == "val_acc" and dataset.val_size == 0:
+        raise r.fail("search.metric", metric, "test_acc (dataset.val_size is 0: there is no validation split)")
+    if metric == "test_acc" and dataset.val_size > 0:
+        raise r.fail("search.metric", metric, "val_acc (a validation split exists: searching on test would select on the test set)")
+    return SearchSpec(
+        algorithm=algorithm,
+        num_samples=r.integer("search.num_samples", s["num_samples"], 1, 10000),
+        metric=metric,
+        max_concurrent=r.integer("search.max_concurrent", s.get("max_concurrent", 4), 1, 1024),
+        seed=r.integer("search.seed", s.get("seed", 0), 0, 2**32 - 1),
+    )
+
+
+def _axis(r: _Reader, key: str, value: object, search: SearchSpec, read: Callable[..., float]) -> Axis:
+    """Listed values, or (for a search) a range ``{low, high, log}`` inside the key's allowed interval."""
+    if not isinstance(value, Mapping):
+        return r.items(key, value, read)
+    if not search.is_search:
+        raise r.fail(key, dict(value), "a list of numbers with search.algorithm grid (a range {low, high} needs search.algorithm random or optuna)")
+    v = r.section({key: value}, key, ("low", "high", "log"), required=("low", "high"))
+    log = v.get("log", False)
+    if not isinstance(log, bool):
+        raise r.fail(f"{key}.log", log, "true (sample log-uniformly) or false (uniformly)")
+    low, high = read(f"{key}.low", v["low"], lo_open=log), read(f"{key}.high", v["high"])
+    if not low < high:
+        raise r.fail(f"{key}.high", v["high"], f"a number above {key}.low ({low:g})")
+    return Range(low, high, log)
+
+
+def _scheduler(r: _Reader, top: Mapping[str, Any], search: SearchSpec, grid: GridSpec) -> SchedulerSpec | None:
+    """The optional ``scheduler`` section (early stopping), for searches only."""
+    if top.get("scheduler") is None:
+        return None
+    s = r.section(top, "scheduler", ("name", "grace_period", "reduction_factor"), required=("name",))
+    if not search.is_search:
+        raise r.fail("scheduler", top["scheduler"], "no scheduler with search.algorithm grid (epoch-shared grid trials serve every "
+                                                    "epochs value); a scheduler needs search.algorithm random or optuna")
+    name = r.choice("scheduler.name", s["name"], SCHEDULERS)
+    longest = max(grid.epochs)
+    if longest < 2:
+        raise r.fail("scheduler", top["scheduler"], f"none: the largest grid.epochs is {longest}, too short to stop a trial early "
+                                                    "(early stopping needs at least 2 epochs)")
+    grace = r.integer("scheduler.grace_period", s.get("grace_period", 1), 1, longest - 1)
+    return SchedulerSpec(name, grace, r.integer("scheduler.reduction_factor", s.get("reduction_factor", 3), 2, 100))
+
+
+def _listed(axis: Axis) -> tuple[float, ...]:
+    """The values of a listed axis (a range has none: only a search samples from it)."""
+    if isinstance(axis, Range):
+        raise ValueError(f"a range {axis.show()} has no list of values: only a search samples from it")
+    return axis
 
 
 def _two(r: _Reader, key: str, widths: tuple[int, ...]) -> tuple[int, ...]:
@@ -416,4 +569,8 @@ def space_to_yaml(spec: SweepSpec) -> str:
     data = plain(asdict(spec))
     if not data["grid"]["label_noise"]:
         del data["grid"]["label_noise"]  # no noise axis: dataset.label_noise holds the one value
+    if not spec.is_search:
+        data["search"] = {"algorithm": "grid"}  # the other keys belong to a search only
+    if data["scheduler"] is None:
+        del data["scheduler"]
     return yaml.safe_dump(data, sort_keys=False)

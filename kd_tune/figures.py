@@ -178,3 +178,72 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+# --- a search's figures: each trial is a point (alpha and T sampled), stopped trials marked -------------------
+
+
+def _search_points(ax: plt.Axes, runs: pd.DataFrame, x: str, metric: str, **kw: object) -> None:
+    """The searched students as points: full trials filled, trials the scheduler stopped as crosses (their last epoch's value)."""
+    students = runs[(runs["role"] == "student") & (runs["status"] == "FINISHED")]
+    full, stopped = students[students["stopped_at"].isna()], students[students["stopped_at"].notna()]
+    ax.scatter(full[x], 100 * full[metric], marker="o", label=f"trained to its epochs ({len(full)})", **kw)  # type: ignore[arg-type]
+    ax.scatter(stopped[x], 100 * stopped[metric], marker="x", color="tab:gray", label=f"stopped early ({len(stopped)}; value at its last epoch)")
+
+
+def _scratch_lines(ax: plt.Axes, runs: pd.DataFrame, metric: str) -> None:
+    scratch = runs[(runs["role"] == "scratch") & (runs["status"] == "FINISHED")]
+    for i, (epochs, rows) in enumerate(scratch.groupby("epochs")):
+        ax.axhline(100 * float(rows[metric].mean()), color=plt.get_cmap("tab10")(i + 1), linestyle="--", linewidth=1,
+                   label=f"scratch, {epochs} epochs (mean of {len(rows)})")
+
+
+def fig_search_accuracy(runs: pd.DataFrame, metric: str, out: Path) -> Path:
+    """The searched metric against alpha and against T (log scale), one point per trial, scratch as dashed lines."""
+    fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 1.6, FIGSIZE[1]), sharey=True)
+    for ax, x, label in ((axes[0], "alpha", "alpha (weight of the hard-label loss)"), (axes[1], "temperature", "temperature T (log scale)")):
+        _search_points(ax, runs, x, metric, color="tab:orange")
+        _scratch_lines(ax, runs, metric)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].set_xscale("log")
+    axes[0].set_ylabel(f"{_metric_name(metric)} (%)")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(f"Search: {_metric_name(metric)} of each trial against alpha and T")
+    return _save(fig, out / "search_accuracy_vs_alpha_T.png")
+
+
+def fig_search_alpha_temperature(runs: pd.DataFrame, metric: str, out: Path) -> Path:
+    """Where the search sampled: alpha x T, coloured by the searched metric; stopped trials as crosses."""
+    students = runs[(runs["role"] == "student") & (runs["status"] == "FINISHED")]
+    full, stopped = students[students["stopped_at"].isna()], students[students["stopped_at"].notna()]
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    lo, hi = 100 * students[metric].min(), 100 * students[metric].max()
+    im = ax.scatter(full["alpha"], full["temperature"], c=100 * full[metric], cmap="viridis", vmin=lo, vmax=hi, s=60, edgecolors="black",
+                    label="trained to its epochs")
+    ax.scatter(stopped["alpha"], stopped["temperature"], c=100 * stopped[metric], cmap="viridis", vmin=lo, vmax=hi, s=60, marker="X",
+               label="stopped early")
+    ax.set_yscale("log")
+    fig.colorbar(im, ax=ax, label=f"{_metric_name(metric)} (%)")
+    _finish(ax, "alpha (weight of the hard-label loss)", "temperature T (log scale)", "Search: the sampled alpha x T")
+    return _save(fig, out / "search_alpha_temperature.png")
+
+
+def fig_search_best_so_far(runs: pd.DataFrame, metric: str, out: Path) -> Path:
+    """Each trial's metric in the order the trials started, and the best so far among trials trained to their epochs
+    (what selection can pick); scratch as a dashed line."""
+    students = runs[(runs["role"] == "student") & (runs["status"] == "FINISHED")].sort_values("start_time", kind="stable").reset_index(drop=True)
+    number = pd.Series(range(1, len(students) + 1))
+    full = students["stopped_at"].isna()
+    best = (100 * students[metric].where(full)).cummax().ffill()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    ax.scatter(number[full], 100 * students.loc[full, metric], marker="o", color="tab:orange", label="trial trained to its epochs")
+    ax.scatter(number[~full], 100 * students.loc[~full, metric], marker="x", color="tab:gray", label="trial stopped early")
+    ax.step(number, best, where="post", color="tab:red", label="best so far (trained to its epochs)")
+    _scratch_lines(ax, runs, metric)
+    _finish(ax, "trial number (order started)", f"{_metric_name(metric)} (%)", "Search: best so far")
+    return _save(fig, out / "search_best_so_far.png")
+
+
+def _metric_name(metric: str) -> str:
+    return {"val_acc": "validation accuracy", "test_acc": "test accuracy"}.get(metric, metric)

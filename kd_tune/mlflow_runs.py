@@ -411,3 +411,17 @@ def close_running_runs(client: MlflowClient, experiment_id: str, parent_run_id: 
     for run in runs:
         client.set_terminated(run.info.run_id, status)
     return len(runs)
+
+
+def discard_forgotten_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_ids: set[str]) -> int:
+    """Delete (MLflow's soft delete: restorable) the sweep's child runs of trials that Ray's restored state
+    does not know: trials created after its last saved state, lost with a killed driver. Ray will not
+    continue them (a search suggests their places anew, a grid creates them again), so their runs would
+    stay as duplicates. Each is tagged with why first."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=10000)
+    gone = [r for r in runs if r.data.tags.get(TAG_TRIAL) and r.data.tags[TAG_TRIAL] not in trial_ids]
+    for run in gone:
+        client.set_tag(run.info.run_id, "kd_tune.discarded", "its trial was created after Ray's last saved state and lost with the driver")
+        client.set_terminated(run.info.run_id, "KILLED")
+        client.delete_run(run.info.run_id)
+    return len(gone)

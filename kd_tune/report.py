@@ -20,9 +20,20 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from kd_tune.errors import UsageError, first_line
-from kd_tune.figures import fig_accuracy_vs_alpha, fig_confusion, fig_gain_vs_alpha, fig_heatmap, fig_learning_curves, fig_loss_vs_alpha
-from kd_tune.mlflow_runs import TAG_PARENT, TAG_ROLE, TAG_SWEEP
+from kd_tune.figures import (
+    fig_accuracy_vs_alpha,
+    fig_confusion,
+    fig_gain_vs_alpha,
+    fig_heatmap,
+    fig_learning_curves,
+    fig_loss_vs_alpha,
+    fig_search_accuracy,
+    fig_search_alpha_temperature,
+    fig_search_best_so_far,
+)
+from kd_tune.mlflow_runs import TAG_PARENT, TAG_ROLE, TAG_SWEEP, TAG_TRIAL
 from kd_tune.stats import Best, Protocol, best_config, gains_over_scratch, protocol_of, summarize
+from kd_tune.tracking import TAG_STOPPED_AT
 
 METRICS = ["test_acc", "test_loss", "teacher_agreement", "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece",
            "train_loss", "train_hard_loss", "train_distill_loss", "val_acc", "val_loss"]
@@ -39,13 +50,18 @@ class Report:
     files: list[Path]
     unfinished: int
     protocol: Protocol
+    search: str = ""
+    """For a search: its trials, how many the scheduler stopped, the student epochs it used."""
 
     def markdown(self) -> str:
         lines = [f"# Sweep {self.name!r}", "", self.protocol.describe(), ""]
+        if self.search:
+            lines += [self.search, ""]
         if self.unfinished:
             lines += [f"Note: {self.unfinished} grid point(s) have not finished; this report covers what exists.", ""]
         shown = self.summary.copy()
-        shown["temperature"] = shown["temperature"].map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+        shown["temperature"] = shown["temperature"].map(lambda v: "-" if pd.isna(v) else f"{v:.4g}")
+        shown["alpha"] = shown["alpha"].map(lambda v: f"{v:.4g}")
         shown["mean acc %"] = (100 * shown["mean"]).map(lambda v: f"{v:.2f}")
         shown["95% CI %"] = shown.apply(lambda r: "n/a (n=1)" if r["n"] < 2 else f"[{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}]", axis=1)
         cols = ["role", "alpha", "temperature", "epochs", "n", "mean acc %", "95% CI %"]
@@ -57,7 +73,8 @@ class Report:
         lines += ["Test accuracy per configuration (mean over seeds):", "", markdown_table(shown[cols]), ""]
         if not self.gains.empty:
             g = self.gains.copy()
-            g["temperature"] = g["temperature"].map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+            g["temperature"] = g["temperature"].map(lambda v: "-" if pd.isna(v) else f"{v:.4g}")
+            g["alpha"] = g["alpha"].map(lambda v: f"{v:.4g}")
             g["gain pp"] = (100 * g["gain"]).map(lambda v: f"{v:+.2f}")
             g["95% CI pp"] = g.apply(lambda r: "n/a" if pd.isna(r["ci_low"]) else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]", axis=1)
             g["positive"] = g.apply(lambda r: f"{int(r['positive'])}/{int(r['n'])}" if r["test"] == "paired t" else "-", axis=1)
@@ -126,6 +143,11 @@ def load_runs(name: str, tracking_uri: str) -> tuple[pd.DataFrame, str, str]:
         "normalize": raw.get("params.dataset.normalize", pd.Series("True", index=raw.index, dtype=str)).fillna("True") == "True",
         "val_size": pd.to_numeric(raw.get("params.dataset.val_size", pd.Series(0, index=raw.index))).fillna(0).astype(int),
         "train_size": raw.get("params.dataset.train_size", pd.Series("None", index=raw.index, dtype=str)).fillna("None"),
+        # A search's trials: which algorithm, when each started (its order), and whether the scheduler stopped it.
+        "algorithm": raw.get("params.search.algorithm", pd.Series("grid", index=raw.index, dtype=str)).fillna("grid"),
+        "trial_id": raw.get(f"tags.{TAG_TRIAL}", pd.Series(dtype=str)),
+        "start_time": raw.get("start_time", pd.Series(dtype="datetime64[ns, UTC]")),
+        "stopped_at": pd.to_numeric(raw.get(f"tags.{TAG_STOPPED_AT}", pd.Series(None, index=raw.index, dtype=float))).astype("Int64"),
     })
     for m in METRICS:
         rows[m] = pd.to_numeric(raw[f"metrics.{m}"]) if f"metrics.{m}" in raw else float("nan")
@@ -138,22 +160,34 @@ def make_report(name: str, tracking_uri: str, out: Path) -> Report:
 
     Raises :class:`UsageError` for an unknown sweep or one without student runs.
     """
-    runs, _, parent = load_runs(name, tracking_uri)
-    if runs.empty:
+    all_runs, _, parent = load_runs(name, tracking_uri)
+    if all_runs.empty:
         raise UsageError(f"sweep {name!r} has no student runs yet in {tracking_uri}; allowed: a sweep with at least one run")
     out.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri)
+    runs = selectable(all_runs)
     protocol = protocol_of(runs)
     summary = summarize(runs)
     gains = gains_over_scratch(runs)
     best = best_config(runs, summary, gains, select_on=protocol.selected_on)
     best_distilled = best_config(runs, summary, gains, distilled_only=True, select_on=protocol.selected_on)
     files = [out / "runs.csv", out / "summary.csv", out / "gains.csv"]
-    runs.to_csv(files[0], index=False)
+    all_runs.to_csv(files[0], index=False)
     summary.to_csv(files[1], index=False)
     gains.to_csv(files[2], index=False)
-    report = Report(name, runs, summary, gains, best, best_distilled, files, int((runs["status"] != "FINISHED").sum()), protocol)
-    if not summary.empty:
+    is_search = bool((all_runs["algorithm"] != "grid").any())
+    report = Report(name, runs, summary, gains, best, best_distilled, files, int((runs["status"] != "FINISHED").sum()), protocol,
+                    search_note(all_runs) if is_search else "")
+    if is_search:
+        metric = "val_acc" if protocol.selected_on == "validation" else "test_acc"
+        files += [fig_search_accuracy(all_runs, metric, out), fig_search_alpha_temperature(all_runs, metric, out),
+                  fig_search_best_so_far(all_runs, metric, out)]
+        if best is not None:
+            files.append(fig_learning_curves(client, runs, best, out))
+            confusion = fig_confusion(client, best, out)
+            if confusion is not None:
+                files.append(confusion)
+    elif not summary.empty:
         files.append(fig_accuracy_vs_alpha(summary, out))
         for fig in (fig_gain_vs_alpha(gains, out), fig_heatmap(summary, out)):
             if fig is not None:
@@ -172,11 +206,35 @@ def make_report(name: str, tracking_uri: str, out: Path) -> Report:
     return report
 
 
+def selectable(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs a configuration can be selected from: a search trial the scheduler stopped early was not
+    trained to its epochs, so it is shown (figures, runs.csv) but neither summarized nor selected."""
+    return runs[runs["stopped_at"].isna()].reset_index(drop=True)
+
+
+def student_epochs_used(runs: pd.DataFrame) -> int:
+    """Student epochs the sweep trained: per trial, the epoch it was stopped at or its largest epochs value."""
+    trained = runs["stopped_at"].astype("Float64").fillna(runs["epochs"].astype("Float64"))
+    return int(trained.groupby(runs["trial_id"]).max().sum())
+
+
+def search_note(runs: pd.DataFrame) -> str:
+    """One paragraph on a search: trials, stopped early, the student epochs it used against the most it could have."""
+    students = runs[runs["role"] == "student"]
+    stopped = int(students["stopped_at"].notna().sum())
+    algorithm = ", ".join(sorted(set(students["algorithm"])))
+    budget = int(runs.groupby("trial_id")["epochs"].max().sum())
+    return (f"Search ({algorithm}): {len(students)} student trials with sampled alpha and T, {stopped} stopped early by the scheduler "
+            f"(shown in the figures and runs.csv at their last epoch, but not selectable: they were not trained to their epochs); "
+            f"{student_epochs_used(runs)} student epochs trained (baselines included), of at most {budget} without early stopping.")
+
+
 def log_sweep_summary(name: str, tracking_uri: str) -> Best | None:
     """The report's choice as metrics and tags of the sweep's parent run, so the MLflow UI shows which
     configuration won, by how much and over how many seeds (written again at every sweep's or resume's
     end: the latest values win). Returns the best configuration, None while no student run finished."""
-    runs, _, parent = load_runs(name, tracking_uri)
+    all_runs, _, parent = load_runs(name, tracking_uri)
+    runs = selectable(all_runs)
     if runs.empty:
         return None
     protocol, summary, gains = protocol_of(runs), summarize(runs), gains_over_scratch(runs)

@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from kd_tune.config import TrialPoint
-from kd_tune.record import live_driver, require_sweep, resume_command
+from kd_tune.config import TrialPoint, load_space_text
+from kd_tune.record import SPACE_FILE, live_driver, require_sweep, resume_command
 from kd_tune.storage import resolve_storage
 
 if TYPE_CHECKING:
     from ray import tune
 
 RESULT_COLUMNS = ["role", "alpha", "temperature", "epochs", "seed", "label_noise", "status", "how", "test_acc", "test_loss", "teacher_agreement"]
-STATUS_COUNTS = ("finished", "running", "interrupted", "pending", "paused", "errored", "diverged")
+STATUS_COUNTS = ("finished", "stopped early", "running", "interrupted", "pending", "paused", "errored", "diverged")
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,15 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
             how = "resumed" if last.get("resumed_from") else "new"
         else:
             how = "resumed" if last.get("resumed_from") else "restarted"
+        stopped = None if r.error else point.stopped_at(last)  # a search trial the scheduler stopped: its last epoch's metrics
         for milestone in point.milestones:
             at: dict[str, Any] = {}
             if history is not None and "epoch" in history and "test_acc" in history:
-                match = history[(history["epoch"] == milestone) & history["test_acc"].notna()]
+                match = history[(history["epoch"] == (stopped or milestone)) & history["test_acc"].notna()]
                 if len(match):
                     at = match.iloc[-1].to_dict()
-            status = "finished" if at else "errored" if r.error else "diverged" if last.get("diverged") else "unfinished"
+            status = ("stopped early" if stopped and at else "finished" if at else "errored" if r.error else
+                      "diverged" if last.get("diverged") else "unfinished")
             rows.append({
                 **point.at(milestone).grid_config(), "status": status, "how": how,
                 "test_acc": at.get("test_acc"), "test_loss": at.get("test_loss"), "teacher_agreement": at.get("teacher_agreement"),
@@ -112,6 +114,8 @@ class SweepStatus:
     table: pd.DataFrame
     driver_alive: bool
     resume_command: str
+    planned: int = 0
+    """Trials the sweep will have in all (a search suggests its trials as it goes)."""
 
     def format(self) -> str:
         counts = ", ".join(f"{n} {k}" for k, n in self.counts.items() if n)
@@ -119,7 +123,9 @@ class SweepStatus:
         shown["test_acc"] = shown["test_acc"].map(lambda v: "" if v is None or v != v else f"{v:.4f}")
         lines = [f"sweep {self.name!r} in {self.path}: {counts}; driver {'running' if self.driver_alive else 'not running'}",
                  shown.to_string(index=False)]
-        if not self.driver_alive and self.counts["finished"] < len(self.table):
+        if self.planned > len(self.table):
+            lines.append(f"{self.planned - len(self.table)} more search trials to come (not suggested yet)")
+        if not self.driver_alive and self.counts["finished"] + self.counts["stopped early"] < self.planned:
             lines.append(f"to continue: {self.resume_command}")
         return "\n".join(lines)
 
@@ -141,11 +147,17 @@ def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
         point = TrialPoint.from_config(t.config)
         last = t.last_result or {}
         status = "diverged" if last.get("diverged") else names.get(t.status, t.status.lower())
+        if status == "finished" and point.stopped_at(last):
+            status = "stopped early"
         rows.append({"trial": point.label, "status": status,
                      "epoch": f"{int(last.get('epoch', 0))}/{point.epochs}", "test_acc": last.get("test_acc")})
     table = pd.DataFrame(rows, columns=["trial", "status", "epoch", "test_acc"]).sort_values("trial").reset_index(drop=True)
     counts = {k: int((table["status"] == k).sum()) for k in STATUS_COUNTS}
-    return SweepStatus(name, root.show(name), counts, table, alive, resume_command(name, root))
+    planned = len(table)
+    if root.exists(name, SPACE_FILE):
+        spec = load_space_text(root.read_text(name, SPACE_FILE), root.show(name, SPACE_FILE))
+        planned = max(planned, len(spec.trials()) + spec.search.num_samples)
+    return SweepStatus(name, root.show(name), counts, table, alive, resume_command(name, root), planned)
 
 
 __all__ = ["SweepOutcome", "SweepStatus", "format_table", "results_table", "sweep_status"]

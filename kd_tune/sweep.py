@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -20,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
+from kd_tune import search
 from kd_tune.cluster import check_local_fits, check_shared, connect_ray, teacher_cpus
 from kd_tune.config import SweepSpec, TrialPoint, load_space, load_space_text, space_to_yaml
 from kd_tune.data import DataSplit, flip_labels, prepare
@@ -32,6 +34,7 @@ from kd_tune.mlflow_runs import (
     configure_client_retries,
     create_parent_run,
     dataset_inputs,
+    discard_forgotten_runs,
     get_or_create_experiment,
     input_example,
     log_metrics,
@@ -152,20 +155,25 @@ def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
     if restoring:
         analysis = tune.ExperimentAnalysis(sweep_path(storage, spec.name), storage_filesystem=storage.ray_filesystem)
         finished_before = {t.trial_id for t in analysis.trials if t.status == "TERMINATED"}
+        # Trials Ray created after its last saved state are gone with a killed driver (a search suggests them anew).
+        discard_forgotten_runs(client, record.experiment_id, record.parent_run_id, {str(t.trial_id) for t in analysis.trials})
 
     claim_driver(storage, spec.name)
     try:
         if restoring:
             # What the last driver never got to MLflow (killed while the store was away) is in the checkpoints.
-            done = replay(recorder_for(storage, record, spec), storage, spec.name, analysis.trials)
-            if done.steps or done.ended:
-                log(f"tracking: {done.steps} epochs of metrics and {done.ended} run ends the last driver had not recorded "
+            replayed = replay(recorder_for(storage, record, spec), storage, spec.name, analysis.trials)
+            if replayed.steps or replayed.ended:
+                log(f"tracking: {replayed.steps} epochs of metrics and {replayed.ended} run ends the last driver had not recorded "
                     "were written from the trials' checkpoints")
         inputs = dataset_inputs(split, labels, data_dir)  # the runs' datasets for MLflow, fingerprinted once
         teachers = _get_teachers(spec, split, labels, storage, client, record, opts.quiet, log, inputs=inputs, data_dir=data_dir)
-        trials, points = spec.trials(), spec.grid_points()
-        verb = f"resuming ({len(finished_before)} of {len(trials)} trials finished before)" if finished_before or opts.resume else "starting"
-        log(f"sweep {spec.name!r}: {verb}; {len(trials)} trials for {len(points)} grid points ({spec.student_epochs()} student epochs), "
+        trials, total = spec.trials(), spec.planned_rows()
+        n_trials = len(trials) + spec.search.num_samples
+        verb = f"resuming ({len(finished_before)} of {n_trials} trials finished before)" if finished_before or opts.resume else "starting"
+        what = (f"{len(trials)} baseline trials + {spec.search.num_samples} {spec.search.algorithm} search trials (at most "
+                if spec.is_search else f"{len(trials)} trials for {total} grid points (")
+        log(f"sweep {spec.name!r}: {verb}; {what}{spec.student_epochs()} student epochs), "
             f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {storage.show(spec.name)}")
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
         bundle = TrialBundle(split, spec.student, labels, teachers.train, teachers.test, storage, spec.name)
@@ -181,11 +189,12 @@ def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
         if not behind:
             close_running_runs(client, record.experiment_id, record.parent_run_id)
         table = results_table(grid, finished_before)
-        counts = {s: int((table["status"] == s).sum()) for s in ("finished", "errored", "diverged")}
+        counts = {s: int((table["status"] == s).sum()) for s in ("finished", "stopped early", "errored", "diverged")}
+        done = counts["finished"] + counts["stopped early"]  # a trial the scheduler stopped ended as it should
         if not behind:
             summarize_on_parent(spec.name, record.tracking_uri, log)
-            client.set_terminated(record.parent_run_id, "FINISHED" if counts["finished"] == len(points) else "FAILED")
-        return SweepOutcome(spec.name, storage.show(spec.name), table, len(points), counts["finished"], counts["errored"], counts["diverged"],
+            client.set_terminated(record.parent_run_id, "FINISHED" if done == total else "FAILED")
+        return SweepOutcome(spec.name, storage.show(spec.name), table, total, done, counts["errored"], counts["diverged"],
                             record.tracking_uri, record.experiment_id, record.parent_run_id, teachers.acc, time.perf_counter() - started,
                             resume_command(spec.name, storage), tracking_behind=behind.describe() if behind else "")
     except BaseException:
@@ -275,6 +284,8 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
     with it, so a restored sweep logs them as the first driver did."""
     path, fs = sweep_path(storage, spec.name), storage.ray_filesystem
     trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    if spec.is_search:
+        search.allow_results_without_metric()
     if restoring:
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     save_tracking_inputs(storage, spec.name, inputs, input_example(bundle.split))  # what kd-tune sync needs to make a run
@@ -282,10 +293,15 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
                                       parent_run_id=record.parent_run_id, sweep=spec.name, static_params=spec.flat_params(),
                                       inputs=inputs,
                                       example=input_example(bundle.split))
+    names: dict[str, Any] = {"trial_name_creator": trial_name, "trial_dirname_creator": trial_dirname, "reuse_actors": True}
+    if spec.is_search:  # the baselines, then num_samples students sampled by Ray Tune (kd_tune.search)
+        param_space, tune_config = search.param_space(spec), search.tune_config(spec, **names)
+    else:
+        param_space, tune_config = {"point": tune.grid_search([p.as_config() for p in spec.trials()])}, tune.TuneConfig(**names)
     return tune.Tuner(
         trainable,
-        param_space={"point": tune.grid_search([p.as_config() for p in spec.trials()])},
-        tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_dirname, reuse_actors=True),
+        param_space=param_space,
+        tune_config=tune_config,
         run_config=tune.RunConfig(
             name=spec.name,
             storage_path=storage.root,

@@ -72,6 +72,8 @@ def replay(recorder: RunRecorder, storage: Storage, name: str, trials: Iterable[
             steps += recorder.result(tid, config, m)
         if last.get("diverged"):
             ended += recorder.diverged(tid, config, int(last.get("epoch", 0)), last.get("diverged_loss"))
+        elif t.status == "TERMINATED" and (stopped := point.stopped_at(last)) is not None:  # a search trial the scheduler stopped
+            ended += recorder.finish(tid, config, newest, stopped_at=stopped)
         elif t.status == "TERMINATED":
             for milestone in point.milestones:  # each grid point with the model of its own epoch, where kept
                 ended += recorder.finish(tid, config, states.get(milestone), milestone=milestone)
@@ -119,12 +121,13 @@ def sync_sweep(name: str, storage: str | None = None, log: Log = print) -> SyncO
     try:
         replayed = replay(recorder_for(root, record, spec), root, name, trials)
         finished = sum(1 for t in trials if t.status == "TERMINATED")
+        planned = max(len(trials), len(spec.trials()) + spec.search.num_samples)  # a search suggests its trials as it goes
         # Runs left RUNNING belong to trials cut short: KILLED, as a driver ending on Ctrl+C leaves them (a resume reopens them).
         open_runs = client.search_runs([record.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{record.parent_run_id}' "
                                        "and attributes.status = 'RUNNING'", max_results=10000)
         for run in open_runs:
             client.set_terminated(run.info.run_id, "KILLED")
-        if finished == len(trials):
+        if finished == planned:
             from kd_tune.report import summarize_on_parent
 
             summarize_on_parent(name, record.tracking_uri, log)
@@ -134,4 +137,4 @@ def sync_sweep(name: str, storage: str | None = None, log: Log = print) -> SyncO
             client.set_terminated(record.parent_run_id, "KILLED")
     finally:
         release_driver(root, name)
-    return SyncOutcome(name, record.tracking_uri, replayed, finished, len(trials), resume_command(name, root))
+    return SyncOutcome(name, record.tracking_uri, replayed, finished, planned, resume_command(name, root))

@@ -59,6 +59,8 @@ from kd_tune.outbox import Outbox
 EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
                  "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds", "val_acc", "val_loss")
 CONFUSION_ARTIFACT = "confusion_matrix.json"
+TAG_STOPPED = "kd_tune.stopped_early"  # a search trial stopped by the scheduler (ASHA)
+TAG_STOPPED_AT = "kd_tune.stopped_at_epoch"  # the last epoch it trained
 RETRY_MAX_ENV = "KD_TUNE_TRACKING_RETRY_MAX_S"  # longest wait between retries while the store is away (default 30 s)
 __all__ = ["EPOCH_METRICS", "TAG_PARENT", "TAG_ROLE", "TAG_TRIAL", "MlflowTrackingCallback", "RunRecorder", "outbox_of"]
 
@@ -129,7 +131,7 @@ class RunRecorder:
             self.client.log_batch(run_id, params=params_batch(missing))
         # Likewise its datasets (those it has already are not logged twice).
         log_dataset_inputs(self.client, run_id, self.inputs.get(label_noise, ()), run)
-        if run.info.status == "FINISHED" and self._last_step[key] >= milestone:
+        if run.info.status == "FINISHED" and (self._last_step[key] >= milestone or run.data.tags.get(TAG_STOPPED) == "true"):
             # Finished before a kill that Ray's state did not see: Ray reruns the trial (a no-op
             # from its final checkpoint); this record is complete and stays untouched.
             self._complete.add(key)
@@ -185,14 +187,21 @@ class RunRecorder:
             self._complete.add(key)
         return len(runs)
 
-    def finish(self, tid: str, config: Mapping[str, Any], state: Mapping[str, Any] | None, milestone: int | None = None) -> int:
+    def finish(self, tid: str, config: Mapping[str, Any], state: Mapping[str, Any] | None, milestone: int | None = None,
+               stopped_at: int | None = None) -> int:
         """End the trial's open runs (only the one of ``milestone`` when given) as FINISHED, each with its
         model when ``state`` is the checkpoint of its epoch (a smaller milestone replayed after a kill
-        without its checkpoint gets none); how many runs ended now."""
+        without its checkpoint gets none); how many runs ended now.
+
+        ``stopped_at``: the epoch at which the scheduler stopped a search trial: its runs are tagged so and
+        get the model of ``state``, its last checkpoint."""
         ended = 0
         for m, key, run_id in self.open(tid, config):
             if milestone is None or m == milestone:
-                self._finish(key, run_id, state if state is not None and state["epoch"] == m else None)
+                if stopped_at is not None:
+                    self.client.log_batch(run_id, tags=[RunTag(TAG_STOPPED, "true"), RunTag(TAG_STOPPED_AT, str(stopped_at))])
+                fits = state is not None and (state["epoch"] == m or stopped_at is not None)
+                self._finish(key, run_id, state if fits else None)
                 ended += 1
         return ended
 
@@ -366,7 +375,8 @@ class MlflowTrackingCallback(tune.Callback):
         if trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 state = read_checkpoint(Path(folder))
-        self._put(lambda: self.recorder.finish(tid, config, state), f"the end of trial {trial}")
+        stopped = stopped_early(trial)  # ended by the scheduler: FINISHED, with the model of its last checkpoint
+        self._put(lambda: self.recorder.finish(tid, config, state, stopped_at=stopped), f"the end of trial {trial}")
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         tid, config = self._key(trial)
@@ -377,6 +387,11 @@ class MlflowTrackingCallback(tune.Callback):
         tid, config = self._key(trial)
         message = error_summary(trial)
         self._put(lambda: self.recorder.fail(tid, config, message), f"the error of trial {trial}")
+
+
+def stopped_early(trial: Trial) -> int | None:
+    """The epoch at which the scheduler stopped the trial (see :meth:`TrialPoint.stopped_at`), or None."""
+    return TrialPoint.from_config(trial.config).stopped_at(trial.last_result or {})
 
 
 def error_summary(trial: Trial) -> str:
