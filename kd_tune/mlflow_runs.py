@@ -77,15 +77,16 @@ def configure_client_retries() -> None:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
-def check_tracking_store(uri: str, doing: str) -> MlflowClient:
-    """A client of the store at ``uri``, once it answers; raises :class:`TrackingUnavailableError` (one line
-    saying what was not done) when it does not."""
-    client = MlflowClient(uri)
+def check_tracking_store(uri: str, doing: str) -> None:
+    """Make sure a tracking server at ``uri`` answers; raises :class:`TrackingUnavailableError` (one line saying
+    what was not done) when it does not. A database or folder store is not probed: the command opens (and, when
+    new, makes) it itself, and a refused command must not leave a new store behind."""
+    if not uri.startswith(("http://", "https://")):
+        return
     try:
-        client.search_experiments(max_results=1)
+        MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - whatever the store or the network says, the user gets one line
         raise TrackingUnavailableError(f"the tracking store {uri} cannot be reached ({first_line(e)[:200]}); {doing}") from e
-    return client
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:

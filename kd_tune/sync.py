@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from kd_tune.checkpoint import persisted_states
 from kd_tune.config import SweepSpec, TrialPoint, load_space_text
 from kd_tune.mlflow_runs import TAG_PARENT, check_tracking_store, configure_client_retries
@@ -115,7 +117,8 @@ def sync_sweep(name: str, storage: str | None = None, log: Log = print) -> SyncO
     record = SweepRecord.load(root, name)
     spec = load_space_text(root.read_text(name, SPACE_FILE), root.show(name, SPACE_FILE))
     configure_client_retries()
-    client = check_tracking_store(record.tracking_uri, "nothing was written (kd-tune sync writes it once the store is back)")
+    check_tracking_store(record.tracking_uri, "nothing was written (kd-tune sync writes it once the store is back)")
+    client = MlflowClient(record.tracking_uri)
     trials = tune.ExperimentAnalysis(path, storage_filesystem=root.ray_filesystem).trials
     claim_driver(root, name)  # no resume may start meanwhile
     try:
