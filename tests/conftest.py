@@ -1,14 +1,22 @@
-"""Shared fixtures: a slice of real MNIST (2,000 training and 500 test digits, torchvision layout)
-and tiny search spaces that finish in seconds on a 2-core machine."""
+"""Shared fixtures: a slice of real MNIST (2,000 training and 500 test digits, torchvision layout),
+tiny search spaces that finish in seconds on a 2-core machine, and one tiny real sweep (real Ray, real
+sqlite MLflow store) that the MLflow tests (test_mlflow_native.py, test_mlflow_ui.py) all inspect."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+    from kd_tune.config import SweepSpec
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "mnist_slice"
 REPO = Path(__file__).resolve().parent.parent
@@ -41,3 +49,54 @@ def write_space(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def fixture_data() -> Path:
     return FIXTURE_DATA
+
+
+NATIVE_SWEEP = "native"
+
+
+@dataclass(frozen=True)
+class Swept:
+    """The session's shared sweep: its MLflow store (``folder / 'mlflow.db'``, what ``kd-tune ui`` serves), storage and runs."""
+
+    client: MlflowClient
+    uri: str
+    experiment_id: str
+    spec: SweepSpec
+    storage: str
+    folder: Path  # the MLflow store's folder
+    runs: dict[str, list[Run]]  # by kd_tune.role
+
+    def children(self) -> list[Run]:
+        return self.runs["student"]
+
+
+@pytest.fixture(scope="session")
+def native_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swept]:
+    """One tiny real sweep for every MLflow test (one sweep's setup instead of one per module): two
+    label-noise levels (0 and 0.2) sharing one clean teacher, alpha 0.5, epochs 1 and 2 (one trial per
+    level with epoch sharing): a teacher run and four student runs under the parent."""
+    from mlflow.tracking import MlflowClient
+
+    from kd_tune.config import load_space
+    from kd_tune.options import SweepOptions
+    from kd_tune.sweep import run_sweep
+    from kd_tune.tracking import TAG_ROLE
+
+    tmp = tmp_path_factory.mktemp("native")
+    space = tiny_space(name=NATIVE_SWEEP, teacher={"widths": [8, 16], "epochs": 1, "lr": 0.003, "batch_size": 64, "clean": True},
+                       grid={"alpha": [0.5], "temperature": [3.0], "epochs": [1, 2], "seed": [0], "label_noise": [0.0, 0.2]})
+    (tmp / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    folder = tmp / "mlflow"
+    folder.mkdir()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)  # MLflow's default artifact root (./mlruns) lands here
+        outcome = run_sweep(tmp / "space.yaml", SweepOptions(storage=str(tmp / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True),
+                            log=lambda s: None)
+    assert outcome.ok and outcome.total == 4
+    client = MlflowClient(uri)
+    runs: dict[str, list[Run]] = {}
+    for run in client.search_runs([outcome.experiment_id], max_results=100):
+        runs.setdefault(run.data.tags[TAG_ROLE], []).append(run)
+    assert {k: len(v) for k, v in runs.items()} == {"sweep": 1, "teacher": 1, "student": 4}
+    yield Swept(client, uri, outcome.experiment_id, load_space(tmp / "space.yaml"), str(tmp / "store"), folder, runs)

@@ -1,6 +1,6 @@
 """Sweeps submitted as Ray jobs to a real job server (``ray start --head`` with the dashboard, 2 CPUs, on this
-machine), through the real CLI as a laptop would: followed to the end, stopped mid-sweep and resumed by job,
-and bad input refused before anything reaches the cluster. Every process is stopped by PID afterwards."""
+machine), through the real CLI as a laptop would: stopped mid-sweep, resumed by job and followed to the end (one
+sweep's two jobs serve all of it), and bad input refused before anything reaches the cluster. Every process is stopped by PID afterwards."""
 
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from .servers import RAY_ENV, RayHead, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.jobs]
 
-DATASET = {"name": "mnist", "train_size": 1500, "val_size": 100}  # one teacher (cached) serves both sweeps
-FOLLOWED = tiny_space(name="followed", dataset=DATASET)  # 2 trials for 4 grid points, seconds each
+DATASET = {"name": "mnist", "train_size": 1500, "val_size": 100}
+FOLLOWED = tiny_space(name="followed", dataset=DATASET)  # a valid space, for the refusals of bad flags
 # ~0.5-1 s per epoch on one CPU: 4 trials of 6 epochs on 2 CPUs leave ~12 epochs' time between the first reported
-# epoch and the end, for the stop to land in.
+# epoch and the end, for the stop to land in. Epochs 3 and 6 share a trial: 4 trials serve 8 grid points.
 EPOCHS = 6
+GRID_POINTS = 8
 STOPPED = tiny_space(name="stopped", dataset=DATASET, student={"widths": [16, 32], "lr": 0.003, "batch_size": 16},
-                     grid={"alpha": [0.0, 0.5, 1.0], "epochs": [EPOCHS]}, baselines=["scratch"])
+                     grid={"alpha": [0.0, 0.5, 1.0], "epochs": [3, EPOCHS]}, baselines=["scratch"])
 
 
 @pytest.fixture(scope="module")
@@ -120,31 +121,16 @@ def test_bad_input_is_refused_before_anything_is_submitted(head: RayHead, where:
     assert not Path(where["storage"], "bad").exists()
 
 
-def test_submitted_sweep_runs_to_the_end(head: RayHead, where: dict[str, str], write_space: Callable[..., Path], tmp_path: Path) -> None:
-    res = kd("submit", write_space(FOLLOWED), "--address", head.url, *_submit_flags(where), cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    assert f"sweep 'followed': sweep submitted to {head.url} as Ray job kd-tune-followed-1" in res.stdout
-    assert f"kd-tune logs followed --follow --address {head.url}" in res.stdout
-
-    logs = kd("logs", "followed", "--follow", "--address", head.url, cwd=tmp_path)
-    assert logs.returncode == 0, logs.stdout[-3000:] + logs.stderr[-3000:]
-    assert "sweep 'followed': 4/4 grid points finished, 0 errored, 0 diverged" in logs.stdout
-    assert "job kd-tune-followed-1 of sweep 'followed' is SUCCEEDED" in logs.stderr
-    check_record(where, "followed", 4)
-
-    listing = kd("jobs", "--address", head.url, cwd=tmp_path)
-    assert listing.returncode == 0, listing.stderr
-    row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("followed "))
-    assert row[:5] == ["followed", "kd-tune-followed-1", "SUCCEEDED", "1", "2/2"]  # 2 trials serve the 4 grid points
-    assert row[5] == where["tracking"]  # the sweep's own record names its store and experiment
-
-
-def test_stop_mid_sweep_then_resume_by_job(head: RayHead, where: dict[str, str], write_space: Callable[..., Path], tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stop_mid_sweep_then_resume_by_job_and_follow_it_to_the_end(head: RayHead, where: dict[str, str], write_space: Callable[..., Path],
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sweep's jobs serve every check of a job's life (each job's driver start-up costs ~20 s here): submitted,
+    refused a second live job, stopped mid-sweep, resumed as a second job, followed to the end, listed."""
     space = write_space(STOPPED)
     res = kd("submit", space, "--address", head.url, *_submit_flags(where), cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
     submitted = time.monotonic()
+    assert res.returncode == 0, res.stderr
+    assert f"sweep 'stopped': sweep submitted to {head.url} as Ray job kd-tune-stopped-1" in res.stdout
+    assert f"kd-tune logs stopped --follow --address {head.url}" in res.stdout
     client, job = _client(head, monkeypatch), "kd-tune-stopped-1"
 
     again = kd("submit", space, "--address", head.url, *_submit_flags(where), cwd=tmp_path)  # one live job per sweep
@@ -173,7 +159,7 @@ def test_stop_mid_sweep_then_resume_by_job(head: RayHead, where: dict[str, str],
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]  # nothing left open
     cut = [r for r in runs if r.data.tags.get(TAG_ROLE) in ("student", "scratch") and r.info.status != "FINISHED"]
     assert all(r.info.status == "KILLED" for r in cut)
-    assert "sweep 'stopped': " in log and "4/4 grid points finished" not in log, log[-3000:]  # stopped mid-sweep
+    assert "sweep 'stopped': " in log and f"{GRID_POINTS}/{GRID_POINTS} grid points finished" not in log, log[-3000:]  # stopped mid-sweep
 
     resumed = kd("resume", "stopped", "--address", head.url, "--storage", where["storage"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -182,6 +168,13 @@ def test_stop_mid_sweep_then_resume_by_job(head: RayHead, where: dict[str, str],
     assert client.get_job_info("kd-tune-stopped-2").entrypoint.endswith(f"resume stopped --storage {where['storage']} --data-dir {FIXTURE_DATA}")
     logs = kd("logs", "stopped", "--follow", "--address", head.url, cwd=tmp_path)
     assert logs.returncode == 0, logs.stdout[-3000:] + logs.stderr[-3000:]
-    assert "sweep 'stopped': 4/4 grid points finished, 0 errored, 0 diverged (" in logs.stdout
-    check_record(where, "stopped", 4)
+    assert f"sweep 'stopped': {GRID_POINTS}/{GRID_POINTS} grid points finished, 0 errored, 0 diverged (" in logs.stdout
+    assert "job kd-tune-stopped-2 of sweep 'stopped' is SUCCEEDED" in logs.stderr
+    check_record(where, "stopped", GRID_POINTS)
+
+    listing = kd("jobs", "--address", head.url, cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("stopped "))
+    assert row[:5] == ["stopped", "kd-tune-stopped-2", "SUCCEEDED", "2", "4/4"]  # the newest of 2 jobs; 4 trials serve the 8 grid points
+    assert row[5] == where["tracking"]  # the sweep's own record names its store and experiment
     print(f"\nsubmit returned -> first epoch in storage: {first_epoch:.1f} s; kd-tune stop (CLI, until STOPPED): {took:.1f} s")

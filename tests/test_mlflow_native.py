@@ -1,29 +1,28 @@
 """What makes a sweep native in MLflow: the experiment's kind, each run's datasets and its MLflow model,
 each logged once, and `kd-tune ui` naming each sweep's runs page.
 
-One tiny real sweep (real Ray, real sqlite MLflow store) serves every integration test here: two
-label-noise levels (0 and 0.2) sharing one clean teacher, alpha 0.5, epochs 1 and 2 (one trial per
-level with epoch sharing): a teacher run and four student runs under the parent.
+One tiny real sweep (real Ray, real sqlite MLflow store; conftest.py's session-scoped ``native_sweep``,
+shared with test_mlflow_ui.py) serves every integration test here: two label-noise levels (0 and 0.2)
+sharing one clean teacher, alpha 0.5, epochs 1 and 2 (one trial per level with epoch sharing): a teacher
+run and four student runs under the parent.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow.pytorch
 import pytest
 import torch
-import yaml
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Run
 from mlflow.tracking import MlflowClient
 from ray import tune
 
 from kd_tune.cli import main, runs_page, ui_lines
-from kd_tune.config import SweepSpec, load_space
+from kd_tune.config import SweepSpec
 from kd_tune.data import DataSplit, flip_labels, normalize, prepare
 from kd_tune.errors import FlagError
 from kd_tune.mlflow_runs import (
@@ -39,48 +38,19 @@ from kd_tune.mlflow_runs import (
     sweep_experiments,
 )
 from kd_tune.models import build_model
-from kd_tune.options import SweepOptions
 from kd_tune.record import sweep_path
 from kd_tune.storage import resolve_storage
-from kd_tune.sweep import run_sweep
 from kd_tune.tracking import MlflowTrackingCallback
 
-from .conftest import FIXTURE_DATA, tiny_space
+from .conftest import FIXTURE_DATA, NATIVE_SWEEP, Swept
 
-SWEEP = "native"
-
-
-@dataclass(frozen=True)
-class Swept:
-    client: MlflowClient
-    uri: str
-    experiment_id: str
-    spec: SweepSpec
-    storage: str
-    runs: dict[str, list[Run]]  # by kd_tune.role
-
-    def children(self) -> list[Run]:
-        return self.runs["student"]
+SWEEP = NATIVE_SWEEP
 
 
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swept]:
-    tmp = tmp_path_factory.mktemp("native")
-    space = tiny_space(name=SWEEP, teacher={"widths": [8, 16], "epochs": 1, "lr": 0.003, "batch_size": 64, "clean": True},
-                       grid={"alpha": [0.5], "temperature": [3.0], "epochs": [1, 2], "seed": [0], "label_noise": [0.0, 0.2]})
-    (tmp / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)  # MLflow's default artifact root (./mlruns) lands here
-        outcome = run_sweep(tmp / "space.yaml", SweepOptions(storage=str(tmp / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True),
-                            log=lambda s: None)
-    assert outcome.ok and outcome.total == 4
-    client = MlflowClient(uri)
-    runs: dict[str, list[Run]] = {}
-    for run in client.search_runs([outcome.experiment_id], max_results=100):
-        runs.setdefault(run.data.tags[TAG_ROLE], []).append(run)
-    assert {k: len(v) for k, v in runs.items()} == {"sweep": 1, "teacher": 1, "student": 4}
-    yield Swept(client, uri, outcome.experiment_id, load_space(tmp / "space.yaml"), str(tmp / "store"), runs)
+@pytest.fixture
+def swept(native_sweep: Swept) -> Swept:
+    """The session's shared sweep (conftest.py), which test_mlflow_ui.py's tests inspect too."""
+    return native_sweep
 
 
 def _contexts(run: Run) -> dict[str, tuple[str, str]]:

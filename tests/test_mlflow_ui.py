@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
@@ -30,17 +29,15 @@ from kd_tune.mlflow_runs import (
     using_tracking_uri,
 )
 from kd_tune.models import build_model
-from kd_tune.options import SweepOptions
-from kd_tune.sweep import run_sweep
 
-from .conftest import FIXTURE_DATA, REPO, tiny_space
+from .conftest import FIXTURE_DATA, NATIVE_SWEEP, REPO, Swept
 from .servers import MlflowServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (.ci/run installs it); Playwright's own download is not used
 SCREENSHOT = REPO / "docs" / "mlflow_runs_page.png"
-SWEEP = "ui-check"
+SWEEP = NATIVE_SWEEP
 # Columns of MLflow's runs table (an ag-grid): each cell carries its column's id.
 DATASET_CELL = '[col-id="attributes.`Dataset`"]'
 MODELS_CELL = '[col-id="attributes.`Models`"]'
@@ -49,19 +46,12 @@ RUN_NAMES = '.ag-pinned-left-cols-container .ag-row [col-id="attributes.`Run Nam
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """One trial serving two grid points (alpha 0.5 at 1 and 2 epochs): a teacher run and two student
-    runs under the sweep's parent, in the sqlite store `kd-tune ui` then serves."""
-    tmp = tmp_path_factory.mktemp("mlflow_ui")
-    space = tiny_space(name=SWEEP, grid={"alpha": [0.5], "temperature": [3.0], "epochs": [1, 2], "seed": [0]})
-    (tmp / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)  # MLflow's default artifact root (./mlruns) lands here
-        outcome = run_sweep(tmp / "space.yaml", SweepOptions(storage=str(tmp / "store"), data_dir=str(FIXTURE_DATA),
-                                                             tracking_uri=f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}", quiet=True),
-                            log=lambda s: None)
-    assert outcome.ok and outcome.total == 2
-    with MlflowServer(tmp / "mlflow", sweep=SWEEP) as srv:
+def server(native_sweep: Swept) -> Iterator[MlflowServer]:
+    """`kd-tune ui NAME` serving the session's shared sweep (conftest.py, inspected by test_mlflow_native.py
+    too): two label-noise levels sharing one clean teacher, alpha 0.5 at 1 and 2 epochs: a teacher run and
+    four student runs under the sweep's parent, in the sqlite store the server serves."""
+    with MlflowServer(native_sweep.folder, sweep=SWEEP) as srv:
+        assert srv.store == native_sweep.uri
         yield srv
 
 
@@ -86,24 +76,26 @@ def test_sweep_opens_on_its_runs_page_with_datasets_and_models(server: MlflowSer
             # Expand the sweep's row, as a user does, to list its runs.
             expect(page.locator(RUN_NAMES).first).to_contain_text(SWEEP)
             page.locator(RUN_NAMES).first.locator("button").click()
-            expect(page.locator(ROWS)).to_have_count(4)
+            expect(page.locator(ROWS)).to_have_count(6)  # the parent, the teacher, four students
             links = page.locator(RUN_NAMES).locator('a[href*="/runs/"]')
             runs = {href.rsplit("/", 1)[-1]: name.strip() for href, name in zip(links.evaluate_all("els => els.map(e => e.getAttribute('href'))"),
                                                                                   links.all_inner_texts(), strict=True)}
-            assert sorted(runs.values()) == sorted([SWEEP, "a0.5-T3-e1-s0", "a0.5-T3-e2-s0", "teacher"])
+            assert sorted(runs.values()) == sorted([SWEEP, "a0.5-T3-e1-s0", "a0.5-T3-e2-s0", "a0.5-T3-e1-s0-n0.2", "a0.5-T3-e2-s0-n0.2",
+                                                    "teacher"])
             for run_id, name in runs.items():
                 if name == SWEEP:
                     continue
                 row = page.locator(f'{ROWS}[row-id="{run_id}"]')
                 datasets = row.locator(DATASET_CELL).get_by_test_id("open-dataset-drawer")
                 expect(datasets).to_have_count(3)  # mnist-train, mnist-val, mnist-test
-                expect(datasets.first).to_contain_text("mnist-train (")
+                expect(datasets.first).to_contain_text("mnist-train-n0.2 (" if name.endswith("-n0.2") else "mnist-train (")
                 expect(row.locator(DATASET_CELL)).to_contain_text("training")
                 link = row.locator(MODELS_CELL).locator('a[href*="/models/m-"]')
                 expect(link).to_have_text("teacher" if name == "teacher" else "student")
-            # The parent row names the sweep's datasets too (its model inputs are not in MLflow's search results).
+            # The parent row names the sweep's datasets too (its model inputs are not in MLflow's search results):
+            # both training sets (clean and noisy labels), validation and test.
             parent = next(run_id for run_id, name in runs.items() if name == SWEEP)
-            expect(page.locator(f'{ROWS}[row-id="{parent}"] {DATASET_CELL}').get_by_test_id("open-dataset-drawer")).to_have_count(3)
+            expect(page.locator(f'{ROWS}[row-id="{parent}"] {DATASET_CELL}').get_by_test_id("open-dataset-drawer")).to_have_count(4)
             close = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
             if close.count():
                 close.click()  # the assistant panel MLflow opens on a first visit: out of the screenshot's way

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from kd_tune import data
-from kd_tune.config import load_space
+from kd_tune.config import load_space, load_space_text
 from kd_tune.models import build_model
 from kd_tune.storage import resolve_storage
-from kd_tune.teacher import TeacherCache, teacher_key
+from kd_tune.teacher import CACHE_FOLDER, TeacherCache, teacher_key, train_teacher
 from kd_tune.tracking import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 from kd_tune.train import TensorData, make_optimizer, train
 
@@ -43,12 +46,32 @@ SPACE = tiny_space(
 SINGLE = {**SPACE, "grid": {"alpha": [0.0, 0.5, 1.0], "epochs": [EPOCHS]}}
 
 
-class Sweep:
-    """Drives the real CLI in a subprocess, in its own folder (MLflow's default store is there)."""
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The teacher every sweep here distils from (SPACE and SINGLE share its dataset and spec), trained once in
+    this process and cached as a sweep caches it (kd_tune.teacher): each test's storage starts with a copy of
+    this cache folder, so its sweep loads the teacher from the cache instead of first training it in a Ray task.
+    (Training the teacher inside a sweep is test_sweep.py's, test_jobs.py's and test_cluster.py's.)"""
+    root = tmp_path_factory.mktemp("teachers")
+    spec, single = (load_space_text(yaml.safe_dump(s), "space") for s in (SPACE, SINGLE))
+    assert (spec.dataset, spec.teacher) == (single.dataset, single.teacher)
+    split = data.prepare("mnist", spec.dataset.train_size, 0.0, spec.dataset.seed, FIXTURE_DATA, val_size=spec.dataset.val_size)
+    (member,) = spec.teacher.members()
+    teacher = train_teacher(split, member, teacher_key(spec.dataset, member, split), log=lambda s: None)
+    TeacherCache(resolve_storage(str(root / "store"))).save(teacher, {"dataset": asdict(spec.dataset), "teacher": asdict(member)})
+    return root / "store" / CACHE_FOLDER
 
-    def __init__(self, folder: Path, space: Path) -> None:
+
+class Sweep:
+    """Drives the real CLI in a subprocess, in its own folder (MLflow's default store is there).
+
+    ``teachers``: a teacher cache folder to start the storage with (the module's ``teachers`` fixture)."""
+
+    def __init__(self, folder: Path, space: Path, teachers: Path | None = None) -> None:
         self.folder, self.space = folder, space
         self.storage = folder / "store"
+        if teachers is not None:
+            shutil.copytree(teachers, self.storage / CACHE_FOLDER)
         self.dir = self.storage / "study"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_TUNE_DATA_DIR": str(FIXTURE_DATA), "KD_TUNE_STORAGE": str(self.storage)}
         self.env.pop("MLFLOW_TRACKING_URI", None)
@@ -126,19 +149,23 @@ def finished(p: dict[str, list[int]]) -> int:
 
 
 def reference_metrics(sweep: Sweep) -> dict[str, dict[str, float]]:
-    """Each trial trained without Ray, uninterrupted, in this process (1 thread, like a 1-CPU trial)."""
+    """Each trial trained without Ray, uninterrupted, in this process (1 thread, like a 1-CPU trial): once to its
+    largest milestone, each grid point's numbers read at its own epoch (exact: epoch e depends on (seed, e) alone,
+    which test_sweep.py's test_epoch_sharing_gives_the_same_runs_as_separate_trials checks against separate trials)."""
     spec = load_space(sweep.space)
     split = data.prepare("mnist", spec.dataset.train_size, 0.0, 0, FIXTURE_DATA, val_size=spec.dataset.val_size)
     teacher = TeacherCache(resolve_storage(str(sweep.storage))).load(teacher_key(spec.dataset, spec.teacher, split))
     assert teacher is not None
     torch.set_num_threads(1)
     out = {}
-    for point in spec.grid_points():  # each grid point on its own: no epoch sharing here
-        d = TensorData.from_split(split, "cpu", teacher.train_logits if point.role == "student" else None, teacher.test_logits)
-        model = build_model(spec.student.widths, split.info.shape, 10, point.seed)
-        h = train(model, make_optimizer(model, spec.student.lr), d, epochs=point.epochs, batch_size=spec.student.batch_size,
-                  seed=point.seed, alpha=point.alpha, temperature=point.temperature or 1.0)
-        out[point.label] = h[-1].as_dict()
+    for trial in spec.trials():
+        d = TensorData.from_split(split, "cpu", teacher.train_logits if trial.role == "student" else None, teacher.test_logits)
+        model = build_model(spec.student.widths, split.info.shape, 10, trial.seed)
+        h = train(model, make_optimizer(model, spec.student.lr), d, epochs=max(trial.milestones), batch_size=spec.student.batch_size,
+                  seed=trial.seed, alpha=trial.alpha, temperature=trial.temperature or 1.0)
+        for epochs in trial.milestones:
+            out[trial.at(epochs).label] = h[epochs - 1].as_dict()
+    assert sorted(out) == sorted(p.label for p in spec.grid_points())  # every grid point, none twice
     return out
 
 
@@ -162,8 +189,8 @@ def check_record(sweep: Sweep, untouched: dict[str, float], grid_points: int) ->
             assert r.info.end_time == untouched[r.info.run_id]  # finished before a kill: left alone
 
 
-def test_kills_at_several_moments_then_resume(write_space: Callable[..., Path], tmp_path: Path) -> None:
-    sweep = Sweep(tmp_path, write_space(SPACE))
+def test_kills_at_several_moments_then_resume(write_space: Callable[..., Path], tmp_path: Path, teachers: Path) -> None:
+    sweep = Sweep(tmp_path, write_space(SPACE), teachers)
     untouched: dict[str, float] = {}
     recomputed: list[str] = []
 
@@ -213,8 +240,8 @@ def test_kills_at_several_moments_then_resume(write_space: Callable[..., Path], 
             assert r.data.metrics[metric] == pytest.approx(ref[r.info.run_name][metric], rel=1e-6, abs=1e-7), (r.info.run_name, metric)
 
 
-def test_sigint_then_resume(write_space: Callable[..., Path], tmp_path: Path) -> None:
-    sweep = Sweep(tmp_path, write_space(SPACE))
+def test_sigint_then_resume(write_space: Callable[..., Path], tmp_path: Path, teachers: Path) -> None:
+    sweep = Sweep(tmp_path, write_space(SPACE), teachers)
     proc = sweep.start("sweep", str(sweep.space))
     sweep.wait_until(proc, lambda p, base: finished(p) >= 1 and finished(p) < 4)
     os.kill(proc.pid, signal.SIGINT)  # Ctrl+C: Tune saves its state and stops the trials
@@ -231,9 +258,9 @@ def test_sigint_then_resume(write_space: Callable[..., Path], tmp_path: Path) ->
     check_record(sweep, {}, 8)
 
 
-def test_trial_faults_retry_then_error(write_space: Callable[..., Path], tmp_path: Path) -> None:
+def test_trial_faults_retry_then_error(write_space: Callable[..., Path], tmp_path: Path, teachers: Path) -> None:
     space = {**SINGLE, "student": {"widths": [4, 8], "lr": 0.003, "batch_size": 64}, "max_failures": 1}
-    sweep = Sweep(tmp_path, write_space(space))
+    sweep = Sweep(tmp_path, write_space(space), teachers)
     faults = "a0.5-T3-e5-s0:once,a0-T3-e5-s0:always,scratch-e5-s0:nan"
     res = sweep.run("sweep", str(sweep.space), env={"KD_TUNE_TEST_FAULT": faults})
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]

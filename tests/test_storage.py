@@ -135,8 +135,23 @@ def test_teacher_cache_and_checkpoints_on_storage(storage: Storage) -> None:
     assert newest_persisted(storage, "sweep/none") is None
 
 
+@pytest.fixture
+def ray_with_s3_credentials(s3: S3Server) -> Iterator[None]:
+    """One real embedded Ray (as ``run_sweep`` starts it, the test S3 server's credentials in its workers'
+    environment) for a sweep and its resume, instead of one each."""
+    import ray
+
+    from kd_tune.cluster import connect_ray
+
+    assert connect_ray(None)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.integration
-def test_sweep_on_s3_storage_then_resume(s3: S3Server, write_space: Callable[..., Path], tmp_path: Path) -> None:
+def test_sweep_on_s3_storage_then_resume(s3: S3Server, ray_with_s3_credentials: None, write_space: Callable[..., Path], tmp_path: Path) -> None:
     """Ray Tune's state and checkpoints, the teacher cache and the sweep record all in the bucket."""
     uri = s3.uri("sweeps")
     opts = SweepOptions(storage=uri, data_dir=str(FIXTURE_DATA), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", quiet=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,22 @@ from .conftest import FIXTURE_DATA, tiny_space
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def shared_ray() -> Iterator[None]:
+    """One real embedded Ray (as ``run_sweep`` starts it) for this module's in-process sweeps: each joins it
+    instead of starting and stopping its own, and later sweeps find its workers already up. Sweeps that
+    must start their own Ray (the CLI's, in a subprocess) still do."""
+    import ray
+
+    from kd_tune.cluster import connect_ray
+
+    assert connect_ray(None)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def _runs_by_role(client: MlflowClient, experiment: str) -> dict[str, list]:
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None
@@ -31,7 +47,7 @@ def _runs_by_role(client: MlflowClient, experiment: str) -> dict[str, list]:
     return out
 
 
-def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., Path], tmp_path: Path) -> None:
+def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
     storage = tmp_path / "store"
     space = write_space(tiny_space())  # alpha {0, 1} x epochs {1, 2}: 4 grid points, 2 trials (epochs shared)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -96,7 +112,7 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
 
 
 def test_existing_sweep_name_is_refused(write_space: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+                                        capsys: pytest.CaptureFixture[str], shared_ray: None) -> None:
     monkeypatch.chdir(tmp_path)
     space = write_space(tiny_space(name="once", grid={"alpha": [0.0], "epochs": [1]}))
     args = ["sweep", str(space), "--storage", str(tmp_path / "store"), "--data-dir", str(FIXTURE_DATA), "--quiet"]
@@ -107,7 +123,7 @@ def test_existing_sweep_name_is_refused(write_space: Callable[..., Path], tmp_pa
     assert "a sweep named 'once' already exists" in err
 
 
-def test_epoch_sharing_gives_the_same_runs_as_separate_trials(write_space: Callable[..., Path], tmp_path: Path) -> None:
+def test_epoch_sharing_gives_the_same_runs_as_separate_trials(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
     """One trial trained to 3 epochs reporting at 1 and 3 == two trials of 1 and 3 epochs (CPU, same seed)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = tiny_space(grid={"alpha": [0.5], "epochs": [1, 3]}, baselines=["scratch"])
@@ -132,7 +148,7 @@ def test_epoch_sharing_gives_the_same_runs_as_separate_trials(write_space: Calla
     assert metrics["shared"] == metrics["separate"]
 
 
-def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Path], tmp_path: Path) -> None:
+def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
     import torch
 
     from kd_tune import data
@@ -158,7 +174,7 @@ def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Pat
     assert sorted(r.data.params["teacher.seed"] for r in runs["teacher"]) == ["0", "1"]
 
 
-def test_label_noise_axis_with_noisy_and_clean_teachers(write_space: Callable[..., Path], tmp_path: Path) -> None:
+def test_label_noise_axis_with_noisy_and_clean_teachers(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
     from kd_tune import data
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
