@@ -148,15 +148,7 @@ def pack_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
     faults = FaultHook.for_trial(trial_label(config), bundle.storage, trial_dir)
     poisoned = [k for k, p in enumerate(points) if FaultHook.for_trial(p.label, bundle.storage, trial_dir).mode == "nan"]
 
-    # One row of labels and teacher logits per label-noise level among the members.
-    levels = sorted({p.label_noise for p in points})
-    row = {n: i for i, n in enumerate(levels)}
-    base = faults.data(TensorData.from_split(bundle.split, device))
-    data = PackData(base.train_x, torch.stack([bundle.labels[n] for n in levels]).to(device), base.test_x, base.test_y,
-                    torch.stack([bundle.teacher_train_logits[n] for n in levels]).to(device),
-                    torch.stack([bundle.teacher_test_logits[n] for n in levels]).to(device), base.val_x, base.val_y)
-    members = [Member(seed=p.seed, epochs=p.epochs, alpha=p.alpha, temperature=p.temperature or 1.0, labels=row[p.label_noise],
-                      teacher=row[p.label_noise] if p.role == "student" else None, teacher_test=row[p.label_noise]) for p in points]
+    data, members = pack_inputs(bundle, points, faults.data(TensorData.from_split(bundle.split, device)))
     widths, shape, classes = bundle.student.widths, bundle.split.info.shape, bundle.split.info.num_classes
     model_args = {"widths": list(widths), "in_shape": list(shape), "num_classes": classes}
 
@@ -207,3 +199,17 @@ def pack_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
 
     train_pack(model, optimizer, data, members, batch_size=bundle.student.batch_size, start_epoch=start, exclude=exclude,
                on_epoch=on_epoch, on_diverged=on_diverged, on_epoch_end=on_epoch_end)
+
+
+def pack_inputs(bundle: TrialBundle, points: list[TrialPoint], base: TensorData) -> tuple[PackData, list[Member]]:
+    """A pack's data on ``base``'s device (one row of labels and teacher logits per label-noise level among the
+    members) and its members, as :func:`kd_trainable` would train each point alone."""
+    device = base.train_x.device
+    levels = sorted({p.label_noise for p in points})
+    row = {n: i for i, n in enumerate(levels)}
+    data = PackData(base.train_x, torch.stack([bundle.labels[n] for n in levels]).to(device), base.test_x, base.test_y,
+                    torch.stack([bundle.teacher_train_logits[n] for n in levels]).to(device),
+                    torch.stack([bundle.teacher_test_logits[n] for n in levels]).to(device), base.val_x, base.val_y)
+    members = [Member(seed=p.seed, epochs=p.epochs, alpha=p.alpha, temperature=p.temperature or 1.0, labels=row[p.label_noise],
+                      teacher=row[p.label_noise] if p.role == "student" else None, teacher_test=row[p.label_noise]) for p in points]
+    return data, members

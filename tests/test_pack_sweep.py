@@ -159,3 +159,76 @@ def test_packed_sweep_records_what_an_unpacked_sweep_records(write_space: Callab
             assert want["artifacts"] == ["confusion_matrix.json", "model", "model/student.pt"]
         else:
             assert want["diverged"] == "true" and want["error"] == "training diverged at epoch 1: loss = nan"
+
+
+def _pack_reference(sweep: Any, pack: int) -> dict[str, dict[str, float]]:
+    """Each pack trained uninterrupted, without Ray, in this process (1 thread, as a 1-CPU trial): the last
+    epoch's metrics per member grid point, keyed by run name."""
+    import torch
+
+    from kd_tune import data
+    from kd_tune.config import load_space
+    from kd_tune.packed import build_pack, train_pack
+    from kd_tune.storage import resolve_storage
+    from kd_tune.teacher import TeacherCache, teacher_key
+    from kd_tune.train import TensorData, make_optimizer
+    from kd_tune.trainable import TrialBundle, pack_inputs
+
+    spec = apply_overrides(load_space(sweep.space), SweepOptions(pack=pack))
+    split = data.prepare("mnist", spec.dataset.train_size, 0.0, 0, FIXTURE_DATA, val_size=spec.dataset.val_size, log=lambda s: None)
+    storage = resolve_storage(str(sweep.storage))
+    teacher = TeacherCache(storage).load(teacher_key(spec.dataset, spec.teacher, split))
+    assert teacher is not None
+    bundle = TrialBundle(split, spec.student, {0.0: split.train_y}, {0.0: teacher.train_logits}, {0.0: teacher.test_logits}, storage, "ref")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for points in spec.packs():
+            d, members = pack_inputs(bundle, list(points), TensorData.from_split(split, "cpu"))
+            model = build_pack(spec.student.widths, split.info.shape, 10, [m.seed for m in members])
+            result = train_pack(model, make_optimizer(model, spec.student.lr), d, members, batch_size=spec.student.batch_size)
+            for p, h in zip(points, result.history, strict=True):
+                for m in p.milestones:
+                    out[p.at(m).label] = h[m - 1].as_dict()
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_packed_sweep_killed_then_resumed(write_space: Callable[..., Path], tmp_path: Path) -> None:
+    """tests/test_resume.py's sweep (8 grid points, 4 epoch-shared trials of 3 + 5 epochs) in 2 packs of 2, SIGKILLed
+    between a pack's two milestones, then resumed: one run per grid point, every step once, nothing recomputed
+    beyond the epoch in progress, the same numbers as the packs trained uninterrupted."""
+    from .test_resume import EPOCHS, SPACE, Sweep, check_record, kill_tree
+
+    sweep = Sweep(tmp_path, write_space(SPACE))
+    proc = sweep.start("sweep", str(sweep.space), "--pack", "2")
+    sweep.wait_until(proc, lambda p, base: any(3 <= max(e, default=0) < EPOCHS for e in p.values()))
+    kill_tree(proc)
+    killed_at = sweep.progress()
+    assert len(killed_at) <= 2 and all(label.startswith("pack2-") for label in killed_at), killed_at
+    untouched = {r.info.run_id: r.info.end_time for r in sweep.child_runs() if r.info.status == "FINISHED"}
+    assert untouched  # the 3-epoch runs of a pack that passed epoch 3
+    st = sweep.run("status", "study")
+    assert st.returncode == 0 and "driver not running" in st.stdout and "to continue: kd-tune resume study" in st.stdout
+    assert "a0.5-T3-e3+5-s0" in st.stdout and "scratch-e3+5-s0" in st.stdout  # a row per member, not per pack
+
+    done = sweep.run("resume", "study")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "8/8 grid points finished" in done.stdout
+    check_record(sweep, untouched, 8)
+    final = sweep.progress()
+    assert len(final) == 2
+    for label, epochs in final.items():
+        assert sorted(set(epochs)) == list(range(1, EPOCHS + 1)) and len(epochs) - len(set(epochs)) <= 1, (label, epochs)
+    st = sweep.run("status", "study")
+    assert "4 finished" in st.stdout, st.stdout
+
+    ref = _pack_reference(sweep, 2)
+    for r in sweep.child_runs():
+        for metric in ("test_acc", "test_loss", "train_loss"):
+            assert r.data.metrics[metric] == pytest.approx(ref[r.info.run_name][metric], rel=1e-6, abs=1e-7), (r.info.run_name, metric)
+    print(f"\nkilled at {killed_at}; final {final}")
