@@ -10,8 +10,9 @@ its model without the search space that made it. Everything is read with ``weigh
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -30,6 +31,48 @@ def save_checkpoint(folder: Path, model: SeedCNN, optimizer: torch.optim.Optimiz
     tmp = folder / f".{STATE_FILE}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, folder / STATE_FILE)
+
+
+def save_pack_checkpoint(folder: Path, epoch: int, members: dict[str, dict[str, Any]], optimizer: torch.optim.Optimizer) -> None:
+    """A pack's checkpoint, one file written atomically like :func:`save_checkpoint`'s: the pack's epoch, its
+    optimizer (over the packed parameters) and per member label an ordinary student checkpoint state
+    (``model``, ``model_args``, ``epoch``, ``history``, ``confusion``; a diverged member also ``diverged``:
+    its epoch and loss), so that a member's entry is what :func:`model_from_state` and the tracking read."""
+    state = {"epoch": int(epoch), "pack": True, "optimizer": optimizer.state_dict(), "members": members}
+    tmp = folder / f".{STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def is_pack_state(state: Mapping[str, Any] | None) -> TypeGuard[Mapping[str, Any]]:
+    """Whether a checkpoint state is a pack's (:func:`save_pack_checkpoint`)."""
+    return state is not None and "members" in state
+
+
+def pack_results(state: Mapping[str, Any], after: int = 0) -> list[dict[str, Any]]:
+    """The per-epoch results a pack reported up to its checkpoint ``state`` (after epoch ``after``), rebuilt
+    from its members' histories: ``{"epoch", "members": {label: metrics}, "diverged_members"}``, a member
+    that diverged at that epoch as ``{"epoch", "diverged": 1.0, "diverged_loss"}``."""
+    out = []
+    members: Mapping[str, Mapping[str, Any]] = state["members"]
+    for epoch in range(after + 1, int(state["epoch"]) + 1):
+        now: dict[str, dict[str, Any]] = {}
+        for label, m in members.items():
+            for h in m["history"]:
+                if int(h["epoch"]) == epoch:
+                    now[label] = dict(h)
+            d = m.get("diverged")
+            if d and int(d["epoch"]) == epoch:
+                now[label] = diverged_result(epoch, d["loss"])
+        if now:
+            gone = sorted(label for label, m in members.items() if m.get("diverged") and int(m["diverged"]["epoch"]) <= epoch)
+            out.append({"epoch": epoch, "members": now, "diverged_members": ",".join(gone)})
+    return out
+
+
+def diverged_result(epoch: int, loss: float) -> dict[str, Any]:
+    """A member's result at the epoch its loss went NaN or infinite."""
+    return {"epoch": epoch, "diverged": 1.0, "diverged_loss": float(loss)}
 
 
 def read_checkpoint(folder: Path) -> dict[str, Any] | None:

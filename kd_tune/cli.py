@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kd_tune.errors import FlagError, KdTuneError, TrackingUnavailableError, UsageError
-from kd_tune.options import STORAGE_HELP, ResumeOptions, SubmitOptions, SweepOptions
+from kd_tune.options import STORAGE_HELP, ResumeOptions, SubmitOptions, SweepOptions, apply_overrides
 
 if TYPE_CHECKING:
     from kd_tune.results import SweepOutcome
@@ -179,8 +179,8 @@ def report(name: str, out: str | None, tracking_uri: str | None, storage: str | 
     return 0
 
 
-def plan(space: Path, share_epochs: bool | None) -> int:
-    """Validate a search space and print its trials and their cost in student epochs (nothing runs)."""
+def plan(space: Path, share_epochs: bool | None, pack: int | None = None) -> int:
+    """Validate a search space and print its trials (or packs) and their cost in student epochs (nothing runs)."""
     from dataclasses import replace
 
     from kd_tune.config import load_space
@@ -188,6 +188,8 @@ def plan(space: Path, share_epochs: bool | None) -> int:
     spec = load_space(space)
     if share_epochs is not None:
         spec = replace(spec, share_epochs=share_epochs)
+    if pack is not None:
+        spec = apply_overrides(spec, SweepOptions(pack=pack))
     shared, separate = replace(spec, share_epochs=True), replace(spec, share_epochs=False)
     if spec.is_search:
         from kd_tune.search import describe  # imports Ray Tune: only for a search
@@ -196,10 +198,17 @@ def plan(space: Path, share_epochs: bool | None) -> int:
               f"{f', plus {len(spec.trials())} baseline trials' if spec.trials() else ''}")
         print("\n".join(describe(spec)))
     else:
-        print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {len(spec.trials())} trials "
+        trials = f"{len(spec.packs())} packed trials of up to {spec.resources.pack} students" if spec.packed else f"{len(spec.trials())} trials"
+        print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {trials} "
               f"(epoch sharing {'on' if spec.share_epochs else 'off'})")
-    for t in spec.trials():
-        print(f"  {t.label:<32} trains {t.epochs} epochs, reports {', '.join(map(str, t.milestones))}")
+    if spec.packed:
+        packs = spec.packs()
+        print(f"{len(spec.trials())} students in {len(packs)} packs (resources.pack / --pack), each pack one trial and one model:")
+        for i, members in enumerate(packs, 1):
+            print(f"  pack {i}: {len(members)} students, trains {members[0].epochs} epochs: {', '.join(t.label for t in members)}")
+    else:
+        for t in spec.trials():
+            print(f"  {t.label:<32} trains {t.epochs} epochs, reports {', '.join(map(str, t.milestones))}")
     saved = separate.student_epochs() - shared.student_epochs()
     if spec.is_search:
         print(f"student epochs: at most {spec.student_epochs()} ({spec.search.num_samples} x {max(spec.grid.epochs)} for the search"
@@ -344,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="validate a search space and show its trials and cost", description=plan.__doc__)
     p.add_argument("space", type=Path, help="search-space YAML")
     p.add_argument("--no-share-epochs", dest="share", action="store_false", default=None, help="plan without epoch sharing")
+    p.add_argument("--pack", type=int, default=None, metavar="PACK", help=SweepOptions.__dataclass_fields__["pack"].metadata["help"])
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p.set_defaults(run=lambda a: plan(a.space, a.share))
+    p.set_defaults(run=lambda a: plan(a.space, a.share, a.pack))
 
     p = sub.add_parser("report", help="tables and figures of a sweep, from MLflow", description=report.__doc__)
     p.add_argument("name", help="the sweep's name")

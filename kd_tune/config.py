@@ -27,6 +27,7 @@ ALGORITHMS = ("grid", "random", "optuna")
 """How the students' alpha and T are chosen: every point of a grid, or sampled (uniformly / by Optuna's TPE)."""
 SCHEDULERS = ("asha",)
 METRICS = ("val_acc", "test_acc")
+MAX_PACK = 1024
 
 
 def is_valid_name(name: object) -> bool:
@@ -158,6 +159,10 @@ class ResourcesSpec:
 
     cpu: float = 1.0
     gpu: float = 0.0
+    pack: int = 1
+    """Grid points trained together as one packed model per trial (``kd_tune.packed``); 1 = one student per
+    trial. Packing pays where one student cannot keep the device busy (a GPU); on a CPU it does not
+    (benchmarks/RESULTS.md), hence the default 1. A search keeps one student per trial."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +277,30 @@ class SweepSpec:
             groups.setdefault((p.role, p.alpha, p.temperature, p.seed, p.label_noise), []).append(p.epochs)
         return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es)), n) for (r, a, t, s, n), es in groups.items()]
 
+    def packs(self) -> list[tuple[TrialPoint, ...]]:
+        """The Ray trials of a grid: the trials of :meth:`trials` in grid order, grouped into packs of up to
+        ``resources.pack`` members that train the same number of epochs (a pack trains its members for the same
+        epochs, each reporting its own milestones). With pack 1 (and for a search's baselines) one trial each."""
+        size = 1 if self.is_search else self.resources.pack
+        groups: dict[int, list[TrialPoint]] = {}
+        for t in self.trials():
+            groups.setdefault(t.epochs, []).append(t)
+        out: list[tuple[TrialPoint, ...]] = []
+        for members in groups.values():
+            out += [tuple(members[i : i + size]) for i in range(0, len(members), size)]
+        return out
+
+    @property
+    def packed(self) -> bool:
+        """Whether the trials are packs (config ``{"pack": [...]}``) rather than single points (``{"point": ...}``)."""
+        return self.resources.pack > 1 and not self.is_search
+
+    def tune_configs(self) -> list[dict[str, Any]]:
+        """The Tune configs of the grid's trials: ``{"point": ...}`` each without packing (as always), else ``{"pack": [...]}``."""
+        if not self.packed:
+            return [{"point": p.as_config()} for p in self.trials()]
+        return [pack_config(members) for members in self.packs()]
+
     def student_epochs(self) -> int:
         """Student epochs the sweep trains (the cost that epoch sharing cuts); for a search, at most
         (every search trial trained to the largest epochs value: early stopping only lowers it)."""
@@ -288,10 +317,35 @@ class SweepSpec:
         sections = ["dataset", "teacher", "student", "resources"] + (["search"] if self.is_search else [])
         for section in sections:
             for k, v in asdict(getattr(self, section)).items():
+                if (section, k) == ("resources", "pack"):
+                    continue  # how grid points are grouped into trials: the same grid point, packed or not, has the same params
                 out[f"{section}.{k}"] = list(v) if isinstance(v, tuple) else v
         if self.scheduler is not None:
             out |= {f"scheduler.{k}": v for k, v in asdict(self.scheduler).items()}
         return out
+
+
+def pack_config(members: tuple[TrialPoint, ...] | list[TrialPoint]) -> dict[str, Any]:
+    """A pack trial's Tune config."""
+    return {"pack": [p.as_config() for p in members]}
+
+
+def is_pack(config: Mapping[str, Any]) -> bool:
+    """Whether a Tune trial config is a pack's (else one point's)."""
+    return "pack" in config
+
+
+def trial_points(config: Mapping[str, Any]) -> list[TrialPoint]:
+    """The trials a Tune config trains: its pack's members, or its one point."""
+    if is_pack(config):
+        return [TrialPoint.from_config(c) for c in config["pack"]]
+    return [TrialPoint.from_config(config)]
+
+
+def trial_label(config: Mapping[str, Any]) -> str:
+    """A Ray trial's name: the point's label, or for a pack ``pack<K>-<first member's label>`` (unique: a label is)."""
+    points = trial_points(config)
+    return f"pack{len(points)}-{points[0].label}" if is_pack(config) else points[0].label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,11 +501,15 @@ def parse_space(data: object, source: str) -> SweepSpec:
     if baselines_raw:
         baselines = r.items("baselines", baselines_raw, lambda k, v: r.choice(k, v, BASELINES))
 
-    res = r.section(top, "resources", ("cpu", "gpu"))
+    res = r.section(top, "resources", ("cpu", "gpu", "pack"))
     resources = ResourcesSpec(
         cpu=r.number("resources.cpu", res.get("cpu", 1.0), 0.0, 1024.0, lo_open=True),
         gpu=r.number("resources.gpu", res.get("gpu", 0.0), 0.0, 64.0),
+        pack=r.integer("resources.pack", res.get("pack", 1), 1, MAX_PACK),
     )
+    if resources.pack > 1 and search.is_search:
+        raise r.fail("resources.pack", resources.pack, f"1 with search.algorithm {search.algorithm} (packs serve a grid; "
+                                                       "a search trains one student per trial)")
     max_failures = r.integer("max_failures", top.get("max_failures", 1), 0, 100)
     share = top.get("share_epochs", True)
     if not isinstance(share, bool):

@@ -329,7 +329,7 @@ def submit_sweep(space: Path, opts: SubmitOptions) -> Submitted:
         raise UsageError(f"a sweep named {spec.name!r} already exists in {storage}; to continue it: {resume_hint(spec.name, server, storage)} "
                          "(or add --resume; or choose another --name)")
     argv = ["sweep", space.name, "--name", spec.name, "--storage", storage, "--tracking-uri", tracking,
-            *_flags(sweep_opts, ["data_dir", "cpus_per_trial", "gpus_per_trial", "max_failures", "quiet", "resume", "no_share_epochs"])]
+            *_flags(sweep_opts, ["data_dir", "cpus_per_trial", "gpus_per_trial", "max_failures", "quiet", "resume", "no_share_epochs", "pack"])]
     with tempfile.TemporaryDirectory(prefix="kd-tune-submit-") as folder:
         shutil.copyfile(space, Path(folder) / space.name)  # the working_dir holds the space file and nothing else
         job_id = server.submit(spec.name, argv, {META_STORAGE: storage, META_TRACKING: tracking, META_DATA_DIR: opts.data_dir or ""},

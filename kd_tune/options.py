@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from kd_tune.config import NAME_ALLOWED, SweepSpec, is_valid_name
+from kd_tune.config import MAX_PACK, NAME_ALLOWED, SweepSpec, is_valid_name
 from kd_tune.errors import FlagError
 
 
@@ -34,6 +34,9 @@ class SweepOptions:
     quiet: bool = field(default=False, metadata=_help("print only the final table"))
     resume: bool = field(default=False, metadata=_help("continue the sweep if one of this name exists (same as kd-tune resume)"))
     no_share_epochs: bool = field(default=False, metadata=_help("one trial per epochs value instead of one trial reporting each (share_epochs: false)"))
+    pack: int | None = field(default=None, metadata=_help(
+        "grid points trained together as one packed model per trial, overrides resources.pack (default 1: packing does not "
+        "pay on a CPU; --pack 64 is meant for a GPU); a search keeps one student per trial"))
     tracking_wait: float | None = field(default=None, metadata=_help(
         "seconds the sweep's end waits for MLflow writes held back while the tracking store is unreachable (default 120); "
         "what is still unsent then is safe in the checkpoints: kd-tune sync NAME sends it (exit status 3 says so)"))
@@ -82,6 +85,7 @@ class SubmitOptions:
     quiet: bool = field(default=False, metadata=_SWEEP["quiet"].metadata)
     resume: bool = field(default=False, metadata=_SWEEP["resume"].metadata)
     no_share_epochs: bool = field(default=False, metadata=_SWEEP["no_share_epochs"].metadata)
+    pack: int | None = field(default=None, metadata=_SWEEP["pack"].metadata)
     ship_code: bool = field(default=False, metadata=_help(
         "send this machine's kd_tune package with the job (Ray's py_modules) instead of running the kd-tune installed on the "
         "cluster; the cluster still needs kd-tune's dependencies (torch, ray[tune], mlflow)"))
@@ -115,5 +119,11 @@ def apply_overrides(spec: SweepSpec, opts: SweepOptions) -> SweepSpec:
         if not is_valid_name(opts.name):
             raise FlagError("--name", opts.name, NAME_ALLOWED)
         name = opts.name
+    if opts.pack is not None:
+        if isinstance(opts.pack, bool) or not isinstance(opts.pack, int) or not 1 <= opts.pack <= MAX_PACK:
+            raise FlagError("--pack", opts.pack, f"an integer in [1, {MAX_PACK}]")
+        if opts.pack > 1 and spec.is_search:
+            raise FlagError("--pack", opts.pack, "1 or none", f"search.algorithm is {spec.search.algorithm}: a search trains one student per trial")
+        res = replace(res, pack=opts.pack)
     share = spec.share_epochs and not opts.no_share_epochs
     return replace(spec, name=name, resources=res, max_failures=max_failures, share_epochs=share)

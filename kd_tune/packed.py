@@ -347,6 +347,7 @@ def train_pack(
     exclude: Collection[int] = (),
     on_epoch: Callable[[int, EpochMetrics, Evaluation], None] | None = None,
     on_diverged: Callable[[int, DivergedError], None] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> PackResult:
     """``kd_tune.train.train`` for K members at once, from the end of epoch ``start_epoch`` to the members' ``epochs``.
 
@@ -356,7 +357,8 @@ def train_pack(
     epoch-mean loss is NaN or infinite is reported once (``on_diverged`` and ``PackResult.diverged``)
     and then masked out; the others go on unaffected. ``exclude``: members masked out from the start
     (e.g. diverged before a resume). ``epoch_seconds`` is the pack's epoch wall time split evenly over
-    the members still training, so summing it over trials still gives the time spent.
+    the members still training, so summing it over trials still gives the time spent. ``on_epoch_end(epoch)``
+    comes after every member's ``on_epoch`` and ``on_diverged`` of that epoch (where a pack checkpoints).
     """
     epochs = _check(model, data, members)
     n, k = data.train_x.shape[0], len(members)
@@ -389,6 +391,8 @@ def train_pack(
             result.history[i].append(metrics)
             if on_epoch is not None:
                 on_epoch(i, metrics, ev)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
     return result
 
 

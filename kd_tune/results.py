@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from kd_tune.config import TrialPoint, load_space_text
+from kd_tune.config import TrialPoint, is_pack, load_space_text, trial_points
 from kd_tune.record import SPACE_FILE, live_driver, require_sweep, resume_command
 from kd_tune.storage import resolve_storage
 
@@ -67,7 +67,6 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
         r = result_grid[i]
         if not r.config:
             continue
-        point = TrialPoint.from_config(r.config)
         last = r.metrics or {}
         history = r.metrics_dataframe
         trial_id = str(last.get("trial_id", ""))
@@ -77,19 +76,24 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
             how = "resumed" if last.get("resumed_from") else "new"
         else:
             how = "resumed" if last.get("resumed_from") else "restarted"
-        stopped = None if r.error else point.stopped_at(last)  # a search trial the scheduler stopped: its last epoch's metrics
-        for milestone in point.milestones:
-            at: dict[str, Any] = {}
-            if history is not None and "epoch" in history and "test_acc" in history:
-                match = history[(history["epoch"] == (stopped or milestone)) & history["test_acc"].notna()]
-                if len(match):
-                    at = match.iloc[-1].to_dict()
-            status = ("stopped early" if stopped and at else "finished" if at else "errored" if r.error else
-                      "diverged" if last.get("diverged") else "unfinished")
-            rows.append({
-                **point.at(milestone).grid_config(), "status": status, "how": how,
-                "test_acc": at.get("test_acc"), "test_loss": at.get("test_loss"), "teacher_agreement": at.get("teacher_agreement"),
-            })
+        packed = is_pack(r.config)
+        for point in trial_points(r.config):
+            # A pack reports its members' metrics under members/<label>/ (Tune flattens the nested result).
+            col = f"members/{point.label}/" if packed else ""
+            diverged = (point.label in str(last.get("diverged_members", "")).split(",")) if packed else bool(last.get("diverged"))
+            stopped = None if r.error or packed else point.stopped_at(last)  # a search trial the scheduler stopped: its last epoch's metrics
+            for milestone in point.milestones:
+                at: dict[str, Any] = {}
+                if history is not None and f"{col}epoch" in history and f"{col}test_acc" in history:
+                    match = history[(history[f"{col}epoch"] == (stopped or milestone)) & history[f"{col}test_acc"].notna()]
+                    if len(match):
+                        at = {k.removeprefix(col): v for k, v in match.iloc[-1].to_dict().items()}
+                status = ("stopped early" if stopped and at else "finished" if at else "errored" if r.error else
+                          "diverged" if diverged else "unfinished")
+                rows.append({
+                    **point.at(milestone).grid_config(), "status": status, "how": how,
+                    "test_acc": at.get("test_acc"), "test_loss": at.get("test_loss"), "teacher_agreement": at.get("teacher_agreement"),
+                })
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     return df.sort_values(["role", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
 
@@ -130,6 +134,14 @@ class SweepStatus:
         return "\n".join(lines)
 
 
+def _member_epoch(last: dict[str, Any], label: str) -> int:
+    """A pack member's last epoch as its trial's last result tells it (a diverged member stopped earlier)."""
+    own = (last.get("members") or {}).get(label)
+    if own is not None:
+        return int(own.get("epoch", 0)) - (1 if own.get("diverged") else 0)
+    return 0 if label in str(last.get("diverged_members", "")).split(",") else int(last.get("epoch", 0))
+
+
 def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
     """Trials finished / running / pending / errored, read from the sweep's storage (no Ray needed).
 
@@ -144,8 +156,16 @@ def sweep_status(name: str, storage: str | None = None) -> SweepStatus:
              "ERROR": "errored", "PAUSED": "paused"}
     rows = []
     for t in tune.ExperimentAnalysis(path, storage_filesystem=root.ray_filesystem).trials:
-        point = TrialPoint.from_config(t.config)
         last = t.last_result or {}
+        if is_pack(t.config):  # a row per member, as the unpacked sweep's trial of that member would give
+            gone = str(last.get("diverged_members", "")).split(",")
+            for point in trial_points(t.config):
+                own = (last.get("members") or {}).get(point.label) or {}
+                status = "diverged" if point.label in gone else names.get(t.status, t.status.lower())
+                rows.append({"trial": point.label, "status": status, "epoch": f"{_member_epoch(last, point.label):d}/{point.epochs}",
+                             "test_acc": own.get("test_acc")})
+            continue
+        point = TrialPoint.from_config(t.config)
         status = "diverged" if last.get("diverged") else names.get(t.status, t.status.lower())
         if status == "finished" and point.stopped_at(last):
             status = "stopped early"

@@ -23,7 +23,7 @@ from ray.tune.experiment import Trial
 
 from kd_tune import search
 from kd_tune.cluster import check_local_fits, check_shared, connect_ray, teacher_cpus
-from kd_tune.config import SweepSpec, TrialPoint, load_space, load_space_text, space_to_yaml
+from kd_tune.config import SweepSpec, load_space, load_space_text, space_to_yaml, trial_label
 from kd_tune.data import DataSplit, flip_labels, prepare
 from kd_tune.errors import FlagError, UsageError
 from kd_tune.mlflow_runs import (
@@ -169,10 +169,11 @@ def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
         inputs = dataset_inputs(split, labels, data_dir)  # the runs' datasets for MLflow, fingerprinted once
         teachers = _get_teachers(spec, split, labels, storage, client, record, opts.quiet, log, inputs=inputs, data_dir=data_dir)
         trials, total = spec.trials(), spec.planned_rows()
-        n_trials = len(trials) + spec.search.num_samples
+        n_trials = len(spec.packs()) + spec.search.num_samples
         verb = f"resuming ({len(finished_before)} of {n_trials} trials finished before)" if finished_before or opts.resume else "starting"
         what = (f"{len(trials)} baseline trials + {spec.search.num_samples} {spec.search.algorithm} search trials (at most "
-                if spec.is_search else f"{len(trials)} trials for {total} grid points (")
+                if spec.is_search else f"{len(spec.packs())} packs of up to {spec.resources.pack} students ({len(trials)} epoch-shared students) "
+                f"for {total} grid points (" if spec.packed else f"{len(trials)} trials for {total} grid points (")
         log(f"sweep {spec.name!r}: {verb}; {what}{spec.student_epochs()} student epochs), "
             f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {storage.show(spec.name)}")
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
@@ -297,7 +298,9 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
     if spec.is_search:  # the baselines, then num_samples students sampled by Ray Tune (kd_tune.search)
         param_space, tune_config = search.param_space(spec), search.tune_config(spec, **names)
     else:
-        param_space, tune_config = {"point": tune.grid_search([p.as_config() for p in spec.trials()])}, tune.TuneConfig(**names)
+        configs = spec.tune_configs()  # {"point": ...} each, or with resources.pack > 1 {"pack": [...]} each
+        key = "pack" if spec.packed else "point"
+        param_space, tune_config = {key: tune.grid_search([c[key] for c in configs])}, tune.TuneConfig(**names)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -332,4 +335,4 @@ def progress_reporter() -> tune.ProgressReporter:
 
 
 def trial_name(trial: Trial) -> str:
-    return TrialPoint.from_config(trial.config).label
+    return trial_label(trial.config)

@@ -16,8 +16,8 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from kd_tune.checkpoint import persisted_states
-from kd_tune.config import SweepSpec, TrialPoint, load_space_text
+from kd_tune.checkpoint import is_pack_state, pack_results, persisted_states
+from kd_tune.config import SweepSpec, is_pack, load_space_text, trial_points
 from kd_tune.mlflow_runs import TAG_PARENT, check_tracking_store, configure_client_retries
 from kd_tune.record import (
     SPACE_FILE,
@@ -63,21 +63,24 @@ def replay(recorder: RunRecorder, storage: Storage, name: str, trials: Iterable[
     touched = steps = ended = 0
     for t in trials:
         tid, config = str(t.trial_id), dict(t.config)
-        point = TrialPoint.from_config(config)
+        points = trial_points(config)
         states = persisted_states(storage, f"{name}/{trial_dirname(t)}")
         last = t.last_result or {}
         if not states and t.status == "PENDING":
             continue  # never started: nothing to record yet
         touched += 1
         newest = states[max(states)] if states else None
-        for m in (newest or {}).get("history", []):
+        # A pack's checkpoint holds its members' histories (and divergences): the results it reported, rebuilt.
+        history = pack_results(newest) if is_pack_state(newest) else (newest or {}).get("history", [])
+        for m in history:
             steps += recorder.result(tid, config, m)
+        stopped = None if is_pack(config) else points[0].stopped_at(last)
         if last.get("diverged"):
             ended += recorder.diverged(tid, config, int(last.get("epoch", 0)), last.get("diverged_loss"))
-        elif t.status == "TERMINATED" and (stopped := point.stopped_at(last)) is not None:  # a search trial the scheduler stopped
+        elif t.status == "TERMINATED" and stopped is not None:  # a search trial the scheduler stopped
             ended += recorder.finish(tid, config, newest, stopped_at=stopped)
         elif t.status == "TERMINATED":
-            for milestone in point.milestones:  # each grid point with the model of its own epoch, where kept
+            for milestone in sorted({m for p in points for m in p.milestones}):  # each grid point with the model of its own epoch, where kept
                 ended += recorder.finish(tid, config, states.get(milestone), milestone=milestone)
         elif t.status == "ERROR":
             ended += recorder.fail(tid, config, error_summary(t))
@@ -124,7 +127,7 @@ def sync_sweep(name: str, storage: str | None = None, log: Log = print) -> SyncO
     try:
         replayed = replay(recorder_for(root, record, spec), root, name, trials)
         finished = sum(1 for t in trials if t.status == "TERMINATED")
-        planned = max(len(trials), len(spec.trials()) + spec.search.num_samples)  # a search suggests its trials as it goes
+        planned = max(len(trials), len(spec.packs()) + spec.search.num_samples)  # a search suggests its trials as it goes
         # Runs left RUNNING belong to trials cut short: KILLED, as a driver ending on Ctrl+C leaves them (a resume reopens them).
         open_runs = client.search_runs([record.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{record.parent_run_id}' "
                                        "and attributes.status = 'RUNNING'", max_results=10000)

@@ -36,8 +36,8 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.stopper import Stopper
 
-from kd_tune.checkpoint import read_checkpoint, save_model_file
-from kd_tune.config import TrialPoint
+from kd_tune.checkpoint import is_pack_state, read_checkpoint, save_model_file
+from kd_tune.config import TrialPoint, is_pack, trial_points
 from kd_tune.errors import first_line
 from kd_tune.mlflow_runs import (
     TAG_EPOCHS,
@@ -61,6 +61,7 @@ EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_ac
 CONFUSION_ARTIFACT = "confusion_matrix.json"
 TAG_STOPPED = "kd_tune.stopped_early"  # a search trial stopped by the scheduler (ASHA)
 TAG_STOPPED_AT = "kd_tune.stopped_at_epoch"  # the last epoch it trained
+TAG_LABEL = "kd_tune.trial"  # the trial's label (a pack trial: the member's), e.g. a0.5-T3-e1+2-s0
 RETRY_MAX_ENV = "KD_TUNE_TRACKING_RETRY_MAX_S"  # longest wait between retries while the store is away (default 30 s)
 __all__ = ["EPOCH_METRICS", "TAG_PARENT", "TAG_ROLE", "TAG_TRIAL", "MlflowTrackingCallback", "RunRecorder", "outbox_of"]
 
@@ -98,17 +99,35 @@ class RunRecorder:
         """Raises when the store cannot be reached."""
         self.client.search_experiments(max_results=1)
 
-    def run_id(self, tid: str, config: Mapping[str, Any], milestone: int) -> str:
-        """The child run of one grid point the trial serves: from memory, else found by tag, else created."""
-        key = f"{tid}:{milestone}"
+    @staticmethod
+    def _key(tid: str, member: str | None, milestone: int) -> str:
+        return f"{tid}:{milestone}" if member is None else f"{tid}:{member}:{milestone}"
+
+    @staticmethod
+    def _targets(config: Mapping[str, Any]) -> list[tuple[str | None, TrialPoint]]:
+        """(member label, point) of each grid point group the trial trains: a pack's members, or its one point (member None)."""
+        if is_pack(config):
+            return [(p.label, p) for p in trial_points(config)]
+        return [(None, TrialPoint.from_config(config))]
+
+    def run_id(self, tid: str, config: Mapping[str, Any], milestone: int, member: str | None = None) -> str:
+        """The child run of one grid point the trial serves: from memory, else found by tag, else created.
+        ``member``: the member's label in a pack trial."""
+        point = dict(self._targets(config))[member]
+        return self._run_id(tid, point, member, milestone)
+
+    def _run_id(self, tid: str, point: TrialPoint, member: str | None, milestone: int) -> str:
+        key = self._key(tid, member, milestone)
         if key in self._runs:
             return self._runs[key]
-        point = TrialPoint.from_config(config)
         params = {**self.static_params, **point.at(milestone).grid_config()}
-        run_id = find_run(self.client, self.experiment_id, {TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_EPOCHS: str(milestone)})
+        lookup = {TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_EPOCHS: str(milestone)}
+        if member is not None:
+            lookup[TAG_LABEL] = point.label  # a pack trial has a run per member and milestone
+        run_id = find_run(self.client, self.experiment_id, lookup)
         if run_id is None:
             tags = {TAG_PARENT: self.parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_ROLE: point.role,
-                    TAG_EPOCHS: str(milestone), "kd_tune.trial": point.label}
+                    TAG_EPOCHS: str(milestone), TAG_LABEL: point.label}
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=point.at(milestone).label)
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=params_batch(params))
@@ -142,20 +161,41 @@ class RunRecorder:
 
     def open(self, tid: str, config: Mapping[str, Any]) -> list[tuple[int, str, str]]:
         """(milestone, key, run id) of the trial's runs that are not done yet (made if missing)."""
+        return [(m, key, run_id) for _, m, key, run_id in self._open(tid, config)]
+
+    def _open(self, tid: str, config: Mapping[str, Any], only: str | None = None) -> list[tuple[str | None, int, str, str]]:
+        """(member, milestone, key, run id) of the trial's open runs (of member ``only`` when given)."""
         out = []
-        for m in TrialPoint.from_config(config).milestones:
-            run_id = self.run_id(tid, config, m)
-            if f"{tid}:{m}" not in self._complete:
-                out.append((m, f"{tid}:{m}", run_id))
+        for member, point in self._targets(config):
+            if only is not None and member != only:
+                continue
+            for m in point.milestones:
+                run_id = self._run_id(tid, point, member, m)
+                key = self._key(tid, member, m)
+                if key not in self._complete:
+                    out.append((member, m, key, run_id))
         return out
 
     def result(self, tid: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> int:
         """One epoch's metrics, on every open run whose grid point reaches that epoch (once each); how many
-        runs got them now."""
-        epoch = int(result["epoch"])
-        metrics = {k: result[k] for k in EPOCH_METRICS if k in result}
+        runs got them now. A pack's result carries each member's metrics under ``members`` (a member that
+        diverged at this epoch ends its runs FAILED instead)."""
+        if "members" not in result:
+            return self._log_epoch(tid, config, None, result, result)
         logged = 0
-        for milestone, key, run_id in self.open(tid, config):
+        for label, metrics in result["members"].items():
+            if metrics.get("diverged"):
+                self.diverged(tid, config, int(metrics["epoch"]), metrics.get("diverged_loss"), member=label)
+            else:
+                logged += self._log_epoch(tid, config, label, metrics, result)
+        return logged
+
+    def _log_epoch(self, tid: str, config: Mapping[str, Any], member: str | None, values: Mapping[str, Any],
+                   result: Mapping[str, Any]) -> int:
+        epoch = int(values["epoch"])
+        metrics = {k: values[k] for k in EPOCH_METRICS if k in values}
+        logged = 0
+        for _, milestone, key, run_id in self._open(tid, config, member):
             if epoch > milestone:
                 continue  # beyond this grid point
             self._tag_node(key, run_id, result)
@@ -177,11 +217,12 @@ class RunRecorder:
                 "kd_tune.hostname": str(result.get("hostname", "")), "kd_tune.device": str(result.get("device", ""))}
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def diverged(self, tid: str, config: Mapping[str, Any], epoch: int, loss: object) -> int:
-        """The trial's loss went NaN/inf: its open runs FAILED, tagged (a retry would diverge again); how many."""
+    def diverged(self, tid: str, config: Mapping[str, Any], epoch: int, loss: object, member: str | None = None) -> int:
+        """The trial's loss (a pack member's: ``member``) went NaN/inf: its open runs FAILED, tagged (a retry would
+        diverge again); how many."""
         message = f"training diverged at epoch {epoch}: loss = {loss}"
-        runs = self.open(tid, config)
-        for _, key, run_id in runs:
+        runs = self._open(tid, config, member)
+        for _, _, key, run_id in runs:
             self.client.log_batch(run_id, tags=[RunTag("kd_tune.diverged", "true"), RunTag("kd_tune.error", message)])
             self.client.set_terminated(run_id, status="FAILED")
             self._complete.add(key)
@@ -196,12 +237,19 @@ class RunRecorder:
         ``stopped_at``: the epoch at which the scheduler stopped a search trial: its runs are tagged so and
         get the model of ``state``, its last checkpoint."""
         ended = 0
-        for m, key, run_id in self.open(tid, config):
+        for member, m, key, run_id in self._open(tid, config):
             if milestone is None or m == milestone:
+                own = state
+                if member is not None:  # a pack's checkpoint: the member's entry is its own student checkpoint
+                    own = state["members"].get(member) if is_pack_state(state) else None
+                    if own is not None and own.get("diverged"):
+                        d = own["diverged"]  # its divergence never reached the store: record it now
+                        ended += self.diverged(tid, config, int(d["epoch"]), d["loss"], member=member)
+                        continue
                 if stopped_at is not None:
                     self.client.log_batch(run_id, tags=[RunTag(TAG_STOPPED, "true"), RunTag(TAG_STOPPED_AT, str(stopped_at))])
-                fits = state is not None and (state["epoch"] == m or stopped_at is not None)
-                self._finish(key, run_id, state if fits else None)
+                fits = own is not None and (own["epoch"] == m or stopped_at is not None)
+                self._finish(key, run_id, own if fits else None)
                 ended += 1
         return ended
 
@@ -349,23 +397,27 @@ class MlflowTrackingCallback(tune.Callback):
             return
         self._epoch[tid] = epoch
         kept = {k: result[k] for k in (*EPOCH_METRICS, "epoch", "node_id", "node_ip", "hostname", "device") if k in result}
+        if "members" in result:  # a pack: each member's metrics (or its divergence)
+            kept["members"] = {label: {k: m[k] for k in (*EPOCH_METRICS, "epoch", "diverged", "diverged_loss") if k in m}
+                               for label, m in result["members"].items()}
         self._put(lambda: self.recorder.result(tid, config, kept), f"epoch {epoch} of trial {trial}", steps=1)
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: tune.Checkpoint, **info: Any) -> None:
         """A shared trial passing a smaller epochs value: that grid point's run ends here, with its model."""
         tid, config = self._key(trial)
-        point = TrialPoint.from_config(config)
+        points = trial_points(config)
+        milestones = {m for p in points for m in p.milestones}
         # The result of this checkpoint came just before it (Ray calls on_trial_result first): its epoch
         # says whether a smaller milestone ends here, so the checkpoint is only read when one does. It is
         # read now (Ray keeps two checkpoints: by the time the write is shipped this one may be gone).
         epoch = self._epoch.get(tid)
-        if epoch not in point.milestones or epoch == point.epochs:
+        if epoch not in milestones or epoch == max(p.epochs for p in points):
             return
         with checkpoint.as_directory() as folder:
             state = read_checkpoint(Path(folder))
         if state is None or state["epoch"] != epoch:
             return
-        self._put(lambda: self.recorder.finish(tid, config, state, milestone=epoch), f"the end of {point.at(epoch).label}")
+        self._put(lambda: self.recorder.finish(tid, config, state, milestone=epoch), f"the end of epochs {epoch} of trial {trial}")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         tid, config = self._key(trial)
@@ -390,7 +442,10 @@ class MlflowTrackingCallback(tune.Callback):
 
 
 def stopped_early(trial: Trial) -> int | None:
-    """The epoch at which the scheduler stopped the trial (see :meth:`TrialPoint.stopped_at`), or None."""
+    """The epoch at which the scheduler stopped the trial (see :meth:`TrialPoint.stopped_at`), or None (always for a pack:
+    packs serve grids, which have no scheduler)."""
+    if is_pack(trial.config):
+        return None
     return TrialPoint.from_config(trial.config).stopped_at(trial.last_result or {})
 
 

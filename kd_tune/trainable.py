@@ -20,13 +20,14 @@ import ray
 import torch
 from ray import tune
 
-from kd_tune.checkpoint import newest_persisted, read_checkpoint, save_checkpoint
+from kd_tune.checkpoint import diverged_result, newest_persisted, pack_results, read_checkpoint, save_checkpoint, save_pack_checkpoint
 from kd_tune.cluster import assigned_device, assigned_threads
-from kd_tune.config import StudentSpec, TrialPoint
+from kd_tune.config import StudentSpec, TrialPoint, is_pack, trial_label, trial_points
 from kd_tune.data import DataSplit
 from kd_tune.errors import DivergedError
 from kd_tune.faults import FaultHook
 from kd_tune.models import build_model
+from kd_tune.packed import Member, PackData, PackedCNN, build_pack, train_pack
 from kd_tune.storage import Storage
 from kd_tune.train import EpochMetrics, Evaluation, TensorData, make_optimizer, train
 
@@ -55,7 +56,7 @@ class TrialBundle:
 
 def trial_dirname(trial: Any) -> str:
     """A trial's folder: readable, and computable inside the trial from its config and id."""
-    return f"{TrialPoint.from_config(trial.config).label}_{trial.trial_id}"
+    return f"{trial_label(trial.config)}_{trial.trial_id}"
 
 
 def restore_state(bundle: TrialBundle, trial_dir: str) -> tuple[dict[str, Any] | None, int]:
@@ -79,6 +80,9 @@ def restore_state(bundle: TrialBundle, trial_dir: str) -> tuple[dict[str, Any] |
 def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
     # Ray logs a line per persisted checkpoint, i.e. per epoch per trial: too much to read.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    if is_pack(config):
+        pack_trainable(config, bundle)
+        return
     point = TrialPoint.from_config(config)
     device = assigned_device()
     torch.set_num_threads(assigned_threads())
@@ -125,3 +129,87 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
     except DivergedError as e:
         # Deterministic: a retry would diverge again. Record it and end the trial (no retries).
         tune.report({"epoch": e.epoch, "diverged": 1.0, "diverged_loss": e.loss, **extra})
+
+
+def pack_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
+    """A pack trial: its members trained as one :class:`~kd_tune.packed.PackedCNN` by :func:`~kd_tune.packed.train_pack`.
+
+    Each epoch is ONE report, ``{"epoch", "members": {label: that member's metrics}, "diverged_members", ...}``,
+    with ONE checkpoint (:func:`~kd_tune.checkpoint.save_pack_checkpoint`). A member whose loss goes NaN or
+    infinite is reported once as diverged and dropped; the others go on. Restores as :func:`kd_trainable` does.
+    """
+    points = trial_points(config)
+    labels = [p.label for p in points]
+    device = assigned_device()
+    torch.set_num_threads(assigned_threads())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    trial_dir = f"{bundle.sweep}/{trial_label(config)}_{tune.get_context().get_trial_id()}"
+    faults = FaultHook.for_trial(trial_label(config), bundle.storage, trial_dir)
+    poisoned = [k for k, p in enumerate(points) if FaultHook.for_trial(p.label, bundle.storage, trial_dir).mode == "nan"]
+
+    data, members = pack_inputs(bundle, points, faults.data(TensorData.from_split(bundle.split, device)))
+    widths, shape, classes = bundle.student.widths, bundle.split.info.shape, bundle.split.info.num_classes
+    model_args = {"widths": list(widths), "in_shape": list(shape), "num_classes": classes}
+
+    state, known_epoch = restore_state(bundle, trial_dir)
+    start = 0
+    entries: dict[str, dict[str, Any]] = {label: {"model_args": model_args, "epoch": 0, "history": [], "confusion": []} for label in labels}
+    if state is not None:
+        model = PackedCNN.from_state_dicts([state["members"][label]["model"] for label in labels], widths, shape, classes).to(device)
+        optimizer = make_optimizer(model, bundle.student.lr)
+        optimizer.load_state_dict(state["optimizer"])
+        start, entries = int(state["epoch"]), {label: dict(state["members"][label]) for label in labels}
+    else:
+        model = build_pack(widths, shape, classes, [p.seed for p in points]).to(device)
+        optimizer = make_optimizer(model, bundle.student.lr)
+        with torch.no_grad():
+            for k in poisoned:  # test fault: this member's outputs are NaN, so its loss diverges at epoch 1
+                model.fc_bias[k].fill_(float("nan"))
+    exclude = {k for k, label in enumerate(labels) if entries[label].get("diverged")}
+    extra = {"device": str(device), "node_id": ray.get_runtime_context().get_node_id(), "resumed_from": start,
+             "train_images": int(data.train_x.shape[0]), "val_images": 0 if data.val_x is None else int(data.val_x.shape[0])}
+    if state is not None:
+        for r in pack_results(state, after=known_epoch):  # epochs trained before a kill but unknown to Ray
+            tune.report({**r, **extra})
+    faults.before_training()
+
+    now: dict[str, dict[str, Any]] = {}
+
+    def on_epoch(k: int, m: EpochMetrics, ev: Evaluation) -> None:
+        entry = entries[labels[k]]
+        entry["history"] = [*entry["history"], m.as_dict()]
+        entry["epoch"], entry["confusion"] = m.epoch, ev.confusion
+        now[labels[k]] = m.as_dict()
+
+    def on_diverged(k: int, e: DivergedError) -> None:
+        entries[labels[k]]["diverged"] = {"epoch": e.epoch, "loss": e.loss}
+        now[labels[k]] = diverged_result(e.epoch, e.loss)
+
+    def on_epoch_end(epoch: int) -> None:
+        for k, label in enumerate(labels):
+            entries[label]["model"] = model.member_state_dict(k)
+        gone = sorted(label for label, entry in entries.items() if entry.get("diverged"))
+        result = {"epoch": epoch, "members": dict(now), "diverged_members": ",".join(gone), **extra}
+        now.clear()
+        with tempfile.TemporaryDirectory() as folder:
+            save_pack_checkpoint(Path(folder), epoch, entries, optimizer)
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+        faults.after_epoch()
+
+    train_pack(model, optimizer, data, members, batch_size=bundle.student.batch_size, start_epoch=start, exclude=exclude,
+               on_epoch=on_epoch, on_diverged=on_diverged, on_epoch_end=on_epoch_end)
+
+
+def pack_inputs(bundle: TrialBundle, points: list[TrialPoint], base: TensorData) -> tuple[PackData, list[Member]]:
+    """A pack's data on ``base``'s device (one row of labels and teacher logits per label-noise level among the
+    members) and its members, as :func:`kd_trainable` would train each point alone."""
+    device = base.train_x.device
+    levels = sorted({p.label_noise for p in points})
+    row = {n: i for i, n in enumerate(levels)}
+    data = PackData(base.train_x, torch.stack([bundle.labels[n] for n in levels]).to(device), base.test_x, base.test_y,
+                    torch.stack([bundle.teacher_train_logits[n] for n in levels]).to(device),
+                    torch.stack([bundle.teacher_test_logits[n] for n in levels]).to(device), base.val_x, base.val_y)
+    members = [Member(seed=p.seed, epochs=p.epochs, alpha=p.alpha, temperature=p.temperature or 1.0, labels=row[p.label_noise],
+                      teacher=row[p.label_noise] if p.role == "student" else None, teacher_test=row[p.label_noise]) for p in points]
+    return data, members

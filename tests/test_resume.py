@@ -171,7 +171,8 @@ def reference_metrics(sweep: Sweep) -> dict[str, dict[str, float]]:
 
 def check_record(sweep: Sweep, untouched: dict[str, float], grid_points: int) -> None:
     runs = sweep.child_runs()
-    by_point = Counter((r.data.tags[TAG_TRIAL], r.data.tags["kd_tune.epochs"]) for r in runs)
+    # (trial, label, epochs): a pack trial has a run per member (label) and epochs value
+    by_point = Counter((r.data.tags[TAG_TRIAL], r.data.tags["kd_tune.trial"], r.data.tags["kd_tune.epochs"]) for r in runs)
     assert len(runs) == grid_points and set(by_point.values()) == {1}, by_point  # exactly one run per grid point
     parents = {r.data.tags[TAG_PARENT] for r in runs}
     exp = sweep.client.get_experiment_by_name("study")
