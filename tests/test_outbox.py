@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from kd_tune.outbox import Outbox
 
 
@@ -93,3 +95,28 @@ def test_close_returns_what_was_never_sent() -> None:
     left = box.close()
     assert left.jobs == 2 and left.steps == 2 and "2 tracking writes (2 epochs of metrics)" == left.describe()
     assert store.written == []
+
+
+def test_a_sweep_that_ends_with_tracking_behind_exits_3_with_the_sync_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """What the CLI makes of a sweep whose trials all finished while the store was still away (the outcome is
+    built by hand here; tests/test_outage.py ends a real sweep that way)."""
+    import pandas as pd
+
+    from kd_tune.cli import TRACKING_BEHIND_EXIT, _report
+    from kd_tune.results import RESULT_COLUMNS, SweepOutcome
+
+    row = {"role": "student", "alpha": 0.5, "temperature": 3.0, "epochs": 2, "seed": 0, "label_noise": 0.0, "status": "finished",
+           "how": "new", "test_acc": 0.9, "test_loss": 0.3, "teacher_agreement": 0.95}
+    table = pd.DataFrame([row], columns=RESULT_COLUMNS)
+
+    def outcome(behind: str, resume: str = "kd-tune resume s") -> SweepOutcome:
+        return SweepOutcome("s", "/store/s", table, 1, 1, 0, 0, "http://127.0.0.1:5000", "1", "p", 0.97, 12.0, resume, tracking_behind=behind)
+
+    assert _report(lambda log: outcome(""), quiet=True) == 0
+    assert "still unreachable" not in capsys.readouterr().err
+    assert _report(lambda log: outcome("3 tracking writes (2 epochs of metrics)"), quiet=True) == TRACKING_BEHIND_EXIT == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "http://127.0.0.1:5000 is still unreachable: 3 tracking writes (2 epochs of metrics)" in err[0]
+    assert err[0].endswith("once it is back: kd-tune sync s")
+    _report(lambda log: outcome("1 tracking writes (1 epochs of metrics)", "kd-tune resume s --storage /nfs/sweeps"), quiet=True)
+    assert capsys.readouterr().err.strip().endswith("kd-tune sync s --storage /nfs/sweeps")  # the sweep's own storage

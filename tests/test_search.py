@@ -59,7 +59,14 @@ def _set(space: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     return space
 
 
-_DELETE = object()
+class _Delete:
+    """Marks a key to remove (its repr is stable, so the test ids are the same in every process, e.g. pytest-xdist's workers)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+_DELETE = _Delete()
 GRID = tiny_space()
 
 BAD = [
