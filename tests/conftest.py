@@ -100,3 +100,12 @@ def native_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swept]:
         runs.setdefault(run.data.tags[TAG_ROLE], []).append(run)
     assert {k: len(v) for k, v in runs.items()} == {"sweep": 1, "teacher": 1, "student": 4}
     yield Swept(client, uri, outcome.experiment_id, load_space(tmp / "space.yaml"), str(tmp / "store"), folder, runs)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher cache folder holding the teacher of tests/test_resume.py's spaces (trained once per module in this
+    process): a sweep whose storage starts with a copy loads its teacher instead of training it in a Ray task."""
+    from .test_resume import cached_teacher_folder
+
+    return cached_teacher_folder(tmp_path_factory)

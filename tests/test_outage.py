@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from kd_tune.cli import main
 from kd_tune.faults import GATE_ENV
 from kd_tune.tracking import RETRY_MAX_ENV
 
@@ -56,9 +57,9 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 120) -> None:
     raise AssertionError(f"not reached: {what}")
 
 
-def start(tmp_path: Path, write_space: Callable[..., Path]) -> tuple[Sweep, MlflowServer]:
+def start(tmp_path: Path, write_space: Callable[..., Path], teachers: Path) -> tuple[Sweep, MlflowServer]:
     server = MlflowServer(tmp_path / "server").__enter__()
-    sweep = Sweep(tmp_path, write_space(SPACE))
+    sweep = Sweep(tmp_path, write_space(SPACE), teachers)  # the teacher comes from the cache (conftest's teachers fixture)
     sweep.env.update(CLIENT_BUDGET)
     sweep.client = MlflowClient(server.url)
     return sweep, server
@@ -68,8 +69,8 @@ def restart(server: MlflowServer) -> MlflowServer:
     return MlflowServer(server.folder, port=server.port).__enter__()
 
 
-def test_training_goes_on_through_outages_and_the_record_completes(write_space: Callable[..., Path], tmp_path: Path) -> None:
-    sweep, server = start(tmp_path, write_space)
+def test_training_goes_on_through_outages_and_the_record_completes(write_space: Callable[..., Path], tmp_path: Path, teachers: Path) -> None:
+    sweep, server = start(tmp_path, write_space, teachers)
     gate = tmp_path / "gate"  # while it exists, trials wait after each epoch (kd_tune.faults)
     sweep.env[GATE_ENV] = str(gate)
     try:
@@ -111,8 +112,9 @@ def test_training_goes_on_through_outages_and_the_record_completes(write_space: 
         server.stop()
 
 
-def test_a_driver_killed_during_an_outage_is_completed_by_resume(write_space: Callable[..., Path], tmp_path: Path) -> None:
-    sweep, server = start(tmp_path, write_space)
+def test_a_driver_killed_during_an_outage_is_completed_by_resume(write_space: Callable[..., Path], tmp_path: Path, teachers: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep, server = start(tmp_path, write_space, teachers)
     try:
         proc = sweep.start("sweep", str(sweep.space), "--tracking-uri", server.url)
         sweep.wait_until(proc, lambda p, base: newest(p) >= 1)
@@ -121,12 +123,19 @@ def test_a_driver_killed_during_an_outage_is_completed_by_resume(write_space: Ca
         sweep.wait_until(proc, lambda p, base: newest(p) >= at_kill + 2)  # epochs the store never saw
         kill_tree(proc)
 
-        # While the store is away every command says so in one line (no traceback) and starts nothing.
+        # While the store is away every command says so in one line (no traceback) and starts nothing (in this
+        # process: main() is the CLI; tests/test_cli.py checks that the real process exits as main() returns).
+        for k, v in CLIENT_BUDGET.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.chdir(tmp_path)
         other = write_space({**SPACE, "name": "other"}, "other.yaml")
-        for args in (("resume", "study"), ("sync", "study"), ("report", "study"), ("sweep", str(other), "--tracking-uri", server.url)):
-            r = sweep.run(*args)
-            assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, (args, r.stdout, r.stderr)
-            assert "cannot be reached" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        store = ("--storage", str(sweep.storage))
+        for args in (("resume", "study", *store), ("sync", "study", *store), ("report", "study", *store),
+                     ("sweep", str(other), "--tracking-uri", server.url, *store)):
+            capsys.readouterr()
+            assert main(list(args)) == 1, args
+            out, err = capsys.readouterr()
+            assert "Traceback" not in out + err and "cannot be reached" in err and len(err.strip().splitlines()) == 1, (args, out, err)
         assert not (sweep.storage / "other").exists()
         assert sweep.run("status", "study").returncode == 0  # status needs no store
 

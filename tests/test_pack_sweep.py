@@ -217,13 +217,13 @@ def _pack_reference(sweep: Any, pack: int) -> dict[str, dict[str, float]]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_packed_sweep_killed_then_resumed(write_space: Callable[..., Path], tmp_path: Path) -> None:
+def test_packed_sweep_killed_then_resumed(write_space: Callable[..., Path], tmp_path: Path, teachers: Path) -> None:
     """tests/test_resume.py's sweep (8 grid points, 4 epoch-shared trials of 3 + 5 epochs) in 2 packs of 2, SIGKILLed
     between a pack's two milestones, then resumed: one run per grid point, every step once, nothing recomputed
     beyond the epoch in progress, the same numbers as the packs trained uninterrupted."""
     from .test_resume import EPOCHS, SPACE, Sweep, check_record, kill_tree
 
-    sweep = Sweep(tmp_path, write_space(SPACE))
+    sweep = Sweep(tmp_path, write_space(SPACE), teachers)  # the teacher from the cache (conftest's teachers fixture)
     proc = sweep.start("sweep", str(sweep.space), "--pack", "2")
     sweep.wait_until(proc, lambda p, base: any(3 <= max(e, default=0) < EPOCHS for e in p.values()))
     kill_tree(proc)

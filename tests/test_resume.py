@@ -46,8 +46,7 @@ SPACE = tiny_space(
 SINGLE = {**SPACE, "grid": {"alpha": [0.0, 0.5, 1.0], "epochs": [EPOCHS]}}
 
 
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cached_teacher_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The teacher every sweep here distils from (SPACE and SINGLE share its dataset and spec), trained once in
     this process and cached as a sweep caches it (kd_tune.teacher): each test's storage starts with a copy of
     this cache folder, so its sweep loads the teacher from the cache instead of first training it in a Ray task.
