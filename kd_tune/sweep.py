@@ -289,11 +289,11 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
         search.allow_results_without_metric()
     if restoring:
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
-    save_tracking_inputs(storage, spec.name, inputs, input_example(bundle.split))  # what kd-tune sync needs to make a run
+    example = input_example(bundle.split)
+    save_tracking_inputs(storage, spec.name, inputs, example)  # what kd-tune sync needs to make a run
     tracking = MlflowTrackingCallback(tracking_uri=record.tracking_uri, experiment_id=record.experiment_id,
                                       parent_run_id=record.parent_run_id, sweep=spec.name, static_params=spec.flat_params(),
-                                      inputs=inputs,
-                                      example=input_example(bundle.split))
+                                      inputs=inputs, example=example)
     names: dict[str, Any] = {"trial_name_creator": trial_name, "trial_dirname_creator": trial_dirname, "reuse_actors": True}
     if spec.is_search:  # the baselines, then num_samples students sampled by Ray Tune (kd_tune.search)
         param_space, tune_config = search.param_space(spec), search.tune_config(spec, **names)

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.checkpoint import is_pack_state, pack_results, persisted_states
 from kd_tune.config import SweepSpec, is_pack, load_space_text, trial_points
-from kd_tune.mlflow_runs import TAG_PARENT, check_tracking_store, configure_client_retries
+from kd_tune.mlflow_runs import check_tracking_store, close_running_runs, configure_client_retries
 from kd_tune.record import (
     SPACE_FILE,
     SweepRecord,
@@ -109,7 +109,7 @@ def sync_sweep(name: str, storage: str | None = None, log: Log = print) -> SyncO
     """Complete sweep NAME's MLflow record from its storage (nothing is trained).
 
     Raises :class:`~kd_tune.errors.UsageError` when there is no such sweep or a driver runs it now (that
-    driver records its own runs), :class:`~kd_tune.mlflow_runs.TrackingUnavailableError` when the store
+    driver records its own runs), :class:`~kd_tune.errors.TrackingUnavailableError` when the store
     cannot be reached.
     """
     from ray import tune
@@ -129,10 +129,7 @@ def sync_sweep(name: str, storage: str | None = None, log: Log = print) -> SyncO
         finished = sum(1 for t in trials if t.status == "TERMINATED")
         planned = max(len(trials), len(spec.packs()) + spec.search.num_samples)  # a search suggests its trials as it goes
         # Runs left RUNNING belong to trials cut short: KILLED, as a driver ending on Ctrl+C leaves them (a resume reopens them).
-        open_runs = client.search_runs([record.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{record.parent_run_id}' "
-                                       "and attributes.status = 'RUNNING'", max_results=10000)
-        for run in open_runs:
-            client.set_terminated(run.info.run_id, "KILLED")
+        close_running_runs(client, record.experiment_id, record.parent_run_id)
         if finished == planned:
             from kd_tune.report import summarize_on_parent
 

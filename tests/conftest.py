@@ -4,6 +4,7 @@ sqlite MLflow store) that the MLflow tests (test_mlflow_native.py, test_mlflow_u
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,30 @@ def tiny_space(**overrides: Any) -> dict[str, Any]:
         "resources": {"cpu": 1, "gpu": 0},
     }
     space.update(overrides)
+    return space
+
+
+class _Delete:
+    """Marks a key to remove (its repr is stable, so the test ids are the same in every process, e.g. pytest-xdist's workers)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+DELETE = _Delete()
+
+
+def with_key(space: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of ``space`` with the key at the dotted path set to ``value`` (removed for :data:`DELETE`)."""
+    space = copy.deepcopy(space)
+    *parents, last = dotted.split(".")
+    node = space
+    for p in parents:
+        node = node[p]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
     return space
 
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 from kd_tune.config import load_space, parse_space, space_to_yaml
 from kd_tune.errors import SpaceError
 
-from .conftest import REPO, tiny_space
+from .conftest import DELETE, REPO, tiny_space, with_key
 
 SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
 
@@ -62,40 +61,18 @@ def test_defaults_and_trial_points() -> None:
     assert spec.max_failures == 1 and spec.dataset.seed == 0
 
 
-def _set(space: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    space = copy.deepcopy(space)
-    *parents, last = dotted.split(".")
-    node = space
-    for p in parents:
-        node = node[p]
-    if value is _DELETE:
-        del node[last]
-    else:
-        node[last] = value
-    return space
-
-
-class _Delete:
-    """Marks a key to remove (its repr is stable, so the test ids are the same in every process, e.g. pytest-xdist's workers)."""
-
-    def __repr__(self) -> str:
-        return "<deleted>"
-
-
-_DELETE = _Delete()
-
 BAD = [
     # (key to change, value, key named in the error, words of the allowed values)
     ("bogus", 1, "bogus", "known keys"),
     ("grid.bogus", [1], "grid.bogus", "known keys"),
-    ("teacher", _DELETE, "teacher", "required"),
+    ("teacher", DELETE, "teacher", "required"),
     ("dataset.normalize", "yes", "dataset.normalize", "true (mean/std standardization) or false (pixel / 255 only)"),
     ("dataset.normalize", 1, "dataset.normalize", "true (mean/std standardization) or false"),
     ("dataset.val_size", -1, "dataset.val_size", "an integer in [0, 59000]"),
     ("dataset.val_size", 2.5, "dataset.val_size", "an integer in [0, 59000]"),
     ("dataset.val_size", True, "dataset.val_size", "an integer in [0, 59000]"),
     ("dataset.val_size", 59001, "dataset.val_size", "what is left must hold train_size = 1000"),
-    ("grid.alpha", _DELETE, "grid.alpha", "required"),
+    ("grid.alpha", DELETE, "grid.alpha", "required"),
     ("teacher.epochs", "ten", "teacher.epochs", "integer >= 1"),
     ("teacher.epochs", 2.5, "teacher.epochs", "integer >= 1"),
     ("student.lr", "fast", "student.lr", "number in (0, 10]"),
@@ -136,12 +113,12 @@ BAD = [
 @pytest.mark.parametrize("key,value,named,allowed", BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD])
 def test_bad_values_name_file_key_value_and_allowed(key: str, value: Any, named: str, allowed: str) -> None:
     with pytest.raises(SpaceError) as err:
-        parse_space(_set(tiny_space(), key, value), "spaces/bad.yaml")
+        parse_space(with_key(tiny_space(), key, value), "spaces/bad.yaml")
     msg = str(err.value)
     assert msg.startswith("spaces/bad.yaml: ")
     assert f"key '{named}'" in msg
     assert allowed in msg
-    if value is not _DELETE:
+    if value is not DELETE:
         assert repr(value)[:20] in msg or repr(value) in msg or named.endswith("]")
     assert "\n" not in msg
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ from kd_tune.cli import main
 from kd_tune.config import Range, parse_space, space_to_yaml
 from kd_tune.errors import SpaceError
 
-from .conftest import FIXTURE_DATA, tiny_space
+from .conftest import DELETE, FIXTURE_DATA, tiny_space, with_key
 
 
 def search_space(**overrides: Any) -> dict[str, Any]:
@@ -46,27 +45,6 @@ def test_search_keys_parse_and_round_trip() -> None:
     assert not grid.is_search and grid.scheduler is None and "search.algorithm" not in grid.flat_params()
 
 
-def _set(space: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    space = copy.deepcopy(space)
-    *parents, last = dotted.split(".")
-    node = space
-    for p in parents:
-        node = node[p]
-    if value is _DELETE:
-        del node[last]
-    else:
-        node[last] = value
-    return space
-
-
-class _Delete:
-    """Marks a key to remove (its repr is stable, so the test ids are the same in every process, e.g. pytest-xdist's workers)."""
-
-    def __repr__(self) -> str:
-        return "<deleted>"
-
-
-_DELETE = _Delete()
 GRID = tiny_space()
 
 BAD = [
@@ -77,7 +55,7 @@ BAD = [
     (GRID, "search", [1], "search", "a mapping"),
     (GRID, "grid.alpha", {"low": 0.0, "high": 1.0}, "grid.alpha", "a range {low, high} needs search.algorithm random or optuna"),
     (GRID, "scheduler", {"name": "asha"}, "scheduler", "no scheduler with search.algorithm grid"),
-    (search_space(), "search.num_samples", _DELETE, "search.num_samples", "required with search.algorithm optuna"),
+    (search_space(), "search.num_samples", DELETE, "search.num_samples", "required with search.algorithm optuna"),
     (search_space(), "search.num_samples", 0, "search.num_samples", "an integer in [1, 10000]"),
     (search_space(), "search.num_samples", 2.5, "search.num_samples", "an integer in [1, 10000]"),
     (search_space(), "search.metric", "val_loss", "search.metric", "one of val_acc, test_acc"),
@@ -106,7 +84,7 @@ BAD = [
 @pytest.mark.parametrize("space,key,value,named,allowed", BAD, ids=[f"{b[1]}={b[2]!r}" for b in BAD])
 def test_bad_search_values_name_file_key_value_and_allowed(space: dict[str, Any], key: str, value: Any, named: str, allowed: str) -> None:
     with pytest.raises(SpaceError) as err:
-        parse_space(_set(space, key, value), "spaces/bad.yaml")
+        parse_space(with_key(space, key, value), "spaces/bad.yaml")
     msg = str(err.value)
     assert msg.startswith("spaces/bad.yaml: ") and f"key '{named}'" in msg and allowed in msg and "\n" not in msg, msg
 
@@ -114,7 +92,7 @@ def test_bad_search_values_name_file_key_value_and_allowed(space: dict[str, Any]
 def test_cli_refuses_a_bad_search_key_with_one_line_and_writes_nothing(write_space: Callable[..., Path], tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    bad = write_space(_set(search_space(), "scheduler.grace_period", 9), "bad.yaml")
+    bad = write_space(with_key(search_space(), "scheduler.grace_period", 9), "bad.yaml")
     before = sorted(p.name for p in tmp_path.iterdir())
     for args in (["sweep", str(bad), "--storage", str(tmp_path / "store"), "--data-dir", str(FIXTURE_DATA)], ["plan", str(bad)]):
         assert main(args) == 2
