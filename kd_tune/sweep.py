@@ -112,12 +112,12 @@ def resume_sweep(name: str, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = pri
 def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log) -> SweepOutcome:
     """The checks that need no Ray, then Ray (joined or started here), then the sweep."""
     started = time.perf_counter()
+    tracking_wait(opts)  # validated before anything is touched
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if not address:
         check_local_fits(spec.resources)
     refuse_second_driver(storage, spec.name)
     check_writable(storage)
-    tracking_wait(opts)  # validated before anything starts
     configure_client_retries()
     check_tracking_store(record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri), "nothing started")
     started_ray = connect_ray(address)

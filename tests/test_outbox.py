@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +122,20 @@ def test_a_sweep_that_ends_with_tracking_behind_exits_3_with_the_sync_command(ca
     assert err[0].endswith("once it is back: kd-tune sync s")
     _report(lambda log: outcome("1 tracking writes (1 epochs of metrics)", "kd-tune resume s --storage /nfs/sweeps"), quiet=True)
     assert capsys.readouterr().err.strip().endswith("kd-tune sync s --storage /nfs/sweeps")  # the sweep's own storage
+
+
+def test_bad_tracking_wait_and_unknown_sync_name_are_one_line_exit_2_nothing_written(
+        write_space: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kd_tune.cli import main
+
+    from .conftest import tiny_space
+
+    space = write_space(tiny_space())
+    store = tmp_path / "store"
+    assert main(["sweep", str(space), "--tracking-wait", "-1", "--storage", str(store)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "kd-tune sweep: error: --tracking-wait -1.0: allowed: seconds >= 0" and len(err) == 2
+    assert not store.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+    assert main(["sync", "nope", "--storage", str(store)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("kd-tune sync: error: no sweep named 'nope' in ") and len(err) == 2
