@@ -56,9 +56,9 @@ from kd_tune.record import (
     save_tracking_inputs,
     sweep_path,
 )
-from kd_tune.report import summarize_on_parent
 from kd_tune.results import SweepOutcome, results_table
 from kd_tune.storage import Storage, check_writable, resolve_storage
+from kd_tune.summary import summarize_on_parent
 from kd_tune.sync import recorder_for, replay
 from kd_tune.teacher import ensemble_logits, get_teachers, log_teacher_summary
 from kd_tune.tracking import MlflowTrackingCallback, outbox_of

@@ -131,7 +131,7 @@ def sync_sweep(name: str, storage: str | None = None, log: Log = print) -> SyncO
         # Runs left RUNNING belong to trials cut short: KILLED, as a driver ending on Ctrl+C leaves them (a resume reopens them).
         close_running_runs(client, record.experiment_id, record.parent_run_id)
         if finished == planned:
-            from kd_tune.report import summarize_on_parent
+            from kd_tune.summary import summarize_on_parent
 
             summarize_on_parent(name, record.tracking_uri, log)
             errored = any(t.status == "ERROR" or (t.last_result or {}).get("diverged") for t in trials)
