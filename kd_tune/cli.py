@@ -8,6 +8,7 @@ plain dataclasses): each subcommand imports what it needs, so ``--help`` and ``p
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import os
 import signal
@@ -15,7 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kd_tune.errors import FlagError, KdTuneError, TrackingUnavailableError, UsageError
 from kd_tune.options import STORAGE_HELP, ResumeOptions, SubmitOptions, SweepOptions, apply_overrides
@@ -493,5 +494,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore_signals()
 
 
+def run() -> NoReturn:
+    """The ``kd-tune`` command: :func:`main`, then exit without Python's module teardown.
+
+    Why: once a subcommand has returned, everything it wrote is closed (MLflow runs ended, Ray shut
+    down, files replaced atomically), yet tearing down the torch, Ray and MLflow modules it imported takes
+    about 3 s more on a 2-core machine: a tenth of a short sweep. The exit handlers still run (logging,
+    MLflow's temporary folders) and threads that are not daemons are still waited for, as at a normal exit.
+    """
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the reader went away, or the stream is closed: nothing left to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

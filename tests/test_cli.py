@@ -91,6 +91,23 @@ def test_real_process_exit_code_and_no_traceback(write_space: Callable[..., Path
     assert _files(tmp_path) == {"space.yaml"}
 
 
+def test_the_command_skips_teardown_but_not_exit_handlers_nor_output(tmp_path: Path) -> None:
+    """``kd-tune`` (cli.run) ends with os._exit after the subcommand: its exit code, everything it printed (also
+    through a pipe, whose buffer a bare os._exit would drop) and what atexit handlers do must all survive that."""
+    script = ("import atexit, pathlib, sys\n"
+              f"atexit.register(lambda: pathlib.Path({str(tmp_path / 'handler-ran')!r}).write_text('yes'))\n"
+              "sys.argv = ['kd-tune', 'plan', 'missing.yaml']\n"
+              "print('printed before the command')\n"
+              "from kd_tune.cli import run\n"
+              "run()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe is block-buffered then
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    assert proc.stdout == "printed before the command\n"
+    assert proc.stderr.startswith("kd-tune plan: error: ") and "missing.yaml" in proc.stderr
+    assert (tmp_path / "handler-ran").read_text() == "yes"
+
+
 def test_data_command(capsys: pytest.CaptureFixture[str]) -> None:
     from .conftest import FIXTURE_DATA
 
