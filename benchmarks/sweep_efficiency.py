@@ -1,17 +1,22 @@
 """Sweep efficiency on this machine: the same students trained one after another in plain PyTorch (kd-tune's own
 loop, one thread) against the same students as a ``kd-tune sweep`` with the default settings (one trial per CPU).
 
-    python benchmarks/sweep_efficiency.py            # 8 students x 5 epochs on 20,000 MNIST images, teacher cached first
+    python benchmarks/sweep_efficiency.py              # 8 students x 5 epochs on 20,000 MNIST images, teacher cached first
+    python benchmarks/sweep_efficiency.py --repeats 3  # sequential and sweep alternated 3 times: medians
 
-ratio = sequential seconds / sweep wall seconds (the whole ``kd-tune sweep`` command: Python, Ray's start and
-shutdown included). With N cores the ceiling is about N. Needs kd-tune installed and MNIST (``kd-tune data mnist``);
-works in ./sweep_efficiency (made anew).
+ratio = median sequential seconds / median sweep wall seconds (the whole ``kd-tune sweep`` command: Python,
+Ray's start and shutdown included). The two alternate (A B A B ...) because this machine's speed drifts by
+10 % from one minute to the next. With N cores the ceiling is about N. Needs kd-tune installed and MNIST
+(``kd-tune data mnist``); works in ./sweep_efficiency (made anew).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import shutil
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -51,6 +56,7 @@ def sequential() -> float:
     teacher = TeacherCache(resolve_storage(str(HERE / "st"))).load(teacher_key(ds, member, split))
     assert teacher is not None, "the warm-up sweep caches the teacher"
     torch.set_num_threads(1)
+    importlib.import_module("torch._dynamo")  # the first optimizer imports it (1.4 s); a warm process has it: not timed
     t0 = time.perf_counter()
     for point in spec.grid_points():
         data = TensorData.from_split(split, "cpu", teacher.train_logits if point.role == "student" else None, teacher.test_logits)
@@ -61,13 +67,21 @@ def sequential() -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=1, help="sequential / sweep pairs, alternated (default 1)")
+    args = parser.parse_args()
     shutil.rmtree(HERE, ignore_errors=True)
     HERE.mkdir()
     (HERE / "space.yaml").write_text(SPACE)
     warm = sweep("warmup")  # trains and caches the teacher; not measured
-    seq = sequential()
-    wall = sweep("measured")
-    print(json.dumps({"students": 8, "epochs": 5, "sequential_s": round(seq, 1), "sweep_wall_s": round(wall, 1),
+    seqs, walls = [], []
+    for r in range(args.repeats):
+        seqs.append(sequential())
+        walls.append(sweep(f"measured{r}"))
+        print(json.dumps({"pair": r, "sequential_s": round(seqs[-1], 1), "sweep_wall_s": round(walls[-1], 1),
+                          "ratio": round(seqs[-1] / walls[-1], 2)}), flush=True)
+    seq, wall = statistics.median(seqs), statistics.median(walls)
+    print(json.dumps({"students": 8, "epochs": 5, "repeats": args.repeats, "sequential_s": round(seq, 1), "sweep_wall_s": round(wall, 1),
                       "ratio": round(seq / wall, 2), "warmup_sweep_s": round(warm, 1)}))
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from kd_tune import search
-from kd_tune.cluster import check_local_fits, check_shared, connect_ray, teacher_cpus
+from kd_tune.cluster import check_local_fits, check_reachable, check_shared, connect_ray, teacher_cpus
 from kd_tune.config import SweepSpec, load_space, load_space_text, space_to_yaml, trial_label
 from kd_tune.data import DataSplit, flip_labels, prepare
 from kd_tune.errors import FlagError, UsageError
@@ -110,7 +113,7 @@ def resume_sweep(name: str, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = pri
 
 
 def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log) -> SweepOutcome:
-    """The checks that need no Ray, then Ray (joined or started here), then the sweep."""
+    """The checks that need no Ray, then Ray (joined or started here) while the data loads, then the sweep."""
     started = time.perf_counter()
     tracking_wait(opts)  # validated before anything is touched
     address = opts.address or os.environ.get("RAY_ADDRESS")
@@ -120,15 +123,47 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
     check_writable(storage)
     configure_client_retries()
     check_tracking_store(record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri), "nothing started")
-    started_ray = connect_ray(address)
-    try:
-        if address:
-            # Every node must reach the storage; on a cluster find that out now, not at the first checkpoint.
-            check_shared(storage, log)
-        return _run(spec, storage, opts, record, log, started)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    # Starting Ray is mostly waiting for its processes to come up (4 s of a 2-core machine's minute-long
+    # sweep): read the data meanwhile. The MLflow record is opened then too when Ray is started here;
+    # joining a cluster can still fail on a bad --address, and that must leave nothing written.
+    if address:
+        check_reachable(address)  # a bad --address is said at once, not after the data has loaded
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-tune-load") as pool:
+        loading = pool.submit(_load, spec, storage, opts, record, log, open_record=not address)
+        started_ray = connect_ray(address)
+        try:
+            if address:
+                # Every node must reach the storage; on a cluster find that out now, not at the first checkpoint.
+                check_shared(storage, log)
+            return _run(spec, storage, opts, loading.result(), log, started)
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """What the sweep reads before Ray is needed: the data, its labels per noise level, the MLflow record."""
+
+    split: DataSplit
+    labels: dict[float, torch.Tensor]
+    client: MlflowClient | None
+    record: SweepRecord | None
+    """The record (the existing one, or made now) once opened; ``None`` until :func:`_open_record` ran."""
+
+
+def _load(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, *,
+          open_record: bool) -> _Loaded:
+    """Read the sweep's data (and, with ``open_record``, open its MLflow record): nothing here needs Ray."""
+    ds = spec.dataset
+    data_dir = Path(opts.data_dir) if opts.data_dir else None
+    split = prepare(ds.name, ds.train_size, 0.0, ds.seed, data_dir, log, val_size=ds.val_size, normalize=ds.normalize)
+    # The same fixed flips as prepare() would make, once per noise level of the sweep.
+    labels = {n: flip_labels(split.train_y, n, spec.dataset.seed, split.info.num_classes) for n in spec.noise_levels()}
+    if not open_record:
+        return _Loaded(split, labels, None, record)
+    client, record = _open_record(spec, storage, opts, record)
+    return _Loaded(split, labels, client, record)
 
 
 @dataclass(frozen=True)
@@ -140,16 +175,16 @@ class _Teachers:
     acc: float
 
 
-def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, started: float) -> SweepOutcome:
+def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: _Loaded, log: Log, started: float) -> SweepOutcome:
     # With a tracking server MLflow prints two "View run at" lines per run it ends: hundreds in a sweep.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     wait = tracking_wait(opts)
-    ds = spec.dataset
     data_dir = Path(opts.data_dir) if opts.data_dir else None
-    split = prepare(ds.name, ds.train_size, 0.0, ds.seed, data_dir, log, val_size=ds.val_size, normalize=ds.normalize)
-    # The same fixed flips as prepare() would make, once per noise level of the sweep.
-    labels = {n: flip_labels(split.train_y, n, spec.dataset.seed, split.info.num_classes) for n in spec.noise_levels()}
-    client, record = _open_record(spec, storage, opts, record)
+    split, labels = loaded.split, loaded.labels
+    if loaded.client is not None and loaded.record is not None:
+        client, record = loaded.client, loaded.record
+    else:
+        client, record = _open_record(spec, storage, opts, loaded.record)
     restoring = can_restore(storage, spec.name)
     finished_before: set[str] = set()
     if restoring:
@@ -180,7 +215,8 @@ def _run(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
         bundle = TrialBundle(split, spec.student, labels, teachers.train, teachers.test, storage, spec.name)
         tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs)
         try:
-            grid = tuner.fit()
+            with fresh_sweep_loggers(not restoring):
+                grid = tuner.fit()
         except BaseException:
             if not _flush_tracking(spec.name, min(wait, INTERRUPTED_WAIT_S), log):
                 # Runs of trials cut short (Ctrl+C, a crash in the driver) are not left RUNNING; a resume reopens them.
@@ -309,7 +345,10 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
             name=spec.name,
             storage_path=storage.root,
             storage_filesystem=fs,
-            callbacks=[tracking],
+            # Tune's result files (its analysis and our results table read them), but not its TensorBoard
+            # files: MLflow is the tracking here, and a TensorBoard writer per trial costs the driver CPU
+            # that the trials need (see fresh_sweep_loggers()).
+            callbacks=[tracking, CSVLoggerCallback(), JsonLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             # A crashed trial, or one whose node died, restarts from its last checkpoint on any live node.
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -317,6 +356,25 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
             progress_reporter=progress_reporter(),
         ),
     )
+
+
+@contextmanager
+def fresh_sweep_loggers(fresh: bool) -> Iterator[None]:
+    """For a new sweep, Tune adds no loggers of its own: its run config names the CSV and JSON ones.
+
+    A restored sweep keeps Tune's defaults: one started by an older kd-tune has no loggers in its run
+    config, and Tune's analysis of it needs the CSV and JSON files."""
+    if not fresh or os.environ.get(_NO_AUTO_LOGGERS) is not None:
+        yield
+        return
+    os.environ[_NO_AUTO_LOGGERS] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[_NO_AUTO_LOGGERS]
+
+
+_NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 def progress_reporter() -> tune.ProgressReporter:
