@@ -160,10 +160,10 @@ def sync(name: str, storage: str | None) -> int:
 
 def report(name: str, out: str | None, tracking_uri: str | None, storage: str | None) -> int:
     """Tables and figures of a sweep from its MLflow runs; also logged on the sweep's parent run."""
-    from kd_tune.mlflow_runs import check_tracking_store, configure_client_retries, resolve_tracking_uri
     from kd_tune.record import SweepRecord, sweep_path
     from kd_tune.report import make_report
     from kd_tune.storage import resolve_storage
+    from kd_tune.tracking_store import check_tracking_store, configure_client_retries, resolve_tracking_uri
 
     root = resolve_storage(storage)
     sweep_path(root, name)
@@ -258,7 +258,7 @@ def _hint_resume(name: Callable[[], str], storage: str | None) -> None:
 
 
 def _default_tracking_uri() -> str:
-    from kd_tune.mlflow_runs import resolve_tracking_uri
+    from kd_tune.tracking_store import resolve_tracking_uri
 
     return resolve_tracking_uri(None)
 
@@ -271,7 +271,7 @@ def ui(tracking_uri: str | None, host: str, port: int, artifacts_destination: st
     server (drivers log to http://127.0.0.1:PORT there; people reach it through `ray attach --port-forward`).
     A store the UI cannot serve, or a NAME that is not a sweep there, is refused (FlagError: exit 2).
     """
-    from kd_tune.mlflow_runs import resolve_tracking_uri
+    from kd_tune.tracking_store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if "://" not in uri or uri.startswith(("http://", "https://")):

@@ -83,11 +83,14 @@ def check_local_fits(res: ResourcesSpec) -> None:
 
     Raises :class:`UsageError` naming the resource, the request and the machine's count.
     """
-    import torch
-
-    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    cpus = os.cpu_count() or 1
     if res.cpu > cpus:
         raise UsageError(f"resources.cpu = {res.cpu:g} per trial, but this machine has {cpus} CPUs; allowed: at most {cpus}")
+    if res.gpu == 0:
+        return  # no need for torch (seconds to import) to count the GPUs
+    import torch
+
+    gpus = torch.cuda.device_count()
     if res.gpu > gpus:
         raise UsageError(f"resources.gpu = {res.gpu:g} per trial, but this machine has {gpus} GPUs; allowed: at most {gpus}")
 

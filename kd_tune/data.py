@@ -31,6 +31,7 @@ import torch
 
 from kd_tune.datasets import REGISTRY, DatasetInfo
 from kd_tune.errors import DataUnavailableError, UsageError
+from kd_tune.storage import atomic_write_bytes
 
 DATA_DIR_ENV = "KD_TUNE_DATA_DIR"
 
@@ -157,22 +158,6 @@ def write_verified(root: Path, files: dict[str, bytes], md5: dict[str, str]) -> 
             raise OSError(f"{rel}: md5 {got} does not match the official {md5.get(rel)}")
     for rel, content in files.items():
         atomic_write_bytes(root / rel, content)
-
-
-def atomic_write_bytes(path: Path, content: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide shared data from other users of a cluster
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- offline Fashion-MNIST (Debian's dataset-fashion-mnist) ------------------------------------

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 import tempfile
 import time
 import warnings
@@ -32,7 +30,6 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.checkpoint import model_from_state, save_model_file
 from kd_tune.config import SweepSpec
-from kd_tune.errors import TrackingUnavailableError, first_line
 
 if TYPE_CHECKING:
     from kd_tune.data import DataSplit
@@ -52,41 +49,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # its switch): an MLflow 3 experiment without it opens on the GenAI overview instead of its runs.
 EXPERIMENT_KIND = "custom_model_development"
 DATASET_CONTEXT_TAG = "mlflow.data.context"  # mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT: what the UI shows beside a dataset
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """The given URI, else ``$MLFLOW_TRACKING_URI``, else MLflow's default store."""
-    import mlflow
-
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    return str(mlflow.get_tracking_uri())
-
-
-# The MLflow client retries a failed request inside the call, for about 4 minutes by default. kd-tune's
-# own outbox retries tracking writes without blocking training, so the client should give up fast and
-# leave the waiting to it (a user's own setting of these variables wins).
-CLIENT_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
-def configure_client_retries() -> None:
-    """Short client-side retries for this process's MLflow requests (see ``CLIENT_RETRY_DEFAULTS``); urllib3's
-    line per failed attempt is silenced (kd-tune says once that the store is away, and when it is back)."""
-    for k, v in CLIENT_RETRY_DEFAULTS.items():
-        os.environ.setdefault(k, v)
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-
-
-def check_tracking_store(uri: str, doing: str) -> None:
-    """Make sure a tracking server at ``uri`` answers; raises :class:`TrackingUnavailableError` (one line saying
-    what was not done) when it does not. A database or folder store is not probed: the command opens (and, when
-    new, makes) it itself, and a refused command must not leave a new store behind."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001 - whatever the store or the network says, the user gets one line
-        raise TrackingUnavailableError(f"the tracking store {uri} cannot be reached ({first_line(e)[:200]}); {doing}") from e
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.checkpoint import is_pack_state, pack_results, persisted_states
 from kd_tune.config import SweepSpec, is_pack, load_space_text, trial_points
-from kd_tune.mlflow_runs import check_tracking_store, close_running_runs, configure_client_retries
+from kd_tune.mlflow_runs import close_running_runs
 from kd_tune.record import (
     SPACE_FILE,
     SweepRecord,
@@ -31,6 +31,7 @@ from kd_tune.record import (
 )
 from kd_tune.storage import Storage, resolve_storage
 from kd_tune.tracking import RunRecorder, error_summary
+from kd_tune.tracking_store import check_tracking_store, configure_client_retries
 
 Log = Callable[[str], None]
 
