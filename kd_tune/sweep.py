@@ -84,9 +84,9 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
     check_writable(storage)
     configure_client_retries()
     check_tracking_store(record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri), "nothing started")
-    # Starting Ray is mostly waiting for its processes to come up (4 s of a 2-core machine's minute-long
-    # sweep): import the driver and read the data meanwhile. The MLflow record is opened then too when Ray is started here;
-    # joining a cluster can still fail on a bad --address, and that must leave nothing written.
+    # Starting Ray is mostly waiting for its processes to come up (4-5 s of a 2-core machine's minute-long
+    # sweep): import the driver and read the data meanwhile. The MLflow record is opened then too when Ray
+    # is started here; joining a cluster can still fail on a bad --address, which must leave nothing written.
     if address:
         check_reachable(address)  # a bad --address is said at once, not after the data has loaded
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-tune-load") as pool:
@@ -110,7 +110,6 @@ def _load(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRe
     from kd_tune.driver import load
 
     return load(spec, storage, opts, record, log, open_record=open_record)
-
 
 
 def tracking_wait(opts: SweepOptions) -> float:
