@@ -112,9 +112,10 @@ def dataloader_epoch(ds: torch.utils.data.Dataset, batch: int, teacher: torch.nn
 # --- 4: sweep overhead ------------------------------------------------------------------------
 
 
-def sweep_overhead(data_dir: Path, n_trials: int, train_size: int) -> tuple[float, float, float]:
+def sweep_overhead(data_dir: Path, n_trials: int, train_size: int, warm_up: bool = True) -> tuple[float, float, float]:
     """(wall of the sweep, the trials' own training time, seconds of overhead per trial) for trials
-    run one at a time (each asks for every CPU), with the teacher already cached."""
+    run one at a time (each asks for every CPU), with the teacher already cached (``warm_up``: by a
+    first sweep; without it, as in ``--quick``, the measured sweep trains the teacher itself)."""
     import yaml
 
     from kd_tune.options import SweepOptions
@@ -130,8 +131,9 @@ def sweep_overhead(data_dir: Path, n_trials: int, train_size: int) -> tuple[floa
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "space.yaml"
         opts = SweepOptions(storage=f"{tmp}/store", data_dir=str(data_dir), tracking_uri=f"sqlite:///{tmp}/mlflow.db", quiet=True)
-        path.write_text(yaml.safe_dump({**space, "name": "warmup", "grid": {"alpha": [0.5], "epochs": [1]}}))
-        run_sweep(path, opts, log=lambda s: None)  # trains and caches the teacher; warms imports
+        if warm_up:
+            path.write_text(yaml.safe_dump({**space, "name": "warmup", "grid": {"alpha": [0.5], "epochs": [1]}}))
+            run_sweep(path, opts, log=lambda s: None)  # trains and caches the teacher; warms imports
         path.write_text(yaml.safe_dump(space))
         t0 = time.perf_counter()
         outcome = run_sweep(path, opts, log=lambda s: None)
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(Row("torchvision DataLoader epoch / kd-tune in-memory epoch (scratch)", loader, memory, ">= 3"))
 
     n_trials = 2 if args.quick else 6
-    wall, train_s, per_trial = sweep_overhead(args.data_dir, n_trials, 500 if args.quick else 2000)
+    wall, train_s, per_trial = sweep_overhead(args.data_dir, n_trials, 500 if args.quick else 2000, warm_up=not args.quick)
     one, two = concurrency(full, 1 if args.quick else 3)
 
     print(f"machine: {machine()}")
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r.name} | {r.a:.3f} | {r.b:.3f} | {r.ratio:.2f} | {r.goal} |")
     print(f"| concurrency: student epochs/s with 2 concurrent 1-CPU trials / with 1 | {two:.3f} | {one:.3f} | {two / one:.2f} | >= 1.7 |")
     print()
-    print(f"sweep overhead: {n_trials} trials run one at a time, teacher cached: wall {wall:.1f} s, "
+    cached = "teacher trained in it (--quick)" if args.quick else "teacher cached"
+    print(f"sweep overhead: {n_trials} trials run one at a time, {cached}: wall {wall:.1f} s, "
           f"training {train_s:.1f} s -> {per_trial:.2f} s per trial (Ray start-up, scheduling, MLflow, checkpoints)")
     return 0
 
