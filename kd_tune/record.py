@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import socket
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from kd_tune.config import NAME_ALLOWED, is_valid_name
 from kd_tune.errors import FlagError, UsageError
-from kd_tune.storage import Storage, resolve_storage
+from kd_tune.storage import Storage, atomic_write_bytes, resolve_storage
 
 SPACE_FILE = "kd_tune_space.yaml"  # the validated spec, kept beside Ray's experiment state
 SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, experiment, parent run)
@@ -39,10 +40,45 @@ def sweep_path(storage: Storage, name: str) -> str:
 
 
 def can_restore(storage: Storage, name: str) -> bool:
-    """Ray has saved this sweep's experiment state (it can be restored)."""
+    """Ray has saved this sweep's experiment state (it can be restored); a state cut short by a kill is
+    repaired first where it can be (:func:`repair_experiment_state`): every reader of Ray's state asks this."""
     from ray import tune
 
+    repair_experiment_state(storage, name)
     return bool(tune.Tuner.can_restore(sweep_path(storage, name), storage_filesystem=storage.ray_filesystem))
+
+
+def repair_experiment_state(storage: Storage, name: str) -> bool:
+    """Put back a whole copy of the sweep's newest Ray experiment state when a kill cut it short; True if it did.
+
+    Why: Ray Tune writes ``experiment_state-*.json`` in its driver's staging folder, then copies it into the
+    sweep's folder *in place*, so a driver SIGKILLed during the copy leaves a truncated file there that neither
+    ``status`` nor a resume can read (seen once in this project's kill tests). The staging copy was complete
+    before the copy began, and it stays in Ray's temporary folder on the driver's machine
+    (``$RAY_TMPDIR`` or the system's, ``ray/session_*/artifacts/*/NAME/driver_artifacts/``): it replaces the
+    truncated file, atomically. Only for a local or NFS sweep folder (an object store shows an object whole or
+    not at all), and never while a driver runs (it may be writing the file)."""
+    if not storage.is_local or live_driver(storage, name):
+        return False
+    states = sorted(Path(sweep_path(storage, name)).glob("experiment_state-*.json"))  # Ray's newest: the latest name
+    if not states or _parses(states[-1]):
+        return False
+    newest = states[-1]
+    temp = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+    staged = sorted(temp.glob(f"session_*/artifacts/*/{name}/driver_artifacts/{newest.name}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for copy in staged:
+        if _parses(copy):
+            atomic_write_bytes(newest, copy.read_bytes())
+            return True
+    return False
+
+
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)

@@ -191,3 +191,35 @@ def test_storage_the_driver_cannot_write_is_refused_before_anything_starts(s3: S
         assert str(e.value).startswith(f"--storage {storage!r}: cannot write there (") and "allowed: " in str(e.value)
         assert not ray.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "space.yaml"]  # no MLflow store, no storage folder
+
+
+def test_a_truncated_ray_experiment_state_is_put_back_from_the_drivers_staging_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray copies its experiment state into the sweep's folder in place: a driver SIGKILLed mid-copy left one cut at
+    80 KiB in a kill test, and status and resume could not read it. The whole staging copy in Ray's temp folder
+    replaces it, unless a driver is running (it may be writing) or no whole copy exists (then it stays, untouched)."""
+    import socket
+
+    from kd_tune.record import DRIVER_FILE, can_restore, repair_experiment_state
+
+    storage = resolve_storage(str(tmp_path / "store"))
+    folder = tmp_path / "store" / "study"
+    folder.mkdir(parents=True)
+    whole = json.dumps({"trial_data": ["x" * 5000], "runner_data": {}}).encode()
+    name = "experiment_state-2026-11-27_13-16-17.json"
+    (folder / "experiment_state-2026-11-27_10-00-00.json").write_bytes(b"{}")  # an earlier driver's: not the newest
+    (folder / name).write_bytes(whole[:4096])  # cut short mid-copy
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "tmp"))
+    staging = tmp_path / "tmp" / "ray" / "session_2026-11-27_13-16-07_1" / "artifacts" / "2026-11-27_13-16-17" / "study" / "driver_artifacts"
+    staging.mkdir(parents=True)
+    (staging / name).write_bytes(whole)
+
+    (folder / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # a live driver
+    assert not repair_experiment_state(storage, "study") and (folder / name).read_bytes() == whole[:4096]
+    (folder / DRIVER_FILE).unlink()
+    can_restore(storage, "study")  # what every reader of Ray's state asks first
+    assert (folder / name).read_bytes() == whole
+    assert not repair_experiment_state(storage, "study")  # whole now: nothing to do
+
+    (folder / name).write_bytes(whole[:100])
+    (staging / name).write_bytes(whole[:50])  # no whole copy anywhere: left as it is (Ray's error names the file)
+    assert not repair_experiment_state(storage, "study") and (folder / name).read_bytes() == whole[:100]
