@@ -271,6 +271,9 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
     )
 
 
+_NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+
+
 @contextmanager
 def fresh_sweep_loggers(fresh: bool) -> Iterator[None]:
     """For a new sweep, Tune adds no loggers of its own: its run config names the CSV and JSON ones.
@@ -285,9 +288,6 @@ def fresh_sweep_loggers(fresh: bool) -> Iterator[None]:
         yield
     finally:
         del os.environ[_NO_AUTO_LOGGERS]
-
-
-_NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 def progress_reporter() -> tune.ProgressReporter:

@@ -61,9 +61,9 @@ def repair_experiment_state(storage: Storage, name: str) -> bool:
     if not storage.is_local or live_driver(storage, name):
         return False
     states = sorted(Path(sweep_path(storage, name)).glob("experiment_state-*.json"))  # Ray's newest: the latest name
-    if not states or _parses(states[-1]):
+    newest = states[-1] if states else None
+    if newest is None or _parses(newest):
         return False
-    newest = states[-1]
     temp = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
     staged = sorted(temp.glob(f"session_*/artifacts/*/{name}/driver_artifacts/{newest.name}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for copy in staged:

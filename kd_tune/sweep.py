@@ -76,7 +76,7 @@ def resume_sweep(name: str, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = pri
 def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log) -> SweepOutcome:
     """The checks that need no Ray, then Ray (joined or started here) while the data loads, then the sweep."""
     started = time.perf_counter()
-    tracking_wait(opts)  # validated before anything is touched
+    wait = tracking_wait(opts)  # validated before anything is touched
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if not address:
         check_local_fits(spec.resources)
@@ -99,7 +99,7 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
             loaded = loading.result()
             from kd_tune.driver import drive  # imported by the loading thread by now
 
-            return drive(spec, storage, opts, loaded, log, started=started, wait=tracking_wait(opts))
+            return drive(spec, storage, opts, loaded, log, started=started, wait=wait)
         finally:
             if started_ray:
                 ray.shutdown()

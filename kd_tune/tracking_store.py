@@ -41,9 +41,9 @@ def check_tracking_store(uri: str, doing: str) -> None:
     new, makes) it itself, and a refused command must not leave a new store behind."""
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
+    try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - whatever the store or the network says, the user gets one line
         raise TrackingUnavailableError(f"the tracking store {uri} cannot be reached ({first_line(e)[:200]}); {doing}") from e
