@@ -31,7 +31,7 @@ import torch
 
 from kd_tune.datasets import REGISTRY, DatasetInfo
 from kd_tune.errors import DataUnavailableError, UsageError
-from kd_tune.storage import atomic_write_bytes
+from kd_tune.files import atomic_write_bytes
 
 DATA_DIR_ENV = "KD_TUNE_DATA_DIR"
 

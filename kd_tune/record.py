@@ -20,7 +20,8 @@ from typing import Any
 
 from kd_tune.config import NAME_ALLOWED, is_valid_name
 from kd_tune.errors import FlagError, UsageError
-from kd_tune.storage import Storage, atomic_write_bytes, resolve_storage
+from kd_tune.files import atomic_write_bytes
+from kd_tune.storage import Storage, resolve_storage
 
 SPACE_FILE = "kd_tune_space.yaml"  # the validated spec, kept beside Ray's experiment state
 SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, experiment, parent run)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ import pyarrow
 import pyarrow.fs as pafs
 
 from kd_tune.errors import FlagError, first_line
+from kd_tune.files import atomic_write_bytes
 
 STORAGE_ENV = "KD_TUNE_STORAGE"
 DEFAULT_STORAGE = "kd_tune_results"
@@ -151,22 +151,6 @@ def is_network_fs(path: str, mounts: str | None = None) -> bool:
     """Whether a local path is on a file system that other machines can mount too (NFS, Lustre, ...)."""
     kind = filesystem_type(path, mounts)
     return any(kind == n or (n.endswith(".") and kind.startswith(n)) for n in NETWORK_FS)
-
-
-def atomic_write_bytes(path: Path, content: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide shared data from other users of a cluster
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextmanager

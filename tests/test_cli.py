@@ -172,6 +172,17 @@ def test_parser_loads_neither_torch_nor_ray() -> None:
     assert proc.stdout.strip() == "[]"
 
 
+def test_training_path_and_pack_benchmark_import_with_pytorch_alone() -> None:
+    """benchmarks/pack_bench.py runs on a GPU machine that has PyTorch but not Ray, MLflow or pyarrow: what it
+    imports (the training loop, the packed model, bench.py's interleaving) must not pull them in."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent / 'benchmarks')!r}); "
+            "import kd_tune.packed, kd_tune.train, kd_tune.data, bench; "
+            "print(sorted(m for m in ('ray', 'mlflow', 'pyarrow', 'pandas') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_flag_error_names_the_flag_value_and_what_is_allowed() -> None:
     from kd_tune.errors import FlagError, UsageError
 
