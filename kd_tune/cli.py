@@ -199,7 +199,7 @@ def plan(space: Path, share_epochs: bool | None, pack: int | None = None) -> int
               f"{f', plus {len(spec.trials())} baseline trials' if spec.trials() else ''}")
         print("\n".join(describe(spec)))
     else:
-        trials = f"{len(spec.packs())} packed trials of up to {spec.resources.pack} students" if spec.packed else f"{len(spec.trials())} trials"
+        trials = f"{len(spec.packs())} packed trials of up to {spec.resources.pack_size} students" if spec.packed else f"{len(spec.trials())} trials"
         print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {trials} "
               f"(epoch sharing {'on' if spec.share_epochs else 'off'})")
     if spec.packed:

@@ -28,6 +28,10 @@ ALGORITHMS = ("grid", "random", "optuna")
 SCHEDULERS = ("asha",)
 METRICS = ("val_acc", "test_acc")
 MAX_PACK = 1024
+GPU_PACK = 64
+"""``resources.pack`` when unset and trials get a GPU. On an H100 one 16/32 student is launch-bound (2.5-2.9
+epochs/s of 16,384 images); a pack of 64 trains 25-39x as many student epochs per second, 256 28-52x
+(benchmarks/RESULTS.md): 64 takes most of that while a grid still spreads over several GPUs."""
 
 
 def is_valid_name(name: object) -> bool:
@@ -159,10 +163,18 @@ class ResourcesSpec:
 
     cpu: float = 1.0
     gpu: float = 0.0
-    pack: int = 1
+    pack: int | None = None
     """Grid points trained together as one packed model per trial (``kd_tune.packed``); 1 = one student per
-    trial. Packing pays where one student cannot keep the device busy (a GPU); on a CPU it does not
-    (benchmarks/RESULTS.md), hence the default 1. A search keeps one student per trial."""
+    trial. Unset: ``GPU_PACK`` (64) when trials get a GPU, else 1 (:attr:`pack_size`). Packing pays where one
+    student cannot keep the device busy (a GPU); on a CPU it does not (benchmarks/RESULTS.md). A search keeps
+    one student per trial."""
+
+    @property
+    def pack_size(self) -> int:
+        """``pack``, or where unset the default of the device the trials get: ``GPU_PACK`` with a GPU, else 1."""
+        if self.pack is not None:
+            return self.pack
+        return GPU_PACK if self.gpu > 0 else 1
 
 
 @dataclass(frozen=True)
@@ -281,7 +293,7 @@ class SweepSpec:
         """The Ray trials of a grid: the trials of :meth:`trials` in grid order, grouped into packs of up to
         ``resources.pack`` members that train the same number of epochs (a pack trains its members for the same
         epochs, each reporting its own milestones). With pack 1 (and for a search's baselines) one trial each."""
-        size = 1 if self.is_search else self.resources.pack
+        size = 1 if self.is_search else self.resources.pack_size
         groups: dict[int, list[TrialPoint]] = {}
         for t in self.trials():
             groups.setdefault(t.epochs, []).append(t)
@@ -293,7 +305,7 @@ class SweepSpec:
     @property
     def packed(self) -> bool:
         """Whether the trials are packs (config ``{"pack": [...]}``) rather than single points (``{"point": ...}``)."""
-        return self.resources.pack > 1 and not self.is_search
+        return self.resources.pack_size > 1 and not self.is_search
 
     def tune_configs(self) -> list[dict[str, Any]]:
         """The Tune configs of the grid's trials: ``{"point": ...}`` each without packing (as always), else ``{"pack": [...]}``."""
@@ -505,9 +517,9 @@ def parse_space(data: object, source: str) -> SweepSpec:
     resources = ResourcesSpec(
         cpu=r.number("resources.cpu", res.get("cpu", 1.0), 0.0, 1024.0, lo_open=True),
         gpu=r.number("resources.gpu", res.get("gpu", 0.0), 0.0, 64.0),
-        pack=r.integer("resources.pack", res.get("pack", 1), 1, MAX_PACK),
+        pack=None if res.get("pack") is None else r.integer("resources.pack", res["pack"], 1, MAX_PACK),
     )
-    if resources.pack > 1 and search.is_search:
+    if resources.pack is not None and resources.pack > 1 and search.is_search:
         raise r.fail("resources.pack", resources.pack, f"1 with search.algorithm {search.algorithm} (packs serve a grid; "
                                                        "a search trains one student per trial)")
     max_failures = r.integer("max_failures", top.get("max_failures", 1), 0, 100)
@@ -631,4 +643,8 @@ def space_to_yaml(spec: SweepSpec) -> str:
         data["search"] = {"algorithm": "grid"}  # the other keys belong to a search only
     if data["scheduler"] is None:
         del data["scheduler"]
+    if spec.is_search:
+        del data["resources"]["pack"]  # one student per trial, whatever the device
+    else:
+        data["resources"]["pack"] = spec.resources.pack_size  # as trained: a resume with other --gpus-per-trial keeps the packs
     return yaml.safe_dump(data, sort_keys=False)

@@ -129,7 +129,7 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         n_trials = len(spec.packs()) + spec.search.num_samples
         verb = f"resuming ({len(finished_before)} of {n_trials} trials finished before)" if finished_before or opts.resume else "starting"
         what = (f"{len(trials)} baseline trials + {spec.search.num_samples} {spec.search.algorithm} search trials (at most "
-                if spec.is_search else f"{len(spec.packs())} packs of up to {spec.resources.pack} students ({len(trials)} epoch-shared students) "
+                if spec.is_search else f"{len(spec.packs())} packs of up to {spec.resources.pack_size} students ({len(trials)} epoch-shared students) "
                 f"for {total} grid points (" if spec.packed else f"{len(trials)} trials for {total} grid points (")
         log(f"sweep {spec.name!r}: {verb}; {what}{spec.student_epochs()} student epochs), "
             f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {storage.show(spec.name)}")

@@ -35,8 +35,8 @@ class SweepOptions:
     resume: bool = field(default=False, metadata=_help("continue the sweep if one of this name exists (same as kd-tune resume)"))
     no_share_epochs: bool = field(default=False, metadata=_help("one trial per epochs value instead of one trial reporting each (share_epochs: false)"))
     pack: int | None = field(default=None, metadata=_help(
-        "grid points trained together as one packed model per trial, overrides resources.pack (default 1: packing does not "
-        "pay on a CPU; --pack 64 is meant for a GPU); a search keeps one student per trial"))
+        "grid points trained together as one packed model per trial, overrides resources.pack (default: 64 when trials get "
+        "a GPU, 1 on CPUs, where packing does not pay); a search keeps one student per trial"))
     tracking_wait: float | None = field(default=None, metadata=_help(
         "seconds the sweep's end waits for MLflow writes held back while the tracking store is unreachable (default 120); "
         "what is still unsent then is safe in the checkpoints: kd-tune sync NAME sends it (exit status 3 says so)"))

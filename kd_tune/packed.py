@@ -33,7 +33,11 @@ from torch import nn
 from kd_tune.errors import DivergedError
 from kd_tune.losses import KDLossTerms
 from kd_tune.models import SeedCNN, build_model
-from kd_tune.train import EpochMetrics, Evaluation, TensorData, epoch_order, evaluate, validate
+from kd_tune.train import EVAL_BATCH, EpochMetrics, Evaluation, TensorData, epoch_order, evaluations, predict_logits, validations
+
+EVAL_STUDENT_IMAGES = 32768
+"""Images times members per evaluation forward of a pack: bounds its activations (the 16/32 student's first
+convolution alone gives 12.5 KB per image, 0.4 GB per chunk)."""
 
 StateDict = dict[str, torch.Tensor]
 
@@ -174,6 +178,12 @@ class PackedCNN(nn.Module):
         return model
 
 
+def channels_last_on(device: torch.device | str) -> bool:
+    """The faster activation layout of a pack on ``device``: channels_last on a CPU (the stride-1 max-pool,
+    1.6-2.9x), NCHW on a GPU (H100, K = 64: 38-39x one student against 29-31x channels_last; benchmarks/RESULTS.md)."""
+    return torch.device(device).type == "cpu"
+
+
 def build_pack(
     widths: Sequence[int], in_shape: tuple[int, int, int], num_classes: int, seeds: Sequence[int], channels_last: bool = True
 ) -> PackedCNN:
@@ -269,6 +279,47 @@ class PackData:
             self.val_x,
             self.val_y,
         )
+
+
+@torch.no_grad()
+def pack_logits(model: PackedCNN, x: torch.Tensor, rows: Sequence[int], packed: bool | None = None) -> torch.Tensor:
+    """Logits [len(rows), N, classes] of members ``rows`` on the images x [N, C, H, W].
+
+    ``packed``: one packed forward per chunk of images (every member's logits at once), else each member as a
+    stand-alone ``SeedCNN``. None: packed except on a CPU, where a packed forward was 0.83x / 0.54x / 0.39x as
+    fast as K = 1 / 4 / 16 members one by one (1 thread, 10,000 + 5,000 images); on a GPU a student's
+    forward is launch-bound, as its step is.
+    """
+    if packed is None:
+        packed = x.device.type != "cpu"
+    if not packed:
+        return torch.stack([predict_logits(model.member(i), x) for i in rows])
+    # Chunks of EVAL_BATCH images for one student, fewer for a wide pack: K * chunk activations stay bounded.
+    chunk = max(1, min(EVAL_BATCH, EVAL_STUDENT_IMAGES // model.k))
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)], dim=1)
+    model.train(was_training)
+    return out[list(rows)]
+
+
+def evaluate_pack(
+    model: PackedCNN, data: PackData, members: Sequence[Member], which: Sequence[int], packed: bool | None = None
+) -> dict[int, tuple[Evaluation, tuple[float | None, float | None]]]:
+    """What ``evaluate`` and ``validate`` of ``kd_tune.train`` give member k alone, for each k in ``which``: the
+    members' logits (``pack_logits``, ``packed`` as there) scored all at once, so that a GPU syncs a few times
+    per epoch instead of a few times per member."""
+    if not which:
+        return {}
+    rows = list(which)
+    teachers = [None if members[i].teacher_test is None or data.teacher_test is None else data.teacher_test[members[i].teacher_test]
+                for i in rows]
+    tests = evaluations(pack_logits(model, data.test_x, rows, packed), data.test_y, teachers)
+    if data.val_x is None or data.val_y is None:
+        vals: list[tuple[float | None, float | None]] = [(None, None)] * len(rows)
+    else:
+        vals = validations(pack_logits(model, data.val_x, rows, packed), data.val_y)
+    return {i: (ev, val) for i, ev, val in zip(rows, tests, vals, strict=True)}
 
 
 @dataclass
@@ -378,11 +429,7 @@ def train_pack(
                 result.diverged[i] = DivergedError(epoch, total)
                 if on_diverged is not None:
                     on_diverged(i, result.diverged[i])
-        evaluations = {}
-        for i in range(k):
-            if active[i]:
-                student, alone = model.member(i), data.member_data(members[i])
-                evaluations[i] = (evaluate(student, alone), validate(student, alone))
+        evaluations = evaluate_pack(model, data, members, [i for i in range(k) if active[i]])
         seconds = (time.perf_counter() - t0) / max(1, len(evaluations))
         for i, (ev, (val_acc, val_loss)) in evaluations.items():
             total, hard, distill = means[i]
@@ -402,7 +449,10 @@ __all__ = [
     "PackResult",
     "PackedCNN",
     "build_pack",
+    "channels_last_on",
+    "evaluate_pack",
     "pack_epoch",
+    "pack_logits",
     "pack_loss_terms",
     "train_pack",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -88,22 +88,44 @@ class Evaluation:
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> tuple[float, float, float, float, list[list[int]]]:
     """Macro precision, recall, F1 (classes without predictions or examples count as 0), ECE, confusion matrix."""
-    k = logits.shape[1]
-    probs = logits.float().softmax(dim=1)
-    conf, pred = probs.max(dim=1)
-    cm = torch.bincount(labels * k + pred, minlength=k * k).view(k, k).double()
-    tp = cm.diag()
-    precision = torch.where(cm.sum(0) > 0, tp / cm.sum(0).clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(cm.sum(1) > 0, tp / cm.sum(1).clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
-    correct = (pred == labels).double()
-    which = (conf.double() * bins).ceil().clamp(1, bins).long() - 1  # bin b holds confidences in (b/bins, (b+1)/bins]
-    ece = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.double().mean() * (correct[mask].mean() - conf[mask].double().mean()).abs()
-    return precision.mean().item(), recall.mean().item(), f1.mean().item(), ece.item(), cm.long().tolist()
+    ev = evaluations(logits[None], labels, [None], bins)[0]
+    return ev.macro_precision, ev.macro_recall, ev.macro_f1, ev.ece, ev.confusion
+
+
+def evaluations(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Sequence[torch.Tensor | None], bins: int = 15
+) -> list[Evaluation]:
+    """:class:`Evaluation` of each of K models from their logits [K, N, classes] on the same N labelled images.
+
+    ``teacher_logits[k]``: the teacher model k is compared with ([N, classes]; None: no agreement). Loss is
+    cross-entropy on the labels; macro precision / recall / F1 count a class without predictions or
+    examples as 0; ECE bins confidences into ``bins`` equal-width bins, |accuracy - confidence| weighted
+    by bin size. All K at once, with two host syncs in all: a GPU evaluating a pack waits twice, not per member.
+    """
+    k, n, c = logits.shape
+    dev = logits.device
+    logits = logits.float()
+    y = labels.expand(k, n)
+    conf, pred = logits.softmax(-1).max(-1)  # [K, N]
+    correct = pred == y
+    loss = F.cross_entropy(logits.reshape(k * n, c), y.reshape(-1), reduction="none").view(k, n).mean(1)
+    rows = torch.arange(k, device=dev)[:, None]
+    cm = torch.bincount(((rows * c + y) * c + pred).reshape(-1), minlength=k * c * c).view(k, c, c)  # [k][true][predicted]
+    tp, predicted, actual = cm.diagonal(dim1=1, dim2=2).double(), cm.sum(1).double(), cm.sum(2).double()
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
+    # ECE = sum over bins of (n_b / n) |acc_b - conf_b| = sum_b |sum over the bin of (correct - conf)| / n.
+    # Bin b holds confidences in (b/bins, (b+1)/bins]; a one-hot sum, not bincount's float atomics, keeps it deterministic on a GPU.
+    which = (conf.double() * bins).ceil().clamp(1, bins).long() - 1
+    gap = torch.einsum("knb,kn->kb", F.one_hot(which, bins).double(), correct.double() - conf.double())
+    ece = gap.abs().sum(1) / n
+    agree = torch.stack([(pred[i] == t.argmax(dim=1)).double().mean() if t is not None else torch.tensor(math.nan, dtype=torch.float64, device=dev)
+                         for i, t in enumerate(teacher_logits)])
+    table = torch.stack([correct.double().mean(1), loss.double(), agree, precision.mean(1), recall.mean(1), f1.mean(1), ece], 1).tolist()
+    confusion = cm.tolist()
+    return [Evaluation(acc, loss_k, None if math.isnan(ag) else ag, p, r, f, e, confusion[i])
+            for i, (acc, loss_k, ag, p, r, f, e) in enumerate(table)]
 
 
 @dataclass(frozen=True)
@@ -148,23 +170,22 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BAT
 def evaluate(model: nn.Module, data: TensorData) -> Evaluation:
     """Test accuracy and loss (cross-entropy on the true labels), agreement with the teacher, macro
     precision / recall / F1, calibration error and the confusion matrix."""
-    logits = predict_logits(model, data.test_x)
-    pred = logits.argmax(dim=1)
-    acc = (pred == data.test_y).float().mean().item()
-    loss = F.cross_entropy(logits, data.test_y).item()
-    agree = None
-    if data.teacher_test is not None:
-        agree = (pred == data.teacher_test.argmax(dim=1)).float().mean().item()
-    p, r, f1, ece, cm = classification_metrics(logits, data.test_y)
-    return Evaluation(acc, loss, agree, p, r, f1, ece, cm)
+    return evaluations(predict_logits(model, data.test_x)[None], data.test_y, [data.teacher_test])[0]
 
 
 def validate(model: nn.Module, data: TensorData) -> tuple[float | None, float | None]:
     """Accuracy and cross-entropy on the validation split: (None, None) without one."""
     if data.val_x is None or data.val_y is None:
         return None, None
-    logits = predict_logits(model, data.val_x)
-    return (logits.argmax(dim=1) == data.val_y).float().mean().item(), F.cross_entropy(logits, data.val_y).item()
+    return validations(predict_logits(model, data.val_x)[None], data.val_y)[0]
+
+
+def validations(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float | None, float | None]]:
+    """(accuracy, cross-entropy) of each of K models from their logits [K, N, classes] on N validation images; one host sync."""
+    k, n, c = logits.shape
+    acc = (logits.argmax(-1) == labels).double().mean(1)
+    loss = F.cross_entropy(logits.float().reshape(k * n, c), labels.expand(k, n).reshape(-1), reduction="none").view(k, n).mean(1)
+    return [(a, lo) for a, lo in torch.stack([acc, loss.double()], 1).tolist()]
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:

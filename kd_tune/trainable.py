@@ -27,7 +27,7 @@ from kd_tune.data import DataSplit
 from kd_tune.errors import DivergedError
 from kd_tune.faults import FaultHook
 from kd_tune.models import build_model
-from kd_tune.packed import Member, PackData, PackedCNN, build_pack, train_pack
+from kd_tune.packed import Member, PackData, PackedCNN, build_pack, channels_last_on, train_pack
 from kd_tune.storage import Storage
 from kd_tune.train import EpochMetrics, Evaluation, TensorData, make_optimizer, train
 
@@ -152,16 +152,18 @@ def pack_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
     widths, shape, classes = bundle.student.widths, bundle.split.info.shape, bundle.split.info.num_classes
     model_args = {"widths": list(widths), "in_shape": list(shape), "num_classes": classes}
 
+    channels_last = channels_last_on(device)
+
     state, known_epoch = restore_state(bundle, trial_dir)
     start = 0
     entries: dict[str, dict[str, Any]] = {label: {"model_args": model_args, "epoch": 0, "history": [], "confusion": []} for label in labels}
     if state is not None:
-        model = PackedCNN.from_state_dicts([state["members"][label]["model"] for label in labels], widths, shape, classes).to(device)
+        model = PackedCNN.from_state_dicts([state["members"][label]["model"] for label in labels], widths, shape, classes, channels_last).to(device)
         optimizer = make_optimizer(model, bundle.student.lr)
         optimizer.load_state_dict(state["optimizer"])
         start, entries = int(state["epoch"]), {label: dict(state["members"][label]) for label in labels}
     else:
-        model = build_pack(widths, shape, classes, [p.seed for p in points]).to(device)
+        model = build_pack(widths, shape, classes, [p.seed for p in points], channels_last).to(device)
         optimizer = make_optimizer(model, bundle.student.lr)
         with torch.no_grad():
             for k in poisoned:  # test fault: this member's outputs are NaN, so its loss diverges at epoch 1

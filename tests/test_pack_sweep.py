@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from kd_tune.cli import main
@@ -30,7 +31,7 @@ def _spec(**resources: Any) -> Any:
 
 def test_packs_group_trials_in_grid_order() -> None:
     unpacked, packed = _spec(), _spec(pack=3)
-    assert unpacked.resources.pack == 1 and not unpacked.packed
+    assert unpacked.resources.pack_size == 1 and not unpacked.packed
     # pack 1: today's configs, exactly (old sweeps resume, nothing changes for unpacked sweeps)
     assert unpacked.tune_configs() == [{"point": t.as_config()} for t in unpacked.trials()]
     assert [len(p) for p in unpacked.packs()] == [1] * 8
@@ -63,7 +64,7 @@ def test_bad_resources_pack(value: object) -> None:
 
 def test_pack_flag() -> None:
     spec = _spec()
-    assert apply_overrides(spec, SweepOptions(pack=4)).resources.pack == 4
+    assert apply_overrides(spec, SweepOptions(pack=4)).resources.pack_size == 4
     assert apply_overrides(_spec(pack=4), SweepOptions()).resources.pack == 4
     for bad in (0, -3):
         with pytest.raises(FlagError, match=r"--pack .*an integer in \[1, 1024\]"):
@@ -73,6 +74,32 @@ def test_pack_flag() -> None:
         parse_space(tiny_space(search=search, resources={"pack": 2}), "s.yaml")
     with pytest.raises(FlagError, match="one student per trial"):
         apply_overrides(parse_space(tiny_space(search=search), "s.yaml"), SweepOptions(pack=2))
+
+
+def test_the_default_pack_follows_the_trials_device() -> None:
+    from dataclasses import replace
+
+    from kd_tune.config import GPU_PACK, space_to_yaml
+    from kd_tune.packed import channels_last_on
+
+    cpu, gpu = _spec(), _spec(gpu=0.25)
+    assert cpu.resources.pack is None and cpu.resources.pack_size == 1 and not cpu.packed
+    assert gpu.resources.pack_size == GPU_PACK == 64 and gpu.packed and [len(p) for p in gpu.packs()] == [8]
+    assert _spec(gpu=1, pack=4).resources.pack_size == 4 and _spec(gpu=1, pack=None).resources.pack_size == GPU_PACK
+    # the flags decide the device, hence the default: a GPU space run on CPUs trains one student per trial
+    assert apply_overrides(gpu, SweepOptions(gpus_per_trial=0)).resources.pack_size == 1
+    assert apply_overrides(cpu, SweepOptions(gpus_per_trial=1)).resources.pack_size == GPU_PACK
+    # a search keeps one student per trial on a GPU too, and that is no error
+    search = parse_space(tiny_space(search={"algorithm": "random", "num_samples": 2}, resources={"cpu": 1, "gpu": 1}), "s.yaml")
+    assert not search.packed and all(len(p) == 1 for p in search.packs())
+    assert load_space_text(space_to_yaml(search), "x").resources.pack is None
+    # the stored space says the packs as trained: a resume on other devices trains the same packs
+    stored = load_space_text(space_to_yaml(gpu), "x")
+    assert stored.resources.pack == GPU_PACK
+    assert apply_overrides(stored, SweepOptions(gpus_per_trial=0)).packs() == gpu.packs()
+    assert load_space_text(space_to_yaml(replace(gpu, resources=replace(gpu.resources, gpu=0.0))), "x").resources.pack == 1
+    # NCHW packs on a GPU, channels_last on a CPU (benchmarks/RESULTS.md)
+    assert channels_last_on("cpu") and not channels_last_on("cuda") and not channels_last_on(torch.device("cuda", 1))
 
 
 def test_plan_shows_packs(write_space: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,8 +14,8 @@ import torch
 from kd_tune import data
 from kd_tune.losses import kd_loss_terms
 from kd_tune.models import build_model
-from kd_tune.packed import Member, PackData, PackedCNN, build_pack, pack_loss_terms, train_pack
-from kd_tune.train import EpochMetrics, make_optimizer, train
+from kd_tune.packed import Member, PackData, PackedCNN, build_pack, evaluate_pack, pack_loss_terms, train_pack
+from kd_tune.train import EpochMetrics, evaluate, make_optimizer, train, validate
 
 from .conftest import FIXTURE_DATA
 
@@ -194,6 +194,30 @@ def test_a_nan_teacher_reaches_only_its_member_and_not_at_alpha_1() -> None:
     assert z.grad is not None
     assert torch.isnan(terms.total[1]) and torch.isnan(terms.distill[2]) and torch.isfinite(terms.total[2])
     assert torch.isfinite(z.grad[0]).all() and torch.isfinite(z.grad[2]).all() and torch.isnan(z.grad[1]).all()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_packs_evaluation_is_its_members_evaluations(pack_data: PackData, packed: bool) -> None:
+    pack = build_pack(WIDTHS, (1, 28, 28), 10, [0, 1, 2, 3, 4])
+    with torch.no_grad():
+        pack.fc_bias[3].fill_(float("nan"))  # a diverged member: left out, and harmless to the others
+    got = evaluate_pack(pack, pack_data, MIXED, [0, 1, 2, 4], packed)
+    assert sorted(got) == [0, 1, 2, 4]
+    for k, (ev, (val_acc, val_loss)) in got.items():
+        student, alone = pack.member(k), pack_data.member_data(MIXED[k])
+        want, (want_acc, want_loss) = evaluate(student, alone), validate(student, alone)
+        # the same predictions, but for an image whose prediction flips at a near tie (see LOSS_REL)
+        flips = sum(abs(a - b) for ra, rb in zip(ev.confusion, want.confusion, strict=True) for a, b in zip(ra, rb, strict=True))
+        assert flips <= 2 and abs(ev.acc - want.acc) <= ONE_TEST_IMAGE
+        assert (ev.teacher_agreement is None) == (MIXED[k].teacher_test is None) == (want.teacher_agreement is None)
+        if ev.teacher_agreement is not None and want.teacher_agreement is not None:
+            assert abs(ev.teacher_agreement - want.teacher_agreement) <= ONE_TEST_IMAGE
+        assert (ev.macro_precision, ev.macro_recall, ev.macro_f1) == pytest.approx((want.macro_precision, want.macro_recall, want.macro_f1), abs=0.01)
+        assert ev.loss == pytest.approx(want.loss, rel=LOSS_REL) and ev.ece == pytest.approx(want.ece, abs=0.01)
+        assert val_acc is not None and want_acc is not None and abs(val_acc - want_acc) <= 1 / 100
+        assert val_loss == pytest.approx(want_loss, rel=LOSS_REL)
+    assert len({ev.loss for ev, _ in got.values()}) == 4  # the members really differ
+    assert evaluate_pack(pack, pack_data, MIXED, []) == {}
 
 
 # --- training ----------------------------------------------------------------------------------
