@@ -3,6 +3,7 @@
     python benchmarks/pack_bench.py                          # CPU, 1 thread, K = 1, 4, 16, 64, 1,024 images (~2 min on 2 idle cores)
     python benchmarks/pack_bench.py --threads 2
     python benchmarks/pack_bench.py --device cuda            # K up to 256, 16,384 images
+    python benchmarks/pack_bench.py --device cuda --study    # the study's pack, whole epochs with evaluation
 
 PyTorch only (no Ray, no MLflow): it runs wherever torch does. The data are synthetic, with MNIST's
 shape (1x28x28 uint8 images, 10 classes, cached teacher logits): the step's cost does not depend on
@@ -13,8 +14,15 @@ the repeats is kept, so a drifting machine hits all alike:
   unpacked    one SeedCNN, the loop of kd_tune.train.train (gather by index, kd_loss_terms, Adam)
   shared      a pack of K whose members share one data order (one seed): a plain first conv
   per-member  a pack of K with K seeds, so K data orders: a grouped first conv on [K, B, ...] batches
-Timed: one training epoch (the host sync at its end included), without the test-set evaluation,
-which packing does not change. "speedup" = student epochs/s of the pack / those of one unpacked student.
+Timed: one training epoch (the host sync at its end included), without the evaluation.
+"speedup" = student epochs/s of the pack / those of one unpacked student.
+
+``--study`` times what a sweep of ``search_spaces/seed_alpha_grid.yaml`` trains instead: whole epochs,
+evaluation included, of the study's pack (alpha 0.0 ... 1.0 at T 3 and a scratch member, one seed, the
+layout and evaluation the trainable picks for the device) and of one unpacked student (``kd_tune.train.train``),
+on 55,000 training, 10,000 test and 5,000 validation images (``--images`` scales all three), and the
+pack's evaluation alone, as one packed forward and member by member. The study's training time is then
+1,000 pack epochs (its 12 epoch-shared students, 12,000 student epochs), against 12,000 unpacked epochs.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,8 +43,8 @@ from bench import interleaved  # noqa: E402  (benchmarks/, the script's own fold
 
 from kd_tune.losses import kd_loss_terms  # noqa: E402
 from kd_tune.models import build_model  # noqa: E402
-from kd_tune.packed import Member, PackData, build_pack, pack_epoch  # noqa: E402
-from kd_tune.train import epoch_order, make_optimizer  # noqa: E402
+from kd_tune.packed import Member, PackData, build_pack, channels_last_on, evaluate_pack, pack_epoch, train_pack  # noqa: E402
+from kd_tune.train import epoch_order, make_optimizer, train  # noqa: E402
 
 SHAPE, CLASSES, WIDTHS, BATCH, LR, ALPHA, TEMPERATURE = (1, 28, 28), 10, (16, 32), 128, 1e-3, 0.5, 3.0
 
@@ -100,6 +109,76 @@ def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_las
     return run
 
 
+def study_data(n: int, device: torch.device) -> PackData:
+    """MNIST-shaped synthetic data at the study's split: n training images (55,000 = 60,000 less 5,000 for
+    validation), and test and validation sets in proportion (10,000 and 5,000 at n = 55,000)."""
+    g = torch.Generator().manual_seed(1)
+    n_test, n_val = max(100, n * 10 // 55), max(100, n * 5 // 55)
+
+    def images(m: int) -> torch.Tensor:
+        x = torch.randint(0, 256, (m, *SHAPE), dtype=torch.uint8, generator=g).float().div_(255)
+        return x.to(device).contiguous(memory_format=torch.channels_last)  # the study's pixel / 255
+
+    def labels(m: int) -> torch.Tensor:
+        return torch.randint(0, CLASSES, (m,), generator=g).to(device)
+
+    return PackData(images(n), labels(n)[None], images(n_test), labels(n_test), (3 * torch.randn(1, n, CLASSES, generator=g)).to(device),
+                    (3 * torch.randn(1, n_test, CLASSES, generator=g)).to(device), images(n_val), labels(n_val))
+
+
+def study(device: torch.device, n: int, repeats: int) -> None:
+    """The study's grid as a sweep trains it (see the module's docstring)."""
+    d = study_data(n, device)
+    members = [Member(seed=0, epochs=1, alpha=a / 10, temperature=3.0, teacher=0, teacher_test=0) for a in range(11)]
+    members.append(Member(seed=0, epochs=1, alpha=1.0, teacher_test=0))  # scratch: no teacher
+    pack = build_pack(WIDTHS, SHAPE, CLASSES, [0] * len(members), channels_last=channels_last_on(device)).to(device)
+    pack_opt = make_optimizer(pack, LR)
+    student = build_model(WIDTHS, SHAPE, CLASSES, 0).to(device)
+    student_opt = make_optimizer(student, LR)
+    alone = d.member_data(members[5])
+    epochs = {"pack": 0, "student": 0}
+
+    def pack_epoch_with_eval() -> float:
+        epochs["pack"] += 1
+        e = epochs["pack"]
+        sync(device)
+        t0 = time.perf_counter()
+        train_pack(pack, pack_opt, d, [replace(m, epochs=e) for m in members], batch_size=BATCH, start_epoch=e - 1)
+        return time.perf_counter() - t0
+
+    def student_epoch_with_eval() -> float:
+        epochs["student"] += 1
+        e = epochs["student"]
+        sync(device)
+        t0 = time.perf_counter()
+        train(student, student_opt, alone, epochs=e, batch_size=BATCH, seed=0, alpha=0.5, temperature=3.0, start_epoch=e - 1)
+        return time.perf_counter() - t0
+
+    def evaluation(packed: bool) -> Callable[[], float]:
+        def run() -> float:
+            sync(device)
+            t0 = time.perf_counter()
+            evaluate_pack(pack, d, members, range(len(members)), packed)
+            return time.perf_counter() - t0
+
+        return run
+
+    rows = [("one unpacked student: epoch with evaluation", student_epoch_with_eval),
+            (f"the study's pack ({len(members)} students): epoch with evaluation", pack_epoch_with_eval),
+            ("the pack's evaluation, one packed forward", evaluation(True)),
+            ("the pack's evaluation, member by member", evaluation(False))]
+    seconds = interleaved([run for _, run in rows], repeats)
+    print(f"\n{n} training, {d.test_x.shape[0]} test, {d.val_x.shape[0] if d.val_x is not None else 0} validation images; "
+          f"pack layout {'channels_last' if channels_last_on(device) else 'NCHW'}; default evaluation "
+          f"{'member by member' if device.type == 'cpu' else 'one packed forward'}\n")
+    print("| measure | s |\n| --- | --- |")
+    for (name, _), sec in zip(rows, seconds, strict=True):
+        print(f"| {name} | {sec:.3f} |")
+    unpacked_h, packed_min = 12_000 * seconds[0] / 3600, 1_000 * seconds[1] / 60
+    print(f"\nthe study's 12,000 student epochs of {n} images: {packed_min:.1f} min as one pack (1,000 pack epochs), "
+          f"{unpacked_h:.2f} h as 12,000 unpacked student epochs one after another: {unpacked_h * 60 / packed_min:.1f}x", flush=True)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -121,18 +200,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: what a 1-CPU trial gets)")
     p.add_argument("--nchw", action="store_true", help="also time packs with contiguous (NCHW) activations instead of channels_last")
+    p.add_argument("--study", action="store_true",
+                   help="time the study's pack and one student, whole epochs with evaluation (--images: training images, default 55000)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible to torch")
     sizes = args.sizes or ([1, 4, 16, 64, 256] if device.type == "cuda" else [1, 4, 16, 64])
-    n = args.images or (16384 if device.type == "cuda" else 1024)
+    n = args.images or (55_000 if args.study else 16384 if device.type == "cuda" else 1024)
     torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # what the trainable does: fixed shapes
     print(f"device: {device_name(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"{n} images/epoch, batch {BATCH}, student {WIDTHS[0]}/{WIDTHS[1]}, float32; {args.repeats} repeats; "
           f"{time.strftime('%Y-%m-%d %H:%M')}; load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    if args.study:
+        study(device, n, args.repeats)
+        return 0
     d = synthetic(n, device)
     layouts = [True, False] if args.nchw else [True]
     print("\n| K | variant | s per pack-epoch | student epochs/s | speedup vs unpacked |\n| --- | --- | --- | --- | --- |", flush=True)
