@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import platform
 import statistics
@@ -165,7 +166,7 @@ def concurrency(split: kd_data.DataSplit, epochs: int) -> tuple[float, float]:
         train(model, make_optimizer(model, 1e-3), data, epochs=epochs, batch_size=128, seed=0)
         return t0, time.time()
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     try:
         ref = ray.put(split)
         ray.get([student.remote(ref, 1) for _ in range(2)])  # warm-up: both worker processes started, torch imported

@@ -43,7 +43,7 @@ from bench import interleaved  # noqa: E402  (benchmarks/, the script's own fold
 
 from kd_tune.losses import kd_loss_terms  # noqa: E402
 from kd_tune.models import build_model  # noqa: E402
-from kd_tune.packed import Member, PackData, build_pack, channels_last_on, evaluate_pack, pack_epoch, train_pack  # noqa: E402
+from kd_tune.packed import Member, PackData, build_pack, channels_last_on, evaluate_pack, pack_epoch, pack_loss_terms, train_pack  # noqa: E402
 from kd_tune.train import epoch_order, make_optimizer, train  # noqa: E402
 
 SHAPE, CLASSES, WIDTHS, BATCH, LR, ALPHA, TEMPERATURE = (1, 28, 28), 10, (16, 32), 128, 1e-3, 0.5, 3.0
@@ -104,6 +104,57 @@ def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_las
         sync(device)
         t0 = time.perf_counter()
         (pack_epoch(model, opt, d, members, epoch, BATCH) / d.train_x.shape[0]).tolist()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def graphed(d: PackData, device: torch.device, k: int, shared: bool) -> Callable[[], float]:
+    """An experiment, not what the trainable does: the NCHW pack's whole step (gather, forward, loss,
+    backward, Adam with ``capturable=True``) captured once as a CUDA graph and replayed per batch (PyTorch's
+    "whole network capture"), so a step costs one index copy and one graph launch instead of dozens of
+    kernel launches. Full batches only (the timed epochs are whole multiples of the batch)."""
+    seeds = [0] * k if shared else list(range(k))
+    model = build_pack(WIDTHS, SHAPE, CLASSES, seeds, channels_last=False).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, capturable=True)
+    alpha, temperature = torch.full((k,), ALPHA, device=device), torch.full((k,), TEMPERATURE, device=device)
+    labels, teacher = d.train_labels[0], d.teacher_train[0] if d.teacher_train is not None else None
+    assert teacher is not None
+    n = d.train_x.shape[0] // BATCH * BATCH
+    static_idx = torch.stack([epoch_order(n, s, 1)[:BATCH] for s in seeds]).to(device)  # [K, B]
+    sums = torch.zeros(k, 3, device=device)
+
+    def step() -> None:
+        x = d.train_x[static_idx[0]] if shared else d.train_x[static_idx.t()].transpose(0, 1)
+        terms = pack_loss_terms(model(x), teacher[static_idx], labels[static_idx], alpha, temperature)
+        terms.total.sum().backward()
+        opt.step()
+        sums.add_(torch.stack([terms.total, terms.hard, terms.distill], dim=1).detach() * BATCH)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (cuDNN's autotuning, Adam's state), as the recipe asks
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    epoch = 0
+
+    def run() -> float:
+        nonlocal epoch
+        epoch += 1
+        sync(device)
+        t0 = time.perf_counter()
+        orders = torch.stack([epoch_order(n, s, epoch) for s in seeds]).to(device)
+        sums.zero_()
+        for i in range(0, n, BATCH):
+            static_idx.copy_(orders[:, i : i + BATCH])
+            graph.replay()
+        (sums / n).tolist()
         return time.perf_counter() - t0
 
     return run
@@ -202,10 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nchw", action="store_true", help="also time packs with contiguous (NCHW) activations instead of channels_last")
     p.add_argument("--study", action="store_true",
                    help="time the study's pack and one student, whole epochs with evaluation (--images: training images, default 55000)")
+    p.add_argument("--graphs", action="store_true", help="also time NCHW packs whose step is replayed as one CUDA graph (an experiment; cuda only)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible to torch")
+    if args.graphs and device.type != "cuda":
+        p.error("--graphs: CUDA graphs need --device cuda")
     sizes = args.sizes or ([1, 4, 16, 64, 256] if device.type == "cuda" else [1, 4, 16, 64])
     n = args.images or (55_000 if args.study else 16384 if device.type == "cuda" else 1024)
     torch.set_num_threads(args.threads)
@@ -227,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
             variants.append((f"shared{suffix}", packed(d, device, k, True, channels_last)))
             if k > 1:  # with one member there is only one data order: the shared path
                 variants.append((f"per-member{suffix}", packed(d, device, k, False, channels_last)))
+        if args.graphs:
+            for shared in [True, False] if k > 1 else [True]:
+                name = f"{'shared' if shared else 'per-member'}, NCHW, CUDA graph"
+                try:
+                    variants.append((name, graphed(d, device, k, shared)))
+                except Exception as e:  # an experiment: a failure to capture is a result, not the end of the run
+                    print(f"| {k} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} | | |", flush=True)
         seconds = interleaved([run for _, run in variants], args.repeats)
         base = 1 / seconds[0]
         for (name, _), s in zip(variants, seconds, strict=True):
