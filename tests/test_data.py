@@ -23,6 +23,26 @@ def test_fixture_is_real_mnist_in_torchvision_layout(fixture_data: Path) -> None
     assert set(train_y.tolist()) == set(range(10))
 
 
+def test_idx_files_are_read_as_torchvision_reads_them(fixture_data: Path, tmp_path: Path) -> None:
+    import sys
+
+    import torchvision.datasets
+
+    info, train_x, train_y, test_x, test_y = data.load("mnist", fixture_data)
+    for train, x, y in ((True, train_x, train_y), (False, test_x, test_y)):
+        ref = torchvision.datasets.MNIST(str(fixture_data), train=train)
+        assert torch.equal(ref.data.unsqueeze(1), x) and torch.equal(ref.targets, y)
+    assert "torchvision" in sys.modules  # (this test imported it; data.load does not need it)
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "ok").write_bytes(data.idx_bytes(a))
+    assert data.read_idx(tmp_path / "ok").tolist() == a.tolist() and data.read_idx(tmp_path / "ok").flags.writeable
+    (tmp_path / "short").write_bytes(data.idx_bytes(a)[:-1])
+    (tmp_path / "floats").write_bytes(b"\x00\x00\x0d\x01" + (4).to_bytes(4, "big") + bytes(16))
+    for name, message in (("short", "23 values, its header says 2x3x4"), ("floats", "not an IDX file of unsigned bytes"), ("absent", "Dataset not found")):
+        with pytest.raises(RuntimeError, match=message):
+            data.read_idx(tmp_path / name)
+
+
 def test_stratified_subset_is_seeded_and_proportional() -> None:
     g = torch.Generator().manual_seed(0)
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate([500, 300, 200])])[torch.randperm(1000, generator=g)]
