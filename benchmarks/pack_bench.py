@@ -4,6 +4,7 @@
     python benchmarks/pack_bench.py --threads 2
     python benchmarks/pack_bench.py --device cuda            # K up to 256, 16,384 images
     python benchmarks/pack_bench.py --device cuda --study    # the study's pack, whole epochs with evaluation
+    python benchmarks/pack_bench.py --eval --sizes 1,4,16    # the members' evaluation: packed forward or one by one
 
 PyTorch only (no Ray, no MLflow): it runs wherever torch does. The data are synthetic, with MNIST's
 shape (1x28x28 uint8 images, 10 classes, cached teacher logits): the step's cost does not depend on
@@ -230,6 +231,28 @@ def study(device: torch.device, n: int, repeats: int) -> None:
           f"{unpacked_h:.2f} h as 12,000 unpacked student epochs one after another: {unpacked_h * 60 / packed_min:.1f}x", flush=True)
 
 
+def evaluation_table(device: torch.device, sizes: list[int], repeats: int) -> None:
+    """A pack's per-epoch evaluation (10,000 test and 5,000 validation images, ``evaluate_pack``): one packed forward
+    per chunk of images against member by member, for each K."""
+    d = study_data(55_000, device)  # its 10,000 test and 5,000 validation images (the training images are not used)
+    print("\n| K | member by member (s) | one packed forward (s) | packed / by member speed |\n| --- | --- | --- | --- |", flush=True)
+    def contender(k: int, packed: bool) -> Callable[[], float]:
+        members = [Member(seed=i, epochs=1, teacher_test=0) for i in range(k)]
+        pack = build_pack(WIDTHS, SHAPE, CLASSES, list(range(k)), channels_last=channels_last_on(device)).to(device)
+
+        def timed() -> float:
+            sync(device)
+            t0 = time.perf_counter()
+            evaluate_pack(pack, d, members, range(k), packed)
+            return time.perf_counter() - t0
+
+        return timed
+
+    for k in sizes:
+        by_member, packed = interleaved([contender(k, False), contender(k, True)], repeats)
+        print(f"| {k} | {by_member:.3f} | {packed:.3f} | {by_member / packed:.2f}x |", flush=True)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -253,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nchw", action="store_true", help="also time packs with contiguous (NCHW) activations instead of channels_last")
     p.add_argument("--study", action="store_true",
                    help="time the study's pack and one student, whole epochs with evaluation (--images: training images, default 55000)")
+    p.add_argument("--eval", action="store_true", help="time the members' evaluation instead: one packed forward against member by member")
     p.add_argument("--graphs", action="store_true", help="also time NCHW packs whose step is replayed as one CUDA graph (an experiment; cuda only)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -270,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.strftime('%Y-%m-%d %H:%M')}; load average {os.getloadavg()[0]:.2f} at start", flush=True)
     if args.study:
         study(device, n, args.repeats)
+        return 0
+    if args.eval:
+        evaluation_table(device, sizes, args.repeats)
         return 0
     d = synthetic(n, device)
     layouts = [True, False] if args.nchw else [True]

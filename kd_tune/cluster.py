@@ -50,7 +50,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 def connect_ray(address: str | None) -> bool:
     """Join the given cluster, else start an embedded one; True when this call started Ray.
 
-    Raises :class:`FlagError` when no cluster answers at ``address``.
+    Call :func:`check_reachable` on ``address`` first. Raises :class:`FlagError` when no cluster answers at ``address``.
     """
     if ray.is_initialized():
         return False
@@ -68,8 +68,7 @@ def connect_ray(address: str | None) -> bool:
 def _init(address: str | None) -> None:
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True, "configure_logging": True}
     if address:
-        check_reachable(address)
-        try:
+        try:  # the caller has run check_reachable(address): ray.init on a dead address would retry for minutes
             ray.init(address=address, **quiet)  # type: ignore[arg-type]
         except ConnectionError as e:
             raise FlagError("--address", address, ADDRESS_ALLOWED, f"no Ray cluster answers there ({first_line(e)})") from None

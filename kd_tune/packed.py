@@ -286,9 +286,9 @@ def pack_logits(model: PackedCNN, x: torch.Tensor, rows: Sequence[int], packed: 
     """Logits [len(rows), N, classes] of members ``rows`` on the images x [N, C, H, W].
 
     ``packed``: one packed forward per chunk of images (every member's logits at once), else each member as a
-    stand-alone ``SeedCNN``. None: packed except on a CPU, where a packed forward was 0.83x / 0.54x / 0.39x as
-    fast as K = 1 / 4 / 16 members one by one (1 thread, 10,000 + 5,000 images); on a GPU a student's
-    forward is launch-bound, as its step is.
+    stand-alone ``SeedCNN``. None: packed except on a CPU, where a packed forward was 0.4-1.0x as fast as the
+    members one by one (K = 1 ... 16, 1 thread; ``benchmarks/pack_bench.py --eval``, RESULTS.md); on a GPU a
+    student's forward is launch-bound, as its step is.
     """
     if packed is None:
         packed = x.device.type != "cpu"
