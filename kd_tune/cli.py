@@ -199,12 +199,15 @@ def plan(space: Path, share_epochs: bool | None, pack: int | None = None) -> int
               f"{f', plus {len(spec.trials())} baseline trials' if spec.trials() else ''}")
         print("\n".join(describe(spec)))
     else:
-        trials = f"{len(spec.packs())} packed trials of up to {spec.resources.pack_size} students" if spec.packed else f"{len(spec.trials())} trials"
+        n = len(spec.packs()) if spec.packed else len(spec.trials())
+        trials = f"{n} {'packed ' if spec.packed else ''}trial{'' if n == 1 else 's'}" + (f" of up to {spec.resources.pack_size} students" if spec.packed else "")
         print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {trials} "
               f"(epoch sharing {'on' if spec.share_epochs else 'off'})")
     if spec.packed:
         packs = spec.packs()
-        print(f"{len(spec.trials())} students in {len(packs)} packs (resources.pack / --pack), each pack one trial and one model:")
+        why = ("resources.pack / --pack" if spec.resources.pack is not None else
+               f"resources.pack unset: {spec.resources.pack_size} when trials get a GPU, as here (resources.gpu {spec.resources.gpu:g}); --pack 1: none")
+        print(f"{len(spec.trials())} students in {len(packs)} packs ({why}), each pack one trial and one model:")
         for i, members in enumerate(packs, 1):
             print(f"  pack {i}: {len(members)} students, trains {members[0].epochs} epochs: {', '.join(t.label for t in members)}")
     else:

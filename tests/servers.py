@@ -305,12 +305,12 @@ class RayHead:
     session of its own, so :meth:`stop` kills the head's session and every descendant of it, by PID.
     """
 
-    def __init__(self, folder: Path, num_cpus: int = 2) -> None:
+    def __init__(self, folder: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = dict(RAY_ENV)
+        self.env = dict(RAY_ENV) | (env or {})  # inherited by the head's jobs and their trials
         self.temp_dir = tempfile.mkdtemp(prefix="kdj-", dir="/tmp")
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(self.port),
                "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats",

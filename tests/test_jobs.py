@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from kd_tune.faults import GATE_ENV
 from kd_tune.tracking import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 
 from .conftest import FIXTURE_DATA, tiny_space
@@ -25,9 +26,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.jobs]
 
 DATASET = {"name": "mnist", "train_size": 1500, "val_size": 100}
 FOLLOWED = tiny_space(name="followed", dataset=DATASET)  # a valid space, for the refusals of bad flags
-# ~0.5-1 s per epoch on one CPU: 4 trials of 6 epochs on 2 CPUs leave ~12 epochs' time between the first reported
-# epoch and the end, for the stop to land in. Epochs 3 and 6 share a trial: 4 trials serve 8 grid points.
+# 4 trials of 6 epochs (epochs 3 and 6 share a trial: 4 trials serve 8 grid points); the stop lands while a gate
+# holds the trials after their first epoch, however fast the epochs are.
 EPOCHS = 6
+GATE = "hold-trials"
 GRID_POINTS = 8
 STOPPED = tiny_space(name="stopped", dataset=DATASET, student={"widths": [16, 32], "lr": 0.003, "batch_size": 16},
                      grid={"alpha": [0.0, 0.5, 1.0], "epochs": [3, EPOCHS]}, baselines=["scratch"])
@@ -35,7 +37,9 @@ STOPPED = tiny_space(name="stopped", dataset=DATASET, student={"widths": [16, 32
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
-    h = RayHead(tmp_path_factory.mktemp("head"))
+    folder = tmp_path_factory.mktemp("head")
+    # While the file GATE exists, every trial of the head's jobs waits after each reported epoch (kd_tune.faults).
+    h = RayHead(folder, env={GATE_ENV: str(folder / GATE)})
     try:
         yield h
     finally:
@@ -122,10 +126,13 @@ def test_bad_input_is_refused_before_anything_is_submitted(head: RayHead, where:
 
 
 def test_stop_mid_sweep_then_resume_by_job_and_follow_it_to_the_end(head: RayHead, where: dict[str, str], write_space: Callable[..., Path],
-                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """One sweep's jobs serve every check of a job's life (each job's driver start-up costs ~20 s here): submitted,
     refused a second live job, stopped mid-sweep, resumed as a second job, followed to the end, listed."""
     space = write_space(STOPPED)
+    gate = Path(head.env[GATE_ENV])
+    gate.touch()  # held after each epoch until the stop
+    request.addfinalizer(lambda: gate.unlink(missing_ok=True))  # never left holding the head's other jobs
     res = kd("submit", space, "--address", head.url, *_submit_flags(where), cwd=tmp_path)
     submitted = time.monotonic()
     assert res.returncode == 0, res.stderr
@@ -138,7 +145,7 @@ def test_stop_mid_sweep_then_resume_by_job_and_follow_it_to_the_end(head: RayHea
     assert f"sweep 'stopped' has a live job on {head.url}: {job} (" in again.stderr
     assert "kd-tune logs stopped --follow" in again.stderr and "kd-tune stop stopped" in again.stderr
 
-    # Wait (polling the storage, against a deadline) until a trial has reported its first epoch.
+    # Wait (polling the storage, against a deadline) until a trial has reported its first epoch; the gate holds it there.
     results = Path(where["storage"], "stopped")
     deadline = time.monotonic() + 300
     while not any(f.read_text().strip() for f in results.glob("*/result.json")):
@@ -161,6 +168,7 @@ def test_stop_mid_sweep_then_resume_by_job_and_follow_it_to_the_end(head: RayHea
     assert all(r.info.status == "KILLED" for r in cut)
     assert "sweep 'stopped': " in log and f"{GRID_POINTS}/{GRID_POINTS} grid points finished" not in log, log[-3000:]  # stopped mid-sweep
 
+    gate.unlink()
     resumed = kd("resume", "stopped", "--address", head.url, "--storage", where["storage"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"sweep 'stopped': resume submitted to {head.url} as Ray job kd-tune-stopped-2" in resumed.stdout

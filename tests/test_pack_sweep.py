@@ -111,6 +111,10 @@ def test_plan_shows_packs(write_space: Callable[..., Path], capsys: pytest.Captu
     assert "pack 2: 4 students, trains 2 epochs: a0.5-T3-e1+2-s0-n0.2, a1-T3-e1+2-s0-n0.2, scratch-e1+2-s0, scratch-e1+2-s0-n0.2" in out
     assert "student epochs: 16" in out
     assert main(["plan", str(space), "--pack", "0"]) == 2
+    # unset, the pack follows the device: one pack of 8 on a GPU, and plan says why
+    assert main(["plan", str(write_space(tiny_space(grid=GRID, baselines=["scratch"], resources={"cpu": 1, "gpu": 0.5})))]) == 0
+    out = capsys.readouterr().out
+    assert "1 packed trial of up to 64 students" in out and "resources.pack unset: 64 when trials get a GPU, as here (resources.gpu 0.5)" in out
 
 
 def _record(client: MlflowClient, name: str) -> dict[Any, Any]:
