@@ -206,8 +206,9 @@ def plan(space: Path, share_epochs: bool | None, pack: int | None = None) -> int
     if spec.packed:
         packs = spec.packs()
         why = ("resources.pack / --pack" if spec.resources.pack is not None else
-               f"resources.pack unset: {spec.resources.pack_size} when trials get a GPU, as here (resources.gpu {spec.resources.gpu:g}); --pack 1: none")
-        print(f"{len(spec.trials())} students in {len(packs)} packs ({why}), each pack one trial and one model:")
+               f"resources.pack unset: {spec.resources.pack_size} when trials get a GPU, as resources.gpu {spec.resources.gpu:g} asks; "
+               "--pack 1 for one student per trial")
+        print(f"{len(spec.trials())} students in {len(packs)} pack{'' if len(packs) == 1 else 's'} ({why}), each pack one trial and one model:")
         for i, members in enumerate(packs, 1):
             print(f"  pack {i}: {len(members)} students, trains {members[0].epochs} epochs: {', '.join(t.label for t in members)}")
     else:

@@ -114,7 +114,7 @@ def test_plan_shows_packs(write_space: Callable[..., Path], capsys: pytest.Captu
     # unset, the pack follows the device: one pack of 8 on a GPU, and plan says why
     assert main(["plan", str(write_space(tiny_space(grid=GRID, baselines=["scratch"], resources={"cpu": 1, "gpu": 0.5})))]) == 0
     out = capsys.readouterr().out
-    assert "1 packed trial of up to 64 students" in out and "resources.pack unset: 64 when trials get a GPU, as here (resources.gpu 0.5)" in out
+    assert "1 packed trial of up to 64 students" in out and "8 students in 1 pack (resources.pack unset: 64 when trials get a GPU, as resources.gpu 0.5 asks; --pack 1" in out
 
 
 def _record(client: MlflowClient, name: str) -> dict[Any, Any]:
