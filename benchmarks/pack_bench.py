@@ -65,19 +65,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def unpacked(d: PackData, device: torch.device) -> Callable[[], float]:
-    """One student, epoch after epoch, stepped exactly as kd_tune.train.train steps it."""
-    model = build_model(WIDTHS, SHAPE, CLASSES, 0).to(device)
-    opt = make_optimizer(model, LR)
-    x, y, t = d.train_x, d.train_labels[0], d.teacher_train[0] if d.teacher_train is not None else None
-    n, epoch = x.shape[0], 0
+def timed_epochs(device: torch.device, body: Callable[[int], object]) -> Callable[[], float]:
+    """A contender: each call runs ``body(epoch)`` for the next epoch (1, 2, ...) and returns its seconds, from a
+    device with no queued work to ``body``'s end (each body ends in a host sync, as the real loops do)."""
+    epoch = 0
 
     def run() -> float:
         nonlocal epoch
         epoch += 1
         sync(device)
         t0 = time.perf_counter()
-        order = epoch_order(n, 0, epoch).to(device)
+        body(epoch)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def unpacked(d: PackData, device: torch.device) -> Callable[[], float]:
+    """One student, epoch after epoch, stepped exactly as kd_tune.train.train steps it."""
+    model = build_model(WIDTHS, SHAPE, CLASSES, 0).to(device)
+    opt = make_optimizer(model, LR)
+    x, y, t = d.train_x, d.train_labels[0], d.teacher_train[0] if d.teacher_train is not None else None
+    n = x.shape[0]
+
+    def epoch(e: int) -> None:
+        order = epoch_order(n, 0, e).to(device)
         sums = torch.zeros(3, device=device)
         for i in range(0, n, BATCH):
             idx = order[i : i + BATCH]
@@ -87,9 +99,8 @@ def unpacked(d: PackData, device: torch.device) -> Callable[[], float]:
             opt.step()
             sums += torch.stack([terms.total.detach(), terms.hard.detach(), terms.distill.detach()]) * idx.numel()
         (sums / n).tolist()  # train.train's one host sync per epoch
-        return time.perf_counter() - t0
 
-    return run
+    return timed_epochs(device, epoch)
 
 
 def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_last: bool) -> Callable[[], float]:
@@ -97,17 +108,7 @@ def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_las
     members = [Member(seed=s, epochs=1, alpha=ALPHA, temperature=TEMPERATURE, teacher=0) for s in seeds]
     model = build_pack(WIDTHS, SHAPE, CLASSES, seeds, channels_last=channels_last).to(device)
     opt = make_optimizer(model, LR)
-    epoch = 0
-
-    def run() -> float:
-        nonlocal epoch
-        epoch += 1
-        sync(device)
-        t0 = time.perf_counter()
-        (pack_epoch(model, opt, d, members, epoch, BATCH) / d.train_x.shape[0]).tolist()
-        return time.perf_counter() - t0
-
-    return run
+    return timed_epochs(device, lambda e: (pack_epoch(model, opt, d, members, e, BATCH) / d.train_x.shape[0]).tolist())
 
 
 def graphed(d: PackData, device: torch.device, k: int, shared: bool) -> Callable[[], float]:
@@ -143,22 +144,16 @@ def graphed(d: PackData, device: torch.device, k: int, shared: bool) -> Callable
     opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
         step()
-    epoch = 0
 
-    def run() -> float:
-        nonlocal epoch
-        epoch += 1
-        sync(device)
-        t0 = time.perf_counter()
-        orders = torch.stack([epoch_order(n, s, epoch) for s in seeds]).to(device)
+    def epoch(e: int) -> None:
+        orders = torch.stack([epoch_order(n, s, e) for s in seeds]).to(device)
         sums.zero_()
         for i in range(0, n, BATCH):
             static_idx.copy_(orders[:, i : i + BATCH])
             graph.replay()
         (sums / n).tolist()
-        return time.perf_counter() - t0
 
-    return run
+    return timed_epochs(device, epoch)
 
 
 def study_data(n: int, device: torch.device) -> PackData:
@@ -188,35 +183,17 @@ def study(device: torch.device, n: int, repeats: int) -> None:
     student = build_model(WIDTHS, SHAPE, CLASSES, 0).to(device)
     student_opt = make_optimizer(student, LR)
     alone = d.member_data(members[5])
-    epochs = {"pack": 0, "student": 0}
-
-    def pack_epoch_with_eval() -> float:
-        epochs["pack"] += 1
-        e = epochs["pack"]
-        sync(device)
-        t0 = time.perf_counter()
+    def pack_epoch_with_eval(e: int) -> None:
         train_pack(pack, pack_opt, d, [replace(m, epochs=e) for m in members], batch_size=BATCH, start_epoch=e - 1)
-        return time.perf_counter() - t0
 
-    def student_epoch_with_eval() -> float:
-        epochs["student"] += 1
-        e = epochs["student"]
-        sync(device)
-        t0 = time.perf_counter()
+    def student_epoch_with_eval(e: int) -> None:
         train(student, student_opt, alone, epochs=e, batch_size=BATCH, seed=0, alpha=0.5, temperature=3.0, start_epoch=e - 1)
-        return time.perf_counter() - t0
 
     def evaluation(packed: bool) -> Callable[[], float]:
-        def run() -> float:
-            sync(device)
-            t0 = time.perf_counter()
-            evaluate_pack(pack, d, members, range(len(members)), packed)
-            return time.perf_counter() - t0
+        return timed_epochs(device, lambda e: evaluate_pack(pack, d, members, range(len(members)), packed))
 
-        return run
-
-    rows = [("one unpacked student: epoch with evaluation", student_epoch_with_eval),
-            (f"the study's pack ({len(members)} students): epoch with evaluation", pack_epoch_with_eval),
+    rows = [("one unpacked student: epoch with evaluation", timed_epochs(device, student_epoch_with_eval)),
+            (f"the study's pack ({len(members)} students): epoch with evaluation", timed_epochs(device, pack_epoch_with_eval)),
             ("the pack's evaluation, one packed forward", evaluation(True)),
             ("the pack's evaluation, member by member", evaluation(False))]
     seconds = interleaved([run for _, run in rows], repeats)
@@ -239,14 +216,7 @@ def evaluation_table(device: torch.device, sizes: list[int], repeats: int) -> No
     def contender(k: int, packed: bool) -> Callable[[], float]:
         members = [Member(seed=i, epochs=1, teacher_test=0) for i in range(k)]
         pack = build_pack(WIDTHS, SHAPE, CLASSES, list(range(k)), channels_last=channels_last_on(device)).to(device)
-
-        def timed() -> float:
-            sync(device)
-            t0 = time.perf_counter()
-            evaluate_pack(pack, d, members, range(k), packed)
-            return time.perf_counter() - t0
-
-        return timed
+        return timed_epochs(device, lambda e: evaluate_pack(pack, d, members, range(k), packed))
 
     for k in sizes:
         by_member, packed = interleaved([contender(k, False), contender(k, True)], repeats)
