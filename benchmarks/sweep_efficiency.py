@@ -5,6 +5,7 @@ loop, one thread) against the same students as a ``kd-tune sweep`` with the defa
     python benchmarks/sweep_efficiency.py --repeats 3  # sequential and sweep alternated 3 times: medians
     python benchmarks/sweep_efficiency.py --epochs 15  # longer students: the fixed costs weigh less
     python benchmarks/sweep_efficiency.py --repeats 2 --compare-with ../old  # also an older checkout's sweep, alternated
+    python benchmarks/sweep_efficiency.py --cpu        # and where the CPU time went during the sweep (Linux /proc)
 
 ratio = median sequential seconds / median sweep wall seconds (the whole ``kd-tune sweep`` command: Python,
 Ray's start and shutdown included). The two alternate (A B A B ...) because this machine's speed drifts by
@@ -44,14 +45,75 @@ resources: {cpu: 1, gpu: 0}
 """
 
 
-def sweep(name: str, code: str | None = None) -> float:
+def sweep(name: str, code: str | None = None, cpu: bool = False) -> float:
     """Seconds of one ``kd-tune sweep`` command (``python -m kd_tune.cli``, as the ``kd-tune`` script runs it), with
-    kd-tune imported from ``code`` (a checkout, e.g. an older commit's worktree) when given."""
+    kd-tune imported from ``code`` (a checkout, e.g. an older commit's worktree) when given; with ``cpu``, prints
+    where the machine's CPU time went meanwhile (:func:`cpu_use`)."""
     env = {**os.environ, "PYTHONPATH": code} if code else None
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "kd_tune.cli", "sweep", str(HERE / "space.yaml"), "--name", name, "--storage", str(HERE / "st"),
-                    "--tracking-uri", f"sqlite:///{HERE}/mlflow.db", "--quiet"], cwd=HERE, check=True, capture_output=True, env=env)
-    return time.perf_counter() - t0
+    before = _cpu_times() if cpu else {}
+    log = HERE / f"{name}.log"  # a file, not a pipe: nothing reads the output while the sweep runs
+    with log.open("w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "kd_tune.cli", "sweep", str(HERE / "space.yaml"), "--name", name, "--storage",
+                                 str(HERE / "st"), "--tracking-uri", f"sqlite:///{HERE}/mlflow.db", "--quiet"],
+                                cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT)
+        use = cpu_use(proc, before, t0) if cpu else None
+        proc.wait()
+        wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"kd-tune sweep {name} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    if use is not None:
+        print(json.dumps(use), flush=True)
+    return wall
+
+
+def _cpu_times() -> dict[int, tuple[float, str]]:
+    """Every process's CPU seconds so far (user + system) and its command line, from /proc."""
+    hz, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        fields, comm = stat[stat.rfind(")") + 2 :].split(), stat[stat.find("(") + 1 : stat.rfind(")")]
+        out[int(pid)] = ((int(fields[11]) + int(fields[12])) / hz, f"{comm} {cmd}")  # Ray retitles its workers: both names
+    return out
+
+
+def _kind(pid: int, cmd: str, driver: int) -> str:
+    if pid == driver:
+        return "driver"
+    if "ImplicitFu" in cmd:  # a Tune trial actor (the command name is cut at 15 characters)
+        return "trial workers"
+    return "ray's processes" if "ray" in cmd.lower() else "other"
+
+
+def cpu_use(proc: subprocess.Popen[bytes], before: dict[int, tuple[float, str]], t0: float, every: float = 0.25) -> dict[str, object]:
+    """Samples every process's CPU time until ``proc`` ends: core-seconds per kind of process (the sweep's driver,
+    its trial workers, Ray's own processes, anything else), busy and idle core-seconds, and the busy cores per
+    2-second window. Sampling, not synchronization: the loop only reads /proc while the sweep runs."""
+    cores = os.cpu_count() or 1
+    last: dict[int, tuple[float, str]] = {}
+    windows: dict[int, float] = {}
+    previous = sum(c for c, _ in before.values())
+    while proc.poll() is None:
+        time.sleep(every)
+        now = _cpu_times()
+        last |= {pid: v for pid, v in now.items() if pid not in before or v[0] > before[pid][0]}
+        total = sum(c for c, _ in now.values()) + sum(before[p][0] for p in before.keys() - now.keys())
+        window = int((time.perf_counter() - t0) // 2) * 2
+        windows[window] = windows.get(window, 0.0) + max(0.0, total - previous)
+        previous = total
+    wall = time.perf_counter() - t0
+    kinds: dict[str, float] = {}
+    for pid, (cpu_s, cmd) in last.items():
+        kind = _kind(pid, cmd, proc.pid)
+        kinds[kind] = kinds.get(kind, 0.0) + cpu_s - (before[pid][0] if pid in before else 0.0)
+    busy = sum(kinds.values())
+    return {"cpu_wall_s": round(wall, 1), "core_s_available": round(wall * cores, 1), "core_s_busy": round(busy, 1),
+            "core_s_idle": round(wall * cores - busy, 1), "core_s_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items())},
+            "busy_cores_per_2s": [round(v / 2, 1) for _, v in sorted(windows.items())]}
 
 
 def sequential() -> float:
@@ -77,6 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=1, help="sequential / sweep pairs, alternated (default 1)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per student (default 5, the issue's measurement)")
+    parser.add_argument("--cpu", action="store_true", help="also print where the CPU time went during each measured sweep "
+                        "(core-seconds of the driver, trial workers, Ray's processes; idle core-seconds; busy cores per 2 s)")
     parser.add_argument("--compare-with", metavar="CHECKOUT", help="also time the sweep of the kd-tune in this folder (an older "
                         "commit's worktree), alternated with the others")
     args = parser.parse_args()
@@ -87,7 +151,7 @@ def main() -> None:
     seqs, walls, others = [], [], []
     for r in range(args.repeats):
         seqs.append(sequential())
-        walls.append(sweep(f"measured{r}"))
+        walls.append(sweep(f"measured{r}", cpu=args.cpu))
         row = {"pair": r, "sequential_s": round(seqs[-1], 1), "sweep_wall_s": round(walls[-1], 1), "ratio": round(seqs[-1] / walls[-1], 2)}
         if args.compare_with:
             others.append(sweep(f"compared{r}", args.compare_with))
