@@ -100,7 +100,7 @@ def evaluations(
     ``teacher_logits[k]``: the teacher model k is compared with ([N, classes]; None: no agreement). Loss is
     cross-entropy on the labels; macro precision / recall / F1 count a class without predictions or
     examples as 0; ECE bins confidences into ``bins`` equal-width bins, |accuracy - confidence| weighted
-    by bin size. All K at once, with two host syncs in all: a GPU evaluating a pack waits twice, not per member.
+    by bin size. All K at once, read back in two transfers: a GPU evaluating a pack waits twice, not per member.
     """
     k, n, c = logits.shape
     dev = logits.device
@@ -110,7 +110,9 @@ def evaluations(
     correct = pred == y
     loss = F.cross_entropy(logits.reshape(k * n, c), y.reshape(-1), reduction="none").view(k, n).mean(1)
     rows = torch.arange(k, device=dev)[:, None]
-    cm = torch.bincount(((rows * c + y) * c + pred).reshape(-1), minlength=k * c * c).view(k, c, c)  # [k][true][predicted]
+    # Counted with scatter_add_, not bincount, which asks the GPU for the largest index (a host sync) to size its output.
+    cells = ((rows * c + y) * c + pred).reshape(-1)
+    cm = torch.zeros(k * c * c, dtype=torch.long, device=dev).scatter_add_(0, cells, torch.ones_like(cells)).view(k, c, c)  # [k][true][pred]
     tp, predicted, actual = cm.diagonal(dim1=1, dim2=2).double(), cm.sum(1).double(), cm.sum(2).double()
     precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
     recall = torch.where(actual > 0, tp / actual.clamp(min=1), 0.0)
@@ -120,8 +122,10 @@ def evaluations(
     which = (conf.double() * bins).ceil().clamp(1, bins).long() - 1
     gap = torch.einsum("knb,kn->kb", F.one_hot(which, bins).double(), correct.double() - conf.double())
     ece = gap.abs().sum(1) / n
-    agree = torch.stack([(pred[i] == t.argmax(dim=1)).double().mean() if t is not None else torch.tensor(math.nan, dtype=torch.float64, device=dev)
-                         for i, t in enumerate(teacher_logits)])
+    agree = torch.full((k,), math.nan, dtype=torch.float64, device=dev)  # NaN: no teacher to agree with
+    for i, t in enumerate(teacher_logits):
+        if t is not None:
+            agree[i] = (pred[i] == t.argmax(dim=1)).double().mean()
     table = torch.stack([correct.double().mean(1), loss.double(), agree, precision.mean(1), recall.mean(1), f1.mean(1), ece], 1).tolist()
     confusion = cm.tolist()
     return [Evaluation(acc, loss_k, None if math.isnan(ag) else ag, p, r, f, e, confusion[i])
