@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -124,7 +125,9 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
                 log(f"tracking: {replayed.steps} epochs of metrics and {replayed.ended} run ends the last driver had not recorded "
                     "were written from the trials' checkpoints")
         inputs = dataset_inputs(split, labels, data_dir)  # the runs' datasets for MLflow, fingerprinted once
-        teachers = _get_teachers(spec, split, labels, storage, client, record, opts.quiet, log, inputs=inputs, data_dir=data_dir)
+        example = input_example(split)  # every logged model's input example: the teachers' and the students'
+        teachers = _get_teachers(spec, split, labels, storage, client, record, opts.quiet, log, inputs=inputs, example=example,
+                                 data_dir=data_dir)
         trials, total = spec.trials(), spec.planned_rows()
         n_trials = len(spec.packs()) + spec.search.num_samples
         verb = f"resuming ({len(finished_before)} of {n_trials} trials finished before)" if finished_before or opts.resume else "starting"
@@ -135,7 +138,7 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
             f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {storage.show(spec.name)}")
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
         bundle = TrialBundle(split, spec.student, labels, teachers.train, teachers.test, storage, spec.name)
-        tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs)
+        tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs, example=example)
         try:
             with fresh_sweep_loggers(not restoring):
                 grid = tuner.fit()
@@ -196,15 +199,16 @@ def _open_record(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: 
 
 
 def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.Tensor], storage: Storage, client: MlflowClient,
-                  record: SweepRecord, quiet: bool, log: Log, *, inputs: dict[float, list[DataInput]], data_dir: Path | None) -> _Teachers:
+                  record: SweepRecord, quiet: bool, log: Log, *, inputs: dict[float, list[DataInput]], example: np.ndarray,
+                  data_dir: Path | None) -> _Teachers:
     """One teacher (or ensemble) per label-noise level, logged under the parent run: it learns from the
     labels the students see, unless teacher.clean asks for the clean labels (then one serves every level).
 
     ``inputs``: the students' datasets per label-noise level (:func:`~kd_tune.mlflow_runs.dataset_inputs`,
-    computed once by the caller); a clean teacher's labels, when no student sees them, are fingerprinted here."""
+    computed once by the caller); a clean teacher's labels, when no student sees them, are fingerprinted here.
+    ``example``: the logged models' input example (:func:`~kd_tune.mlflow_runs.input_example`)."""
     node_cpus = teacher_cpus(spec.resources, log)
     inputs = dict(inputs)
-    example = input_example(split)
     teacher_models: list[str] = []
     train, test, accs = {}, {}, {}
     for noise in spec.noise_levels():
@@ -227,7 +231,7 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
 
 
 def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: SweepRecord, restoring: bool, quiet: bool, *,
-                inputs: dict[float, list[DataInput]]) -> tune.Tuner:
+                inputs: dict[float, list[DataInput]], example: np.ndarray) -> tune.Tuner:
     """A new Tuner over the trials, or the sweep's own restored (its run config brings back the MLflow callback).
 
     The callback gets the runs' datasets (``inputs``) and an example model input: plain data, pickled
@@ -238,7 +242,6 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
         search.allow_results_without_metric()
     if restoring:
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
-    example = input_example(bundle.split)
     save_tracking_inputs(storage, spec.name, inputs, example)  # what kd-tune sync needs to make a run
     tracking = MlflowTrackingCallback(tracking_uri=record.tracking_uri, experiment_id=record.experiment_id,
                                       parent_run_id=record.parent_run_id, sweep=spec.name, static_params=spec.flat_params(),
