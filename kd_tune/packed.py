@@ -282,25 +282,26 @@ class PackData:
 
 
 @torch.no_grad()
-def pack_logits(model: PackedCNN, x: torch.Tensor, rows: Sequence[int], packed: bool | None = None) -> torch.Tensor:
-    """Logits [len(rows), N, classes] of members ``rows`` on the images x [N, C, H, W].
+def pack_logits(model: PackedCNN, images: Sequence[torch.Tensor], rows: Sequence[int], packed: bool | None = None) -> list[torch.Tensor]:
+    """Logits [len(rows), N, classes] of members ``rows`` on each image set [N, C, H, W] of ``images``.
 
     ``packed``: one packed forward per chunk of images (every member's logits at once), else each member as a
-    stand-alone ``SeedCNN``. None: packed except on a CPU, where a packed forward was 0.4-1.0x as fast as the
-    members one by one (K = 1 ... 16, 1 thread; ``benchmarks/pack_bench.py --eval``, RESULTS.md); on a GPU a
-    student's forward is launch-bound, as its step is.
+    stand-alone ``SeedCNN`` (copied once for all the image sets). None: packed except on a CPU, where a packed
+    forward was 0.4-1.0x as fast as the members one by one (K = 1 ... 16, 1 thread; ``benchmarks/pack_bench.py
+    --eval``, RESULTS.md); on a GPU a student's forward is launch-bound, as its step is.
     """
     if packed is None:
-        packed = x.device.type != "cpu"
+        packed = images[0].device.type != "cpu"
     if not packed:
-        return torch.stack([predict_logits(model.member(i), x) for i in rows])
+        students = [model.member(i) for i in rows]
+        return [torch.stack([predict_logits(student, x) for student in students]) for x in images]
     # Chunks of EVAL_BATCH images for one student, fewer for a wide pack: K * chunk activations stay bounded.
     chunk = max(1, min(EVAL_BATCH, EVAL_STUDENT_IMAGES // model.k))
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)], dim=1)
+    out = [torch.cat([model(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)], dim=1)[list(rows)] for x in images]
     model.train(was_training)
-    return out[list(rows)]
+    return out
 
 
 def evaluate_pack(
@@ -314,11 +315,11 @@ def evaluate_pack(
     rows = list(which)
     teachers = [None if members[i].teacher_test is None or data.teacher_test is None else data.teacher_test[members[i].teacher_test]
                 for i in rows]
-    tests = evaluations(pack_logits(model, data.test_x, rows, packed), data.test_y, teachers)
-    if data.val_x is None or data.val_y is None:
-        vals: list[tuple[float | None, float | None]] = [(None, None)] * len(rows)
-    else:
-        vals = validations(pack_logits(model, data.val_x, rows, packed), data.val_y)
+    sets = [data.test_x] if data.val_x is None or data.val_y is None else [data.test_x, data.val_x]
+    logits = pack_logits(model, sets, rows, packed)
+    tests = evaluations(logits[0], data.test_y, teachers)
+    no_val: list[tuple[float | None, float | None]] = [(None, None)] * len(rows)
+    vals = validations(logits[1], data.val_y) if len(logits) > 1 and data.val_y is not None else no_val
     return {i: (ev, val) for i, ev, val in zip(rows, tests, vals, strict=True)}
 
 
