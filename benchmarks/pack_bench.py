@@ -50,16 +50,6 @@ from kd_tune.train import epoch_order, make_optimizer, train  # noqa: E402
 SHAPE, CLASSES, WIDTHS, BATCH, LR, ALPHA, TEMPERATURE = (1, 28, 28), 10, (16, 32), 128, 1e-3, 0.5, 3.0
 
 
-def synthetic(n: int, device: torch.device) -> PackData:
-    """Normalized channels_last images, labels and teacher logits of MNIST's shape (test split unused)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, *SHAPE), dtype=torch.uint8, generator=g).float().div_(255).sub_(0.1307).div_(0.3081)
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, CLASSES, (1, n), generator=g).to(device)
-    teacher = (3 * torch.randn(1, n, CLASSES, generator=g)).to(device)
-    return PackData(x, y, x[:1], y[0, :1], teacher, None)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -156,9 +146,10 @@ def graphed(d: PackData, device: torch.device, k: int, shared: bool) -> Callable
     return timed_epochs(device, epoch)
 
 
-def study_data(n: int, device: torch.device) -> PackData:
+def synthetic(n: int, device: torch.device) -> PackData:
     """MNIST-shaped synthetic data at the study's split: n training images (55,000 = 60,000 less 5,000 for
-    validation), and test and validation sets in proportion (10,000 and 5,000 at n = 55,000)."""
+    validation), test and validation sets in proportion (10,000 and 5,000 at n = 55,000), a teacher's logits
+    on each. Random pixels: a step's cost does not depend on their values."""
     g = torch.Generator().manual_seed(1)
     n_test, n_val = max(100, n * 10 // 55), max(100, n * 5 // 55)
 
@@ -175,7 +166,7 @@ def study_data(n: int, device: torch.device) -> PackData:
 
 def study(device: torch.device, n: int, repeats: int) -> None:
     """The study's grid as a sweep trains it (see the module's docstring)."""
-    d = study_data(n, device)
+    d = synthetic(n, device)
     members = [Member(seed=0, epochs=1, alpha=a / 10, temperature=3.0, teacher=0, teacher_test=0) for a in range(11)]
     members.append(Member(seed=0, epochs=1, alpha=1.0, teacher_test=0))  # scratch: no teacher
     pack = build_pack(WIDTHS, SHAPE, CLASSES, [0] * len(members), channels_last=channels_last_on(device)).to(device)
@@ -211,7 +202,7 @@ def study(device: torch.device, n: int, repeats: int) -> None:
 def evaluation_table(device: torch.device, sizes: list[int], repeats: int) -> None:
     """A pack's per-epoch evaluation (10,000 test and 5,000 validation images, ``evaluate_pack``): one packed forward
     per chunk of images against member by member, for each K."""
-    d = study_data(55_000, device)  # its 10,000 test and 5,000 validation images (the training images are not used)
+    d = synthetic(55_000, device)  # its 10,000 test and 5,000 validation images (the training images are not used)
     print("\n| K | member by member (s) | one packed forward (s) | packed / by member speed |\n| --- | --- | --- | --- |", flush=True)
     def contender(k: int, packed: bool) -> Callable[[], float]:
         members = [Member(seed=i, epochs=1, teacher_test=0) for i in range(k)]
