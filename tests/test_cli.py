@@ -183,6 +183,14 @@ def test_training_path_and_pack_benchmark_import_with_pytorch_alone() -> None:
     assert proc.stdout.strip() == "[]"
 
 
+def test_pack_benchmark_refuses_cuda_graphs_on_a_cpu() -> None:
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "pack_bench.py"
+    proc = subprocess.run([sys.executable, str(bench), "--graphs"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "pack_bench.py: error: --graphs: CUDA graphs need --device cuda"
+    assert proc.stdout == ""  # refused before anything was timed
+
+
 def test_flag_error_names_the_flag_value_and_what_is_allowed() -> None:
     from kd_tune.errors import FlagError, UsageError
 
