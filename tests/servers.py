@@ -227,7 +227,7 @@ class RayCluster:
     def _wait_for_new_node(self, known: set[str], timeout: float = 120) -> str:
         """The id of a live node not in ``known``, once one has joined (asked through a driver in a subprocess)."""
         script = ("import json, sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                  "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
+                  "print('kd-tune-nodes', json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for proc in (self.head, self.worker):
@@ -235,7 +235,9 @@ class RayCluster:
             res = subprocess.run([sys.executable, "-c", script, self.address], capture_output=True, text=True, timeout=120,
                                  env={**os.environ, **self.env})
             if res.returncode == 0:
-                new = set(json.loads(res.stdout.strip().splitlines()[-1])) - known
+                # Ray may print its own warnings (e.g. "raylet has lagging heartbeats") after ours: find our line.
+                line = next(ln for ln in res.stdout.splitlines() if ln.startswith("kd-tune-nodes "))
+                new = set(json.loads(line.removeprefix("kd-tune-nodes "))) - known
                 if new:
                     return new.pop()
             time.sleep(0.5)  # polling a condition against a deadline
