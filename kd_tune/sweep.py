@@ -15,9 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import ray
-
-from kd_tune.cluster import check_local_fits, check_reachable, check_shared, connect_ray
+from kd_tune.cluster import check_local_fits, check_reachable, check_shared, connect_ray, shutdown_ray
 from kd_tune.config import SweepSpec, load_space, load_space_text
 from kd_tune.errors import FlagError, UsageError
 from kd_tune.options import SweepOptions, apply_overrides
@@ -102,7 +100,7 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
             return drive(spec, storage, opts, loaded, log, started=started, wait=wait)
         finally:
             if started_ray:
-                ray.shutdown()
+                shutdown_ray()
 
 
 def _load(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, *, open_record: bool) -> Loaded:

@@ -158,9 +158,8 @@ def test_packed_sweep_records_what_an_unpacked_sweep_records(write_space: Callab
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # One member's loss is NaN (its images in the unpacked trial, its outputs in the pack): it diverges, alone.
     monkeypatch.setenv("KD_TUNE_TEST_FAULT", "a0.5-T3-e1+2-s0-n0.2:nan")
-    import ray
 
-    from kd_tune.cluster import connect_ray
+    from kd_tune.cluster import connect_ray, shutdown_ray
 
     assert connect_ray(None)  # one Ray (started after the fault is set: its workers inherit it) for both sweeps
     records, tables = {}, {}
@@ -172,7 +171,7 @@ def test_packed_sweep_records_what_an_unpacked_sweep_records(write_space: Callab
             assert outcome.total == 16 and outcome.finished == 14 and outcome.diverged == 2, outcome.table
             records[name], tables[name] = _record(MlflowClient(uri), name), outcome.table
     finally:
-        ray.shutdown()
+        shutdown_ray()
     from ray import tune
 
     trials = tune.ExperimentAnalysis(str(tmp_path / "store" / "packed")).trials

@@ -139,15 +139,14 @@ def test_teacher_cache_and_checkpoints_on_storage(storage: Storage) -> None:
 def ray_with_s3_credentials(s3: S3Server) -> Iterator[None]:
     """One real embedded Ray (as ``run_sweep`` starts it, the test S3 server's credentials in its workers'
     environment) for a sweep and its resume, instead of one each."""
-    import ray
 
-    from kd_tune.cluster import connect_ray
+    from kd_tune.cluster import connect_ray, shutdown_ray
 
     assert connect_ray(None)
     try:
         yield
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
 
 @pytest.mark.integration

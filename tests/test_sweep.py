@@ -26,16 +26,21 @@ pytestmark = pytest.mark.integration
 def shared_ray() -> Iterator[None]:
     """One real embedded Ray (as ``run_sweep`` starts it) for this module's in-process sweeps: each joins it
     instead of starting and stopping its own, and later sweeps find its workers already up. Sweeps that
-    must start their own Ray (the CLI's, in a subprocess) still do."""
+    must start their own Ray (the CLI's, in a subprocess) still do. Its end checks that shutdown_ray()
+    (which kills the autoscaler's monitor first) stops every process the cluster started."""
     import ray
 
-    from kd_tune.cluster import connect_ray
+    from kd_tune.cluster import connect_ray, shutdown_ray
 
     assert connect_ray(None)
+    processes = {kind: [i.process for i in infos] for kind, infos in ray._private.worker._global_node.all_processes.items()}
+    assert "monitor" in processes and "raylet" in processes  # what shutdown_ray() relies on in this Ray version
     try:
         yield
     finally:
-        ray.shutdown()
+        shutdown_ray()
+    alive = {kind: [p.pid for p in procs if p.poll() is None] for kind, procs in processes.items()}
+    assert not any(alive.values()), alive
 
 
 def _runs_by_role(client: MlflowClient, experiment: str) -> dict[str, list]:
