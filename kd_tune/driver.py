@@ -8,6 +8,7 @@ every trial reads them from there. :mod:`kd_tune.sweep` checks everything first 
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -139,6 +140,10 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
         bundle = TrialBundle(split, spec.student, labels, teachers.train, teachers.test, storage, spec.name)
         tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs, example=example)
+        # Everything made so far (the modules, the data, the teachers' logits) lives until the sweep ends:
+        # take it out of the collector's walks, then let the collector run again (kd_tune.sweep paused it).
+        gc.freeze()
+        gc.enable()
         try:
             with fresh_sweep_loggers(not restoring):
                 grid = tuner.fit()
