@@ -57,8 +57,8 @@ from kd_tune.results import SweepOutcome, results_table
 from kd_tune.storage import Storage
 from kd_tune.summary import summarize_on_parent
 from kd_tune.sync import recorder_for, replay
-from kd_tune.teacher import ensemble_logits, get_teachers, log_teacher_summary
-from kd_tune.tracking import MlflowTrackingCallback, outbox_of
+from kd_tune.teacher import Teacher, ensemble_logits, get_teachers, log_teacher_summary
+from kd_tune.tracking import MlflowTrackingCallback, open_outbox, outbox_of
 from kd_tune.tracking_store import resolve_tracking_uri
 from kd_tune.trainable import TrialBundle, kd_trainable, trial_dirname
 
@@ -92,11 +92,14 @@ def load(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
 
 @dataclass(frozen=True)
 class _Teachers:
-    """The teachers' logits per label-noise level the students see, and the first level's accuracy."""
+    """The teachers' logits per label-noise level the students see, the first level's accuracy, and their MLflow record."""
 
     train: dict[float, torch.Tensor]
     test: dict[float, torch.Tensor]
     acc: float
+    record: Callable[[], None]
+    """Writes the teachers' runs (with their models) and the parent run's datasets, teachers and teacher
+    accuracy; safe to call again after it failed half-way (what the store has is not written twice)."""
 
 
 def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded, log: Log, *, started: float, wait: float) -> SweepOutcome:
@@ -140,6 +143,10 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
         bundle = TrialBundle(split, spec.student, labels, teachers.train, teachers.test, storage, spec.name)
         tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs, example=example)
+        # The teachers' MLflow record is the sweep's first tracking write, shipped while the trial workers start
+        # rather than before: it is ~2.5 s of one core (their models' torch.export, the first one importing
+        # torch's compiler stack), and a store that is away then no longer keeps the trials from training.
+        open_outbox(spec.name, record.tracking_uri).put(teachers.record, "the teachers' runs")
         # Everything made so far (the modules, the data, the teachers' logits) lives until the sweep ends:
         # take it out of the collector's walks, then let the collector run again (kd_tune.sweep paused it).
         gc.freeze()
@@ -206,15 +213,16 @@ def _open_record(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: 
 def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.Tensor], storage: Storage, client: MlflowClient,
                   record: SweepRecord, quiet: bool, log: Log, *, inputs: dict[float, list[DataInput]], example: np.ndarray,
                   data_dir: Path | None) -> _Teachers:
-    """One teacher (or ensemble) per label-noise level, logged under the parent run: it learns from the
-    labels the students see, unless teacher.clean asks for the clean labels (then one serves every level).
+    """One teacher (or ensemble) per label-noise level, recorded under the parent run (by the returned
+    ``record``): it learns from the labels the students see, unless teacher.clean asks for the clean labels
+    (then one serves every level).
 
     ``inputs``: the students' datasets per label-noise level (:func:`~kd_tune.mlflow_runs.dataset_inputs`,
     computed once by the caller); a clean teacher's labels, when no student sees them, are fingerprinted here.
     ``example``: the logged models' input example (:func:`~kd_tune.mlflow_runs.input_example`)."""
     node_cpus = teacher_cpus(spec.resources, log)
     inputs = dict(inputs)
-    teacher_models: list[str] = []
+    learned: list[tuple[SweepSpec, list[Teacher], float]] = []  # each teacher (or ensemble) and the noise level it saw
     train, test, accs = {}, {}, {}
     for noise in spec.noise_levels():
         seen = 0.0 if spec.teacher.clean else noise
@@ -224,15 +232,23 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
             members = get_teachers(tspec, tsplit, storage, node_cpus, log, not quiet)
             if seen not in inputs:
                 inputs |= dataset_inputs(split, {seen: tsplit.train_y}, data_dir)
-            teacher_models += log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, members, split, inputs[seen], example)
+            learned.append((tspec, members, seen))
             train[seen], test[seen], accs[seen] = ensemble_logits(members, split.test_y)
             log_teacher_summary(members, accs[seen], log)
         train[noise], test[noise], accs[noise] = train[seen], test[seen], accs[seen]
-    # The parent run shows every dataset of the sweep (the teachers' and the students') and its teachers.
-    log_sweep_inputs(client, record.parent_run_id, [d for level in inputs.values() for d in level], teacher_models)
-    log_metrics(client, record.parent_run_id, {"teacher_test_acc": accs[spec.noise_levels()[0]]}
-                | {f"teacher_test_acc_noise_{n:g}": a for n, a in accs.items() if len(accs) > 1}, step=0)
-    return _Teachers(train, test, accs[spec.noise_levels()[0]])
+    parent_metrics = {"teacher_test_acc": accs[spec.noise_levels()[0]]} | {f"teacher_test_acc_noise_{n:g}": a for n, a in accs.items() if len(accs) > 1}
+
+    def record_teachers() -> None:
+        models = [m for tspec, members, seen in learned
+                  for m in log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, members, split, inputs[seen], example)]
+        # The parent run shows every dataset of the sweep (the teachers' and the students') and its teachers.
+        log_sweep_inputs(client, record.parent_run_id, [d for level in inputs.values() for d in level], models)
+        # Once: a resumed sweep's teachers are the same ones (a second value at step 0 would be a duplicate step).
+        have = client.get_run(record.parent_run_id).data.metrics
+        if missing := {k: v for k, v in parent_metrics.items() if k not in have}:
+            log_metrics(client, record.parent_run_id, missing, step=0)
+
+    return _Teachers(train, test, accs[spec.noise_levels()[0]], record_teachers)
 
 
 def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: SweepRecord, restoring: bool, quiet: bool, *,

@@ -77,6 +77,10 @@ class Outbox:
             self._jobs.append(Job(run, what, steps))
             self._cond.notify_all()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def backlog(self) -> Backlog:
         with self._cond:
             return Backlog(len(self._jobs), sum(j.steps for j in self._jobs))

@@ -305,8 +305,29 @@ _OUTBOXES: dict[str, Outbox] = {}
 
 
 def outbox_of(sweep: str) -> Outbox | None:
-    """The outbox of the sweep's tracking callback in this process, once Tune has set the callback up."""
+    """The outbox of the sweep's tracking callback in this process, once Tune has set the callback up
+    (or the driver opened it, :func:`open_outbox`)."""
     return _OUTBOXES.get(sweep)
+
+
+def open_outbox(sweep: str, tracking_uri: str) -> Outbox:
+    """The sweep's outbox, opened by the driver before Tune starts, so that the driver's own writes (the
+    teachers' runs) are shipped first, in the same order and with the same outage handling as the trials'
+    writes; the tracking callback's :meth:`~MlflowTrackingCallback.setup` takes it over."""
+    old = _OUTBOXES.pop(sweep, None)
+    if old is not None:
+        old.close()
+    client = MlflowClient(tracking_uri)
+
+    def probe() -> None:
+        client.search_experiments(max_results=1)
+
+    outbox = _OUTBOXES[sweep] = Outbox(tracking_uri, probe, lambda: None, _warn, max_backoff=_max_backoff())
+    return outbox
+
+
+def _max_backoff() -> float:
+    return float(os.environ.get(RETRY_MAX_ENV, "30"))
 
 
 def _warn(line: str) -> None:
@@ -354,12 +375,14 @@ class MlflowTrackingCallback(tune.Callback):
 
     def setup(self, stop: Stopper | None = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any) -> None:
         self._reset()
-        old = _OUTBOXES.pop(self.sweep, None)
-        if old is not None:
-            old.close()
         recorder = self.recorder
-        self._outbox = _OUTBOXES[self.sweep] = Outbox(self.tracking_uri, recorder.probe, recorder.forget, _warn,
-                                                      max_backoff=float(os.environ.get(RETRY_MAX_ENV, "30")))
+        outbox = _OUTBOXES.get(self.sweep)
+        if outbox is None or outbox.closed:
+            outbox = _OUTBOXES[self.sweep] = Outbox(self.tracking_uri, recorder.probe, recorder.forget, _warn, max_backoff=_max_backoff())
+        # The driver's outbox (open_outbox), its own writes maybe still queued: after a failed write the
+        # recorder's cache is dropped too, so the retry reads the store again.
+        outbox.probe, outbox.on_failure = recorder.probe, recorder.forget
+        self._outbox = outbox
 
     @property
     def recorder(self) -> RunRecorder:

@@ -180,6 +180,8 @@ def check_record(sweep: Sweep, untouched: dict[str, float], grid_points: int) ->
     assert len(sweeps) == 1 and parents == {sweeps[0].info.run_id} and sweeps[0].info.status == "FINISHED"
     teachers = [r for r in sweep.client.search_runs([exp.experiment_id]) if r.data.tags.get(TAG_ROLE) == "teacher"]
     assert len(teachers) == 1  # the teacher came from the cache on every resume; its run was not duplicated
+    # Nor the parent's teacher accuracy: every resume records the teachers again, each value once.
+    assert [m.step for m in sweep.client.get_metric_history(sweeps[0].info.run_id, "teacher_test_acc")] == [0]
     for r in runs:
         assert r.info.status == "FINISHED"
         for metric in EPOCH_METRICS:
