@@ -27,6 +27,7 @@ SPACE_FILE = "kd_tune_space.yaml"  # the validated spec, kept beside Ray's exper
 SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, experiment, parent run)
 DRIVER_FILE = "kd_tune_driver.json"  # pid and host of the driver while a sweep runs
 TRACKING_FILE = "kd_tune_tracking.json"  # the runs' datasets and a model input: what kd-tune sync needs to make a run
+EXPERIMENT_STATES = "experiment_state-*.json"  # Ray Tune's experiment state files (TuneController.CKPT_FILE_TMPL)
 
 
 def sweep_path(storage: Storage, name: str) -> str:
@@ -43,10 +44,15 @@ def sweep_path(storage: Storage, name: str) -> str:
 def can_restore(storage: Storage, name: str) -> bool:
     """Ray has saved this sweep's experiment state (it can be restored); a state cut short by a kill is
     repaired first where it can be (:func:`repair_experiment_state`): every reader of Ray's state asks this."""
+    repair_experiment_state(storage, name)
+    path = sweep_path(storage, name)
+    if storage.is_local and not any(Path(path).glob(EXPERIMENT_STATES)):
+        # What Tuner.can_restore looks for is not there (a new sweep): said without importing Ray Tune,
+        # 1.2 s of one core before a new sweep could start Ray.
+        return False
     from ray import tune
 
-    repair_experiment_state(storage, name)
-    return bool(tune.Tuner.can_restore(sweep_path(storage, name), storage_filesystem=storage.ray_filesystem))
+    return bool(tune.Tuner.can_restore(path, storage_filesystem=storage.ray_filesystem))
 
 
 def repair_experiment_state(storage: Storage, name: str) -> bool:
@@ -61,7 +67,7 @@ def repair_experiment_state(storage: Storage, name: str) -> bool:
     not at all), and never while a driver runs (it may be writing the file)."""
     if not storage.is_local or live_driver(storage, name):
         return False
-    states = sorted(Path(sweep_path(storage, name)).glob("experiment_state-*.json"))  # Ray's newest: the latest name
+    states = sorted(Path(sweep_path(storage, name)).glob(EXPERIMENT_STATES))  # Ray's newest: the latest name
     newest = states[-1] if states else None
     if newest is None or _parses(newest):
         return False
