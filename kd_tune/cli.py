@@ -240,9 +240,10 @@ def _report(run: Callable[[Callable[[str], None]], SweepOutcome], quiet: bool) -
     if not outcome.ok:
         print(f"Not every trial finished; to retry the rest: {outcome.resume_command}")
     if outcome.tracking_behind:
+        then = (f"{outcome.resume_command} (the teachers' runs are among them: sync writes the trials' record only)"
+                if outcome.tracking_needs_resume else outcome.resume_command.replace("kd-tune resume", "kd-tune sync", 1))
         print(f"kd-tune: the tracking store {outcome.tracking_uri} is still unreachable: {outcome.tracking_behind} for the record are "
-              f"pending (safe in the trials' checkpoints); once it is back: {outcome.resume_command.replace('kd-tune resume', 'kd-tune sync', 1)}",
-              file=sys.stderr, flush=True)
+              f"pending (safe in the trials' checkpoints); once it is back: {then}", file=sys.stderr, flush=True)
         return TRACKING_BEHIND_EXIT
     return 0 if outcome.ok else 1
 

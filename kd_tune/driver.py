@@ -64,6 +64,7 @@ from kd_tune.trainable import TrialBundle, kd_trainable, trial_dirname
 
 Log = Callable[[str], None]
 INTERRUPTED_WAIT_S = 15.0  # after Ctrl+C: the user wants the prompt back
+TEACHERS_RECORD = "the teachers' runs"  # the driver's own tracking write (kd-tune sync does not make it; a resume does)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         # The teachers' MLflow record is the sweep's first tracking write, shipped while the trial workers start
         # rather than before: it is ~2.5 s of one core (their models' torch.export, the first one importing
         # torch's compiler stack), and a store that is away then no longer keeps the trials from training.
-        open_outbox(spec.name, record.tracking_uri).put(teachers.record, "the teachers' runs")
+        open_outbox(spec.name, record.tracking_uri).put(teachers.record, TEACHERS_RECORD)
         # Everything made so far (the modules, the data, the teachers' logits) lives until the sweep ends:
         # take it out of the collector's walks, then let the collector run again (kd_tune.sweep paused it).
         gc.freeze()
@@ -170,7 +171,8 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
             client.set_terminated(record.parent_run_id, "FINISHED" if done == total else "FAILED")
         return SweepOutcome(spec.name, storage.show(spec.name), table, total, done, counts["errored"], counts["diverged"],
                             record.tracking_uri, record.experiment_id, record.parent_run_id, teachers.acc, time.perf_counter() - started,
-                            resume_command(spec.name, storage), tracking_behind=behind.describe() if behind else "")
+                            resume_command(spec.name, storage), tracking_behind=behind.describe() if behind else "",
+                            tracking_needs_resume=TEACHERS_RECORD in behind.pending)
     except BaseException:
         try:
             client.set_terminated(record.parent_run_id, "KILLED")

@@ -40,6 +40,8 @@ class Job:
 class Backlog:
     jobs: int
     steps: int
+    pending: tuple[str, ...] = ()
+    """What each job left would record (its ``what``), in order."""
 
     def __bool__(self) -> bool:
         return self.jobs > 0
@@ -83,7 +85,10 @@ class Outbox:
 
     def backlog(self) -> Backlog:
         with self._cond:
-            return Backlog(len(self._jobs), sum(j.steps for j in self._jobs))
+            return self._backlog()
+
+    def _backlog(self) -> Backlog:
+        return Backlog(len(self._jobs), sum(j.steps for j in self._jobs), tuple(j.what for j in self._jobs))
 
     def drain(self, timeout: float) -> Backlog:
         """Wait up to ``timeout`` seconds for every job put so far to be shipped; what is left."""
@@ -94,7 +99,7 @@ class Outbox:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return Backlog(len(self._jobs), sum(j.steps for j in self._jobs))
+            return self._backlog()
 
     def close(self) -> Backlog:
         """Stop the thread (after the job it is running, if any); what was left unshipped."""

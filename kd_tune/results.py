@@ -43,6 +43,8 @@ class SweepOutcome:
     resume_command: str
     tracking_behind: str = ""
     """What had not reached the tracking store when the sweep ended (it was unreachable), e.g. "12 tracking writes (10 epochs of metrics)"."""
+    tracking_needs_resume: bool = False
+    """Among those, the driver's own writes (the teachers' runs): ``kd-tune resume`` makes them, ``sync`` (the trials' record) does not."""
 
     @property
     def ok(self) -> bool:

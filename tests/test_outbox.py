@@ -96,6 +96,7 @@ def test_close_returns_what_was_never_sent() -> None:
     box.put(lambda: store.write(2), "write 2", steps=1)
     left = box.close()
     assert left.jobs == 2 and left.steps == 2 and "2 tracking writes (2 epochs of metrics)" == left.describe()
+    assert left.pending == ("write 1", "write 2")  # what they would have recorded, in order
     assert store.written == []
 
 
@@ -111,8 +112,9 @@ def test_a_sweep_that_ends_with_tracking_behind_exits_3_with_the_sync_command(ca
            "how": "new", "test_acc": 0.9, "test_loss": 0.3, "teacher_agreement": 0.95}
     table = pd.DataFrame([row], columns=RESULT_COLUMNS)
 
-    def outcome(behind: str, resume: str = "kd-tune resume s") -> SweepOutcome:
-        return SweepOutcome("s", "/store/s", table, 1, 1, 0, 0, "http://127.0.0.1:5000", "1", "p", 0.97, 12.0, resume, tracking_behind=behind)
+    def outcome(behind: str, resume: str = "kd-tune resume s", teachers: bool = False) -> SweepOutcome:
+        return SweepOutcome("s", "/store/s", table, 1, 1, 0, 0, "http://127.0.0.1:5000", "1", "p", 0.97, 12.0, resume, tracking_behind=behind,
+                            tracking_needs_resume=teachers)
 
     assert _report(lambda log: outcome(""), quiet=True) == 0
     assert "still unreachable" not in capsys.readouterr().err
@@ -122,6 +124,10 @@ def test_a_sweep_that_ends_with_tracking_behind_exits_3_with_the_sync_command(ca
     assert err[0].endswith("once it is back: kd-tune sync s")
     _report(lambda log: outcome("1 tracking writes (1 epochs of metrics)", "kd-tune resume s --storage /nfs/sweeps"), quiet=True)
     assert capsys.readouterr().err.strip().endswith("kd-tune sync s --storage /nfs/sweeps")  # the sweep's own storage
+    # The teachers' runs still queued (the store went away at the start): only a resume records them.
+    assert _report(lambda log: outcome("2 tracking writes (0 epochs of metrics)", teachers=True), quiet=True) == 3
+    assert capsys.readouterr().err.strip().endswith("once it is back: kd-tune resume s (the teachers' runs are among them: "
+                                                    "sync writes the trials' record only)")
 
 
 def test_bad_tracking_wait_and_unknown_sync_name_are_one_line_exit_2_nothing_written(
