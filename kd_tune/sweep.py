@@ -92,23 +92,28 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
     # Python's collector, run on the heap's growth, walks them all again and again meanwhile (nine full
     # collections, 1.6 s on a 2-core machine) while one core does all the work. None of it is garbage:
     # collect nothing until the driver starts the trials, where it freezes them out of every later
-    # collection and turns the collector back on (kd_tune.driver.drive).
+    # collection and turns the collector back on (kd_tune.driver.drive); all as before once the sweep ends.
+    collecting = gc.isenabled()
     gc.disable()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-tune-load") as pool:
-        loading = pool.submit(_load, spec, storage, opts, record, log, open_record=not address)
-        started_ray = connect_ray(address)
-        try:
-            if address:
-                # Every node must reach the storage; on a cluster find that out now, not at the first checkpoint.
-                check_shared(storage, log)
-            loaded = loading.result()
-            from kd_tune.driver import drive  # imported by the loading thread by now
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-tune-load") as pool:
+            loading = pool.submit(_load, spec, storage, opts, record, log, open_record=not address)
+            started_ray = connect_ray(address)
+            try:
+                if address:
+                    # Every node must reach the storage; on a cluster find that out now, not at the first checkpoint.
+                    check_shared(storage, log)
+                loaded = loading.result()
+                from kd_tune.driver import drive  # imported by the loading thread by now
 
-            return drive(spec, storage, opts, loaded, log, started=started, wait=wait)
-        finally:
-            gc.enable()  # when the driver never got to the trials
-            if started_ray:
-                shutdown_ray()
+                return drive(spec, storage, opts, loaded, log, started=started, wait=wait)
+            finally:
+                if started_ray:
+                    shutdown_ray()
+    finally:
+        gc.unfreeze()  # a later sweep in this process (a notebook, the tests) may collect this one's leftovers
+        if collecting:
+            gc.enable()
 
 
 def _load(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, *, open_record: bool) -> Loaded:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -107,6 +108,8 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
         log=messages.append,
     )
     assert outcome.ok and outcome.total == 2
+    # The start-up's pause of the garbage collector and the fit's freeze are undone when run_sweep returns.
+    assert gc.isenabled() and gc.get_freeze_count() == 0
     assert any("from the cache" in m for m in messages) and not any("training" in m for m in messages)
     assert list((storage / CACHE_FOLDER).iterdir()) == teacher_entries
     runs2 = _runs_by_role(client, "tiny2")
