@@ -90,6 +90,7 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
                     match = history[(history[f"{col}epoch"] == (stopped or milestone)) & history[f"{col}test_acc"].notna()]
                     if len(match):
                         at = {k.removeprefix(col): v for k, v in match.iloc[-1].to_dict().items()}
+                at = at or _last_at(last, point.label if packed else None, stopped or milestone)
                 status = ("stopped early" if stopped and at else "finished" if at else "errored" if r.error else
                           "diverged" if diverged else "unfinished")
                 rows.append({
@@ -98,6 +99,20 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
                 })
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     return df.sort_values(["role", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
+
+
+def _last_at(last: dict[str, Any], member: str | None, epoch: int) -> dict[str, Any]:
+    """The trial's last result (a pack ``member``'s part of it) if it is that of ``epoch``, else nothing.
+
+    Why: the per-epoch history comes from the result files the driver writes beside the trial, while the
+    last result is kept in Ray's experiment state; a driver killed between the two leaves a finished
+    trial whose files lack its last epochs (seen in the kill tests), and a resume rightly does not rerun it.
+    """
+    if member is not None:
+        nested = last.get("members")
+        prefix = f"members/{member}/"
+        last = nested.get(member, {}) if isinstance(nested, dict) else {k.removeprefix(prefix): v for k, v in last.items() if k.startswith(prefix)}
+    return dict(last) if last.get("epoch") == epoch and last.get("test_acc") is not None else {}
 
 
 def format_table(table: pd.DataFrame) -> str:

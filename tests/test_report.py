@@ -162,3 +162,27 @@ def test_report_of_unknown_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "no sweep named 'nope' in the MLflow store" in err and "allowed: other" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_results_table_takes_a_finished_trials_last_epoch_from_its_last_result_when_its_files_lack_it() -> None:
+    """A driver killed after Ray saved a trial as finished but before the trial's result files got its last epochs:
+    the table reads that epoch from the trial's last result (kept in Ray's state), for a trial and for a pack member."""
+    from types import SimpleNamespace
+
+    from kd_tune.config import TrialPoint, pack_config
+    from kd_tune.results import results_table
+
+    point = TrialPoint("student", 0.5, 3.0, 5, 0, milestones=(3, 5))
+    files = pd.DataFrame([{"epoch": e, "test_acc": 0.5 + e / 100, "test_loss": 1.0, "teacher_agreement": 0.9} for e in (1, 2, 3)])
+    last = {"epoch": 5, "test_acc": 0.61, "test_loss": 0.8, "teacher_agreement": 0.95, "trial_id": "t1"}
+    label = point.label
+    pack_files = files.rename(columns=lambda c: f"members/{label}/{c}")
+    trials = [SimpleNamespace(config={"point": point.as_config()}, metrics=last, metrics_dataframe=files, error=None),
+              SimpleNamespace(config=pack_config([point]), metrics={"epoch": 5, "members": {label: last}, "trial_id": "t2"},
+                              metrics_dataframe=pack_files, error=None)]
+    table = results_table(trials, {"t1", "t2"})  # type: ignore[arg-type]
+    assert list(table["status"]) == ["finished"] * 4 and list(table["how"]) == ["restored"] * 4
+    assert sorted(table["test_acc"]) == pytest.approx([0.53, 0.53, 0.61, 0.61])  # epoch 3 from the files, epoch 5 from the last result
+    stale = [SimpleNamespace(config={"point": point.as_config()}, metrics={**last, "epoch": 4}, metrics_dataframe=files, error=None)]
+    # A last result of another epoch is not taken.
+    assert list(results_table(stale)["status"]) == ["finished", "unfinished"]  # type: ignore[arg-type]
