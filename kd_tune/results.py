@@ -109,9 +109,7 @@ def _last_at(last: dict[str, Any], member: str | None, epoch: int) -> dict[str, 
     trial whose files lack its last epochs (seen in the kill tests), and a resume rightly does not rerun it.
     """
     if member is not None:
-        nested = last.get("members")
-        prefix = f"members/{member}/"
-        last = nested.get(member, {}) if isinstance(nested, dict) else {k.removeprefix(prefix): v for k, v in last.items() if k.startswith(prefix)}
+        last = last.get("members", {}).get(member, {})  # Ray keeps the result as reported (nested), unlike the files
     return dict(last) if last.get("epoch") == epoch and last.get("test_acc") is not None else {}
 
 
