@@ -315,11 +315,14 @@ def evaluate_pack(
     rows = list(which)
     teachers = [None if members[i].teacher_test is None or data.teacher_test is None else data.teacher_test[members[i].teacher_test]
                 for i in rows]
-    sets = [data.test_x] if data.val_x is None or data.val_y is None else [data.test_x, data.val_x]
-    logits = pack_logits(model, sets, rows, packed)
-    tests = evaluations(logits[0], data.test_y, teachers)
-    no_val: list[tuple[float | None, float | None]] = [(None, None)] * len(rows)
-    vals = validations(logits[1], data.val_y) if len(logits) > 1 and data.val_y is not None else no_val
+    vals: list[tuple[float | None, float | None]]
+    if data.val_x is None or data.val_y is None:
+        (test,) = pack_logits(model, [data.test_x], rows, packed)
+        vals = [(None, None)] * len(rows)
+    else:
+        test, val = pack_logits(model, [data.test_x, data.val_x], rows, packed)
+        vals = validations(val, data.val_y)
+    tests = evaluations(test, data.test_y, teachers)
     return {i: (ev, val) for i, ev, val in zip(rows, tests, vals, strict=True)}
 
 
