@@ -93,8 +93,11 @@ def _init(address: str | None) -> None:
         except ConnectionError as e:
             raise FlagError("--address", address, ADDRESS_ALLOWED, f"no Ray cluster answers there ({first_line(e)})") from None
     else:
-        # "local" always starts a fresh embedded Ray, whatever a stale /tmp/ray says.
-        ray.init(address="local", include_dashboard=False, **quiet)  # type: ignore[arg-type]
+        # "local" always starts a fresh embedded Ray, whatever a stale /tmp/ray says. Not prestarted: the idle
+        # worker per CPU Ray would start for this driver's tasks (80 MiB and 0.5-2 core-s each, while the sweep
+        # starts on the same cores). Tune's trial actors never take them (they start workers of their own),
+        # and the one task a sweep may run, the teacher's, starts its worker when it needs one.
+        ray.init(address="local", include_dashboard=False, _system_config={"prestart_worker_first_driver": False}, **quiet)  # type: ignore[arg-type]
 
 
 def check_local_fits(res: ResourcesSpec) -> None:
