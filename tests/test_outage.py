@@ -76,8 +76,12 @@ def test_training_goes_on_through_outages_and_the_record_completes(write_space: 
     try:
         proc = sweep.start("sweep", str(sweep.space), "--tracking-uri", server.url, "--tracking-wait", "3")
         sweep.wait_until(proc, lambda p, base: newest(p) >= 1)
+        # The server's graceful stop can take seconds on a busy machine: the trials wait meanwhile, so that the
+        # outage begins with epochs left to train (else they could all be trained before the stop returned).
+        gate.touch()
         server.stop()  # outage 1: the sweep must go on and catch up by itself
         at_kill = newest(sweep.progress())
+        gate.unlink()
         sweep.wait_until(proc, lambda p, base: newest(p) >= at_kill + 3)  # trials trained 3 more epochs meanwhile
         gate.touch()  # hold the trials, so that the sweep cannot end while the server restarts (seconds)
         server = restart(server)
