@@ -23,6 +23,24 @@ FIXTURE_DATA = Path(__file__).parent / "fixtures" / "mnist_slice"
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Seconds each heavy test file took (`pytest -n 2 --dist loadfile --junitxml`, 2-core machine, 2026-11-27). The
+# two xdist workers take whole files; given them heaviest first they end together. In pytest-xdist's own order
+# (files with the most tests first) test_resume.py's four long tests came last, and one worker ran them alone
+# for a minute. Files not listed (seconds each) follow in their usual order.
+FILE_SECONDS = {"test_resume.py": 266, "test_cluster.py": 158, "test_outage.py": 157, "test_pack_sweep.py": 117, "test_sweep.py": 115,
+                "test_search.py": 85, "test_jobs.py": 83, "test_bench.py": 33, "test_storage.py": 32, "test_report.py": 31,
+                "test_mlflow_native.py": 28, "test_mlflow_ui.py": 20, "test_ui.py": 15}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist would reorder the files by their number of tests
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: each file's tests keep their order
+
+
 def tiny_space(**overrides: Any) -> dict[str, Any]:
     """A valid search space with tiny models; overrides replace whole top-level sections."""
     space: dict[str, Any] = {
