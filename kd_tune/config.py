@@ -91,6 +91,13 @@ class StudentSpec:
     widths: tuple[int, ...] = (16, 32)
     lr: float = 1e-3
     batch_size: int = 128
+    precision: str = "float32"
+    """The training step's arithmetic: ``float32`` (the default; reproducible) or ``bfloat16`` (autocast: the forward's
+    convolutions and matmuls, and so their gradients, in bfloat16; weights, Adam and every evaluation float32). Faster
+    only where the hardware has bfloat16 units; results differ from float32 ones, so it is a param of every run."""
+
+
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -478,11 +485,15 @@ def parse_space(data: object, source: str) -> SweepSpec:
         clean=clean,
     )
 
-    s = r.section(top, "student", ("widths", "lr", "batch_size"), required=("widths",))
+    s = r.section(top, "student", ("widths", "lr", "batch_size", "precision"), required=("widths",))
+    precision = s.get("precision", StudentSpec.precision)
+    if precision not in PRECISIONS:
+        raise r.fail("student.precision", precision, "float32 (the default) or bfloat16 (autocast)")
     student = StudentSpec(
         widths=_two(r, "student.widths", widths("student.widths", s["widths"])),
         lr=r.number("student.lr", s.get("lr", 1e-3), 0.0, 10.0, lo_open=True),
         batch_size=r.integer("student.batch_size", s.get("batch_size", 128), 1),
+        precision=precision,
     )
 
     search = _search(r, top, dataset)

@@ -33,7 +33,17 @@ from torch import nn
 from kd_tune.errors import DivergedError
 from kd_tune.losses import KDLossTerms
 from kd_tune.models import SeedCNN, build_model
-from kd_tune.train import EVAL_BATCH, EpochMetrics, Evaluation, TensorData, epoch_order, evaluations, predict_logits, validations
+from kd_tune.train import (
+    EVAL_BATCH,
+    EpochMetrics,
+    Evaluation,
+    TensorData,
+    epoch_order,
+    evaluations,
+    predict_logits,
+    step_precision,
+    validations,
+)
 
 EVAL_STUDENT_IMAGES = 32768
 """Images times members per evaluation forward of a pack: bounds its activations (the 16/32 student's first
@@ -358,10 +368,12 @@ def pack_epoch(
     epoch: int,
     batch_size: int,
     active: torch.Tensor | None = None,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """Train the pack for epoch ``epoch`` (1-based); returns each member's summed (total, hard, distill) losses [K, 3], on the device.
 
     ``active`` [K] bool masks members out of the objective (a diverged member's NaN then reaches nothing).
+    ``precision``: the forward's arithmetic, as in ``kd_tune.train.train``.
     """
     device = data.train_x.device
     k, n = len(members), data.train_x.shape[0]
@@ -381,9 +393,10 @@ def pack_epoch(
         idx = orders[:, i : i + batch_size]  # [K, B]
         # Gathered [B, K, ...] and viewed as [K, B, ...], the forward's transpose back is free.
         x = data.train_x[idx[0]] if shared else data.train_x[idx.t()].transpose(0, 1)
-        logits = model(x)
+        with step_precision(device, precision):
+            logits = model(x)
         teacher = data.teacher_train[teacher_rows, idx] if use_teacher and data.teacher_train is not None else None
-        terms = pack_loss_terms(logits, teacher, data.train_labels[label_rows, idx], alpha, temperature, has_teacher)
+        terms = pack_loss_terms(logits.float(), teacher, data.train_labels[label_rows, idx], alpha, temperature, has_teacher)
         optimizer.zero_grad(set_to_none=True)
         torch.where(active, terms.total, 0.0).sum().backward()
         optimizer.step()
@@ -403,6 +416,7 @@ def train_pack(
     on_epoch: Callable[[int, EpochMetrics, Evaluation], None] | None = None,
     on_diverged: Callable[[int, DivergedError], None] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    precision: str = "float32",
 ) -> PackResult:
     """``kd_tune.train.train`` for K members at once, from the end of epoch ``start_epoch`` to the members' ``epochs``.
 
@@ -425,7 +439,7 @@ def train_pack(
             break
         t0 = time.perf_counter()
         mask = torch.tensor(active, device=data.train_x.device)
-        sums = pack_epoch(model, optimizer, data, members, epoch, batch_size, mask)
+        sums = pack_epoch(model, optimizer, data, members, epoch, batch_size, mask, precision)
         means = (sums / n).tolist()  # the one host sync of the epoch
         for i, (total, _, _) in enumerate(means):
             if active[i] and not math.isfinite(total):

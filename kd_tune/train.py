@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -192,6 +193,15 @@ def validations(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float 
     return [(a, lo) for a, lo in torch.stack([acc, loss.double()], 1).tolist()]
 
 
+def step_precision(device: torch.device, precision: str) -> AbstractContextManager[object]:
+    """The training forward's arithmetic (``student.precision``): float32 as is (no autocast at all: the default's
+    results stay bit for bit), or bfloat16 autocast. Only the forward runs inside it (the backward follows the
+    forward's dtypes); the losses are taken on float32 logits."""
+    if precision == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     # Constant-lr Adam, as in the study: no schedule depends on the total number of epochs,
     # which is what lets a long run stand in for the shorter ones.
@@ -210,11 +220,13 @@ def train(
     temperature: float = 1.0,
     start_epoch: int = 0,
     on_epoch: Callable[[EpochMetrics, Evaluation], None] | None = None,
+    precision: str = "float32",
 ) -> list[EpochMetrics]:
     """Train from the end of epoch ``start_epoch`` to the end of epoch ``epochs``.
 
     With ``data.teacher_train`` the loss is :func:`kd_tune.losses.kd_loss_terms`; without it,
     cross-entropy on the labels. ``on_epoch`` sees each epoch's metrics (and may checkpoint).
+    ``precision``: the forward's arithmetic (:func:`step_precision`); evaluation is always float32.
     Raises :class:`DivergedError` naming the epoch when the loss is NaN or infinite.
     """
     n = data.train_x.shape[0]
@@ -227,9 +239,10 @@ def train(
         sums = torch.zeros(3, device=data.train_x.device)
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            logits = model(data.train_x[idx])
+            with step_precision(data.train_x.device, precision):
+                logits = model(data.train_x[idx])
             teacher = None if data.teacher_train is None else data.teacher_train[idx]
-            terms = kd_loss_terms(logits, teacher, data.train_y[idx], alpha, temperature)
+            terms = kd_loss_terms(logits.float(), teacher, data.train_y[idx], alpha, temperature)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             optimizer.step()

@@ -125,7 +125,7 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
 
     try:
         train(model, optimizer, data, epochs=point.epochs, batch_size=bundle.student.batch_size, seed=point.seed,
-              alpha=point.alpha, temperature=point.temperature or 1.0, start_epoch=start, on_epoch=report)
+              alpha=point.alpha, temperature=point.temperature or 1.0, start_epoch=start, on_epoch=report, precision=bundle.student.precision)
     except DivergedError as e:
         # Deterministic: a retry would diverge again. Record it and end the trial (no retries).
         tune.report({"epoch": e.epoch, "diverged": 1.0, "diverged_loss": e.loss, **extra})
@@ -200,7 +200,7 @@ def pack_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
         faults.after_epoch()
 
     train_pack(model, optimizer, data, members, batch_size=bundle.student.batch_size, start_epoch=start, exclude=exclude,
-               on_epoch=on_epoch, on_diverged=on_diverged, on_epoch_end=on_epoch_end)
+               on_epoch=on_epoch, on_diverged=on_diverged, on_epoch_end=on_epoch_end, precision=bundle.student.precision)
 
 
 def pack_inputs(bundle: TrialBundle, points: list[TrialPoint], base: TensorData) -> tuple[PackData, list[Member]]:

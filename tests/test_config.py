@@ -78,6 +78,7 @@ BAD = [
     ("teacher.epochs", "ten", "teacher.epochs", "integer >= 1"),
     ("teacher.epochs", 2.5, "teacher.epochs", "integer >= 1"),
     ("student.lr", "fast", "student.lr", "number in (0, 10]"),
+    ("student.precision", "float16", "student.precision", "float32 (the default) or bfloat16 (autocast)"),
     ("grid.alpha", [0.5, 1.5], "grid.alpha[1]", "number in [0, 1]"),
     ("grid.alpha", [-0.1], "grid.alpha[0]", "number in [0, 1]"),
     ("grid.alpha", [True], "grid.alpha[0]", "number in [0, 1]"),
