@@ -5,6 +5,8 @@
     python benchmarks/pack_bench.py --device cuda            # K up to 256, 16,384 images
     python benchmarks/pack_bench.py --device cuda --study    # the study's pack, whole epochs with evaluation
     python benchmarks/pack_bench.py --eval --sizes 1,4,16    # the members' evaluation: packed forward or one by one
+    python benchmarks/pack_bench.py --bf16                   # also student.precision bfloat16 (autocast forward)
+    python benchmarks/pack_bench.py --device cuda --nchw --graphs --bf16   # and CUDA graphs (an experiment)
 
 PyTorch only (no Ray, no MLflow): it runs wherever torch does. The data are synthetic, with MNIST's
 shape (1x28x28 uint8 images, 10 classes, cached teacher logits): the step's cost does not depend on
@@ -45,7 +47,7 @@ from bench import interleaved  # noqa: E402  (benchmarks/, the script's own fold
 from kd_tune.losses import kd_loss_terms  # noqa: E402
 from kd_tune.models import build_model  # noqa: E402
 from kd_tune.packed import Member, PackData, build_pack, channels_last_on, evaluate_pack, pack_epoch, pack_loss_terms, train_pack  # noqa: E402
-from kd_tune.train import epoch_order, make_optimizer, train  # noqa: E402
+from kd_tune.train import epoch_order, make_optimizer, step_precision, train  # noqa: E402
 
 SHAPE, CLASSES, WIDTHS, BATCH, LR, ALPHA, TEMPERATURE = (1, 28, 28), 10, (16, 32), 128, 1e-3, 0.5, 3.0
 
@@ -71,7 +73,7 @@ def timed_epochs(device: torch.device, body: Callable[[int], object]) -> Callabl
     return run
 
 
-def unpacked(d: PackData, device: torch.device) -> Callable[[], float]:
+def unpacked(d: PackData, device: torch.device, precision: str = "float32") -> Callable[[], float]:
     """One student, epoch after epoch, stepped exactly as kd_tune.train.train steps it."""
     model = build_model(WIDTHS, SHAPE, CLASSES, 0).to(device)
     opt = make_optimizer(model, LR)
@@ -83,7 +85,9 @@ def unpacked(d: PackData, device: torch.device) -> Callable[[], float]:
         sums = torch.zeros(3, device=device)
         for i in range(0, n, BATCH):
             idx = order[i : i + BATCH]
-            terms = kd_loss_terms(model(x[idx]), None if t is None else t[idx], y[idx], ALPHA, TEMPERATURE)
+            with step_precision(device, precision):
+                logits = model(x[idx])
+            terms = kd_loss_terms(logits.float(), None if t is None else t[idx], y[idx], ALPHA, TEMPERATURE)
             opt.zero_grad(set_to_none=True)
             terms.total.backward()
             opt.step()
@@ -93,12 +97,13 @@ def unpacked(d: PackData, device: torch.device) -> Callable[[], float]:
     return timed_epochs(device, epoch)
 
 
-def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_last: bool) -> Callable[[], float]:
+def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_last: bool, precision: str = "float32") -> Callable[[], float]:
     seeds = [0] * k if shared else list(range(k))
     members = [Member(seed=s, epochs=1, alpha=ALPHA, temperature=TEMPERATURE, teacher=0) for s in seeds]
     model = build_pack(WIDTHS, SHAPE, CLASSES, seeds, channels_last=channels_last).to(device)
     opt = make_optimizer(model, LR)
-    return timed_epochs(device, lambda e: (pack_epoch(model, opt, d, members, e, BATCH) / d.train_x.shape[0]).tolist())
+    n = d.train_x.shape[0]
+    return timed_epochs(device, lambda e: (pack_epoch(model, opt, d, members, e, BATCH, precision=precision) / n).tolist())
 
 
 def graphed(d: PackData, device: torch.device, k: int, shared: bool) -> Callable[[], float]:
@@ -239,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="time the study's pack and one student, whole epochs with evaluation (--images: training images, default 55000)")
     p.add_argument("--eval", action="store_true", help="time the members' evaluation instead: one packed forward against member by member")
     p.add_argument("--graphs", action="store_true", help="also time NCHW packs whose step is replayed as one CUDA graph (an experiment; cuda only)")
+    p.add_argument("--bf16", action="store_true", help="also time every contender with student.precision bfloat16 (autocast forward)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -264,11 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| K | variant | s per pack-epoch | student epochs/s | speedup vs unpacked |\n| --- | --- | --- | --- | --- |", flush=True)
     for k in sizes:
         variants: list[tuple[str, Callable[[], float]]] = [("unpacked (1 student)", unpacked(d, device))]
+        if args.bf16:
+            variants.append(("unpacked (1 student), bf16 autocast", unpacked(d, device, "bfloat16")))
         for channels_last in layouts:
             suffix = "" if channels_last else ", NCHW"
             variants.append((f"shared{suffix}", packed(d, device, k, True, channels_last)))
             if k > 1:  # with one member there is only one data order: the shared path
                 variants.append((f"per-member{suffix}", packed(d, device, k, False, channels_last)))
+            if args.bf16:
+                variants.append((f"shared{suffix}, bf16 autocast", packed(d, device, k, True, channels_last, "bfloat16")))
+                if k > 1:
+                    variants.append((f"per-member{suffix}, bf16 autocast", packed(d, device, k, False, channels_last, "bfloat16")))
         if args.graphs:
             for shared in [True, False] if k > 1 else [True]:
                 name = f"{'shared' if shared else 'per-member'}, NCHW, CUDA graph"
