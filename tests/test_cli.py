@@ -126,6 +126,9 @@ def test_plan_counts_student_epochs(write_space: Callable[..., Path], capsys: py
     assert "student epochs: 9 (with sharing 9, without 12: sharing saves 3, 25%)" in out
     assert main(["plan", str(path), "--no-share-epochs"]) == 0
     assert "6 grid points, 6 trials (epoch sharing off)" in capsys.readouterr().out
+    bf16 = write_space(tiny_space(student={"widths": [4, 8], "precision": "bfloat16"}), "bf16.yaml")
+    assert main(["plan", str(bf16)]) == 0
+    assert "4 grid points, 2 trials (epoch sharing on; students train in bfloat16)" in capsys.readouterr().out
 
 
 def test_one_driver_per_sweep(write_space: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
