@@ -199,6 +199,8 @@ def step_precision(device: torch.device, precision: str) -> AbstractContextManag
     forward's dtypes); the losses are taken on float32 logits."""
     if precision == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "float32":
+        raise ValueError(f"precision {precision!r}: allowed float32 or bfloat16")
     return nullcontext()
 
 
