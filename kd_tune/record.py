@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import socket
 import tempfile
@@ -28,6 +29,8 @@ SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, exp
 DRIVER_FILE = "kd_tune_driver.json"  # pid and host of the driver while a sweep runs
 TRACKING_FILE = "kd_tune_tracking.json"  # the runs' datasets and a model input: what kd-tune sync needs to make a run
 EXPERIMENT_STATES = "experiment_state-*.json"  # Ray Tune's experiment state files (TuneController.CKPT_FILE_TMPL)
+LOST_CHECKPOINT_FILE = "kd_tune_lost_checkpoint.json"  # in a stand-in for a checkpoint Tune deleted: see restore_lost_checkpoints
+_CHECKPOINT_NAME = re.compile(rb"checkpoint_\d{6}")  # Tune's checkpoint folder names (a trial's checkpoint_000000, ...)
 
 
 def sweep_path(storage: Storage, name: str) -> str:
@@ -69,15 +72,56 @@ def repair_experiment_state(storage: Storage, name: str) -> bool:
         return False
     states = sorted(Path(sweep_path(storage, name)).glob(EXPERIMENT_STATES))  # Ray's newest: the latest name
     newest = states[-1] if states else None
-    if newest is None or _parses(newest):
+    if newest is None:
+        return False
+    if _parses(newest):
+        restore_lost_checkpoints(newest)
         return False
     temp = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
     staged = sorted(temp.glob(f"session_*/artifacts/*/{name}/driver_artifacts/{newest.name}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for copy in staged:
         if _parses(copy):
             atomic_write_bytes(newest, copy.read_bytes())
+            restore_lost_checkpoints(newest)
             return True
     return False
+
+
+def restore_lost_checkpoints(state_file: Path) -> list[Path]:
+    """Stand-ins for the checkpoints Ray's saved experiment state names but Tune has deleted; returns them.
+
+    Why: with ``CheckpointConfig(num_to_keep=2)`` Tune deletes a trial's older checkpoints as soon as newer ones
+    are registered, and writes its experiment state (which names the checkpoints it keeps) only every few
+    seconds, in the background. A driver SIGKILLed in between leaves a state naming deleted checkpoints: the
+    resume then fails to restore the trial ("does not exist on storage anymore") or to delete its oldest one
+    (seen once in this project's kill tests). Each missing folder is made again, holding only
+    :data:`LOST_CHECKPOINT_FILE` with the epoch of the trial's last result that Ray knows (for the checkpoint
+    the trial restores from). The trial then starts from its newest complete checkpoint on disk
+    (:func:`kd_tune.trainable.restore_state`) and reports again the epochs Ray has not seen."""
+    try:
+        trials = json.loads(state_file.read_bytes())["trial_data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    made = []
+    for trial_json, runtime_json in trials:
+        try:
+            trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+            folder = state_file.parent / trial["relative_logdir"]
+            pickled = bytes.fromhex((runtime.get("checkpoint_manager") or {}).get("value") or "")
+            last = runtime.get("last_result") or {}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # not a trial as Ray 2.60 writes it: left to Ray
+        for ref in sorted({m.decode() for m in _CHECKPOINT_NAME.findall(pickled)}):
+            target = folder / ref
+            if target.exists() or not folder.is_dir():
+                continue
+            known = last.get("epoch") if last.get("checkpoint_dir_name") == ref else None
+            staging = folder / f".{ref}.tmp"
+            staging.mkdir(exist_ok=True)
+            (staging / LOST_CHECKPOINT_FILE).write_text(json.dumps({"known_epoch": known}))
+            staging.rename(target)  # whole or not at all
+            made.append(target)
+    return made
 
 
 def _parses(path: Path) -> bool:

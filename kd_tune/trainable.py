@@ -10,6 +10,7 @@ sweep's storage (a local or NFS folder, or an object store: see :mod:`kd_tune.st
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from kd_tune.errors import DivergedError
 from kd_tune.faults import FaultHook
 from kd_tune.models import build_model
 from kd_tune.packed import Member, PackData, PackedCNN, build_pack, channels_last_on, train_pack
+from kd_tune.record import LOST_CHECKPOINT_FILE
 from kd_tune.storage import Storage
 from kd_tune.train import EpochMetrics, Evaluation, TensorData, make_optimizer, train
 
@@ -65,16 +67,25 @@ def restore_state(bundle: TrialBundle, trial_dir: str) -> tuple[dict[str, Any] |
     After a SIGKILLed driver Ray's experiment state can lag behind what the trial had persisted, so
     the trial's folder in the storage is searched too; the newer of the two wins.
     """
-    state = None
+    state, known_epoch = None, 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = read_checkpoint(Path(folder))
-    known_epoch = int(state["epoch"]) if state else 0
+            known_epoch = int(state["epoch"]) if state else lost_checkpoint_epoch(Path(folder))
     on_disk = newest_persisted(bundle.storage, trial_dir)
     if on_disk is not None and on_disk["epoch"] > known_epoch:
         state = on_disk
     return state, known_epoch
+
+
+def lost_checkpoint_epoch(folder: Path) -> int:
+    """The epoch Ray knew for a checkpoint Tune had deleted (a stand-in, :func:`kd_tune.record.restore_lost_checkpoints`),
+    else 0 (an incomplete checkpoint: nothing known)."""
+    try:
+        return int(json.loads((folder / LOST_CHECKPOINT_FILE).read_text())["known_epoch"] or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
