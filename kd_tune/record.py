@@ -103,8 +103,9 @@ def restore_lost_checkpoints(state_file: Path) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     made = []
-    for trial_json, runtime_json in trials:
+    for entry in trials if isinstance(trials, list) else []:
         try:
+            trial_json, runtime_json = entry
             trial, runtime = json.loads(trial_json), json.loads(runtime_json)
             folder = state_file.parent / trial["relative_logdir"]
             pickled = bytes.fromhex((runtime.get("checkpoint_manager") or {}).get("value") or "")
