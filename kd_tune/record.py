@@ -74,20 +74,23 @@ def repair_experiment_state(storage: Storage, name: str) -> bool:
     newest = states[-1] if states else None
     if newest is None:
         return False
-    if _parses(newest):
-        restore_lost_checkpoints(newest)
+    state = _parsed(newest)
+    if state is not _TORN:
+        restore_lost_checkpoints(newest.parent, state)
         return False
     temp = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
     staged = sorted(temp.glob(f"session_*/artifacts/*/{name}/driver_artifacts/{newest.name}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for copy in staged:
-        if _parses(copy):
-            atomic_write_bytes(newest, copy.read_bytes())
-            restore_lost_checkpoints(newest)
+        blob = copy.read_bytes()
+        state = _parsed_bytes(blob)
+        if state is not _TORN:
+            atomic_write_bytes(newest, blob)
+            restore_lost_checkpoints(newest.parent, state)
             return True
     return False
 
 
-def restore_lost_checkpoints(state_file: Path) -> list[Path]:
+def restore_lost_checkpoints(sweep_folder: Path, state: Any) -> list[Path]:
     """Stand-ins for the checkpoints Ray's saved experiment state names but Tune has deleted; returns them.
 
     Why: with ``CheckpointConfig(num_to_keep=2)`` Tune deletes a trial's older checkpoints as soon as newer ones
@@ -97,24 +100,24 @@ def restore_lost_checkpoints(state_file: Path) -> list[Path]:
     (seen once in this project's kill tests). Each missing folder is made again, holding only
     :data:`LOST_CHECKPOINT_FILE` with the epoch of the trial's last result that Ray knows (for the checkpoint
     the trial restores from). The trial then starts from its newest complete checkpoint on disk
-    (:func:`kd_tune.trainable.restore_state`) and reports again the epochs Ray has not seen."""
-    try:
-        trials = json.loads(state_file.read_bytes())["trial_data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+    (:func:`kd_tune.trainable.restore_state`) and reports again the epochs Ray has not seen. ``state``: the parsed
+    experiment state file of ``sweep_folder``."""
+    trials = state.get("trial_data") if isinstance(state, dict) else None
     made = []
     for entry in trials if isinstance(trials, list) else []:
         try:
             trial_json, runtime_json = entry
             trial, runtime = json.loads(trial_json), json.loads(runtime_json)
-            folder = state_file.parent / trial["relative_logdir"]
+            folder = sweep_folder / trial["relative_logdir"]
             pickled = bytes.fromhex((runtime.get("checkpoint_manager") or {}).get("value") or "")
             last = runtime.get("last_result") or {}
         except (ValueError, KeyError, TypeError, AttributeError):
             continue  # not a trial as Ray 2.60 writes it: left to Ray
+        if not folder.is_dir():
+            continue
         for ref in sorted({m.decode() for m in _CHECKPOINT_NAME.findall(pickled)}):
             target = folder / ref
-            if target.exists() or not folder.is_dir():
+            if target.exists():
                 continue
             known = last.get("epoch") if last.get("checkpoint_dir_name") == ref else None
             staging = folder / f".{ref}.tmp"
@@ -125,12 +128,21 @@ def restore_lost_checkpoints(state_file: Path) -> list[Path]:
     return made
 
 
-def _parses(path: Path) -> bool:
+_TORN = object()  # what _parsed gives for a file that is missing or not whole JSON
+
+
+def _parsed(path: Path) -> Any:
     try:
-        json.loads(path.read_bytes())
-        return True
-    except (OSError, ValueError):
-        return False
+        return _parsed_bytes(path.read_bytes())
+    except OSError:
+        return _TORN
+
+
+def _parsed_bytes(blob: bytes) -> Any:
+    try:
+        return json.loads(blob)
+    except ValueError:
+        return _TORN
 
 
 @dataclass(frozen=True)
