@@ -192,18 +192,18 @@ def plan(space: Path, share_epochs: bool | None, pack: int | None = None) -> int
     if pack is not None:
         spec = apply_overrides(spec, SweepOptions(pack=pack))
     shared, separate = replace(spec, share_epochs=True), replace(spec, share_epochs=False)
-    precision = "" if spec.student.precision == "float32" else f"; students train in {spec.student.precision}"
+    precision = None if spec.student.precision == "float32" else f"students train in {spec.student.precision}"
     if spec.is_search:
         from kd_tune.search import describe  # imports Ray Tune: only for a search
 
         print(f"{space}: sweep {spec.name!r}, a search: {spec.search.num_samples} student trials sampled by Ray Tune"
-              f"{f', plus {len(spec.trials())} baseline trials' if spec.trials() else ''}{f' ({precision[2:]})' if precision else ''}")
+              f"{f', plus {len(spec.trials())} baseline trials' if spec.trials() else ''}{f' ({precision})' if precision else ''}")
         print("\n".join(describe(spec)))
     else:
         n = len(spec.packs()) if spec.packed else len(spec.trials())
         trials = f"{n} {'packed ' if spec.packed else ''}trial{'' if n == 1 else 's'}" + (f" of up to {spec.resources.pack_size} students" if spec.packed else "")
         print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {trials} "
-              f"(epoch sharing {'on' if spec.share_epochs else 'off'}{precision})")
+              f"(epoch sharing {'on' if spec.share_epochs else 'off'}{f'; {precision}' if precision else ''})")
     if spec.packed:
         packs = spec.packs()
         why = ("resources.pack / --pack" if spec.resources.pack is not None else
