@@ -34,11 +34,11 @@ from kd_tune.errors import DivergedError
 from kd_tune.losses import KDLossTerms
 from kd_tune.models import SeedCNN, build_model
 from kd_tune.train import (
-    EVAL_BATCH,
     EpochMetrics,
     Evaluation,
     TensorData,
     epoch_order,
+    eval_batch,
     evaluations,
     predict_logits,
     step_precision,
@@ -305,8 +305,8 @@ def pack_logits(model: PackedCNN, images: Sequence[torch.Tensor], rows: Sequence
     if not packed:
         students = [model.member(i) for i in rows]
         return [torch.stack([predict_logits(student, x) for student in students]) for x in images]
-    # Chunks of EVAL_BATCH images for one student, fewer for a wide pack: K * chunk activations stay bounded.
-    chunk = max(1, min(EVAL_BATCH, EVAL_STUDENT_IMAGES // model.k))
+    # Chunks of eval_batch() images for one student, fewer for a wide pack: K * chunk activations stay bounded.
+    chunk = max(1, min(eval_batch(images[0].device), EVAL_STUDENT_IMAGES // model.k))
     was_training = model.training
     model.eval()
     out = [torch.cat([model(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)], dim=1)[list(rows)] for x in images]

@@ -26,6 +26,11 @@ from kd_tune.errors import DivergedError
 from kd_tune.losses import kd_loss_terms
 
 EVAL_BATCH = 2048
+"""Images per evaluation forward on a GPU, where a small model's forward is launch-bound: big chunks pay."""
+CPU_EVAL_BATCH = 128
+"""Images per evaluation forward on a CPU. Activations of big chunks leave the caches: the student's 15,000
+validation + test images took 0.57-0.87 s in chunks of 2,048 against 0.31-0.33 s in chunks of 128 (one thread;
+``benchmarks/eval_bench.py``, RESULTS.md), which was a quarter of a CPU sweep's trial time."""
 
 
 @dataclass(frozen=True)
@@ -163,8 +168,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def eval_batch(device: torch.device) -> int:
+    """Images per evaluation forward on ``device`` (:data:`CPU_EVAL_BATCH` or :data:`EVAL_BATCH`)."""
+    return CPU_EVAL_BATCH if device.type == "cpu" else EVAL_BATCH
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """The model's logits on images ``x``, in eval mode, ``batch_size`` images at a time (default: :func:`eval_batch`)."""
+    batch_size = batch_size or eval_batch(x.device)
     was_training = model.training
     model.eval()
     out = torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
