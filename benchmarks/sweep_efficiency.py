@@ -6,11 +6,18 @@ loop, one thread) against the same students as a ``kd-tune sweep`` with the defa
     python benchmarks/sweep_efficiency.py --epochs 15  # longer students: the fixed costs weigh less
     python benchmarks/sweep_efficiency.py --repeats 2 --compare-with ../old  # also an older checkout's sweep, alternated
     python benchmarks/sweep_efficiency.py --cpu        # and where the CPU time went during the sweep (Linux /proc)
+    python benchmarks/sweep_efficiency.py --floor      # and the least any Ray Tune sweep costs here: the ratio's ceiling
 
 ratio = median sequential seconds / median sweep wall seconds (the whole ``kd-tune sweep`` command: Python,
 Ray's start and shutdown included). The two alternate (A B A B ...) because this machine's speed drifts by
 10 % from one minute to the next. With N cores the ceiling is about N. Needs kd-tune installed and MNIST
 (``kd-tune data mnist``); works in ./sweep_efficiency (made anew).
+
+``--floor`` also times (alternated with the others) a bare Ray Tune command with no kd-tune in it: Python, Ray
+Tune, the embedded Ray started as kd-tune starts it, one trial per CPU that imports torch and makes an Adam
+optimizer (torch.optim imports torch._dynamo), then Ray's shutdown. No sweep on this machine can take less than
+that floor plus its training spread over the cores, so ``ceiling = sequential / (floor + sequential / cores)``
+is the best ratio any Ray Tune sweep of these students could reach here.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from kd_tune.teacher import TeacherCache, teacher_key
 from kd_tune.train import TensorData, make_optimizer, train
 
 HERE = Path.cwd() / "sweep_efficiency"
+CORES = os.cpu_count() or 1
 SPACE = """name: efficiency
 dataset: {name: mnist, train_size: 20000, label_noise: 0.0, val_size: 5000}
 teacher: {widths: [32, 64], epochs: 1, lr: 0.001, batch_size: 128}
@@ -43,6 +51,36 @@ student: {widths: [16, 32], lr: 0.001, batch_size: 128}
 grid: {alpha: [0.0, 0.33, 0.67, 1.0], temperature: [3.0], epochs: [EPOCHS], seed: [0, 1]}
 resources: {cpu: 1, gpu: 0}
 """
+
+
+FLOOR = """import os, sys, time
+import ray
+from ray import tune
+
+
+def trial(config):
+    import torch
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    tune.report({"done": 1})
+
+
+ray.init(address="local", include_dashboard=False, _system_config={"prestart_worker_first_driver": False}, log_to_driver=False)
+tuner = tune.Tuner(tune.with_resources(trial, {"cpu": 1}), param_space={"x": tune.grid_search(list(range(os.cpu_count() or 1)))},
+                   run_config=tune.RunConfig(name=sys.argv[1], storage_path=sys.argv[2], verbose=0))
+assert not tuner.fit().errors
+ray.shutdown()
+os._exit(0)  # without Python's module teardown (seconds), as the kd-tune command exits
+"""
+
+
+def floor(name: str) -> float:
+    """Seconds of a bare Ray Tune command (``FLOOR``): one trivial PyTorch trial per CPU, whole process."""
+    script = HERE / "floor.py"
+    script.write_text(FLOOR)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, str(script), name, str(HERE / "floor_results")], cwd=HERE, check=True, capture_output=True)
+    return time.perf_counter() - t0
 
 
 def sweep(name: str, code: str | None = None, cpu: bool = False) -> float:
@@ -141,6 +179,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="epochs per student (default 5, the issue's measurement)")
     parser.add_argument("--cpu", action="store_true", help="also print where the CPU time went during each measured sweep "
                         "(core-seconds of the driver, trial workers, Ray's processes; idle core-seconds; busy cores per 2 s)")
+    parser.add_argument("--floor", action="store_true", help="also time a bare Ray Tune command (one trivial PyTorch trial per "
+                        "CPU): the least any sweep costs here, and so the ratio's ceiling")
     parser.add_argument("--compare-with", metavar="CHECKOUT", help="also time the sweep of the kd-tune in this folder (an older "
                         "commit's worktree), alternated with the others")
     args = parser.parse_args()
@@ -148,7 +188,7 @@ def main() -> None:
     HERE.mkdir()
     (HERE / "space.yaml").write_text(SPACE.replace("EPOCHS", str(args.epochs)))
     warm = sweep("warmup")  # trains and caches the teacher; not measured
-    seqs, walls, others = [], [], []
+    seqs, walls, others, floors = [], [], [], []
     for r in range(args.repeats):
         seqs.append(sequential())
         walls.append(sweep(f"measured{r}", cpu=args.cpu))
@@ -156,6 +196,9 @@ def main() -> None:
         if args.compare_with:
             others.append(sweep(f"compared{r}", args.compare_with))
             row |= {"compared_sweep_wall_s": round(others[-1], 1), "compared_ratio": round(seqs[-1] / others[-1], 2)}
+        if args.floor:
+            floors.append(floor(f"floor{r}"))
+            row |= {"floor_s": round(floors[-1], 1), "ceiling_ratio": round(seqs[-1] / (floors[-1] + seqs[-1] / CORES), 2)}
         print(json.dumps(row), flush=True)
     seq, wall = statistics.median(seqs), statistics.median(walls)
     summary = {"students": 8, "epochs": args.epochs, "repeats": args.repeats, "sequential_s": round(seq, 1), "sweep_wall_s": round(wall, 1),
@@ -163,6 +206,8 @@ def main() -> None:
     if others:
         summary |= {"compared": args.compare_with, "compared_sweep_wall_s": round(statistics.median(others), 1),
                     "compared_ratio": round(seq / statistics.median(others), 2)}
+    if floors:
+        summary |= {"floor_s": round(statistics.median(floors), 1), "ceiling_ratio": round(seq / (statistics.median(floors) + seq / CORES), 2)}
     print(json.dumps(summary))
 
 

@@ -9,7 +9,17 @@ import torch
 from kd_tune import data
 from kd_tune.errors import DivergedError
 from kd_tune.models import build_model
-from kd_tune.train import EpochMetrics, TensorData, epoch_order, make_optimizer, train
+from kd_tune.train import (
+    CPU_EVAL_BATCH,
+    EVAL_BATCH,
+    EpochMetrics,
+    TensorData,
+    epoch_order,
+    eval_batch,
+    make_optimizer,
+    predict_logits,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +43,18 @@ def test_epoch_order_is_a_function_of_seed_and_epoch() -> None:
     assert torch.equal(epoch_order(50, 1, 3), epoch_order(50, 1, 3))
     assert not torch.equal(epoch_order(50, 1, 3), epoch_order(50, 1, 4))
     assert sorted(epoch_order(50, 1, 3).tolist()) == list(range(50))
+
+
+def test_evaluation_chunks_do_not_change_the_logits(split: data.DataSplit) -> None:
+    # The chunk size is a speed choice per device (kd_tune.train.eval_batch), never a result: every chunking of the
+    # same images gives the same logits, up to the convolution's float reassociation, and leaves the model as it was.
+    model = build_model((4, 8), split.info.shape, 10, 0)
+    x = TensorData.from_split(split, "cpu", None, None).test_x[:300]
+    whole = predict_logits(model, x, 300)
+    for chunk in (7, CPU_EVAL_BATCH, None):
+        assert torch.allclose(predict_logits(model, x, chunk), whole, rtol=1e-5, atol=1e-5), chunk
+    assert model.training
+    assert (eval_batch(torch.device("cpu")), eval_batch(torch.device("cuda"))) == (CPU_EVAL_BATCH, EVAL_BATCH)
 
 
 def test_student_learns_and_is_deterministic(split: data.DataSplit) -> None:
