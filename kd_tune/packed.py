@@ -297,7 +297,7 @@ def pack_logits(model: PackedCNN, images: Sequence[torch.Tensor], rows: Sequence
 
     ``packed``: one packed forward per chunk of images (every member's logits at once), else each member as a
     stand-alone ``SeedCNN`` (copied once for all the image sets). None: packed except on a CPU, where a packed
-    forward was 0.4-1.0x as fast as the members one by one in chunks of 2,048 images and 0.5-1.3x in today's chunks of
+    forward was 0.4-1.0x as fast as the members one by one in chunks of 2,048 images and 0.5-1.3x in the current chunks of
     128 (K = 1 ... 16, 1 thread, two runs; ``benchmarks/pack_bench.py --eval``, RESULTS.md); on a GPU a student's
     forward is launch-bound, as its step is.
     """
