@@ -44,10 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from bench import interleaved  # noqa: E402  (benchmarks/, the script's own folder: the same interleaving as bench.py)
 
-from kd_tune.losses import kd_loss_terms  # noqa: E402
 from kd_tune.models import build_model  # noqa: E402
 from kd_tune.packed import Member, PackData, build_pack, channels_last_on, evaluate_pack, pack_epoch, pack_loss_terms, train_pack  # noqa: E402
-from kd_tune.train import epoch_order, make_optimizer, step_precision, train  # noqa: E402
+from kd_tune.train import epoch_order, make_optimizer, train, train_epoch  # noqa: E402
 
 SHAPE, CLASSES, WIDTHS, BATCH, LR, ALPHA, TEMPERATURE = (1, 28, 28), 10, (16, 32), 128, 1e-3, 0.5, 3.0
 
@@ -74,27 +73,13 @@ def timed_epochs(device: torch.device, body: Callable[[int], object]) -> Callabl
 
 
 def unpacked(d: PackData, device: torch.device, precision: str = "float32") -> Callable[[], float]:
-    """One student, epoch after epoch, stepped exactly as kd_tune.train.train steps it."""
+    """One student, epoch after epoch, trained by kd_tune.train.train's own epoch (``train_epoch``)."""
     model = build_model(WIDTHS, SHAPE, CLASSES, 0).to(device)
     opt = make_optimizer(model, LR)
-    x, y, t = d.train_x, d.train_labels[0], d.teacher_train[0] if d.teacher_train is not None else None
-    n = x.shape[0]
-
-    def epoch(e: int) -> None:
-        order = epoch_order(n, 0, e).to(device)
-        sums = torch.zeros(3, device=device)
-        for i in range(0, n, BATCH):
-            idx = order[i : i + BATCH]
-            with step_precision(device, precision):
-                logits = model(x[idx])
-            terms = kd_loss_terms(logits.float(), None if t is None else t[idx], y[idx], ALPHA, TEMPERATURE)
-            opt.zero_grad(set_to_none=True)
-            terms.total.backward()
-            opt.step()
-            sums += torch.stack([terms.total.detach(), terms.hard.detach(), terms.distill.detach()]) * idx.numel()
-        (sums / n).tolist()  # train.train's one host sync per epoch
-
-    return timed_epochs(device, epoch)
+    data = d.member_data(Member(seed=0, epochs=1, alpha=ALPHA, temperature=TEMPERATURE, teacher=0))
+    n = data.train_x.shape[0]
+    # train.train's one host sync per epoch included.
+    return timed_epochs(device, lambda e: (train_epoch(model, opt, data, e, BATCH, 0, ALPHA, TEMPERATURE, precision) / n).tolist())
 
 
 def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_last: bool, precision: str = "float32") -> Callable[[], float]:

@@ -222,6 +222,36 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TensorData,
+    epoch: int,
+    batch_size: int,
+    seed: int,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    precision: str = "float32",
+) -> torch.Tensor:
+    """Train for epoch ``epoch`` (1-based, its order :func:`epoch_order`); returns the summed (total, hard, distill)
+    losses [3], on the device (``kd_tune.packed.pack_epoch`` is its twin for a pack)."""
+    n = data.train_x.shape[0]
+    order = epoch_order(n, seed, epoch).to(data.train_x.device)
+    # Sums stay on the device: a .item() per batch would stall a GPU every step.
+    sums = torch.zeros(3, device=data.train_x.device)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        with step_precision(data.train_x.device, precision):
+            logits = model(data.train_x[idx])
+        teacher = None if data.teacher_train is None else data.teacher_train[idx]
+        terms = kd_loss_terms(logits.float(), teacher, data.train_y[idx], alpha, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        optimizer.step()
+        sums += torch.stack([terms.total.detach(), terms.hard.detach(), terms.distill.detach()]) * idx.numel()
+    return sums
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -248,20 +278,8 @@ def train(
     model.train()
     for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
-        order = epoch_order(n, seed, epoch).to(data.train_x.device)
-        # Sums stay on the device: a .item() per batch would stall a GPU every step.
-        sums = torch.zeros(3, device=data.train_x.device)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            with step_precision(data.train_x.device, precision):
-                logits = model(data.train_x[idx])
-            teacher = None if data.teacher_train is None else data.teacher_train[idx]
-            terms = kd_loss_terms(logits.float(), teacher, data.train_y[idx], alpha, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            optimizer.step()
-            sums += torch.stack([terms.total.detach(), terms.hard.detach(), terms.distill.detach()]) * idx.numel()
-        total, hard, distill = (sums / n).tolist()
+        sums = train_epoch(model, optimizer, data, epoch, batch_size, seed, alpha, temperature, precision)
+        total, hard, distill = (sums / n).tolist()  # the one host sync of the epoch
         if not math.isfinite(total):
             raise DivergedError(epoch, total)
         ev = evaluate(model, data)
