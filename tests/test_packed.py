@@ -306,4 +306,3 @@ def test_bfloat16_pack_trains_its_members_as_bfloat16_students(pack_data: PackDa
         assert _max_rel(results["bfloat16"][i], results["float32"][i]) > LOSS_REL
     with pytest.raises(ValueError, match="precision 'float16': allowed float32 or bfloat16"):
         train(model, make_optimizer(model, LR), pack_data.member_data(members[0]), epochs=1, batch_size=BATCH, seed=0, precision="float16")
-
