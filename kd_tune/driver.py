@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from kd_tune import search
 from kd_tune.cluster import teacher_cpus
-from kd_tune.config import SweepSpec, space_to_yaml, trial_label
+from kd_tune.config import SweepSpec, space_to_yaml
 from kd_tune.data import DataSplit, flip_labels, prepare
 from kd_tune.mlflow_runs import (
     DataInput,
@@ -52,6 +51,8 @@ from kd_tune.record import (
     resume_command,
     save_tracking_inputs,
     sweep_path,
+    trial_dirname,
+    trial_name,
 )
 from kd_tune.results import SweepOutcome, results_table
 from kd_tune.storage import Storage
@@ -60,7 +61,7 @@ from kd_tune.sync import recorder_for, replay
 from kd_tune.teacher import Teacher, ensemble_logits, get_teachers, log_teacher_summary
 from kd_tune.tracking import MlflowTrackingCallback, open_outbox, outbox_of
 from kd_tune.tracking_store import resolve_tracking_uri
-from kd_tune.trainable import TrialBundle, kd_trainable, trial_dirname
+from kd_tune.trainable import TrialBundle, kd_trainable
 
 Log = Callable[[str], None]
 INTERRUPTED_WAIT_S = 15.0  # after Ctrl+C: the user wants the prompt back
@@ -329,7 +330,3 @@ def progress_reporter() -> tune.ProgressReporter:
         max_report_frequency=30,
         max_progress_rows=40,
     )
-
-
-def trial_name(trial: Trial) -> str:
-    return trial_label(trial.config)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kd_tune.config import NAME_ALLOWED, is_valid_name
+from kd_tune.config import NAME_ALLOWED, is_valid_name, trial_label
 from kd_tune.errors import FlagError, UsageError
 from kd_tune.files import atomic_write_bytes
 from kd_tune.storage import Storage, resolve_storage
@@ -42,6 +42,19 @@ def sweep_path(storage: Storage, name: str) -> str:
     if storage.is_local and Path(path).resolve().parent != Path(storage.root):
         raise FlagError("sweep name", name, NAME_ALLOWED, f"is a path out of the storage folder {storage.root}")
     return path
+
+
+def trial_name(trial: Any) -> str:
+    """A trial's name in Tune's table and logs: its grid point's (or pack's) label."""
+    return trial_label(trial.config)
+
+
+def trial_dirname(trial: Any) -> str:
+    """A trial's folder in the sweep's: readable, and computable inside the trial from its config and id.
+
+    Tune pickles both name functions into its experiment state, and whatever reads that state back
+    (``kd-tune status``, ``Tuner.restore``) imports their module: here, not beside torch and MLflow."""
+    return f"{trial_label(trial.config)}_{trial.trial_id}"
 
 
 def can_restore(storage: Storage, name: str) -> bool:

@@ -28,6 +28,7 @@ from kd_tune.record import (
     release_driver,
     require_sweep,
     resume_command,
+    trial_dirname,
 )
 from kd_tune.storage import Storage, resolve_storage
 from kd_tune.tracking import RunRecorder, error_summary
@@ -59,8 +60,6 @@ def replay(recorder: RunRecorder, storage: Storage, name: str, trials: Iterable[
     ``trials`` are Ray's (``ExperimentAnalysis(...).trials``). A trial still running or pending in that
     state only gets its epochs: a resume continues it and ends its runs.
     """
-    from kd_tune.trainable import trial_dirname
-
     touched = steps = ended = 0
     for t in trials:
         tid, config = str(t.trial_id), dict(t.config)

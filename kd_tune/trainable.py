@@ -29,7 +29,7 @@ from kd_tune.errors import DivergedError
 from kd_tune.faults import FaultHook
 from kd_tune.models import build_model
 from kd_tune.packed import Member, PackData, PackedCNN, build_pack, channels_last_on, train_pack
-from kd_tune.record import LOST_CHECKPOINT_FILE
+from kd_tune.record import LOST_CHECKPOINT_FILE, trial_dirname  # noqa: F401 - sweeps begun before it moved pickled it from here
 from kd_tune.storage import Storage
 from kd_tune.train import EpochMetrics, Evaluation, TensorData, make_optimizer, train
 
@@ -54,11 +54,6 @@ class TrialBundle:
     def trial_dir(self, point: TrialPoint, trial_id: str) -> str:
         """The trial's folder, relative to the storage root (see :func:`trial_dirname`)."""
         return f"{self.sweep}/{point.label}_{trial_id}"
-
-
-def trial_dirname(trial: Any) -> str:
-    """A trial's folder: readable, and computable inside the trial from its config and id."""
-    return f"{trial_label(trial.config)}_{trial.trial_id}"
 
 
 def restore_state(bundle: TrialBundle, trial_dir: str) -> tuple[dict[str, Any] | None, int]:

@@ -175,6 +175,21 @@ def test_parser_loads_neither_torch_nor_ray() -> None:
     assert proc.stdout.strip() == "[]"
 
 
+def test_trial_names_in_tunes_state_unpickle_without_torch_or_mlflow() -> None:
+    """Tune pickles the trial name functions the driver hands it into the sweep's experiment state, and
+    ``kd-tune status`` reads that state back: unpickling imports their module, which must be a light one."""
+    import cloudpickle
+
+    from kd_tune import driver
+
+    blob = cloudpickle.dumps([driver.trial_name, driver.trial_dirname])  # as Tune writes them
+    code = (f"import pickle, sys; names = pickle.loads(bytes.fromhex({blob.hex()!r})); "
+            "print([n.__module__ for n in names], sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['kd_tune.record', 'kd_tune.record'] []"
+
+
 def test_training_path_and_pack_benchmark_import_with_pytorch_alone() -> None:
     """benchmarks/pack_bench.py runs on a GPU machine that has PyTorch but not Ray, MLflow or pyarrow: what it
     imports (the training loop, the packed model, bench.py's interleaving) must not pull them in."""
