@@ -172,6 +172,9 @@ def report(name: str, out: str | None, tracking_uri: str | None, storage: str | 
         uri = SweepRecord.load(root, name).tracking_uri  # where that sweep logged, whatever the defaults now
     configure_client_retries()
     check_tracking_store(uri, "no report was made")
+    # The report downloads one small JSON (the best run's confusion matrix): MLflow's progress bar for it is only
+    # noise between the command and its tables (a user's own setting wins).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     rep = make_report(name, uri, Path(out) if out else Path("reports") / name)
     print(rep.markdown())
     print("files (also on the sweep's parent run in MLflow, under report/):")
