@@ -7,6 +7,7 @@
     python benchmarks/pack_bench.py --eval --sizes 1,4,16    # the members' evaluation: packed forward or one by one
     python benchmarks/pack_bench.py --bf16                   # also student.precision bfloat16 (autocast forward)
     python benchmarks/pack_bench.py --device cuda --nchw --graphs --bf16   # and CUDA graphs (an experiment)
+    python benchmarks/pack_bench.py --device cuda --fused    # and fused Adam (one kernel per update; an experiment)
 
 PyTorch only (no Ray, no MLflow): it runs wherever torch does. The data are synthetic, with MNIST's
 shape (1x28x28 uint8 images, 10 classes, cached teacher logits): the step's cost does not depend on
@@ -82,11 +83,14 @@ def unpacked(d: PackData, device: torch.device, precision: str = "float32") -> C
     return timed_epochs(device, lambda e: (train_epoch(model, opt, data, e, BATCH, 0, ALPHA, TEMPERATURE, precision) / n).tolist())
 
 
-def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_last: bool, precision: str = "float32") -> Callable[[], float]:
+def packed(d: PackData, device: torch.device, k: int, shared: bool, channels_last: bool, precision: str = "float32",
+           fused: bool = False) -> Callable[[], float]:
     seeds = [0] * k if shared else list(range(k))
     members = [Member(seed=s, epochs=1, alpha=ALPHA, temperature=TEMPERATURE, teacher=0) for s in seeds]
     model = build_pack(WIDTHS, SHAPE, CLASSES, seeds, channels_last=channels_last).to(device)
-    opt = make_optimizer(model, LR)
+    # fused: Adam's whole update in one kernel per step instead of torch's default (foreach: ~a dozen
+    # launches per step), an experiment for the launch-bound GPU step; the same arithmetic up to reassociation.
+    opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True) if fused else make_optimizer(model, LR)
     n = d.train_x.shape[0]
     return timed_epochs(device, lambda e: (pack_epoch(model, opt, d, members, e, BATCH, precision=precision) / n).tolist())
 
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", action="store_true", help="time the members' evaluation instead: one packed forward against member by member")
     p.add_argument("--graphs", action="store_true", help="also time NCHW packs whose step is replayed as one CUDA graph (an experiment; cuda only)")
     p.add_argument("--bf16", action="store_true", help="also time every contender with student.precision bfloat16 (autocast forward)")
+    p.add_argument("--fused", action="store_true", help="also time the packs (channels_last, float32) with fused Adam (torch.optim.Adam(fused=True))")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -266,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                 variants.append((f"shared{suffix}, bf16 autocast", packed(d, device, k, True, channels_last, "bfloat16")))
                 if k > 1:
                     variants.append((f"per-member{suffix}, bf16 autocast", packed(d, device, k, False, channels_last, "bfloat16")))
+        if args.fused:
+            variants.append(("shared, fused Adam", packed(d, device, k, True, True, fused=True)))
+            if k > 1:
+                variants.append(("per-member, fused Adam", packed(d, device, k, False, True, fused=True)))
         if args.graphs:
             for shared in [True, False] if k > 1 else [True]:
                 name = f"{'shared' if shared else 'per-member'}, NCHW, CUDA graph"

@@ -201,15 +201,16 @@ def test_training_path_and_pack_benchmark_import_with_pytorch_alone() -> None:
     assert proc.stdout.strip() == "[]"
 
 
-def test_pack_benchmark_times_every_variant_bf16_included() -> None:
+def test_pack_benchmark_times_every_variant_bf16_and_fused_included() -> None:
     """A tiny CPU run of benchmarks/pack_bench.py: each K has a row for every contender, with a time and a speedup."""
     bench = Path(__file__).resolve().parent.parent / "benchmarks" / "pack_bench.py"
-    proc = subprocess.run([sys.executable, str(bench), "--sizes", "2", "--images", "256", "--repeats", "1", "--nchw", "--bf16"],
+    proc = subprocess.run([sys.executable, str(bench), "--sizes", "2", "--images", "256", "--repeats", "1", "--nchw", "--bf16", "--fused"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {cells[1]: cells for line in proc.stdout.splitlines() if line.startswith("| 2 |") for cells in [[c.strip() for c in line.strip("|").split("|")]]}
     assert sorted(rows) == sorted(["unpacked (1 student)", "unpacked (1 student), bf16 autocast", "shared", "per-member", "shared, bf16 autocast", "per-member, bf16 autocast", "shared, NCHW",
-                                   "per-member, NCHW", "shared, NCHW, bf16 autocast", "per-member, NCHW, bf16 autocast"]), proc.stdout
+                                   "per-member, NCHW", "shared, NCHW, bf16 autocast", "per-member, NCHW, bf16 autocast", "shared, fused Adam",
+                                   "per-member, fused Adam"]), proc.stdout
     assert all(float(cells[2]) > 0 and float(cells[4]) > 0 for cells in rows.values()), proc.stdout
 
 
