@@ -219,6 +219,13 @@ def plan(space: Path, share_epochs: bool | None, pack: int | None = None) -> int
         for t in spec.trials():
             print(f"  {t.label:<32} trains {t.epochs} epochs, reports {', '.join(map(str, t.milestones))}")
     saved = separate.student_epochs() - shared.student_epochs()
+    repeated = spec.repeated_trainings()
+    if repeated:
+        again = sum(len(g) - 1 for g in repeated)
+        shown = "; ".join(" = ".join(t.label for t in g) for g in repeated[:2]) + ("; ..." if len(repeated) > 2 else "")
+        print(f"note: {again} trial{'s' if again > 1 else ''} ({sum(t.epochs for g in repeated for t in g[1:])} student epochs) train{'' if again > 1 else 's'} "
+              f"the same weights as another: alpha 1 leaves the teacher out, so alpha 1 at any T is the scratch student of its seed "
+              f"({shown})")
     if spec.is_search:
         print(f"student epochs: at most {spec.student_epochs()} ({spec.search.num_samples} x {max(spec.grid.epochs)} for the search"
               f"{', fewer as the scheduler stops trials' if spec.scheduler else ''}; {shared.student_epochs() - spec.search.num_samples * max(spec.grid.epochs)} "

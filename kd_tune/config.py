@@ -320,6 +320,16 @@ class SweepSpec:
             return [{"point": p.as_config()} for p in self.trials()]
         return [pack_config(members) for members in self.packs()]
 
+    def repeated_trainings(self) -> list[list[TrialPoint]]:
+        """Groups of two or more trials that train the same weights. alpha weighs the hard labels, so at 1 the
+        teacher's term is weighted 0: the distilled trials of alpha 1 (whatever their temperature) and the
+        scratch baseline of the same seed, label noise and epochs train, bit for bit, one student."""
+        groups: dict[tuple[Any, ...], list[TrialPoint]] = {}
+        for t in self.trials():
+            if t.alpha == 1.0:
+                groups.setdefault((t.seed, t.label_noise, t.milestones), []).append(t)
+        return [g for g in groups.values() if len(g) > 1]
+
     def student_epochs(self) -> int:
         """Student epochs the sweep trains (the cost that epoch sharing cuts); for a search, at most
         (every search trial trained to the largest epochs value: early stopping only lowers it)."""

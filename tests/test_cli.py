@@ -124,8 +124,16 @@ def test_plan_counts_student_epochs(write_space: Callable[..., Path], capsys: py
     assert "6 grid points, 3 trials (epoch sharing on)" in out
     assert "a0.5-T3-e1+3-s0" in out and "reports 1, 3" in out
     assert "student epochs: 9 (with sharing 9, without 12: sharing saves 3, 25%)" in out
+    assert "note:" not in out  # no alpha 1: nothing trained twice
     assert main(["plan", str(path), "--no-share-epochs"]) == 0
     assert "6 grid points, 6 trials (epoch sharing off)" in capsys.readouterr().out
+    # alpha 1 at two temperatures and the scratch baseline: one student trained three times per seed
+    twice = write_space(tiny_space(grid={"alpha": [0.5, 1.0], "temperature": [2.0, 4.0], "epochs": [2], "seed": [0, 1]}, baselines=["scratch"]),
+                        "twice.yaml")
+    assert main(["plan", str(twice)]) == 0
+    out = capsys.readouterr().out
+    assert ("note: 4 trials (8 student epochs) train the same weights as another: alpha 1 leaves the teacher out, so alpha 1 at any T "
+            "is the scratch student of its seed (a1-T2-e2-s0 = a1-T4-e2-s0 = scratch-e2-s0; a1-T2-e2-s1 = a1-T4-e2-s1 = scratch-e2-s1)") in out
     bf16 = write_space(tiny_space(student={"widths": [4, 8], "precision": "bfloat16"}), "bf16.yaml")
     assert main(["plan", str(bf16)]) == 0
     assert "4 grid points, 2 trials (epoch sharing on; students train in bfloat16)" in capsys.readouterr().out

@@ -94,6 +94,20 @@ def test_distillation_reports_all_three_losses(split: data.DataSplit) -> None:
     assert m.train_distill_loss > 0
 
 
+def test_alpha_one_trains_exactly_the_scratch_student(split: data.DataSplit) -> None:
+    # alpha weighs the hard labels: at 1 the distillation term is weighted 0, so a distilled student of alpha 1
+    # trains bit for bit the weights of the scratch student of its seed, whatever the teacher and the
+    # temperature (what `kd-tune plan` tells of grids that hold both).
+    torch.set_num_threads(1)
+    teacher = 5 * torch.randn(len(split.train_y), 10)
+    distilled, h = _run(split, 2, teacher=teacher, alpha=1.0)
+    scratch, s = _run(split, 2)
+    assert h[-1].train_distill_loss > 0  # the teacher's term was computed, and weighted 0
+    for p, q in zip(distilled.parameters(), scratch.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert [m.test_acc for m in h] == [m.test_acc for m in s]
+
+
 def test_nan_loss_stops_with_the_epoch_and_value(split: data.DataSplit) -> None:
     teacher = torch.full((len(split.train_y), 10), float("nan"))
     with pytest.raises(DivergedError, match=r"diverged at epoch 1: loss = nan") as err:
