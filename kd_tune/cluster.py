@@ -97,6 +97,9 @@ def _init(address: str | None) -> None:
         # worker per CPU Ray would start for this driver's tasks (80 MiB and 0.5-2 core-s each, while the sweep
         # starts on the same cores). Tune's trial actors never take them (they start workers of their own),
         # and the one task a sweep may run, the teacher's, starts its worker when it needs one.
+        # Ray 2.60 turns token authentication on for every new local cluster and warns each time that it did: a
+        # secure default, said on every sweep's first line. Its errors still show.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", include_dashboard=False, _system_config={"prestart_worker_first_driver": False}, **quiet)  # type: ignore[arg-type]
 
 

@@ -265,6 +265,7 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
     if spec.is_search:
         search.allow_results_without_metric()
     if restoring:
+        classic_output()  # the restored run config's reporter is the classic table: the engine must be too
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     save_tracking_inputs(storage, spec.name, inputs, example)  # what kd-tune sync needs to make a run
     tracking = MlflowTrackingCallback(tracking_uri=record.tracking_uri, experiment_id=record.experiment_id,
@@ -317,13 +318,18 @@ def fresh_sweep_loggers(fresh: bool) -> Iterator[None]:
         del os.environ[_NO_AUTO_LOGGERS]
 
 
-def progress_reporter() -> tune.ProgressReporter:
-    """Ray's classic table, every 30 s: trials done / running / pending, with their grid point and epoch."""
+def classic_output() -> None:
+    """Tune's classic output engine, the one :func:`progress_reporter`'s table needs (a fresh sweep and a resumed one alike)."""
     # The newer output engine shows the whole grid point as one truncated dict; the classic one can
     # name the columns. RAY_AIR_NEW_OUTPUT=1 in the environment still selects the newer one.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # A checkpoint per epoch of short epochs is by design here, not the misuse Tune warns about.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def progress_reporter() -> tune.ProgressReporter:
+    """Ray's classic table, every 30 s: trials done / running / pending, with their grid point and epoch."""
+    classic_output()
     return tune.CLIReporter(
         parameter_columns={"point/role": "role", "point/alpha": "alpha", "point/temperature": "T", "point/epochs": "epochs", "point/seed": "seed"},
         metric_columns={"epoch": "epoch", "test_acc": "test acc", "train_loss": "train loss"},

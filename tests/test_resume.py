@@ -257,6 +257,8 @@ def test_sigint_then_resume(write_space: Callable[..., Path], tmp_path: Path, te
     assert refused.returncode == 2 and "to continue it: kd-tune resume study" in refused.stderr
     done = sweep.run("resume", "study")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The resumed sweep shows the same classic progress table as the first driver, not Tune's newer engine.
+    assert "AIR_VERBOSITY is set" not in done.stderr and "Configuration for experiment" not in done.stdout
     check_record(sweep, {}, 8)
 
 

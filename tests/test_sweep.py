@@ -58,12 +58,14 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
     space = write_space(tiny_space())  # alpha {0, 1} x epochs {1, 2}: 4 grid points, 2 trials (epochs shared)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_AUTH_MODE", None)  # as in a user's shell (this process's own Ray set it)
     proc = subprocess.run(
         [sys.executable, "-m", "kd_tune.cli", "sweep", str(space), "--storage", str(storage), "--data-dir", str(FIXTURE_DATA)],
         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
+    assert "Token authentication is enabled" not in proc.stderr  # Ray's notice on every local start: not ours to print
     assert "teacher epoch 1/1" in out and "training 8/16" in out
     assert "sweep 'tiny': 4/4 grid points finished, 0 errored" in out
     table = out[out.index("role  alpha"):].splitlines()
