@@ -71,11 +71,20 @@ class Report:
             g["gain pp"] = (100 * g["gain"]).map(lambda v: f"{v:+.2f}")
             g["95% CI pp"] = g.apply(lambda r: "n/a" if pd.isna(r["ci_low"]) else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]", axis=1)
             g["positive"] = g.apply(lambda r: f"{int(r['positive'])}/{int(r['n'])}" if r["test"] == "paired t" else "-", axis=1)
-            cols = ["alpha", "temperature", "epochs", "n", "gain pp", "95% CI pp", "test", "positive"]
+            g["p"], g["p Holm"] = g["p"].map(_p_value), g["p_holm"].map(_p_value)
+            cols = ["alpha", "temperature", "epochs", "n", "gain pp", "95% CI pp", "test", "positive", "p", "p Holm"]
             if g["label_noise"].nunique() > 1:
                 cols.insert(0, "label_noise")
+            tested = int(self.gains["p_holm"].notna().sum())
             lines += ["Gain over scratch (same epochs, seed and label noise; test accuracy, percentage points):", "",
                       markdown_table(g[cols]), ""]
+            if tested:
+                held = int((self.gains["p_holm"] < 0.05).sum())
+                best = (" (The best configuration's own interval below needs no adjustment: it was chosen on validation and is one "
+                        "comparison on test.)" if self.protocol.selected_on == "validation" else "")
+                lines += [f"p: the test of gain = 0 for that configuration alone; p Holm: adjusted over the {tested} configurations "
+                          f"tested here, so that the chance of any false non-zero gain in the table is 5 %: {held} of {tested} "
+                          f"below 0.05.{best}", ""]
         for title, b in (("Best configuration", self.best), ("Best distilled configuration (alpha < 1)", self.best_distilled)):
             if b is None or (title != "Best configuration" and b == self.best):
                 continue
@@ -95,6 +104,10 @@ class Report:
         noise = f", label noise {b.label_noise:g}" if b.label_noise else ""
         return (f"{title}: alpha = {b.alpha:g}, T = {b.temperature:g}, {b.epochs} epochs{noise} ({chosen}): "
                 f"test accuracy {100 * b.mean:.2f} %{acc_ci} (n = {b.n}); over scratch at {b.epochs} epochs: {gain}, {ci}.")
+
+
+def _p_value(p: float) -> str:
+    return "n/a" if pd.isna(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def markdown_table(df: pd.DataFrame) -> str:

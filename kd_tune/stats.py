@@ -5,7 +5,10 @@ Intervals are 95 % Student-t over the seeds of a configuration. A distilled stud
 student of the same seed start from the same weights and see the same data order, so the gain over
 scratch is computed pairwise (same epochs, seed and label noise): mean gain, paired-t interval, n pairs
 and on how many seeds it was positive. Welch's interval is used only where no pairs exist. With one
-seed there is no interval. Plain pandas and scipy: :mod:`kd_tune.report` draws and writes the results.
+seed there is no interval. A gains table tests many configurations at once, so each gain's p-value (of
+gain = 0) comes with its Holm adjustment over the table (family-wise error rate): with 40 configurations and
+no real effect, about two unadjusted 95 % intervals would exclude zero by chance. Plain pandas and scipy:
+:mod:`kd_tune.report` draws and writes the results.
 """
 
 from __future__ import annotations
@@ -121,6 +124,39 @@ def paired_interval(a: pd.Series, b: pd.Series) -> tuple[float, float | None, fl
     return mean, (None if math.isnan(lo) else lo), (None if math.isnan(hi) else hi), n, int((d > 0).sum())
 
 
+def paired_p(a: pd.Series, b: pd.Series) -> float:
+    """Two-sided p-value of the paired t-test of mean(a - b) = 0 over the seeds both have (nan for fewer than 2
+    pairs). Differences that are all equal give 0 when they are not zero, 1 when they are (no spread to test)."""
+    both = pd.concat({"a": a, "b": b}, axis=1).dropna()
+    d = (both["a"] - both["b"]).astype(float)
+    if len(d) < 2:
+        return math.nan
+    if float(d.std(ddof=1)) == 0.0:
+        return 0.0 if float(d.mean()) != 0.0 else 1.0
+    return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def welch_p(a: pd.Series, b: pd.Series) -> float:
+    """Two-sided p-value of Welch's t-test of mean(a) = mean(b) (nan when either side has fewer than 2 values)."""
+    a, b = a.dropna().astype(float), b.dropna().astype(float)
+    if len(a) < 2 or len(b) < 2 or (a.var(ddof=1) == 0 and b.var(ddof=1) == 0):
+        return math.nan
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def holm(p: pd.Series) -> pd.Series:
+    """Holm's step-down adjustment of the p-values (Holm 1979): the i-th smallest of the m finite ones becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)); nan stays nan. Rejecting where the adjusted p < 0.05 keeps the
+    chance of any false "gain != 0" in the whole table at 5 %, under any dependence between the tests."""
+    finite = p.dropna().astype(float).sort_values(kind="stable")
+    m = len(finite)
+    adjusted, running = {}, 0.0
+    for j, (index, value) in enumerate(finite.items()):
+        running = max(running, min(1.0, (m - j) * value))
+        adjusted[index] = running
+    return pd.Series([adjusted.get(i, math.nan) for i in p.index], index=p.index, dtype=float)
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, 95 % CI and n of the test accuracy over seeds, and the mean validation accuracy, per
     configuration (finished runs only)."""
@@ -149,7 +185,8 @@ def _baseline(done: pd.DataFrame, noise: float, epochs: int, temperature: float)
 
 def gains_over_scratch(runs: pd.DataFrame) -> pd.DataFrame:
     """Per distilled configuration: the gain in test accuracy over scratch, paired by seed (paired t),
-    or Welch's interval where no seed has both (then ``positive`` is not defined)."""
+    or Welch's interval where no seed has both (then ``positive`` is not defined); ``p``, the test's
+    p-value of gain = 0, and ``p_holm``, adjusted over every configuration of the table (:func:`holm`)."""
     done = runs[runs["status"] == "FINISHED"]
     rows = []
     students = done[(done["role"] == "student") & (done["alpha"] < 1.0)]
@@ -160,14 +197,16 @@ def gains_over_scratch(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         a, b = mine.groupby("seed")["test_acc"].mean(), base.groupby("seed")["test_acc"].mean()
         gain, lo, hi, n, positive = paired_interval(a, b)
-        test = "paired t"
+        test, p = "paired t", paired_p(a, b)
         if n == 0:
             gain, lo, hi = welch_interval(mine["test_acc"], base["test_acc"])
-            n, positive, test = min(len(mine), len(base)), 0, "Welch"
+            n, positive, test, p = min(len(mine), len(base)), 0, "Welch", welch_p(mine["test_acc"], base["test_acc"])
         rows.append({"label_noise": noise, "alpha": alpha, "temperature": temperature, "epochs": epochs, "n": n,
-                     "gain": gain, "ci_low": lo, "ci_high": hi, "positive": positive, "test": test})
-    cols = [*GAIN_KEYS, "n", "gain", "ci_low", "ci_high", "positive", "test"]
-    return pd.DataFrame(rows, columns=cols).astype({"ci_low": float, "ci_high": float})
+                     "gain": gain, "ci_low": lo, "ci_high": hi, "positive": positive, "test": test, "p": p})
+    cols = [*GAIN_KEYS, "n", "gain", "ci_low", "ci_high", "positive", "test", "p"]
+    table = pd.DataFrame(rows, columns=cols).astype({"ci_low": float, "ci_high": float, "p": float})
+    table["p_holm"] = holm(table["p"])
+    return table
 
 
 def best_config(runs: pd.DataFrame, summary: pd.DataFrame, gains: pd.DataFrame, distilled_only: bool = False,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from kd_tune.cli import main
 from kd_tune.options import SweepOptions
-from kd_tune.stats import best_config, gains_over_scratch, paired_interval, summarize, t_interval, welch_interval
+from kd_tune.stats import best_config, gains_over_scratch, holm, paired_interval, paired_p, summarize, t_interval, welch_interval, welch_p
 from kd_tune.sweep import run_sweep
 from kd_tune.tracking import TAG_ROLE
 
@@ -85,6 +85,29 @@ def test_paired_gain_by_hand() -> None:
     # A seed on one side only is dropped from the pairs.
     mean, lo, hi, n, positive = paired_interval(pd.Series({0: 0.91, 1: 0.92, 5: 0.99}), pd.Series({0: 0.90, 1: 0.93}))
     assert (n, positive) == (2, 1) and mean == pytest.approx(0.0)
+    # Its p-value: t = mean / (sd / sqrt(n)) on n - 1 degrees of freedom, two-sided; one configuration, so Holm leaves it.
+    from scipy import stats
+
+    t = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(3))
+    assert g["p"] == pytest.approx(2 * float(stats.t.sf(t, 2))) and g["p"] < 0.05 and g["p_holm"] == g["p"]
+
+
+def test_p_values_and_holm_by_hand() -> None:
+    # Holm (1979) on p = 0.01, 0.04, 0.03, 0.005 (m = 4): sorted 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06,
+    # 0.04 x 1 = 0.04 -> 0.06 (never below the one before); nan is no test and stays out of m.
+    adjusted = holm(pd.Series([0.01, 0.04, 0.03, 0.005, math.nan], index=list("abcde")))
+    assert adjusted[list("abcd")].tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(adjusted["e"])
+    assert holm(pd.Series([0.5, 0.9])).tolist() == pytest.approx([1.0, 1.0])  # capped at 1
+    # Fewer than 2 pairs: no test. Equal differences: no spread, so 0 if they are not zero, 1 if they are.
+    assert math.isnan(paired_p(pd.Series({0: 0.9}), pd.Series({0: 0.8})))
+    assert paired_p(pd.Series({0: 0.91, 1: 0.92}), pd.Series({0: 0.90, 1: 0.91})) == 0.0
+    assert paired_p(pd.Series({0: 0.9, 1: 0.8}), pd.Series({0: 0.9, 1: 0.8})) == 1.0
+    # Welch by hand: equal variances 1e-4 and sizes 3, so df = 4 and t = 0.05 / sqrt(2e-4 / 3).
+    from scipy import stats
+
+    t = 0.05 / math.sqrt(2e-4 / 3)
+    assert welch_p(pd.Series([0.95, 0.97, 0.96]), pd.Series([0.90, 0.92, 0.91])) == pytest.approx(2 * float(stats.t.sf(t, 4)))
+    assert math.isnan(welch_p(pd.Series([0.9]), pd.Series([0.8, 0.85])))
 
 
 def test_selection_is_made_on_validation_and_reported_on_test() -> None:
@@ -154,6 +177,8 @@ def test_report_of_a_real_sweep(write_space: Callable[..., Path], tmp_path: Path
     assert "(selected on validation accuracy " in printed and "paired t, positive on " in printed
     gains = pd.read_csv(out / "gains.csv")
     assert set(gains["test"]) == {"paired t"} and set(gains["n"]) == {2}
+    assert (gains["p_holm"] >= gains["p"]).all() and gains["p_holm"].le(1).all()  # 2 seeds: a p-value per configuration
+    assert f"p Holm: adjusted over the {len(gains)} configurations tested here" in printed
 
 
 def test_report_of_unknown_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
