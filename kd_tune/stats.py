@@ -137,10 +137,13 @@ def paired_p(a: pd.Series, b: pd.Series) -> float:
 
 
 def welch_p(a: pd.Series, b: pd.Series) -> float:
-    """Two-sided p-value of Welch's t-test of mean(a) = mean(b) (nan when either side has fewer than 2 values)."""
+    """Two-sided p-value of Welch's t-test of mean(a) = mean(b) (nan when either side has fewer than 2 values;
+    with no spread on either side, 0 when the means differ and 1 when they do not, as :func:`paired_p`)."""
     a, b = a.dropna().astype(float), b.dropna().astype(float)
-    if len(a) < 2 or len(b) < 2 or (a.var(ddof=1) == 0 and b.var(ddof=1) == 0):
+    if len(a) < 2 or len(b) < 2:
         return math.nan
+    if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:
+        return 0.0 if float(a.mean()) != float(b.mean()) else 1.0
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 

@@ -108,6 +108,7 @@ def test_p_values_and_holm_by_hand() -> None:
     t = 0.05 / math.sqrt(2e-4 / 3)
     assert welch_p(pd.Series([0.95, 0.97, 0.96]), pd.Series([0.90, 0.92, 0.91])) == pytest.approx(2 * float(stats.t.sf(t, 4)))
     assert math.isnan(welch_p(pd.Series([0.9]), pd.Series([0.8, 0.85])))
+    assert welch_p(pd.Series([0.9, 0.9]), pd.Series([0.8, 0.8])) == 0.0 and welch_p(pd.Series([0.9, 0.9]), pd.Series([0.9, 0.9])) == 1.0
 
 
 def test_selection_is_made_on_validation_and_reported_on_test() -> None:
