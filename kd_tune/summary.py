@@ -85,6 +85,9 @@ def log_sweep_summary(name: str, tracking_uri: str) -> Best | None:
     best = best_config(runs, summary, gains, select_on=protocol.selected_on)
     best_distilled = best_config(runs, summary, gains, distilled_only=True, select_on=protocol.selected_on)
     metrics: dict[str, float] = {}
+    tested = gains["p_holm"].dropna()
+    if len(tested):  # the gains table as the report gives it: how many gains hold once the table's many tests are counted
+        metrics |= {"gains_tested": float(len(tested)), "gains_holm_p_below_0.05": float((tested < 0.05).sum())}
     tags = {"kd_tune.selected_on": protocol.selected_on, "kd_tune.preprocessing": protocol.preprocessing}
     for prefix, b in (("best", best), ("best_distilled", best_distilled)):
         if b is None:

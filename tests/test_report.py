@@ -178,6 +178,8 @@ def test_report_of_a_real_sweep(write_space: Callable[..., Path], tmp_path: Path
     assert "(selected on validation accuracy " in printed and "paired t, positive on " in printed
     gains = pd.read_csv(out / "gains.csv")
     assert set(gains["test"]) == {"paired t"} and set(gains["n"]) == {2}
+    assert parent.data.metrics["gains_tested"] == len(gains)
+    assert parent.data.metrics["gains_holm_p_below_0.05"] == (gains["p_holm"] < 0.05).sum()
     assert (gains["p_holm"] >= gains["p"]).all() and gains["p_holm"].le(1).all()  # 2 seeds: a p-value per configuration
     assert f"p Holm: adjusted over the {len(gains)} configurations tested here" in printed
 
