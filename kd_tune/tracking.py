@@ -473,10 +473,20 @@ def stopped_early(trial: Trial) -> int | None:
 
 
 def error_summary(trial: Trial) -> str:
-    """The last line of the trial's error (the exception's own message), not the whole traceback."""
+    """The last line of the trial's error (the exception's own message), not the whole traceback.
+
+    Tune writes the error into the driver's staging folder for the trial and copies it to the sweep's storage
+    later, while ``Trial.get_error`` reads the storage: so in the driver, just after the error, the staging
+    file is the one that exists (read from storage, the tag was "unknown error" now and then). A driver that
+    reads an older sweep (``kd-tune sync``) finds no staging file and reads the storage."""
     text = ""
     try:
-        text = str(trial.get_error() or "")
+        local = trial.error_file
+        if local is not None and os.path.exists(local):
+            with open(local, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        else:
+            text = str(trial.get_error() or "")
     except Exception:  # noqa: BLE001 - a summary must never raise
         pass
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

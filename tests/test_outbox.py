@@ -1,4 +1,4 @@
-"""The tracking outbox's own logic (pure: a fake store that is up or down)."""
+"""The tracking outbox's own logic (pure: a fake store that is up or down), and the tracking's other pure helpers."""
 
 from __future__ import annotations
 
@@ -145,3 +145,26 @@ def test_bad_tracking_wait_and_unknown_sync_name_are_one_line_exit_2_nothing_wri
     assert main(["sync", "nope", "--storage", str(store)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("kd-tune sync: error: no sweep named 'nope' in ") and len(err) == 2
+
+
+class _ErroredTrial:
+    """What error_summary reads of a Tune trial: the driver's staging file, and Trial.get_error (the storage's copy)."""
+
+    def __init__(self, error_file: str | None, stored: str | None) -> None:
+        self.error_file, self.stored = error_file, stored
+
+    def get_error(self) -> str | None:
+        return self.stored
+
+
+def test_error_summary_reads_the_drivers_own_error_file_before_the_storage(tmp_path: Path) -> None:
+    from kd_tune.tracking import error_summary
+
+    local = tmp_path / "error.txt"
+    local.write_text("Failure # 1 (occurred at 2026-11-28_01-00-00)\nTraceback ...\nRuntimeError: injected fault\n")
+    # Just after the error, Tune has not yet copied the file to the storage: the staging file is what exists.
+    assert error_summary(_ErroredTrial(str(local), None)) == "RuntimeError: injected fault"
+    # Read back later by another process (kd-tune sync): no staging file, the storage's copy.
+    assert error_summary(_ErroredTrial(str(tmp_path / "gone.txt"), "ValueError: from storage\n")) == "ValueError: from storage"
+    assert error_summary(_ErroredTrial(None, None)) == "unknown error"
+
