@@ -23,13 +23,13 @@ FIXTURE_DATA = Path(__file__).parent / "fixtures" / "mnist_slice"
 REPO = Path(__file__).resolve().parent.parent
 
 
-# Seconds each heavy test file took (`pytest -n 2 --dist loadfile --junitxml`, 2-core machine, 2026-11-27). The
+# Seconds each heavy test file took (`pytest -n 2 --dist loadfile --junitxml`, 2-core machine, 2026-11-28). The
 # two xdist workers take whole files; given them heaviest first they end together. In pytest-xdist's own order
 # (files with the most tests first) test_resume.py's four long tests came last, and one worker ran them alone
 # for a minute. Files not listed (seconds each) follow in their usual order.
-FILE_SECONDS = {"test_resume.py": 266, "test_cluster.py": 158, "test_outage.py": 157, "test_pack_sweep.py": 117, "test_sweep.py": 115,
-                "test_search.py": 85, "test_jobs.py": 83, "test_bench.py": 33, "test_storage.py": 32, "test_report.py": 31,
-                "test_mlflow_native.py": 28, "test_mlflow_ui.py": 20, "test_ui.py": 15}
+FILE_SECONDS = {"test_resume.py": 212, "test_outage.py": 163, "test_cluster.py": 144, "test_pack_sweep.py": 109, "test_sweep.py": 106,
+                "test_search.py": 77, "test_jobs.py": 76, "test_bench.py": 44, "test_report.py": 29, "test_storage.py": 28,
+                "test_mlflow_native.py": 26, "test_mlflow_ui.py": 17, "test_ui.py": 13, "test_cli.py": 11}
 
 
 def pytest_configure(config: pytest.Config) -> None:
