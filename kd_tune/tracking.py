@@ -485,9 +485,12 @@ def error_summary(trial: Trial) -> str:
         if local is not None and os.path.exists(local):
             with open(local, encoding="utf-8", errors="replace") as f:
                 text = f.read()
-        else:
-            text = str(trial.get_error() or "")
-    except Exception:  # noqa: BLE001 - a summary must never raise
+    except Exception:  # noqa: BLE001 - a summary must never raise: the storage's copy is tried next
         pass
+    if not text.strip():
+        try:
+            text = str(trial.get_error() or "")
+        except Exception:  # noqa: BLE001
+            pass
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return (lines[-1] if lines else "unknown error")[:500]

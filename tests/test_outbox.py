@@ -151,7 +151,11 @@ class _ErroredTrial:
     """What error_summary reads of a Tune trial: the driver's staging file, and Trial.get_error (the storage's copy)."""
 
     def __init__(self, error_file: str | None, stored: str | None) -> None:
-        self.error_file, self.stored = error_file, stored
+        self._error_file, self.stored = error_file, stored
+
+    @property
+    def error_file(self) -> str | None:
+        return self._error_file
 
     def get_error(self) -> str | None:
         return self.stored
@@ -167,4 +171,11 @@ def test_error_summary_reads_the_drivers_own_error_file_before_the_storage(tmp_p
     # Read back later by another process (kd-tune sync): no staging file, the storage's copy.
     assert error_summary(_ErroredTrial(str(tmp_path / "gone.txt"), "ValueError: from storage\n")) == "ValueError: from storage"
     assert error_summary(_ErroredTrial(None, None)) == "unknown error"
+
+    class NoStaging(_ErroredTrial):  # a trial read back from storage alone may not know its staging folder at all
+        @property
+        def error_file(self) -> str | None:
+            raise AttributeError("no staging path")
+
+    assert error_summary(NoStaging(None, "KeyError: 'x'")) == "KeyError: 'x'"
 
