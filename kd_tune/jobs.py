@@ -63,6 +63,7 @@ STOP_WAIT_S = 120
 """Seconds a stopped job's driver gets to end the sweep cleanly before Ray SIGKILLs it (a SIGKILLed sweep
 is still resumable: every file is written atomically, a resume closes what was left open)."""
 CONNECT_TIMEOUT_S = 5.0
+CLIENT_RETRY_WAITS_S = (1.0, 3.0)  # Ray's job client made again after these pauses when the server drops it
 
 
 def is_job_server(address: str | None) -> bool:
@@ -190,12 +191,24 @@ def connect(address: str | None, env: Sequence[str] = SUBMIT_ADDRESS_ENV) -> Job
     # Ray's client lets $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS override the address it is given: the flag wins here.
     saved = {v: os.environ.pop(v) for v in SUBMIT_ADDRESS_ENV if v in os.environ}
     try:
-        client = JobSubmissionClient(url)
+        # The server has just answered the probe above, so a connection error now is a dashboard busy starting a
+        # job's driver dropping a connection (seen on a loaded 2-core head): worth another try or two.
+        client = retried(lambda: JobSubmissionClient(url), ConnectionError, CLIENT_RETRY_WAITS_S)
     except (ConnectionError, RuntimeError) as e:
         raise KdTuneError(f"the job server at {url} refused the connection: {first_line(e)}") from None
     finally:
         os.environ.update(saved)
     return JobServer(url, client)
+
+
+def retried(make: Callable[[], Any], transient: type[BaseException], waits: Sequence[float], sleep: Callable[[float], None] = time.sleep) -> Any:
+    """``make()``, tried again after each of ``waits`` seconds while it raises ``transient``; the last error is raised."""
+    for wait in waits:
+        try:
+            return make()
+        except transient:
+            sleep(wait)
+    return make()
 
 
 # --- what the head node must be told explicitly ---------------------------------------------------

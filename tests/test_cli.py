@@ -238,3 +238,38 @@ def test_flag_error_names_the_flag_value_and_what_is_allowed() -> None:
     assert str(plain) == "--max-failures -1: allowed: an integer >= 0"
     assert str(FlagError("--storage", "/x", "a folder", "cannot write there (denied)")) == "--storage '/x': cannot write there (denied); allowed: a folder"
     assert str(FlagError("dataset", "imagenet", "mnist", "is unknown")) == "dataset 'imagenet' is unknown; allowed: mnist"
+
+
+def test_job_client_is_made_again_after_a_dropped_connection_only() -> None:
+    from kd_tune.jobs import retried
+
+    calls: list[str] = []
+    waits: list[float] = []
+
+    def flaky() -> str:  # dropped twice, then made (as a busy dashboard does)
+        calls.append("try")
+        if len(calls) < 3:
+            raise ConnectionError("Failed to connect to Ray at address: http://127.0.0.1:8265.")
+        return "client"
+
+    assert retried(flaky, ConnectionError, (1.0, 3.0), sleep=waits.append) == "client"
+    assert (len(calls), waits) == (3, [1.0, 3.0])
+
+    def refused() -> str:  # another error is no reason to wait: raised at once
+        calls.append("try")
+        raise RuntimeError("Version check returned 404.")
+
+    calls.clear()
+    waits.clear()
+    with pytest.raises(RuntimeError, match="404"):
+        retried(refused, ConnectionError, (1.0, 3.0), sleep=waits.append)
+    assert (len(calls), waits) == (1, [])
+
+    def gone() -> str:
+        calls.append("try")
+        raise ConnectionError("dropped")
+
+    calls.clear()
+    with pytest.raises(ConnectionError, match="dropped"):  # still dropped after the last pause: its error, after 3 tries
+        retried(gone, ConnectionError, (1.0, 3.0), sleep=waits.append)
+    assert (len(calls), waits) == (3, [1.0, 3.0])
