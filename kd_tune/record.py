@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickletools
 import re
 import shlex
 import socket
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, exp
 DRIVER_FILE = "kd_tune_driver.json"  # pid and host of the driver while a sweep runs
 TRACKING_FILE = "kd_tune_tracking.json"  # the runs' datasets and a model input: what kd-tune sync needs to make a run
 EXPERIMENT_STATES = "experiment_state-*.json"  # Ray Tune's experiment state files (TuneController.CKPT_FILE_TMPL)
+# Tune's other driver-side state, pickled (the CKPT_FILE_TMPL of BasicVariantGenerator, SearchGenerator, Searcher, CallbackList)
+TUNE_PICKLED_STATES = ("basic-variant-state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl", "callback-states-*.pkl")
 LOST_CHECKPOINT_FILE = "kd_tune_lost_checkpoint.json"  # in a stand-in for a checkpoint Tune deleted: see restore_lost_checkpoints
 _CHECKPOINT_NAME = re.compile(rb"checkpoint_\d{6}")  # Tune's checkpoint folder names (a trial's checkpoint_000000, ...)
 
@@ -72,35 +75,67 @@ def can_restore(storage: Storage, name: str) -> bool:
 
 
 def repair_experiment_state(storage: Storage, name: str) -> bool:
-    """Put back a whole copy of the sweep's newest Ray experiment state when a kill cut it short; True if it did.
+    """Put back a whole copy of the sweep's newest Ray experiment state, and of Tune's newest search and callback
+    states, when a kill cut them short; True if it did.
 
-    Why: Ray Tune writes ``experiment_state-*.json`` in its driver's staging folder, then copies it into the
+    Why: Ray Tune writes ``experiment_state-*.json`` (and its search algorithm's state, ``basic-variant-state-*.json``
+    for a grid, a pickle whatever its name) in its driver's staging folder, then copies them into the
     sweep's folder *in place*, so a driver SIGKILLed during the copy leaves a truncated file there that neither
-    ``status`` nor a resume can read (seen once in this project's kill tests). The staging copy was complete
+    ``status`` nor a resume can read (seen in this project's kill tests, once for each kind: "Failed to restore the
+    run state ... EOFError: Ran out of input" for the search state). The staging copy was complete
     before the copy began, and it stays in Ray's temporary folder on the driver's machine
     (``$RAY_TMPDIR`` or the system's, ``ray/session_*/artifacts/*/NAME/driver_artifacts/``): it replaces the
     truncated file, atomically. Only for a local or NFS sweep folder (an object store shows an object whole or
     not at all), and never while a driver runs (it may be writing the file)."""
     if not storage.is_local or live_driver(storage, name):
         return False
-    states = sorted(Path(sweep_path(storage, name)).glob(EXPERIMENT_STATES))  # Ray's newest: the latest name
+    folder = Path(sweep_path(storage, name))
+    repaired = False
+    for pattern in TUNE_PICKLED_STATES:
+        found = sorted(folder.glob(pattern))  # Tune restores the newest, i.e. the latest name (max)
+        if found and not _whole_pickle(found[-1]):
+            repaired |= _put_back(found[-1], name, lambda blob: blob if _whole_pickle_bytes(blob) else _TORN) is not _TORN
+    states = sorted(folder.glob(EXPERIMENT_STATES))  # Ray's newest: the latest name
     newest = states[-1] if states else None
     if newest is None:
-        return False
+        return repaired
     state = _parsed(newest)
     if state is not _TORN:
         restore_lost_checkpoints(newest.parent, state)
-        return False
+        return repaired
+    state = _put_back(newest, name, _parsed_bytes)
+    if state is _TORN:
+        return repaired
+    restore_lost_checkpoints(newest.parent, state)
+    return True
+
+
+def torn_tune_states(storage: Storage, name: str) -> list[Path]:
+    """Tune's newest saved states of the sweep that are still cut short (no whole copy could put them back, see
+    :func:`repair_experiment_state`): a resume cannot restore from them. Always empty for an object store."""
+    if not storage.is_local:
+        return []
+    folder = Path(sweep_path(storage, name))
+    torn = []
+    for pattern, whole in ((EXPERIMENT_STATES, lambda f: _parsed(f) is not _TORN), *((p, _whole_pickle) for p in TUNE_PICKLED_STATES)):
+        found = sorted(folder.glob(pattern))
+        if found and not whole(found[-1]):
+            torn.append(found[-1])
+    return torn
+
+
+def _put_back(torn: Path, name: str, read: Callable[[bytes], Any]) -> Any:
+    """Replace ``torn`` (atomically) with the newest whole copy of it in a Ray driver's staging folder on this machine;
+    returns that copy as ``read`` gives it, or ``_TORN`` when there is none (the file is then left as it is)."""
     temp = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
-    staged = sorted(temp.glob(f"session_*/artifacts/*/{name}/driver_artifacts/{newest.name}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    staged = sorted(temp.glob(f"session_*/artifacts/*/{name}/driver_artifacts/{torn.name}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for copy in staged:
         blob = copy.read_bytes()
-        state = _parsed_bytes(blob)
-        if state is not _TORN:
-            atomic_write_bytes(newest, blob)
-            restore_lost_checkpoints(newest.parent, state)
-            return True
-    return False
+        value = read(blob)
+        if value is not _TORN:
+            atomic_write_bytes(torn, blob)
+            return value
+    return _TORN
 
 
 def restore_lost_checkpoints(sweep_folder: Path, state: Any) -> list[Path]:
@@ -142,6 +177,23 @@ def restore_lost_checkpoints(sweep_folder: Path, state: Any) -> list[Path]:
 
 
 _TORN = object()  # what _parsed gives for a file that is missing or not whole JSON
+
+
+def _whole_pickle(path: Path) -> bool:
+    try:
+        return _whole_pickle_bytes(path.read_bytes())
+    except OSError:
+        return False
+
+
+def _whole_pickle_bytes(blob: bytes) -> bool:
+    """A pickle stream that runs to its STOP opcode: walked by ``pickletools``, which reads opcodes without
+    executing them (nothing imported, nothing built), so a file cut short anywhere is told from a whole one."""
+    try:
+        ops = list(pickletools.genops(blob))
+    except Exception:  # noqa: BLE001 - a truncated stream raises whatever the cut opcode's reader raises
+        return False
+    return bool(ops) and ops[-1][0].name == "STOP"
 
 
 def _parsed(path: Path) -> Any:

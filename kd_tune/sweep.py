@@ -20,7 +20,16 @@ from kd_tune.cluster import check_local_fits, check_reachable, check_shared, con
 from kd_tune.config import SweepSpec, load_space, load_space_text
 from kd_tune.errors import FlagError, UsageError
 from kd_tune.options import SweepOptions, apply_overrides
-from kd_tune.record import SPACE_FILE, SweepRecord, can_restore, refuse_second_driver, require_sweep, resume_command, sweep_path
+from kd_tune.record import (
+    SPACE_FILE,
+    SweepRecord,
+    can_restore,
+    refuse_second_driver,
+    require_sweep,
+    resume_command,
+    sweep_path,
+    torn_tune_states,
+)
 from kd_tune.storage import Storage, check_writable, resolve_storage
 from kd_tune.tracking_store import check_tracking_store, configure_client_retries, resolve_tracking_uri
 
@@ -63,7 +72,12 @@ def resume_sweep(name: str, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = pri
     for a ``--tracking-uri`` that is not the sweep's own.
     """
     storage = resolve_storage(opts.storage)
-    require_sweep(storage, name, " (start one with kd-tune sweep)")
+    require_sweep(storage, name, " (start one with kd-tune sweep)")  # repairs Ray's state cut by a kill where it can
+    torn = torn_tune_states(storage, name)
+    if torn:
+        raise UsageError(f"sweep {name!r} cannot be resumed: Ray Tune's saved state {torn[0]} was cut short by a kill while Ray "
+                          "copied it there, and no whole copy is left in Ray's temporary folder on this machine; resume it on the "
+                          "machine its last driver ran on, or start the sweep again under another name")
     record = SweepRecord.load(storage, name)
     if opts.tracking_uri and resolve_tracking_uri(opts.tracking_uri) != record.tracking_uri:
         raise FlagError("--tracking-uri", opts.tracking_uri, "that URI or none", f"sweep {name!r} is tracked in {record.tracking_uri}")

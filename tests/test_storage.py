@@ -192,6 +192,46 @@ def test_storage_the_driver_cannot_write_is_refused_before_anything_starts(s3: S
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "space.yaml"]  # no MLflow store, no storage folder
 
 
+def test_a_truncated_tune_search_state_is_put_back_from_the_drivers_staging_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Tune copies its search algorithm's state (a pickle, ``basic-variant-state-*.json`` for a grid) into the sweep's
+    folder in place too: a SIGKILLed driver left it empty in a packed kill test and the resume failed ("EOFError: Ran
+    out of input"). Every cut of a pickle is told from the whole one without unpickling it; the whole staging copy
+    replaces a cut one."""
+    import pickle
+
+    from kd_tune.record import _whole_pickle_bytes, can_restore
+
+    state = pickle.dumps({"_finished": True, "_counter": 2, "_uuid_prefix": "ab12_", "_total_samples": 2, "iterators": [list(range(50))]})
+    assert _whole_pickle_bytes(state) and not any(_whole_pickle_bytes(state[:cut]) for cut in range(len(state)))
+    storage = resolve_storage(str(tmp_path / "store"))
+    folder = tmp_path / "store" / "study"
+    folder.mkdir(parents=True)
+    (folder / "experiment_state-2026-11-28_02-16-00.json").write_text(json.dumps({"trial_data": [], "runner_data": {}}))
+    name = "basic-variant-state-2026-11-28_02-16-00.json"
+    (folder / name).write_bytes(b"")  # cut before its first byte, as in the kill test
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "tmp"))
+    staging = tmp_path / "tmp" / "ray" / "session_2026-11-28_02-15-50_1" / "artifacts" / "2026-11-28_02-16-00" / "study" / "driver_artifacts"
+    staging.mkdir(parents=True)
+    (staging / name).write_bytes(state)
+    assert can_restore(storage, "study")
+    assert (folder / name).read_bytes() == state
+    (folder / name).write_bytes(state[:-1])
+    (staging / name).write_bytes(state[:-3])  # no whole copy anywhere: left as it is
+    can_restore(storage, "study")
+    assert (folder / name).read_bytes() == state[:-1]
+    # ... and a resume says so in one line, before anything starts (Tune would make the grid's trials again).
+    from kd_tune.cli import main
+    from kd_tune.record import SweepRecord, torn_tune_states
+
+    assert torn_tune_states(storage, "study") == [folder / name]
+    SweepRecord("study", f"sqlite:///{tmp_path / 'mlflow.db'}", "1", "parent").save(storage)
+    assert main(["resume", "study", "--storage", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kd-tune resume: error: sweep 'study' cannot be resumed: Ray Tune's saved state {folder / name} was cut short by a kill")
+    assert "did not end normally" not in err and not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
 def test_a_truncated_ray_experiment_state_is_put_back_from_the_drivers_staging_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray copies its experiment state into the sweep's folder in place: a driver SIGKILLed mid-copy left one cut at
     80 KiB in a kill test, and status and resume could not read it. The whole staging copy in Ray's temp folder
