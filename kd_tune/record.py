@@ -89,25 +89,15 @@ def repair_experiment_state(storage: Storage, name: str) -> bool:
     not at all), and never while a driver runs (it may be writing the file)."""
     if not storage.is_local or live_driver(storage, name):
         return False
-    folder = Path(sweep_path(storage, name))
     repaired = False
-    for pattern in TUNE_PICKLED_STATES:
-        found = sorted(folder.glob(pattern))  # Tune restores the newest, i.e. the latest name (max)
-        if found and not _whole_pickle(found[-1]):
-            repaired |= _put_back(found[-1], name, lambda blob: blob if _whole_pickle_bytes(blob) else _TORN) is not _TORN
-    states = sorted(folder.glob(EXPERIMENT_STATES))  # Ray's newest: the latest name
-    newest = states[-1] if states else None
-    if newest is None:
-        return repaired
-    state = _parsed(newest)
-    if state is not _TORN:
-        restore_lost_checkpoints(newest.parent, state)
-        return repaired
-    state = _put_back(newest, name, _parsed_bytes)
-    if state is _TORN:
-        return repaired
-    restore_lost_checkpoints(newest.parent, state)
-    return True
+    for newest, read in _newest_tune_states(Path(sweep_path(storage, name))):
+        state = _read(newest, read)
+        if state is _TORN:
+            state = _put_back(newest, name, read)
+            repaired |= state is not _TORN
+        if read is _parsed_bytes and state is not _TORN:  # the experiment state: it names the checkpoints
+            restore_lost_checkpoints(newest.parent, state)
+    return repaired
 
 
 def torn_tune_states(storage: Storage, name: str) -> list[Path]:
@@ -115,13 +105,15 @@ def torn_tune_states(storage: Storage, name: str) -> list[Path]:
     :func:`repair_experiment_state`): a resume cannot restore from them. Always empty for an object store."""
     if not storage.is_local:
         return []
-    folder = Path(sweep_path(storage, name))
-    torn = []
-    for pattern, whole in ((EXPERIMENT_STATES, lambda f: _parsed(f) is not _TORN), *((p, _whole_pickle) for p in TUNE_PICKLED_STATES)):
-        found = sorted(folder.glob(pattern))
-        if found and not whole(found[-1]):
-            torn.append(found[-1])
-    return torn
+    return [newest for newest, read in _newest_tune_states(Path(sweep_path(storage, name))) if _read(newest, read) is _TORN]
+
+
+def _newest_tune_states(folder: Path) -> list[tuple[Path, Callable[[bytes], Any]]]:
+    """The newest file of each kind of state Tune saved in the sweep's folder (Tune restores the newest: the latest
+    name), each with its reader: the experiment state is JSON, the search and callback states pickles."""
+    kinds: list[tuple[str, Callable[[bytes], Any]]] = [(EXPERIMENT_STATES, _parsed_bytes), *((p, _whole_pickle_or_torn) for p in TUNE_PICKLED_STATES)]
+    found = ((sorted(folder.glob(pattern)), read) for pattern, read in kinds)
+    return [(files[-1], read) for files, read in found if files]
 
 
 def _put_back(torn: Path, name: str, read: Callable[[bytes], Any]) -> Any:
@@ -176,14 +168,19 @@ def restore_lost_checkpoints(sweep_folder: Path, state: Any) -> list[Path]:
     return made
 
 
-_TORN = object()  # what _parsed gives for a file that is missing or not whole JSON
+_TORN = object()  # what _read gives for a file that is missing, or not whole (JSON cut short, a pickle without its end)
 
 
-def _whole_pickle(path: Path) -> bool:
+def _read(path: Path, read: Callable[[bytes], Any]) -> Any:
+    """``read`` of the file's bytes; ``_TORN`` for a file that cannot be read."""
     try:
-        return _whole_pickle_bytes(path.read_bytes())
+        return read(path.read_bytes())
     except OSError:
-        return False
+        return _TORN
+
+
+def _whole_pickle_or_torn(blob: bytes) -> Any:
+    return blob if _whole_pickle_bytes(blob) else _TORN
 
 
 def _whole_pickle_bytes(blob: bytes) -> bool:
@@ -194,13 +191,6 @@ def _whole_pickle_bytes(blob: bytes) -> bool:
     except Exception:  # noqa: BLE001 - a truncated stream raises whatever the cut opcode's reader raises
         return False
     return bool(ops) and ops[-1][0].name == "STOP"
-
-
-def _parsed(path: Path) -> Any:
-    try:
-        return _parsed_bytes(path.read_bytes())
-    except OSError:
-        return _TORN
 
 
 def _parsed_bytes(blob: bytes) -> Any:
