@@ -113,11 +113,16 @@ def welch_interval(a: pd.Series, b: pd.Series) -> tuple[float, float | None, flo
     return diff, diff - half, diff + half
 
 
+def paired_differences(a: pd.Series, b: pd.Series) -> pd.Series:
+    """a - b per seed (both indexed by seed), over the seeds both have."""
+    both = pd.concat({"a": a, "b": b}, axis=1).dropna()
+    return (both["a"] - both["b"]).astype(float)
+
+
 def paired_interval(a: pd.Series, b: pd.Series) -> tuple[float, float | None, float | None, int, int]:
     """Mean of the per-seed differences a - b (both indexed by seed; seeds on one side only are dropped)
     with its paired-t 95 % interval, the number of pairs and on how many the difference was > 0."""
-    both = pd.concat({"a": a, "b": b}, axis=1).dropna()
-    d = (both["a"] - both["b"]).astype(float)
+    d = paired_differences(a, b)
     mean, lo, hi, n = t_interval(d)
     if n >= 2 and float(d.std(ddof=1)) == 0.0:
         lo = hi = mean
@@ -127,8 +132,7 @@ def paired_interval(a: pd.Series, b: pd.Series) -> tuple[float, float | None, fl
 def paired_p(a: pd.Series, b: pd.Series) -> float:
     """Two-sided p-value of the paired t-test of mean(a - b) = 0 over the seeds both have (nan for fewer than 2
     pairs). Differences that are all equal give 0 when they are not zero, 1 when they are (no spread to test)."""
-    both = pd.concat({"a": a, "b": b}, axis=1).dropna()
-    d = (both["a"] - both["b"]).astype(float)
+    d = paired_differences(a, b)
     if len(d) < 2:
         return math.nan
     if float(d.std(ddof=1)) == 0.0:
