@@ -119,11 +119,17 @@ def test_training_goes_on_through_outages_and_the_record_completes(write_space: 
 def test_a_driver_killed_during_an_outage_is_completed_by_resume(write_space: Callable[..., Path], tmp_path: Path, teachers: Path,
                                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     sweep, server = start(tmp_path, write_space, teachers)
+    gate = tmp_path / "gate"  # while it exists, trials wait after each epoch (kd_tune.faults)
+    sweep.env[GATE_ENV] = str(gate)
     try:
         proc = sweep.start("sweep", str(sweep.space), "--tracking-uri", server.url)
         sweep.wait_until(proc, lambda p, base: newest(p) >= 1)
+        # As in the test above: the trials wait while the server stops (seconds on a busy machine), else they could
+        # train to their last epoch before it is down, and the kill point below would never come (seen once in CI).
+        gate.touch()
         server.stop()
         at_kill = newest(sweep.progress())
+        gate.unlink()
         sweep.wait_until(proc, lambda p, base: newest(p) >= at_kill + 2)  # epochs the store never saw
         kill_tree(proc)
 
