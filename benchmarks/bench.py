@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kd_tune import data as kd_data
-from kd_tune.losses import kd_loss
-from kd_tune.models import build_model
-from kd_tune.train import TensorData, make_optimizer, predict_logits, train
+from kd_tune.data.sources import default_data_dir
+from kd_tune.data.split import DataSplit, prepare
+from kd_tune.distill.losses import kd_loss
+from kd_tune.distill.models.cnn import build_cnn
+from kd_tune.distill.train import TensorData, make_optimizer, predict_logits, train
 
 
 @dataclass
@@ -68,12 +69,12 @@ def timed(fn: Callable[[], object]) -> Callable[[], float]:
 # --- 1-3: one epoch of the student ------------------------------------------------------------
 
 
-def kd_tune_epoch(split: kd_data.DataSplit, teacher_logits: torch.Tensor | None, batch: int) -> Callable[[], float]:
+def kd_tune_epoch(split: DataSplit, teacher_logits: torch.Tensor | None, batch: int) -> Callable[[], float]:
     """One epoch of kd-tune's loop: in-memory tensors, gather by index, cached teacher logits."""
     data = TensorData.from_split(split, "cpu", teacher_logits, None)
 
     def run() -> None:
-        model = build_model((16, 32), split.info.shape, 10, 0)
+        model = build_cnn((16, 32), split.info.shape, 10, 0)
         train(model, make_optimizer(model, 1e-3), data, epochs=1, batch_size=batch, seed=0, alpha=0.5, temperature=3.0)
 
     return timed(run)
@@ -94,7 +95,7 @@ def dataloader_epoch(ds: torch.utils.data.Dataset, batch: int, teacher: torch.nn
     def run() -> None:
         g = torch.Generator().manual_seed(0)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, generator=g, num_workers=0)
-        model = build_model((16, 32), (1, 28, 28), 10, 0)
+        model = build_cnn((16, 32), (1, 28, 28), 10, 0)
         opt = make_optimizer(model, 1e-3)
         for x, y in loader:
             if teacher is None:
@@ -119,8 +120,9 @@ def sweep_overhead(data_dir: Path, n_trials: int, train_size: int, warm_up: bool
     first sweep; without it, as in ``--quick``, the measured sweep trains the teacher itself)."""
     import yaml
 
-    from kd_tune.options import SweepOptions
-    from kd_tune.sweep import run_sweep
+    from kd_tune.spec.options import SweepOptions
+    from kd_tune.sweep.run import run_sweep
+    from kd_tune.sweep.storage import resolve_storage
 
     cpus = os.cpu_count() or 1
     alphas = [round(i / max(1, n_trials - 1), 3) for i in range(n_trials)]
@@ -131,13 +133,14 @@ def sweep_overhead(data_dir: Path, n_trials: int, train_size: int, warm_up: bool
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "space.yaml"
-        opts = SweepOptions(storage=f"{tmp}/store", data_dir=str(data_dir), tracking_uri=f"sqlite:///{tmp}/mlflow.db", quiet=True)
+        opts = SweepOptions(data_dir=str(data_dir), tracking_uri=f"sqlite:///{tmp}/mlflow.db", quiet=True)
+        storage = resolve_storage(f"{tmp}/store")
         if warm_up:
             path.write_text(yaml.safe_dump({**space, "name": "warmup", "grid": {"alpha": [0.5], "epochs": [1]}}))
-            run_sweep(path, opts, log=lambda s: None)  # trains and caches the teacher; warms imports
+            run_sweep(path, storage, opts, log=lambda s: None)  # trains and caches the teacher; warms imports
         path.write_text(yaml.safe_dump(space))
         t0 = time.perf_counter()
-        outcome = run_sweep(path, opts, log=lambda s: None)
+        outcome = run_sweep(path, storage, opts, log=lambda s: None)
         wall = time.perf_counter() - t0
         assert outcome.ok
         import pandas as pd
@@ -151,17 +154,17 @@ def sweep_overhead(data_dir: Path, n_trials: int, train_size: int, warm_up: bool
 # --- 5: concurrency ---------------------------------------------------------------------------
 
 
-def concurrency(split: kd_data.DataSplit, epochs: int) -> tuple[float, float]:
+def concurrency(split: DataSplit, epochs: int) -> tuple[float, float]:
     """Student epochs per second with one 1-CPU Ray task, then with two side by side."""
     import ray
 
-    from kd_tune.cluster import assigned_threads
+    from kd_tune.sweep.cluster import assigned_threads
 
     @ray.remote(num_cpus=1)
-    def student(split: kd_data.DataSplit, epochs: int) -> tuple[float, float]:
+    def student(split: DataSplit, epochs: int) -> tuple[float, float]:
         torch.set_num_threads(assigned_threads())  # what the trainable does
         data = TensorData.from_split(split)
-        model = build_model((16, 32), split.info.shape, 10, 0)
+        model = build_cnn((16, 32), split.info.shape, 10, 0)
         t0 = time.time()
         train(model, make_optimizer(model, 1e-3), data, epochs=epochs, batch_size=128, seed=0)
         return t0, time.time()
@@ -195,7 +198,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=kd_data.default_data_dir(), help="MNIST in torchvision layout (fetched if missing)")
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(), help="MNIST in torchvision layout (fetched if missing)")
     p.add_argument("--train-size", type=int, default=5000, help="training images per epoch (ratios do not depend on it)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: proves the script works, measures nothing")
@@ -205,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     teacher_widths = (16, 32) if args.quick else (256, 512)  # the study's teacher
 
     torch.set_num_threads(1)
-    full = kd_data.prepare("mnist", args.train_size, 0.0, 0, args.data_dir, log=lambda s: None)
+    full = prepare("mnist", args.train_size, 0.0, 0, args.data_dir, log=lambda s: None)
     # The epochs compared below train only: a 1-image test set makes kd-tune's per-epoch evaluation free.
     split = dataclasses.replace(full, test_x=full.test_x[:1], test_y=full.test_y[:1])
-    teacher = build_model(teacher_widths, (1, 28, 28), 10, 0).eval()
+    teacher = build_cnn(teacher_widths, (1, 28, 28), 10, 0).eval()
     logits = predict_logits(teacher, TensorData.from_split(split).train_x)
     ds = torchvision_dataset(args.data_dir, len(split.train_y))
     batch = 128

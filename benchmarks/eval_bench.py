@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from bench import interleaved, timed  # noqa: E402  (benchmarks/, the script's own folder)
 
-from kd_tune.models import build_model  # noqa: E402
-from kd_tune.train import eval_batch, predict_logits  # noqa: E402
+from kd_tune.distill.models.cnn import build_cnn  # noqa: E402
+from kd_tune.distill.train import eval_batch, predict_logits  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     x = torch.rand(args.images, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
     for w in args.widths:
         widths = [int(v) for v in w.split(",")]
-        model = build_model(widths, (1, 28, 28), 10, 0).to(device)
+        model = build_cnn(widths, (1, 28, 28), 10, 0).to(device)
 
         def run(chunk: int, model: torch.nn.Module = model) -> object:
             return predict_logits(model, x, chunk).sum().item()  # a host sync: the GPU's work is inside the time

@@ -45,9 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from bench import interleaved  # noqa: E402  (benchmarks/, the script's own folder: the same interleaving as bench.py)
 
-from kd_tune.models import build_model  # noqa: E402
-from kd_tune.packed import Member, PackData, build_pack, channels_last_on, evaluate_pack, pack_epoch, pack_loss_terms, train_pack  # noqa: E402
-from kd_tune.train import epoch_order, make_optimizer, train, train_epoch  # noqa: E402
+from kd_tune.distill.losses import pack_loss_terms
+from kd_tune.distill.models.cnn import build_cnn  # noqa: E402
+from kd_tune.distill.pack_train import Member, PackData, evaluate_pack, pack_epoch, train_pack  # noqa: E402
+from kd_tune.distill.packed import build_pack, channels_last_on
+from kd_tune.distill.train import epoch_order, make_optimizer, train, train_epoch  # noqa: E402
 
 SHAPE, CLASSES, WIDTHS, BATCH, LR, ALPHA, TEMPERATURE = (1, 28, 28), 10, (16, 32), 128, 1e-3, 0.5, 3.0
 
@@ -75,7 +77,7 @@ def timed_epochs(device: torch.device, body: Callable[[int], object]) -> Callabl
 
 def unpacked(d: PackData, device: torch.device, precision: str = "float32") -> Callable[[], float]:
     """One student, epoch after epoch, trained by kd_tune.train.train's own epoch (``train_epoch``)."""
-    model = build_model(WIDTHS, SHAPE, CLASSES, 0).to(device)
+    model = build_cnn(WIDTHS, SHAPE, CLASSES, 0).to(device)
     opt = make_optimizer(model, LR)
     data = d.member_data(Member(seed=0, epochs=1, alpha=ALPHA, temperature=TEMPERATURE, teacher=0))
     n = data.train_x.shape[0]
@@ -165,7 +167,7 @@ def study(device: torch.device, n: int, repeats: int) -> None:
     members.append(Member(seed=0, epochs=1, alpha=1.0, teacher_test=0))  # scratch: no teacher
     pack = build_pack(WIDTHS, SHAPE, CLASSES, [0] * len(members), channels_last=channels_last_on(device)).to(device)
     pack_opt = make_optimizer(pack, LR)
-    student = build_model(WIDTHS, SHAPE, CLASSES, 0).to(device)
+    student = build_cnn(WIDTHS, SHAPE, CLASSES, 0).to(device)
     student_opt = make_optimizer(student, LR)
     alone = d.member_data(members[5])
     def pack_epoch_with_eval(e: int) -> None:

@@ -35,12 +35,13 @@ from pathlib import Path
 
 import torch
 
-from kd_tune.config import load_space
-from kd_tune.data import prepare
-from kd_tune.models import build_model
-from kd_tune.storage import resolve_storage
-from kd_tune.teacher import TeacherCache, teacher_key
-from kd_tune.train import TensorData, make_optimizer, train
+from kd_tune.data.split import prepare
+from kd_tune.distill.models.cnn import build_cnn
+from kd_tune.distill.teacher import teacher_key
+from kd_tune.distill.train import TensorData, make_optimizer, train
+from kd_tune.spec.parse import load_space
+from kd_tune.sweep.storage import resolve_storage
+from kd_tune.sweep.teachers import TeacherCache
 
 HERE = Path.cwd() / "sweep_efficiency"
 CORES = os.cpu_count() or 1
@@ -172,7 +173,7 @@ def sequential() -> float:
     t0 = time.perf_counter()
     for point in spec.grid_points():
         data = TensorData.from_split(split, "cpu", teacher.train_logits if point.role == "student" else None, teacher.test_logits)
-        model = build_model(spec.student.widths, split.info.shape, split.info.num_classes, point.seed)
+        model = build_cnn(spec.student.widths, split.info.shape, split.info.num_classes, point.seed)
         train(model, make_optimizer(model, spec.student.lr), data, epochs=point.epochs, batch_size=spec.student.batch_size,
               seed=point.seed, alpha=point.alpha, temperature=point.temperature or 1.0)
     return time.perf_counter() - t0

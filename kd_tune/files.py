@@ -1,7 +1,7 @@
 """Atomic file writes, with the standard library alone: the data files, a local sweep folder's files.
 
-Its own module because the training path (``kd_tune.data``) needs it and must import with PyTorch alone
-(``benchmarks/pack_bench.py`` runs on a bare GPU machine), while :mod:`kd_tune.storage` needs pyarrow.
+Its own module because the training path (``kd_tune.data.sources``) needs it and must import with PyTorch alone
+(``benchmarks/pack_bench.py`` runs on a bare GPU machine), while :mod:`kd_tune.sweep.storage` needs pyarrow.
 """
 
 from __future__ import annotations

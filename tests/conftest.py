@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
+from kd_tune.sweep.storage import resolve_storage
+
 if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-    from kd_tune.config import SweepSpec
+    from kd_tune.spec.schema import SweepSpec
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "mnist_slice"
 REPO = Path(__file__).resolve().parent.parent
@@ -120,10 +122,10 @@ def native_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swept]:
     level with epoch sharing): a teacher run and four student runs under the parent."""
     from mlflow.tracking import MlflowClient
 
-    from kd_tune.config import load_space
-    from kd_tune.options import SweepOptions
-    from kd_tune.sweep import run_sweep
-    from kd_tune.tracking import TAG_ROLE
+    from kd_tune.spec.options import SweepOptions
+    from kd_tune.spec.parse import load_space
+    from kd_tune.sweep.run import run_sweep
+    from kd_tune.tracking.tags import TAG_ROLE
 
     tmp = tmp_path_factory.mktemp("native")
     space = tiny_space(name=NATIVE_SWEEP, teacher={"widths": [8, 16], "epochs": 1, "lr": 0.003, "batch_size": 64, "clean": True},
@@ -134,7 +136,7 @@ def native_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swept]:
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # MLflow's default artifact root (./mlruns) lands here
-        outcome = run_sweep(tmp / "space.yaml", SweepOptions(storage=str(tmp / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True),
+        outcome = run_sweep(tmp / "space.yaml", resolve_storage(str(tmp / "store")), SweepOptions(data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True),
                             log=lambda s: None)
     assert outcome.ok and outcome.total == 4
     client = MlflowClient(uri)

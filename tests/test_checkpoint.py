@@ -6,19 +6,20 @@ from pathlib import Path
 
 import torch
 
-from kd_tune.checkpoint import STATE_FILE, load_model_file, model_from_state, read_checkpoint, save_checkpoint, save_model_file
-from kd_tune.models import build_model
-from kd_tune.train import make_optimizer
+from kd_tune.distill.checkpoint import STATE_FILE, load_model_file, model_from_state, read_checkpoint, save_checkpoint, save_model_file
+from kd_tune.distill.models import model_args
+from kd_tune.distill.models.cnn import build_cnn
+from kd_tune.distill.train import make_optimizer
 
 
 def test_checkpoint_and_model_file_rebuild_the_model_without_its_spec(tmp_path: Path) -> None:
-    model = build_model((3, 5), (3, 20, 18), 7, seed=4)  # not MNIST's shape: the args must carry it
+    model = build_cnn((3, 5), (3, 20, 18), 7, seed=4)  # not MNIST's shape: the args must carry it
     optimizer = make_optimizer(model, 1e-3)
-    save_checkpoint(tmp_path, model, optimizer, [{"epoch": 2.0, "test_acc": 0.5}], [[1, 0], [0, 1]])
+    save_checkpoint(tmp_path, model_args("cnn", {"widths": (3, 5)}, (3, 20, 18), 7), model, optimizer, [{"epoch": 2.0, "test_acc": 0.5}], [[1, 0], [0, 1]])
     assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]  # no temporary file left
     state = read_checkpoint(tmp_path)
     assert state is not None and state["epoch"] == 2
-    assert state["model_args"] == {"widths": [3, 5], "in_shape": [3, 20, 18], "num_classes": 7}
+    assert state["model_args"] == {"arch": "cnn", "args": {"widths": [3, 5]}, "in_shape": [3, 20, 18], "num_classes": 7}
     x = torch.randn(4, 3, 20, 18)
     expected = model.eval()(x)
     assert torch.equal(model_from_state(state)(x), expected)
@@ -41,15 +42,14 @@ def test_checkpoints_tune_deleted_before_its_state_was_saved_get_stand_ins(tmp_p
     import json
     import pickle
 
-    from kd_tune.checkpoint import newest_persisted
-    from kd_tune.record import LOST_CHECKPOINT_FILE, repair_experiment_state
-    from kd_tune.storage import resolve_storage
-    from kd_tune.trainable import lost_checkpoint_epoch
+    from kd_tune.sweep.storage import resolve_storage
+    from kd_tune.sweep.trial_state import lost_checkpoint_epoch, newest_persisted
+    from kd_tune.sweep.tune_state import LOST_CHECKPOINT_FILE, repair_experiment_state
 
     sweep, trial = tmp_path / "study", "a0-T3-e5-s0_8d08f_00000"
-    model = build_model((3, 5), (1, 28, 28), 10, seed=0)
+    model = build_cnn((3, 5), (1, 28, 28), 10, seed=0)
     (sweep / trial / "checkpoint_000002").mkdir(parents=True)
-    save_checkpoint(sweep / trial / "checkpoint_000002", model, make_optimizer(model, 1e-3), [{"epoch": e} for e in (1.0, 2.0, 3.0)], [[1]])
+    save_checkpoint(sweep / trial / "checkpoint_000002", model_args("cnn", {"widths": (3, 5)}, (1, 28, 28), 10), model, make_optimizer(model, 1e-3), [{"epoch": e} for e in (1.0, 2.0, 3.0)], [[1]])
     # Ray's state: the trial's checkpoint manager (pickled, hex) keeps checkpoint_000000 and _000001, its last result is epoch 2.
     manager = pickle.dumps({"kept": [f"{sweep}/{trial}/checkpoint_00000{i}" for i in (0, 1)]}).hex()
     runtime = {"last_result": {"epoch": 2.0, "checkpoint_dir_name": "checkpoint_000001"}, "checkpoint_manager": {"_type": "CLOUDPICKLE_FALLBACK", "value": manager}}

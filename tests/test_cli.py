@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import ray
 
-from kd_tune.cli import main
+from kd_tune.cli.app import main
 
 from .conftest import tiny_space
 
@@ -142,7 +142,7 @@ def test_plan_counts_student_epochs(write_space: Callable[..., Path], capsys: py
 def test_one_driver_per_sweep(write_space: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from kd_tune.record import DRIVER_FILE
+    from kd_tune.sweep.folder import DRIVER_FILE
 
     sweep_dir = tmp_path / "store" / "tiny"
     sweep_dir.mkdir(parents=True)
@@ -176,7 +176,7 @@ def test_address_where_no_cluster_answers(write_space: Callable[..., Path], tmp_
 
 def test_parser_loads_neither_torch_nor_ray() -> None:
     # A fresh interpreter: this test process has torch loaded already.
-    code = ("import sys; from kd_tune.cli import build_parser; build_parser(); "
+    code = ("import sys; from kd_tune.cli.app import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'pandas') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -188,21 +188,21 @@ def test_trial_names_in_tunes_state_unpickle_without_torch_or_mlflow() -> None:
     ``kd-tune status`` reads that state back: unpickling imports their module, which must be a light one."""
     import cloudpickle
 
-    from kd_tune import driver
+    from kd_tune.sweep import driver
 
     blob = cloudpickle.dumps([driver.trial_name, driver.trial_dirname])  # as Tune writes them
     code = (f"import pickle, sys; names = pickle.loads(bytes.fromhex({blob.hex()!r})); "
             "print([n.__module__ for n in names], sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "['kd_tune.record', 'kd_tune.record'] []"
+    assert proc.stdout.strip() == "['kd_tune.sweep.names', 'kd_tune.sweep.names'] []"
 
 
 def test_training_path_and_pack_benchmark_import_with_pytorch_alone() -> None:
     """benchmarks/pack_bench.py runs on a GPU machine that has PyTorch but not Ray, MLflow or pyarrow: what it
     imports (the training loop, the packed model, bench.py's interleaving) must not pull them in."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent / 'benchmarks')!r}); "
-            "import kd_tune.packed, kd_tune.train, kd_tune.data, bench; "
+            "import kd_tune.distill.packed, kd_tune.distill.pack_train, kd_tune.distill.train, kd_tune.data.split, bench; "
             "print(sorted(m for m in ('ray', 'mlflow', 'pyarrow', 'pandas') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -241,7 +241,7 @@ def test_flag_error_names_the_flag_value_and_what_is_allowed() -> None:
 
 
 def test_job_client_is_made_again_after_a_dropped_connection_only() -> None:
-    from kd_tune.jobs import retried
+    from kd_tune.sweep.job_server import retried
 
     calls: list[str] = []
     waits: list[float] = []

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from kd_tune.cli import build_parser
+from kd_tune.cli.app import build_parser
 
 from .conftest import REPO
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_tune.faults import GATE_ENV
-from kd_tune.tracking import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
+from kd_tune.sweep.hooks import GATE_ENV
+from kd_tune.tracking.tags import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 
 from .conftest import FIXTURE_DATA, tiny_space
 from .servers import RAY_ENV, RayHead, free_port
@@ -38,7 +38,7 @@ STOPPED = tiny_space(name="stopped", dataset=DATASET, student={"widths": [16, 32
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     folder = tmp_path_factory.mktemp("head")
-    # While the file GATE exists, every trial of the head's jobs waits after each reported epoch (kd_tune.faults).
+    # While the file GATE exists, every trial of the head's jobs waits after each reported epoch (kd_tune.sweep.hooks).
     h = RayHead(folder, env={GATE_ENV: str(folder / GATE)})
     try:
         yield h

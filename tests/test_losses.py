@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_tune.losses import kd_loss, kd_loss_terms
+from kd_tune.distill.losses import kd_loss, kd_loss_terms
 
 STUDENT = [[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]]
 TEACHER = [[3.0, 0.5, -0.5], [0.0, 4.0, 1.0]]

@@ -21,26 +21,19 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Run
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from kd_tune.cli import main, runs_page, ui_lines
-from kd_tune.config import SweepSpec
-from kd_tune.data import DataSplit, flip_labels, normalize, prepare
+from kd_tune.cli.app import main
+from kd_tune.data.split import DataSplit, flip_labels, normalize, prepare
+from kd_tune.distill.models.cnn import build_cnn
 from kd_tune.errors import FlagError
-from kd_tune.mlflow_runs import (
-    DATASET_CONTEXT_TAG,
-    EXPERIMENT_KIND,
-    EXPERIMENT_KIND_TAG,
-    TAG_ROLE,
-    dataset_inputs,
-    get_or_create_experiment,
-    input_example,
-    log_dataset_inputs,
-    log_model_once,
-    sweep_experiments,
-)
-from kd_tune.models import build_model
-from kd_tune.record import sweep_path
-from kd_tune.storage import resolve_storage
-from kd_tune.tracking import MlflowTrackingCallback
+from kd_tune.spec.schema import SweepSpec
+from kd_tune.sweep.callback import MlflowTrackingCallback
+from kd_tune.sweep.folder import sweep_path
+from kd_tune.sweep.storage import resolve_storage
+from kd_tune.tracking.datasets import dataset_inputs, log_dataset_inputs
+from kd_tune.tracking.models import input_example, log_model_once
+from kd_tune.tracking.runs import get_or_create_experiment, sweep_experiments
+from kd_tune.tracking.tags import DATASET_CONTEXT_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TAG_ROLE
+from kd_tune.tracking.ui import runs_page, ui_lines
 
 from .conftest import FIXTURE_DATA, NATIVE_SWEEP, Swept
 
@@ -198,8 +191,8 @@ def test_a_model_cut_short_is_replaced_and_a_dataset_with_new_data_is_added(tmp_
     run_id = client.create_run(experiment_id).info.run_id
     pending = client.create_logged_model(experiment_id, name="student", source_run_id=run_id)
     split = prepare("mnist", 100, 0.0, 0, FIXTURE_DATA, lambda s: None)
-    state = {"model_args": {"widths": [4, 8], "in_shape": [1, 28, 28], "num_classes": 10},
-             "model": build_model([4, 8], (1, 28, 28), 10, seed=0).state_dict()}
+    state = {"model_args": {"arch": "cnn", "args": {"widths": [4, 8]}, "in_shape": [1, 28, 28], "num_classes": 10},
+             "model": build_cnn([4, 8], (1, 28, 28), 10, seed=0).state_dict()}
     model_id = log_model_once(client, run_id, state, input_example(split), "student")
     assert model_id != pending.model_id
     assert [(m.model_id, m.status) for m in client.search_logged_models([experiment_id])] == [(model_id, LoggedModelStatus.READY)]

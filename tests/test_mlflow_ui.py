@@ -19,16 +19,11 @@ import torch
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from kd_tune.data import prepare
-from kd_tune.mlflow_runs import (
-    dataset_inputs,
-    get_or_create_experiment,
-    input_example,
-    log_dataset_inputs,
-    log_model_once,
-    using_tracking_uri,
-)
-from kd_tune.models import build_model
+from kd_tune.data.split import prepare
+from kd_tune.distill.models.cnn import build_cnn
+from kd_tune.tracking.datasets import dataset_inputs, log_dataset_inputs
+from kd_tune.tracking.models import input_example, log_model_once, using_tracking_uri
+from kd_tune.tracking.runs import get_or_create_experiment
 
 from .conftest import FIXTURE_DATA, NATIVE_SWEEP, REPO, Swept
 from .servers import MlflowServer
@@ -111,8 +106,8 @@ def test_models_and_datasets_are_logged_through_the_tracking_server(server: Mlfl
     experiment_id = get_or_create_experiment(client, "through-the-server")
     run_id = client.create_run(experiment_id).info.run_id
     split = prepare("mnist", 100, 0.0, 0, FIXTURE_DATA, lambda s: None)
-    state = {"model_args": {"widths": [4, 8], "in_shape": [1, 28, 28], "num_classes": 10},
-             "model": build_model([4, 8], (1, 28, 28), 10, seed=0).state_dict()}
+    state = {"model_args": {"arch": "cnn", "args": {"widths": [4, 8]}, "in_shape": [1, 28, 28], "num_classes": 10},
+             "model": build_cnn([4, 8], (1, 28, 28), 10, seed=0).state_dict()}
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     model_id = log_model_once(client, run_id, state, input_example(split), "student")
     assert log_model_once(client, run_id, state, input_example(split), "student") == model_id
@@ -123,5 +118,5 @@ def test_models_and_datasets_are_logged_through_the_tracking_server(server: Mlfl
     with using_tracking_uri(server.url):
         model = mlflow.pytorch.load_model(f"models:/{model_id}", dst_path=str(tmp_path))
     x = torch.from_numpy(input_example(split))
-    assert torch.allclose(model(x), build_model([4, 8], (1, 28, 28), 10, seed=0).eval()(x), atol=1e-5)
+    assert torch.allclose(model(x), build_cnn([4, 8], (1, 28, 28), 10, seed=0).eval()(x), atol=1e-5)
     assert any(server.artifacts.rglob("MLmodel"))  # stored by the server, not by the client

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_tune.models import SeedCNN, build_model, count_parameters
+from kd_tune.distill.models import count_parameters
+from kd_tune.distill.models.cnn import SeedCNN, build_cnn
 
 
 @pytest.mark.parametrize(
@@ -42,11 +43,11 @@ def test_maxpool_same_keeps_size_and_takes_window_max() -> None:
 def test_seed_fixes_initial_weights_without_touching_global_rng() -> None:
     torch.manual_seed(123)
     before = torch.rand(1)
-    a = build_model((4, 8), (1, 28, 28), 10, seed=7)
+    a = build_cnn((4, 8), (1, 28, 28), 10, seed=7)
     torch.manual_seed(123)
-    b = build_model((4, 8), (1, 28, 28), 10, seed=7)
-    assert torch.rand(1) == before  # build_model forked the RNG
+    b = build_cnn((4, 8), (1, 28, 28), 10, seed=7)
+    assert torch.rand(1) == before  # build_cnn forked the RNG
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    c = build_model((4, 8), (1, 28, 28), 10, seed=8)
+    c = build_cnn((4, 8), (1, 28, 28), 10, seed=8)
     assert not torch.equal(next(a.parameters()), next(c.parameters()))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_tune.cli import main
-from kd_tune.faults import GATE_ENV
-from kd_tune.tracking import RETRY_MAX_ENV
+from kd_tune.cli.app import main
+from kd_tune.sweep.callback import RETRY_MAX_ENV
+from kd_tune.sweep.hooks import GATE_ENV
 
 from .conftest import tiny_space
 from .servers import MlflowServer

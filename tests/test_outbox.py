@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_tune.outbox import Outbox
+from kd_tune.tracking.outbox import Outbox
 
 
 class FakeStore:
@@ -105,8 +105,8 @@ def test_a_sweep_that_ends_with_tracking_behind_exits_3_with_the_sync_command(ca
     built by hand here; tests/test_outage.py ends a real sweep that way)."""
     import pandas as pd
 
-    from kd_tune.cli import TRACKING_BEHIND_EXIT, _report
-    from kd_tune.results import RESULT_COLUMNS, SweepOutcome
+    from kd_tune.cli.commands import TRACKING_BEHIND_EXIT, _report
+    from kd_tune.sweep.results import RESULT_COLUMNS, SweepOutcome
 
     row = {"role": "student", "alpha": 0.5, "temperature": 3.0, "epochs": 2, "seed": 0, "label_noise": 0.0, "status": "finished",
            "how": "new", "test_acc": 0.9, "test_loss": 0.3, "teacher_agreement": 0.95}
@@ -132,7 +132,7 @@ def test_a_sweep_that_ends_with_tracking_behind_exits_3_with_the_sync_command(ca
 
 def test_bad_tracking_wait_and_unknown_sync_name_are_one_line_exit_2_nothing_written(
         write_space: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from kd_tune.cli import main
+    from kd_tune.cli.app import main
 
     from .conftest import tiny_space
 
@@ -162,7 +162,7 @@ class _ErroredTrial:
 
 
 def test_error_summary_reads_the_drivers_own_error_file_before_the_storage(tmp_path: Path) -> None:
-    from kd_tune.tracking import error_summary
+    from kd_tune.sweep.callback import error_summary
 
     local = tmp_path / "error.txt"
     local.write_text("Failure # 1 (occurred at 2026-11-28_01-00-00)\nTraceback ...\nRuntimeError: injected fault\n")

@@ -11,11 +11,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from kd_tune.cli import main
-from kd_tune.config import load_space_text, parse_space, trial_label, trial_points
+from kd_tune.cli.app import main
 from kd_tune.errors import FlagError, SpaceError
-from kd_tune.options import SweepOptions, apply_overrides
-from kd_tune.tracking import EPOCH_METRICS, TAG_ROLE
+from kd_tune.spec.options import SweepOptions, apply_overrides
+from kd_tune.spec.parse import load_space_text, parse_space
+from kd_tune.spec.trials import TrialConfig
+from kd_tune.sweep.storage import resolve_storage
+from kd_tune.tracking.tags import EPOCH_METRICS, TAG_ROLE
 
 from .conftest import FIXTURE_DATA, tiny_space
 from .test_packed import LOSS_REL, ONE_TEST_IMAGE
@@ -39,8 +41,8 @@ def test_packs_group_trials_in_grid_order() -> None:
     assert [len(p) for p in packs] == [3, 3, 2]
     assert [t for p in packs for t in p] == packed.trials()  # grid order, every trial once
     configs = packed.tune_configs()
-    assert [trial_points(c) for c in configs] == [list(p) for p in packs]
-    assert trial_label(configs[0]) == "pack3-a0-T3-e1+2-s0"
+    assert [TrialConfig.decode(c).points for c in configs] == packs
+    assert TrialConfig.decode(configs[0]).label == "pack3-a0-T3-e1+2-s0"
     assert packed.trials() == unpacked.trials() and packed.student_epochs() == unpacked.student_epochs()
     # the params of a grid point's run do not depend on packing
     assert packed.flat_params() == unpacked.flat_params() and "resources.pack" not in packed.flat_params()
@@ -50,7 +52,7 @@ def test_packs_group_trials_in_grid_order() -> None:
 
     assert [[t.epochs for t in p] for p in replace(separate, share_epochs=False).packs()] == [[1, 1], [2, 2]]
     # the stored space keeps the pack (a resume trains the same packs)
-    from kd_tune.config import space_to_yaml
+    from kd_tune.spec.parse import space_to_yaml
 
     assert load_space_text(space_to_yaml(packed), "x").resources.pack == 3
 
@@ -79,8 +81,9 @@ def test_pack_flag() -> None:
 def test_the_default_pack_follows_the_trials_device() -> None:
     from dataclasses import replace
 
-    from kd_tune.config import GPU_PACK, space_to_yaml
-    from kd_tune.packed import channels_last_on
+    from kd_tune.distill.packed import channels_last_on
+    from kd_tune.spec.parse import space_to_yaml
+    from kd_tune.spec.schema import GPU_PACK
 
     cpu, gpu = _spec(), _spec(gpu=0.25)
     assert cpu.resources.pack is None and cpu.resources.pack_size == 1 and not cpu.packed
@@ -153,20 +156,20 @@ def _close(metric: str, a: float, b: float) -> bool:
 @pytest.mark.integration
 def test_packed_sweep_records_what_an_unpacked_sweep_records(write_space: Callable[..., Path], tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from kd_tune.sweep import run_sweep
+    from kd_tune.sweep.run import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # One member's loss is NaN (its images in the unpacked trial, its outputs in the pack): it diverges, alone.
     monkeypatch.setenv("KD_TUNE_TEST_FAULT", "a0.5-T3-e1+2-s0-n0.2:nan")
 
-    from kd_tune.cluster import connect_ray, shutdown_ray
+    from kd_tune.sweep.cluster import connect_ray, shutdown_ray
 
     assert connect_ray(None)  # one Ray (started after the fault is set: its workers inherit it) for both sweeps
     records, tables = {}, {}
     try:
         for name, pack in (("unpacked", None), ("packed", 4)):
             outcome = run_sweep(write_space(tiny_space(name=name, grid=GRID, baselines=["scratch"]), f"{name}.yaml"),
-                                SweepOptions(storage=str(tmp_path / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True, pack=pack),
+                                resolve_storage(str(tmp_path / "store")), SweepOptions(data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True, pack=pack),
                                 log=lambda s: None)
             assert outcome.total == 16 and outcome.finished == 14 and outcome.diverged == 2, outcome.table
             records[name], tables[name] = _record(MlflowClient(uri), name), outcome.table
@@ -183,7 +186,7 @@ def test_packed_sweep_records_what_an_unpacked_sweep_records(write_space: Callab
 
     # A tracking outage, as far as this member is concerned: its runs never reached the store. kd-tune sync
     # rebuilds them from the pack's checkpoints (metrics of every epoch, each run's model), the rest is untouched.
-    from kd_tune.sync import sync_sweep
+    from kd_tune.sweep.sync import sync_sweep
 
     client = MlflowClient(uri)
     lost = [r for r in client.search_runs([client.get_experiment_by_name("packed").experiment_id])  # type: ignore[union-attr]
@@ -191,10 +194,10 @@ def test_packed_sweep_records_what_an_unpacked_sweep_records(write_space: Callab
     assert len(lost) == 2
     for r in lost:
         client.delete_run(r.info.run_id)
-    synced = sync_sweep("packed", str(tmp_path / "store"), log=lambda s: None)
+    synced = sync_sweep("packed", resolve_storage(str(tmp_path / "store")), log=lambda s: None)
     assert (synced.replayed.steps, synced.replayed.ended) == (3, 2), synced.replayed  # epochs 1 (e1), 1 and 2 (e2); two run ends
     _same_record(records["unpacked"], _record(client, "packed"))
-    again = sync_sweep("packed", str(tmp_path / "store"), log=lambda s: None)
+    again = sync_sweep("packed", resolve_storage(str(tmp_path / "store")), log=lambda s: None)
     assert (again.replayed.steps, again.replayed.ended) == (0, 0)
 
 
@@ -223,13 +226,15 @@ def _pack_reference(sweep: Any, pack: int) -> dict[str, dict[str, float]]:
     epoch's metrics per member grid point, keyed by run name."""
     import torch
 
-    from kd_tune import data
-    from kd_tune.config import load_space
-    from kd_tune.packed import build_pack, train_pack
-    from kd_tune.storage import resolve_storage
-    from kd_tune.teacher import TeacherCache, teacher_key
-    from kd_tune.train import TensorData, make_optimizer
-    from kd_tune.trainable import TrialBundle, pack_inputs
+    from kd_tune.data import split as data
+    from kd_tune.distill.pack_train import train_pack
+    from kd_tune.distill.packed import build_pack
+    from kd_tune.distill.teacher import teacher_key
+    from kd_tune.distill.train import TensorData, make_optimizer
+    from kd_tune.spec.parse import load_space
+    from kd_tune.sweep.storage import resolve_storage
+    from kd_tune.sweep.teachers import TeacherCache
+    from kd_tune.sweep.trainable import TrialBundle, pack_inputs
 
     spec = apply_overrides(load_space(sweep.space), SweepOptions(pack=pack))
     split = data.prepare("mnist", spec.dataset.train_size, 0.0, 0, FIXTURE_DATA, val_size=spec.dataset.val_size, log=lambda s: None)

@@ -1,4 +1,4 @@
-"""Packed students (kd_tune.packed) against the one-student code they stand in for: models.build_model,
+"""Packed students (kd_tune.packed) against the one-student code they stand in for: models.build_cnn,
 losses.kd_loss_terms and train.train."""
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kd_tune import data
-from kd_tune.losses import kd_loss_terms
-from kd_tune.models import build_model
-from kd_tune.packed import Member, PackData, PackedCNN, build_pack, evaluate_pack, pack_loss_terms, train_pack
-from kd_tune.train import EpochMetrics, evaluate, make_optimizer, train, validate
+from kd_tune.data import split as data_split
+from kd_tune.distill.losses import kd_loss_terms, pack_loss_terms
+from kd_tune.distill.models.cnn import build_cnn
+from kd_tune.distill.pack_train import Member, PackData, evaluate_pack, train_pack
+from kd_tune.distill.packed import PackedCNN, build_pack
+from kd_tune.distill.train import EpochMetrics, evaluate, make_optimizer, train, validate
 
 from .conftest import FIXTURE_DATA
 
@@ -50,11 +51,11 @@ def one_thread() -> Iterator[None]:
 def pack_data() -> PackData:
     """600 real digits, two label sets (clean, 20 % flipped) and two "teachers": fixed random linear maps
     of the images (what the loop needs from a teacher is just logits per image)."""
-    split = data.prepare("mnist", 600, 0.0, 0, FIXTURE_DATA, log=lambda s: None, val_size=100)
-    train_x = data.normalize(split.train_x, split.info)
-    test_x = data.normalize(split.test_x, split.info)
-    val_x = data.normalize(split.val_x, split.info)
-    labels = torch.stack([split.train_y, data.flip_labels(split.train_y, 0.2, 0, 10)])
+    split = data_split.prepare("mnist", 600, 0.0, 0, FIXTURE_DATA, log=lambda s: None, val_size=100)
+    train_x = data_split.normalize(split.train_x, split.info)
+    test_x = data_split.normalize(split.test_x, split.info)
+    val_x = data_split.normalize(split.val_x, split.info)
+    labels = torch.stack([split.train_y, data_split.flip_labels(split.train_y, 0.2, 0, 10)])
     g = torch.Generator().manual_seed(7)
     maps = torch.randn(2, 784, 10, generator=g) / 4
     teacher_train = torch.einsum("nf,lfc->lnc", train_x.reshape(600, -1), maps)
@@ -88,7 +89,7 @@ def _assert_close(a: list[EpochMetrics], b: list[EpochMetrics]) -> None:
 def _one_by_one(d: PackData, members: list[Member]) -> list[list[EpochMetrics]]:
     out = []
     for m in members:
-        model = build_model(WIDTHS, (1, 28, 28), 10, m.seed)
+        model = build_cnn(WIDTHS, (1, 28, 28), 10, m.seed)
         out.append(train(model, make_optimizer(model, LR), d.member_data(m), epochs=m.epochs, batch_size=BATCH,
                          seed=m.seed, alpha=m.alpha, temperature=m.temperature))
     return out
@@ -111,7 +112,7 @@ MIXED = [
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (2, 17, 10)])
 def test_pack_is_its_members(shape: tuple[int, int, int]) -> None:
     seeds = [3, 0, 7]
-    models = [build_model(WIDTHS, shape, 6, s) for s in seeds]
+    models = [build_cnn(WIDTHS, shape, 6, s) for s in seeds]
     pack = PackedCNN.from_state_dicts([m.state_dict() for m in models], WIDTHS, shape, 6)
     for sd, m in zip(pack.state_dicts(), models, strict=True):
         assert sd.keys() == m.state_dict().keys()
@@ -132,9 +133,9 @@ def test_build_pack_starts_as_build_model_and_leaves_the_rng_alone() -> None:
     member = pack.member(1)
     assert torch.equal(torch.random.get_rng_state(), before)
     for seed, sd in zip([5, 9], pack.state_dicts(), strict=True):
-        expected = build_model(WIDTHS, (1, 28, 28), 10, seed).state_dict()
+        expected = build_cnn(WIDTHS, (1, 28, 28), 10, seed).state_dict()
         assert all(torch.equal(sd[k], v) for k, v in expected.items())
-    loaded = build_model(WIDTHS, (1, 28, 28), 10, 0)
+    loaded = build_cnn(WIDTHS, (1, 28, 28), 10, 0)
     loaded.load_state_dict(pack.state_dicts()[1])
     x = torch.randn(4, 1, 28, 28)
     assert torch.equal(member(x), loaded(x))
@@ -153,7 +154,7 @@ def test_state_dicts_are_copies() -> None:
 
 
 def test_wrong_state_dicts_are_refused() -> None:
-    sd = build_model(WIDTHS, (1, 28, 28), 10, 0).state_dict()
+    sd = build_cnn(WIDTHS, (1, 28, 28), 10, 0).state_dict()
     with pytest.raises(ValueError, match="keys"):
         PackedCNN.from_state_dicts([{**sd, "extra": torch.zeros(1)}], WIDTHS, (1, 28, 28), 10)
     with pytest.raises(ValueError, match="fc_weight"):
@@ -299,7 +300,7 @@ def test_bfloat16_pack_trains_its_members_as_bfloat16_students(pack_data: PackDa
         results[precision] = train_pack(model, make_optimizer(model, LR), pack_data, members, batch_size=BATCH, precision=precision).history
         assert all(p.dtype == torch.float32 for p in model.parameters())
     for i, m in enumerate(members):
-        model = build_model(WIDTHS, (1, 28, 28), 10, m.seed)
+        model = build_cnn(WIDTHS, (1, 28, 28), 10, m.seed)
         alone = train(model, make_optimizer(model, LR), pack_data.member_data(m), epochs=m.epochs, batch_size=BATCH, seed=m.seed,
                       alpha=m.alpha, temperature=m.temperature, precision="bfloat16")
         assert _max_rel(results["bfloat16"][i], alone) <= 2e-3

@@ -10,11 +10,22 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from kd_tune.cli import main
-from kd_tune.options import SweepOptions
-from kd_tune.stats import best_config, gains_over_scratch, holm, paired_interval, paired_p, summarize, t_interval, welch_interval, welch_p
-from kd_tune.sweep import run_sweep
-from kd_tune.tracking import TAG_ROLE
+from kd_tune.cli.app import main
+from kd_tune.report.stats import (
+    best_config,
+    gains_over_scratch,
+    holm,
+    paired_interval,
+    paired_p,
+    summarize,
+    t_interval,
+    welch_interval,
+    welch_p,
+)
+from kd_tune.spec.options import SweepOptions
+from kd_tune.sweep.run import run_sweep
+from kd_tune.sweep.storage import resolve_storage
+from kd_tune.tracking.tags import TAG_ROLE
 
 from .conftest import FIXTURE_DATA, tiny_space
 
@@ -130,7 +141,7 @@ def test_report_of_a_real_sweep(write_space: Callable[..., Path], tmp_path: Path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = tiny_space(name="rep", grid={"alpha": [0.0, 1.0], "temperature": [2.0, 4.0], "epochs": [1, 2], "seed": [0, 1]},
                        baselines=["scratch"])
-    outcome = run_sweep(write_space(space), SweepOptions(storage=str(tmp_path / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri,
+    outcome = run_sweep(write_space(space), resolve_storage(str(tmp_path / "store")), SweepOptions(data_dir=str(FIXTURE_DATA), tracking_uri=uri,
                                                          quiet=True), log=lambda s: None)
     assert outcome.ok and outcome.total == 20
 
@@ -198,20 +209,20 @@ def test_results_table_takes_a_finished_trials_last_epoch_from_its_last_result_w
     the table reads that epoch from the trial's last result (kept in Ray's state), for a trial and for a pack member."""
     from types import SimpleNamespace
 
-    from kd_tune.config import TrialPoint, pack_config
-    from kd_tune.results import results_table
+    from kd_tune.spec.trials import TrialPoint, encode_pack, encode_point
+    from kd_tune.sweep.results import results_table
 
     point = TrialPoint("student", 0.5, 3.0, 5, 0, milestones=(3, 5))
     files = pd.DataFrame([{"epoch": e, "test_acc": 0.5 + e / 100, "test_loss": 1.0, "teacher_agreement": 0.9} for e in (1, 2, 3)])
     last = {"epoch": 5, "test_acc": 0.61, "test_loss": 0.8, "teacher_agreement": 0.95, "trial_id": "t1"}
     label = point.label
     pack_files = files.rename(columns=lambda c: f"members/{label}/{c}")
-    trials = [SimpleNamespace(config={"point": point.as_config()}, metrics=last, metrics_dataframe=files, error=None),
-              SimpleNamespace(config=pack_config([point]), metrics={"epoch": 5, "members": {label: last}, "trial_id": "t2"},
+    trials = [SimpleNamespace(config=encode_point(point), metrics=last, metrics_dataframe=files, error=None),
+              SimpleNamespace(config=encode_pack([point]), metrics={"epoch": 5, "members": {label: last}, "trial_id": "t2"},
                               metrics_dataframe=pack_files, error=None)]
     table = results_table(trials, {"t1", "t2"})  # type: ignore[arg-type]
     assert list(table["status"]) == ["finished"] * 4 and list(table["how"]) == ["restored"] * 4
     assert sorted(table["test_acc"]) == pytest.approx([0.53, 0.53, 0.61, 0.61])  # epoch 3 from the files, epoch 5 from the last result
-    stale = [SimpleNamespace(config={"point": point.as_config()}, metrics={**last, "epoch": 4}, metrics_dataframe=files, error=None)]
+    stale = [SimpleNamespace(config=encode_point(point), metrics={**last, "epoch": 4}, metrics_dataframe=files, error=None)]
     # A last result of another epoch is not taken.
     assert list(results_table(stale)["status"]) == ["finished", "unfinished"]  # type: ignore[arg-type]

@@ -20,13 +20,14 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from kd_tune import data
-from kd_tune.config import load_space, load_space_text
-from kd_tune.models import build_model
-from kd_tune.storage import resolve_storage
-from kd_tune.teacher import CACHE_FOLDER, TeacherCache, teacher_key, train_teacher
-from kd_tune.tracking import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
-from kd_tune.train import TensorData, make_optimizer, train
+from kd_tune.data import split as data_split
+from kd_tune.distill.models.cnn import build_cnn
+from kd_tune.distill.teacher import teacher_key, train_teacher
+from kd_tune.distill.train import TensorData, make_optimizer, train
+from kd_tune.spec.parse import load_space, load_space_text
+from kd_tune.sweep.storage import resolve_storage
+from kd_tune.sweep.teachers import CACHE_FOLDER, TeacherCache
+from kd_tune.tracking.tags import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 
 from .conftest import FIXTURE_DATA, tiny_space
 from .servers import descendants
@@ -54,7 +55,7 @@ def cached_teacher_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("teachers")
     spec, single = (load_space_text(yaml.safe_dump(s), "space") for s in (SPACE, SINGLE))
     assert (spec.dataset, spec.teacher) == (single.dataset, single.teacher)
-    split = data.prepare("mnist", spec.dataset.train_size, 0.0, spec.dataset.seed, FIXTURE_DATA, val_size=spec.dataset.val_size)
+    split = data_split.prepare("mnist", spec.dataset.train_size, 0.0, spec.dataset.seed, FIXTURE_DATA, val_size=spec.dataset.val_size)
     (member,) = spec.teacher.members()
     teacher = train_teacher(split, member, teacher_key(spec.dataset, member, split), log=lambda s: None)
     TeacherCache(resolve_storage(str(root / "store"))).save(teacher, {"dataset": asdict(spec.dataset), "teacher": asdict(member)})
@@ -152,14 +153,14 @@ def reference_metrics(sweep: Sweep) -> dict[str, dict[str, float]]:
     largest milestone, each grid point's numbers read at its own epoch (exact: epoch e depends on (seed, e) alone,
     which test_sweep.py's test_epoch_sharing_gives_the_same_runs_as_separate_trials checks against separate trials)."""
     spec = load_space(sweep.space)
-    split = data.prepare("mnist", spec.dataset.train_size, 0.0, 0, FIXTURE_DATA, val_size=spec.dataset.val_size)
+    split = data_split.prepare("mnist", spec.dataset.train_size, 0.0, 0, FIXTURE_DATA, val_size=spec.dataset.val_size)
     teacher = TeacherCache(resolve_storage(str(sweep.storage))).load(teacher_key(spec.dataset, spec.teacher, split))
     assert teacher is not None
     torch.set_num_threads(1)
     out = {}
     for trial in spec.trials():
         d = TensorData.from_split(split, "cpu", teacher.train_logits if trial.role == "student" else None, teacher.test_logits)
-        model = build_model(spec.student.widths, split.info.shape, 10, trial.seed)
+        model = build_cnn(spec.student.widths, split.info.shape, 10, trial.seed)
         h = train(model, make_optimizer(model, spec.student.lr), d, epochs=max(trial.milestones), batch_size=spec.student.batch_size,
                   seed=trial.seed, alpha=trial.alpha, temperature=trial.temperature or 1.0)
         for epochs in trial.milestones:

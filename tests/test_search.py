@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
-from kd_tune.cli import main
-from kd_tune.config import Range, parse_space, space_to_yaml
+from kd_tune.cli.app import main
 from kd_tune.errors import SpaceError
+from kd_tune.spec.parse import parse_space, space_to_yaml
+from kd_tune.spec.schema import Range
+from kd_tune.sweep.storage import resolve_storage
 
 from .conftest import DELETE, FIXTURE_DATA, tiny_space, with_key
 
@@ -114,7 +116,7 @@ def test_plan_describes_a_search(write_space: Callable[..., Path], capsys: pytes
 def _suggestions(space: dict[str, Any], n: int) -> list[dict[str, Any]]:
     """Drive the sweep's own searcher as Tune would: suggest while it gives configs, complete the oldest
     trial with a score that depends on its config (the searcher's whole input), until n trials."""
-    from kd_tune import search
+    from kd_tune.sweep import search
 
     spec = parse_space(space, "s.yaml")
     searcher = search.make_searcher(spec)
@@ -153,17 +155,17 @@ def test_seeded_optuna_search_gives_the_same_suggestions_twice() -> None:
 def test_asha_stops_trials_and_their_runs_are_tagged(write_space: Callable[..., Path], tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from kd_tune.options import SweepOptions
-    from kd_tune.report import make_report
-    from kd_tune.results import sweep_status
-    from kd_tune.sweep import run_sweep
-    from kd_tune.tracking import EPOCH_METRICS, TAG_ROLE, TAG_TRIAL
+    from kd_tune.report.report import make_report
+    from kd_tune.spec.options import SweepOptions
+    from kd_tune.sweep.results import sweep_status
+    from kd_tune.sweep.run import run_sweep
+    from kd_tune.tracking.tags import EPOCH_METRICS, TAG_ROLE, TAG_TRIAL
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = search_space(name="asha", search={"algorithm": "optuna", "num_samples": 5, "max_concurrent": 2, "seed": 0},
                          grid={"alpha": {"low": 0.0, "high": 1.0}, "temperature": {"low": 1.0, "high": 20.0, "log": True}, "epochs": [3]})
     opts = SweepOptions(storage=str(tmp_path / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True)
-    outcome = run_sweep(write_space(space), opts, log=lambda s: None)
+    outcome = run_sweep(write_space(space), resolve_storage(opts.storage), opts, log=lambda s: None)
     assert outcome.ok and outcome.total == 6, outcome.table
     assert set(outcome.table["status"]) == {"finished", "stopped early"}
     client = MlflowClient(uri)
@@ -182,7 +184,7 @@ def test_asha_stops_trials_and_their_runs_are_tagged(write_space: Callable[..., 
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, metric)) == list(range(1, last + 1)), (metric, r.info.run_name)
         assert [a.path for a in client.list_artifacts(r.info.run_id, "model")] == ["model/student.pt"]  # from its last checkpoint
     assert len({r.data.params["alpha"] for r in students}) == 5 and all(r.data.params["search.algorithm"] == "optuna" for r in runs)
-    status = sweep_status("asha", str(tmp_path / "store"))
+    status = sweep_status("asha", resolve_storage(str(tmp_path / "store")))
     assert status.counts["stopped early"] == len(stopped) and status.counts["finished"] == 6 - len(stopped)
     assert "to continue" not in status.format()
 
@@ -198,7 +200,7 @@ def test_asha_stops_trials_and_their_runs_are_tagged(write_space: Callable[..., 
 def test_kill_and_resume_a_search(write_space: Callable[..., Path], tmp_path: Path) -> None:
     from ray import tune
 
-    from kd_tune.tracking import EPOCH_METRICS, TAG_TRIAL
+    from kd_tune.tracking.tags import EPOCH_METRICS, TAG_TRIAL
 
     from .test_resume import Sweep, kill_tree
 
@@ -244,7 +246,8 @@ def test_runs_of_trials_ray_lost_are_discarded_on_resume(tmp_path: Path) -> None
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    from kd_tune.mlflow_runs import TAG_PARENT, TAG_TRIAL, discard_forgotten_runs
+    from kd_tune.tracking.runs import discard_forgotten_runs
+    from kd_tune.tracking.tags import TAG_PARENT, TAG_TRIAL
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("s")

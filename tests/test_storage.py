@@ -13,15 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_tune import data
-from kd_tune.checkpoint import STATE_FILE, newest_persisted
-from kd_tune.config import DatasetSpec, TeacherSpec
+from kd_tune.data import split as data_split
+from kd_tune.distill.checkpoint import STATE_FILE
+from kd_tune.distill.teacher import teacher_key, train_teacher
 from kd_tune.errors import UsageError
-from kd_tune.options import SweepOptions
-from kd_tune.results import sweep_status
-from kd_tune.storage import Storage, filesystem_type, is_network_fs, resolve_storage
-from kd_tune.sweep import SweepExistsError, resume_sweep, run_sweep
-from kd_tune.teacher import CACHE_FOLDER, TeacherCache, teacher_key, train_teacher
+from kd_tune.spec.options import SweepOptions
+from kd_tune.spec.schema import DatasetSpec, TeacherSpec
+from kd_tune.sweep.results import sweep_status
+from kd_tune.sweep.run import SweepExistsError, resume_sweep, run_sweep
+from kd_tune.sweep.storage import Storage, filesystem_type, is_network_fs, resolve_storage
+from kd_tune.sweep.teachers import CACHE_FOLDER, TeacherCache
+from kd_tune.sweep.trial_state import newest_persisted
 
 from .conftest import FIXTURE_DATA, tiny_space
 from .servers import S3Server
@@ -110,7 +112,7 @@ def test_storage_files_roundtrip(storage: Storage) -> None:
 
 
 def test_teacher_cache_and_checkpoints_on_storage(storage: Storage) -> None:
-    split = data.prepare("mnist", 300, 0.0, 0, FIXTURE_DATA)
+    split = data_split.prepare("mnist", 300, 0.0, 0, FIXTURE_DATA)
     spec = TeacherSpec(widths=(4, 8), epochs=1, lr=3e-3, batch_size=64)
     teacher = train_teacher(split, spec, teacher_key(DatasetSpec(train_size=300), spec, split), log=lambda s: None)
     cache = TeacherCache(storage)
@@ -140,7 +142,7 @@ def ray_with_s3_credentials(s3: S3Server) -> Iterator[None]:
     """One real embedded Ray (as ``run_sweep`` starts it, the test S3 server's credentials in its workers'
     environment) for a sweep and its resume, instead of one each."""
 
-    from kd_tune.cluster import connect_ray, shutdown_ray
+    from kd_tune.sweep.cluster import connect_ray, shutdown_ray
 
     assert connect_ray(None)
     try:
@@ -155,7 +157,7 @@ def test_sweep_on_s3_storage_then_resume(s3: S3Server, ray_with_s3_credentials: 
     uri = s3.uri("sweeps")
     opts = SweepOptions(storage=uri, data_dir=str(FIXTURE_DATA), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", quiet=True)
     space = write_space(tiny_space(name="ons3", grid={"alpha": [0.5], "epochs": [1, 2]}, baselines=["scratch"]))
-    outcome = run_sweep(space, opts, log=lambda s: None)
+    outcome = run_sweep(space, resolve_storage(opts.storage), opts, log=lambda s: None)
     assert outcome.ok and outcome.total == 4
     assert outcome.path == "s3://kd-tune/sweeps/ons3"
     store = resolve_storage(uri)
@@ -165,13 +167,13 @@ def test_sweep_on_s3_storage_then_resume(s3: S3Server, ray_with_s3_credentials: 
     assert len(trials) == 2 and all(store.list_dirs("ons3", t) for t in trials)  # checkpoints persisted in the bucket
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "space.yaml"]  # nothing on the local disk
 
-    st = sweep_status("ons3", uri)
+    st = sweep_status("ons3", resolve_storage(uri))
     assert st.counts["finished"] == 2 and not st.driver_alive
     with pytest.raises(SweepExistsError) as e:
-        run_sweep(space, opts, log=lambda s: None)
+        run_sweep(space, resolve_storage(opts.storage), opts, log=lambda s: None)
     assert f"kd-tune resume ons3 --storage '{uri}'" in str(e.value)  # quoted: the URI has '&' in it
     messages: list[str] = []
-    again = resume_sweep("ons3", SweepOptions(storage=uri, data_dir=str(FIXTURE_DATA)), log=messages.append)
+    again = resume_sweep("ons3", resolve_storage(uri), SweepOptions(data_dir=str(FIXTURE_DATA)), log=messages.append)
     assert again.ok and set(again.table["how"]) == {"restored"}
     assert any("from the cache (s3://kd-tune/sweeps/_teachers/" in m for m in messages)
 
@@ -186,7 +188,7 @@ def test_storage_the_driver_cannot_write_is_refused_before_anything_starts(s3: S
     missing_bucket = s3.uri("x").replace(f"s3://{s3.bucket}/", "s3://no-such-bucket/")
     for storage in (str(tmp_path / "a-file" / "store"), missing_bucket):
         with pytest.raises(UsageError) as e:
-            run_sweep(space, SweepOptions(storage=storage, data_dir=str(FIXTURE_DATA)), log=lambda s: None)
+            run_sweep(space, resolve_storage(storage), SweepOptions(data_dir=str(FIXTURE_DATA)), log=lambda s: None)
         assert str(e.value).startswith(f"--storage {storage!r}: cannot write there (") and "allowed: " in str(e.value)
         assert not ray.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "space.yaml"]  # no MLflow store, no storage folder
@@ -200,7 +202,7 @@ def test_a_truncated_tune_search_state_is_put_back_from_the_drivers_staging_copy
     replaces a cut one."""
     import pickle
 
-    from kd_tune.record import _whole_pickle_bytes, can_restore
+    from kd_tune.sweep.tune_state import _whole_pickle_bytes, can_restore
 
     state = pickle.dumps({"_finished": True, "_counter": 2, "_uuid_prefix": "ab12_", "_total_samples": 2, "iterators": [list(range(50))]})
     assert _whole_pickle_bytes(state) and not any(_whole_pickle_bytes(state[:cut]) for cut in range(len(state)))
@@ -221,8 +223,9 @@ def test_a_truncated_tune_search_state_is_put_back_from_the_drivers_staging_copy
     can_restore(storage, "study")
     assert (folder / name).read_bytes() == state[:-1]
     # ... and a resume says so in one line, before anything starts (Tune would make the grid's trials again).
-    from kd_tune.cli import main
-    from kd_tune.record import SweepRecord, torn_tune_states
+    from kd_tune.cli.app import main
+    from kd_tune.sweep.folder import SweepRecord
+    from kd_tune.sweep.tune_state import torn_tune_states
 
     assert torn_tune_states(storage, "study") == [folder / name]
     SweepRecord("study", f"sqlite:///{tmp_path / 'mlflow.db'}", "1", "parent").save(storage)
@@ -238,7 +241,8 @@ def test_a_truncated_ray_experiment_state_is_put_back_from_the_drivers_staging_c
     replaces it, unless a driver is running (it may be writing) or no whole copy exists (then it stays, untouched)."""
     import socket
 
-    from kd_tune.record import DRIVER_FILE, can_restore, repair_experiment_state
+    from kd_tune.sweep.folder import DRIVER_FILE
+    from kd_tune.sweep.tune_state import can_restore, repair_experiment_state
 
     storage = resolve_storage(str(tmp_path / "store"))
     folder = tmp_path / "store" / "study"

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_tune.cli import main
-from kd_tune.options import SweepOptions
-from kd_tune.sweep import run_sweep
-from kd_tune.teacher import CACHE_FOLDER
-from kd_tune.tracking import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
+from kd_tune.cli.app import main
+from kd_tune.spec.options import SweepOptions
+from kd_tune.sweep.run import run_sweep
+from kd_tune.sweep.storage import resolve_storage
+from kd_tune.sweep.teachers import CACHE_FOLDER
+from kd_tune.tracking.tags import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 
 from .conftest import FIXTURE_DATA, tiny_space
 
@@ -31,7 +32,7 @@ def shared_ray() -> Iterator[None]:
     (which kills the autoscaler's monitor first) stops every process the cluster started."""
     import ray
 
-    from kd_tune.cluster import connect_ray, shutdown_ray
+    from kd_tune.sweep.cluster import connect_ray, shutdown_ray
 
     assert connect_ray(None)
     processes = {kind: [i.process for i in infos] for kind, infos in ray._private.worker._global_node.all_processes.items()}
@@ -106,7 +107,7 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
     messages: list[str] = []
     outcome = run_sweep(
         write_space(tiny_space(name="tiny2", grid={"alpha": [0.5], "epochs": [1]}, baselines=["scratch"]), "tiny2.yaml"),
-        SweepOptions(storage=str(storage), data_dir=str(FIXTURE_DATA), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", quiet=True),
+        resolve_storage(str(storage)), SweepOptions(data_dir=str(FIXTURE_DATA), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", quiet=True),
         log=messages.append,
     )
     assert outcome.ok and outcome.total == 2
@@ -141,7 +142,7 @@ def test_epoch_sharing_gives_the_same_runs_as_separate_trials(write_space: Calla
     for name, share in (("shared", True), ("separate", False)):
         outcome = run_sweep(
             write_space({**space, "name": name}, f"{name}.yaml"),
-            SweepOptions(storage=str(tmp_path / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True, no_share_epochs=not share),
+            resolve_storage(str(tmp_path / "store")), SweepOptions(data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True, no_share_epochs=not share),
             log=lambda s: None,
         )
         assert outcome.ok and outcome.total == 4 and len(outcome.table) == 4
@@ -161,15 +162,16 @@ def test_epoch_sharing_gives_the_same_runs_as_separate_trials(write_space: Calla
 def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
     import torch
 
-    from kd_tune import data
-    from kd_tune.config import load_space
-    from kd_tune.storage import resolve_storage
-    from kd_tune.teacher import TeacherCache, teacher_key
+    from kd_tune.data import split as data
+    from kd_tune.distill.teacher import teacher_key
+    from kd_tune.spec.parse import load_space
+    from kd_tune.sweep.storage import resolve_storage
+    from kd_tune.sweep.teachers import TeacherCache
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tiny_space(name="ens", teacher={"widths": [8, 16], "epochs": 1, "lr": 0.003, "batch_size": 64, "ensemble": 2},
                                    grid={"alpha": [0.5], "epochs": [1]}))
-    outcome = run_sweep(space, SweepOptions(storage=str(tmp_path / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True),
+    outcome = run_sweep(space, resolve_storage(str(tmp_path / "store")), SweepOptions(data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True),
                         log=lambda s: None)
     assert outcome.ok
     spec = load_space(space)
@@ -185,12 +187,12 @@ def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Pat
 
 
 def test_label_noise_axis_with_noisy_and_clean_teachers(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
-    from kd_tune import data
+    from kd_tune.data import split as data
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     opts = SweepOptions(storage=str(tmp_path / "store"), data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True)
     grid = {"alpha": [0.5], "epochs": [1], "label_noise": [0.0, 0.3]}
-    outcome = run_sweep(write_space(tiny_space(name="noisy", grid=grid, baselines=["scratch"]), "noisy.yaml"), opts, log=lambda s: None)
+    outcome = run_sweep(write_space(tiny_space(name="noisy", grid=grid, baselines=["scratch"]), "noisy.yaml"), resolve_storage(opts.storage), opts, log=lambda s: None)
     assert outcome.ok and outcome.total == 4
     assert sorted(outcome.table["label_noise"].tolist()) == [0.0, 0.0, 0.3, 0.3]
     cache = tmp_path / "store" / CACHE_FOLDER
@@ -209,7 +211,7 @@ def test_label_noise_axis_with_noisy_and_clean_teachers(write_space: Callable[..
     # teacher.clean: every level distils from the clean-label teacher, already in the cache.
     messages: list[str] = []
     teacher = {"widths": [8, 16], "epochs": 1, "lr": 0.003, "batch_size": 64, "clean": True}
-    outcome = run_sweep(write_space(tiny_space(name="cleanteacher", teacher=teacher, grid=grid), "clean.yaml"), opts, log=messages.append)
+    outcome = run_sweep(write_space(tiny_space(name="cleanteacher", teacher=teacher, grid=grid), "clean.yaml"), resolve_storage(opts.storage), opts, log=messages.append)
     assert outcome.ok and outcome.total == 2
     assert not any("training" in m for m in messages) and len(list(cache.iterdir())) == 2
     runs = _runs_by_role(client, "cleanteacher")
@@ -225,8 +227,8 @@ def test_teacher_gets_a_whole_node_of_the_trials_kind(monkeypatch: pytest.Monkey
                                                       expected: int, warns: bool) -> None:
     import ray
 
-    from kd_tune.cluster import teacher_cpus
-    from kd_tune.config import ResourcesSpec
+    from kd_tune.spec.schema import ResourcesSpec
+    from kd_tune.sweep.cluster import teacher_cpus
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes] + [{"Alive": False, "Resources": {"CPU": 64.0}}])
     messages: list[str] = []

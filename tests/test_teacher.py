@@ -7,42 +7,43 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_tune import data
-from kd_tune.config import DatasetSpec, TeacherSpec
-from kd_tune.storage import resolve_storage
-from kd_tune.teacher import CACHE_FOLDER, Teacher, TeacherCache, teacher_key, train_teacher
+from kd_tune.data import split as data_split
+from kd_tune.distill.teacher import Teacher, teacher_key, train_teacher
+from kd_tune.spec.schema import DatasetSpec, TeacherSpec
+from kd_tune.sweep.storage import resolve_storage
+from kd_tune.sweep.teachers import CACHE_FOLDER, TeacherCache
 
 from .conftest import FIXTURE_DATA
 
 
 @pytest.fixture(scope="module")
-def split() -> data.DataSplit:
-    return data.prepare("mnist", 500, 0.0, 0, FIXTURE_DATA)
+def split() -> data_split.DataSplit:
+    return data_split.prepare("mnist", 500, 0.0, 0, FIXTURE_DATA)
 
 
 @pytest.fixture(scope="module")
-def teacher(split: data.DataSplit) -> Teacher:
+def teacher(split: data_split.DataSplit) -> Teacher:
     spec = TeacherSpec(widths=(4, 8), epochs=1, lr=3e-3, batch_size=64)
     return train_teacher(split, spec, teacher_key(DatasetSpec(train_size=500), spec, split), log=lambda s: None)
 
 
-def test_key_covers_the_spec(split: data.DataSplit) -> None:
+def test_key_covers_the_spec(split: data_split.DataSplit) -> None:
     ds, t = DatasetSpec(train_size=500), TeacherSpec(widths=(4, 8), epochs=1)
     key = teacher_key(ds, t, split)
     assert key == teacher_key(ds, t, split)
     assert key != teacher_key(ds, replace(t, epochs=2), split)
     assert key != teacher_key(ds, replace(t, seed=1), split)
     assert key != teacher_key(replace(ds, label_noise=0.1), t, split)
-    other = data.prepare("mnist", 400, 0.0, 0, FIXTURE_DATA)
+    other = data_split.prepare("mnist", 400, 0.0, 0, FIXTURE_DATA)
     assert key != teacher_key(ds, t, other)  # the data fingerprint is in the key too
     # Preprocessing and the validation split decide what the teacher learns: both are in the key.
     standardized = replace(split, normalize=True)
     assert key != teacher_key(replace(ds, normalize=True), t, standardized)
     assert teacher_key(ds, t, split) != teacher_key(ds, t, standardized)  # even with the spec alone unchanged
-    assert key != teacher_key(replace(ds, val_size=100), t, data.prepare("mnist", 500, 0.0, 0, FIXTURE_DATA, val_size=100))
+    assert key != teacher_key(replace(ds, val_size=100), t, data_split.prepare("mnist", 500, 0.0, 0, FIXTURE_DATA, val_size=100))
 
 
-def test_logits_cover_train_and_test(split: data.DataSplit, teacher: Teacher) -> None:
+def test_logits_cover_train_and_test(split: data_split.DataSplit, teacher: Teacher) -> None:
     assert teacher.train_logits.shape == (500, 10)
     assert teacher.test_logits.shape == (500, 10)
     acc = (teacher.test_logits.argmax(1) == split.test_y).float().mean().item()

@@ -6,10 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_tune import data
-from kd_tune.errors import DivergedError
-from kd_tune.models import build_model
-from kd_tune.train import (
+from kd_tune.data import split as data_split
+from kd_tune.distill.models.cnn import build_cnn
+from kd_tune.distill.train import (
     CPU_EVAL_BATCH,
     EVAL_BATCH,
     EpochMetrics,
@@ -20,18 +19,19 @@ from kd_tune.train import (
     predict_logits,
     train,
 )
+from kd_tune.errors import DivergedError
 
 
 @pytest.fixture(scope="module")
-def split() -> data.DataSplit:
+def split() -> data_split.DataSplit:
     from .conftest import FIXTURE_DATA
 
-    return data.prepare("mnist", 600, 0.0, 0, FIXTURE_DATA)
+    return data_split.prepare("mnist", 600, 0.0, 0, FIXTURE_DATA)
 
 
-def _run(split: data.DataSplit, epochs: int, seed: int = 0, teacher: torch.Tensor | None = None, alpha: float = 1.0) -> tuple[torch.nn.Module, list[EpochMetrics]]:
+def _run(split: data_split.DataSplit, epochs: int, seed: int = 0, teacher: torch.Tensor | None = None, alpha: float = 1.0) -> tuple[torch.nn.Module, list[EpochMetrics]]:
     d = TensorData.from_split(split, "cpu", teacher, None)
-    model = build_model((4, 8), split.info.shape, 10, seed)
+    model = build_cnn((4, 8), split.info.shape, 10, seed)
     return model, train(model, make_optimizer(model, 3e-3), d, epochs=epochs, batch_size=64, seed=seed, alpha=alpha, temperature=3.0)
 
 
@@ -45,10 +45,10 @@ def test_epoch_order_is_a_function_of_seed_and_epoch() -> None:
     assert sorted(epoch_order(50, 1, 3).tolist()) == list(range(50))
 
 
-def test_evaluation_chunks_do_not_change_the_logits(split: data.DataSplit) -> None:
+def test_evaluation_chunks_do_not_change_the_logits(split: data_split.DataSplit) -> None:
     # The chunk size is a speed choice per device (kd_tune.train.eval_batch), never a result: every chunking of the
     # same images gives the same logits, up to the convolution's float reassociation, and leaves the model as it was.
-    model = build_model((4, 8), split.info.shape, 10, 0)
+    model = build_cnn((4, 8), split.info.shape, 10, 0)
     x = TensorData.from_split(split, "cpu", None, None).test_x[:300]
     whole = predict_logits(model, x, 300)
     for chunk in (7, CPU_EVAL_BATCH, None):
@@ -57,7 +57,7 @@ def test_evaluation_chunks_do_not_change_the_logits(split: data.DataSplit) -> No
     assert (eval_batch(torch.device("cpu")), eval_batch(torch.device("cuda"))) == (CPU_EVAL_BATCH, EVAL_BATCH)
 
 
-def test_student_learns_and_is_deterministic(split: data.DataSplit) -> None:
+def test_student_learns_and_is_deterministic(split: data_split.DataSplit) -> None:
     torch.set_num_threads(1)
     _, a = _run(split, 2)
     _, b = _run(split, 2)
@@ -67,15 +67,15 @@ def test_student_learns_and_is_deterministic(split: data.DataSplit) -> None:
     assert a[-1].train_loss < a[0].train_loss
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(split: data.DataSplit) -> None:
+def test_resume_from_checkpoint_equals_uninterrupted_run(split: data_split.DataSplit) -> None:
     torch.set_num_threads(1)
     full_model, full = _run(split, 3)
     d = TensorData.from_split(split)
-    model = build_model((4, 8), split.info.shape, 10, 0)
+    model = build_cnn((4, 8), split.info.shape, 10, 0)
     opt = make_optimizer(model, 3e-3)
     train(model, opt, d, epochs=1, batch_size=64, seed=0)
     saved = (model.state_dict(), opt.state_dict())
-    model2 = build_model((4, 8), split.info.shape, 10, 99)  # different init: all must come from the checkpoint
+    model2 = build_cnn((4, 8), split.info.shape, 10, 99)  # different init: all must come from the checkpoint
     opt2 = make_optimizer(model2, 3e-3)
     model2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
@@ -86,7 +86,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(split: data.DataSplit) 
         assert torch.equal(p, q)
 
 
-def test_distillation_reports_all_three_losses(split: data.DataSplit) -> None:
+def test_distillation_reports_all_three_losses(split: data_split.DataSplit) -> None:
     teacher = torch.randn(len(split.train_y), 10)
     _, h = _run(split, 1, teacher=teacher, alpha=0.5)
     m = h[0]
@@ -94,7 +94,7 @@ def test_distillation_reports_all_three_losses(split: data.DataSplit) -> None:
     assert m.train_distill_loss > 0
 
 
-def test_alpha_one_trains_exactly_the_scratch_student(split: data.DataSplit) -> None:
+def test_alpha_one_trains_exactly_the_scratch_student(split: data_split.DataSplit) -> None:
     # alpha weighs the hard labels: at 1 the distillation term is weighted 0, so a distilled student of alpha 1
     # trains bit for bit the weights of the scratch student of its seed, whatever the teacher and the
     # temperature (what `kd-tune plan` tells of grids that hold both).
@@ -108,17 +108,17 @@ def test_alpha_one_trains_exactly_the_scratch_student(split: data.DataSplit) -> 
     assert [m.test_acc for m in h] == [m.test_acc for m in s]
 
 
-def test_nan_loss_stops_with_the_epoch_and_value(split: data.DataSplit) -> None:
+def test_nan_loss_stops_with_the_epoch_and_value(split: data_split.DataSplit) -> None:
     teacher = torch.full((len(split.train_y), 10), float("nan"))
     with pytest.raises(DivergedError, match=r"diverged at epoch 1: loss = nan") as err:
         _run(split, 2, teacher=teacher, alpha=0.5)
     assert err.value.epoch == 1 and math.isnan(err.value.loss)
 
 
-def test_on_epoch_sees_each_epoch(split: data.DataSplit) -> None:
+def test_on_epoch_sees_each_epoch(split: data_split.DataSplit) -> None:
     seen: list[int] = []
     d = TensorData.from_split(split)
-    model = build_model((4, 8), split.info.shape, 10, 0)
+    model = build_cnn((4, 8), split.info.shape, 10, 0)
     train(model, make_optimizer(model, 1e-3), d, epochs=2, batch_size=128, seed=0, on_epoch=lambda m, ev: seen.append(m.epoch))
     assert seen == [1, 2]
 
@@ -130,7 +130,7 @@ def test_fixture_path_exists() -> None:
 
 
 def test_classification_metrics_by_hand() -> None:
-    from kd_tune.train import classification_metrics
+    from kd_tune.distill.metrics import classification_metrics
 
     # 3 classes; true labels 0,0,1,2; predictions 0,1,1,1 with confidences 0.9, 0.6, 0.8, 0.5 (by construction).
     labels = torch.tensor([0, 0, 1, 2])

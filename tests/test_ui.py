@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_tune.cli import main
+from kd_tune.cli.app import main
 
 from .servers import MlflowServer, listening_addresses
 

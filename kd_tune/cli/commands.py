@@ -1,0 +1,245 @@
+"""The subcommands: each a plain typed function of its arguments (:mod:`kd_tune.cli.args`), importing what it needs
+when it runs.
+
+Storage is resolved here, once, at the CLI boundary (``--storage``, else ``$KD_TUNE_STORAGE``, else
+``./kd_tune_results``): the library's functions take a resolved :class:`~kd_tune.sweep.storage.Storage`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kd_tune.cli.args import (
+    DataArgs,
+    JobArgs,
+    JobsArgs,
+    LogsArgs,
+    PlanArgs,
+    ReportArgs,
+    ResumeArgs,
+    SubmitArgs,
+    SweepArgs,
+    SweepNameArgs,
+    UiArgs,
+)
+from kd_tune.errors import FlagError, TrackingUnavailableError, UsageError
+
+if TYPE_CHECKING:
+    from kd_tune.sweep.results import SweepOutcome
+    from kd_tune.sweep.storage import Storage
+
+TRACKING_BEHIND_EXIT = 3  # every trial ended, but the tracking store was unreachable: kd-tune sync NAME completes the record
+
+
+def _storage(raw: str | None) -> Storage:
+    from kd_tune.sweep.storage import resolve_storage
+
+    return resolve_storage(raw)
+
+
+def sweep(args: SweepArgs) -> int:
+    """Run every trial of a search space; exit 0 only if every trial finished."""
+    from kd_tune.spec.parse import load_space
+    from kd_tune.sweep.run import run_sweep
+
+    storage = _storage(args.storage)
+    try:
+        return _report(lambda log: run_sweep(args.space, storage, args, log=log), args.quiet)
+    except (Exception, KeyboardInterrupt) as e:
+        if not isinstance(e, (UsageError, TrackingUnavailableError)):  # nothing was started
+            _hint_resume(lambda: args.name or load_space(args.space).name, storage)
+        raise
+
+
+def plan(args: PlanArgs) -> int:
+    """Validate a search space and print its trials (or packs) and their cost in student epochs (nothing runs)."""
+    from kd_tune.cli.plan import show_plan
+
+    return show_plan(args)
+
+
+def resume(args: ResumeArgs) -> int:
+    """Continue an interrupted sweep: finished trials stay, the others go on from their last checkpoint.
+
+    With a job server's http:// address (--address, else $RAY_ADDRESS, else $RAY_API_SERVER_ADDRESS) the resume
+    is submitted to the cluster as a Ray job, like kd-tune submit; any other address is joined from this process.
+    """
+    from kd_tune.sweep.job_server import JOB_SERVER_ALLOWED, RESUME_ADDRESS_ENV, is_job_server
+
+    opts = args.as_sweep_options()
+    address = opts.address or next((os.environ[v] for v in RESUME_ADDRESS_ENV if os.environ.get(v)), None)
+    if is_job_server(address):
+        from kd_tune.sweep.jobs import submit_resume
+
+        print("\n".join(submit_resume(args.name, opts, args.ship_code).lines()))
+        return 0
+    if args.ship_code:
+        raise FlagError("--address", address, JOB_SERVER_ALLOWED, "is not a job server's: --ship-code sends the code with a job")
+    from kd_tune.sweep.run import resume_sweep
+
+    storage = _storage(opts.storage)
+    try:
+        return _report(lambda log: resume_sweep(args.name, storage, opts, log=log), opts.quiet)
+    except (Exception, KeyboardInterrupt) as e:
+        if not isinstance(e, (UsageError, TrackingUnavailableError)):  # nothing was started
+            _hint_resume(lambda: args.name, storage)
+        raise
+
+
+def submit(args: SubmitArgs) -> int:
+    """Submit a sweep to a Ray cluster's job server, from any machine that reaches it (a laptop: the driver
+    runs on the head node, whatever happens to the laptop). The space and flags are validated here first;
+    paths are the head node's."""
+    from kd_tune.sweep.jobs import submit_sweep
+
+    print("\n".join(submit_sweep(args.space, args).lines()))
+    return 0
+
+
+def jobs(args: JobsArgs) -> int:
+    """The cluster's kd-tune sweeps: each one's newest job and its status, trials finished / total (read from the
+    sweep's storage where this machine can read it) and its MLflow runs."""
+    from kd_tune.sweep.jobs import format_jobs, sweep_jobs_table
+
+    server, rows = sweep_jobs_table(args.address)
+    print(f"kd-tune sweeps on {server.address}:" if rows else f"{server.address}:")
+    print(format_jobs(rows))
+    if any(r.trials == "-" for r in rows):
+        print("(trials '-': the sweep has not saved its state yet, or its storage is not readable from here)")
+    return 0
+
+
+def logs(args: LogsArgs) -> int:
+    """The logs of a sweep's newest job; --follow streams them until the job ends (exit 0 if it succeeded)."""
+    from kd_tune.sweep.jobs import show_logs
+
+    return show_logs(args.address, args.name, args.follow, lambda text: print(text, end="", flush=True))
+
+
+def stop(args: JobArgs) -> int:
+    """Stop a sweep's job: its driver ends the sweep as after Ctrl+C (trials stopped, MLflow runs closed as
+    KILLED, state saved), so kd-tune resume continues it."""
+    from kd_tune.sweep.job_server import META_STORAGE
+    from kd_tune.sweep.jobs import resume_hint, seen_from_here, stop_sweep
+
+    server, job, final = stop_sweep(args.address, args.name)
+    storage = job.metadata.get(META_STORAGE, "")
+    print(f"sweep {args.name!r}: job {job.submission_id} is {final}")
+    seen = seen_from_here(storage, args.name)
+    if seen.readable and not seen.restorable:
+        print(f"it had not started its trials (nothing to resume in {storage}): submit it again to start it")
+    else:
+        print(f"to continue it: {resume_hint(args.name, server, storage)}")
+    return 0 if final == "STOPPED" else 1
+
+
+def status(args: SweepNameArgs) -> int:
+    """Trials finished / running / pending / errored of a sweep, read from its storage."""
+    from kd_tune.sweep.results import sweep_status
+
+    print(sweep_status(args.name, _storage(args.storage)).format())
+    return 0
+
+
+def sync(args: SweepNameArgs) -> int:
+    """Complete a sweep's MLflow record from its storage, training nothing: the epochs, run ends and models that
+    never reached the tracking store (it was unreachable when the sweep ended, or the driver was killed meanwhile).
+    Safe to repeat: what the store has is not written again. Exit 0 once the record holds every trial's checkpoints."""
+    from kd_tune.sweep.sync import sync_sweep
+
+    print("\n".join(sync_sweep(args.name, _storage(args.storage)).lines()))
+    return 0
+
+
+def report(args: ReportArgs) -> int:
+    """Tables and figures of a sweep from its MLflow runs; also logged on the sweep's parent run."""
+    from kd_tune.report.report import make_report
+    from kd_tune.sweep.folder import SweepRecord, sweep_path
+    from kd_tune.tracking.store import check_tracking_store, configure_client_retries, resolve_tracking_uri
+
+    root = _storage(args.storage)
+    sweep_path(root, args.name)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if args.tracking_uri is None and SweepRecord.exists(root, args.name):
+        uri = SweepRecord.load(root, args.name).tracking_uri  # where that sweep logged, whatever the defaults now
+    configure_client_retries()
+    check_tracking_store(uri, "no report was made")
+    # The report downloads one small JSON (the best run's confusion matrix): MLflow's progress bar for it is only
+    # noise between the command and its tables (a user's own setting wins).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    rep = make_report(args.name, uri, Path(args.out) if args.out else Path("reports") / args.name)
+    print(rep.markdown())
+    print("files (also on the sweep's parent run in MLflow, under report/):")
+    for f in rep.files:
+        print(f"  {f}")
+    return 0
+
+
+def ui(args: UiArgs) -> int:
+    """Serve the MLflow UI and tracking server over the sweeps' store (replaces this process with the server).
+
+    Before it starts, prints the address of each sweep's runs page (or of sweep NAME's only). One
+    worker and no job execution keep it at ~0.5 GB; on a cluster's head it is the team's tracking
+    server (drivers log to http://127.0.0.1:PORT there; people reach it through `ray attach --port-forward`).
+    A store the UI cannot serve, or a NAME that is not a sweep there, is refused (FlagError: exit 2).
+    """
+    from kd_tune.tracking.store import resolve_tracking_uri
+    from kd_tune.tracking.ui import serve
+
+    serve(resolve_tracking_uri(args.tracking_uri), args.host, args.port, args.artifacts_destination, args.name)
+    return 0  # not reached: serve() replaces this process
+
+
+def data(args: DataArgs) -> int:
+    """Fetch (or verify) a dataset's files ahead of a sweep, e.g. on a cluster's shared disk."""
+    from kd_tune.data.registry import REGISTRY
+
+    if args.name not in REGISTRY:
+        raise FlagError("dataset", args.name, ", ".join(REGISTRY), "is unknown")
+    from kd_tune.data.sources import default_data_dir, load
+
+    root = Path(args.data_dir) if args.data_dir else default_data_dir()
+    info, train_x, _, test_x, _ = load(args.name, root)
+    print(f"{args.name}: {len(train_x)} training and {len(test_x)} test images of shape {tuple(info.shape)} under {root}")
+    return 0
+
+
+def _report(run: Callable[[Callable[[str], None]], SweepOutcome], quiet: bool) -> int:
+    from kd_tune.sweep.results import format_table
+    from kd_tune.tracking.store import resolve_tracking_uri
+    from kd_tune.tracking.ui import UI_HOST, runs_page
+
+    log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    outcome = run(log)
+    print()
+    print(outcome.summary_line())
+    print(format_table(outcome.table))
+    print()
+    print(f"MLflow: experiment {outcome.name!r} (id {outcome.experiment_id}) in {outcome.tracking_uri}")
+    ui = f"kd-tune ui {outcome.name}" + ("" if outcome.tracking_uri == resolve_tracking_uri(None) else f" --tracking-uri '{outcome.tracking_uri}'")
+    print(f"Open the UI: {ui}   (then the runs page it prints: {runs_page(UI_HOST, 5000, outcome.experiment_id)})")
+    if not outcome.ok:
+        print(f"Not every trial finished; to retry the rest: {outcome.resume_command}")
+    if outcome.tracking_behind:
+        then = (f"{outcome.resume_command} (the teachers' runs are among them: sync writes the trials' record only)"
+                if outcome.tracking_needs_resume else outcome.resume_command.replace("kd-tune resume", "kd-tune sync", 1))
+        print(f"kd-tune: the tracking store {outcome.tracking_uri} is still unreachable: {outcome.tracking_behind} for the record are "
+              f"pending (safe in the trials' checkpoints); once it is back: {then}", file=sys.stderr, flush=True)
+        return TRACKING_BEHIND_EXIT
+    return 0 if outcome.ok else 1
+
+
+def _hint_resume(name: Callable[[], str], storage: Storage) -> None:
+    """After an abnormal end of a sweep that had started, say how to continue it."""
+    from kd_tune.sweep.folder import SweepRecord, resume_command, sweep_path
+
+    try:
+        sweep_path(storage, name())
+        if SweepRecord.exists(storage, name()):
+            print(f"kd-tune: the sweep did not end normally; to continue it: {resume_command(name(), storage)}", file=sys.stderr, flush=True)
+    except Exception:  # noqa: BLE001 - a hint must never hide the real error
+        pass

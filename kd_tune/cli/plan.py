@@ -1,0 +1,59 @@
+"""``kd-tune plan``: a search space's trials (or packs) and their cost in student epochs; nothing runs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from kd_tune.cli.args import PlanArgs
+from kd_tune.spec.options import SweepOptions, apply_overrides
+from kd_tune.spec.parse import load_space
+
+
+def show_plan(args: PlanArgs) -> int:
+    """Validate a search space and print its trials (or packs) and their cost in student epochs (nothing runs)."""
+    space = args.space
+    spec = load_space(space)
+    if args.no_share_epochs:
+        spec = replace(spec, share_epochs=False)
+    if args.pack is not None:
+        spec = apply_overrides(spec, SweepOptions(pack=args.pack))
+    shared, separate = replace(spec, share_epochs=True), replace(spec, share_epochs=False)
+    precision = None if spec.student.precision == "float32" else f"students train in {spec.student.precision}"
+    if spec.is_search:
+        from kd_tune.sweep.search import describe  # imports Ray Tune: only for a search
+
+        print(f"{space}: sweep {spec.name!r}, a search: {spec.search.num_samples} student trials sampled by Ray Tune"
+              f"{f', plus {len(spec.trials())} baseline trials' if spec.trials() else ''}{f' ({precision})' if precision else ''}")
+        print("\n".join(describe(spec)))
+    else:
+        n = len(spec.packs()) if spec.packed else len(spec.trials())
+        trials = f"{n} {'packed ' if spec.packed else ''}trial{'' if n == 1 else 's'}" + (f" of up to {spec.resources.pack_size} students" if spec.packed else "")
+        print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {trials} "
+              f"(epoch sharing {'on' if spec.share_epochs else 'off'}{f'; {precision}' if precision else ''})")
+    if spec.packed:
+        packs = spec.packs()
+        why = ("resources.pack / --pack" if spec.resources.pack is not None else
+               f"resources.pack unset: {spec.resources.pack_size} when trials get a GPU, as resources.gpu {spec.resources.gpu:g} asks; "
+               "--pack 1 for one student per trial")
+        print(f"{len(spec.trials())} students in {len(packs)} pack{'' if len(packs) == 1 else 's'} ({why}), each pack one trial and one model:")
+        for i, members in enumerate(packs, 1):
+            print(f"  pack {i}: {len(members)} students, trains {members[0].epochs} epochs: {', '.join(t.label for t in members)}")
+    else:
+        for t in spec.trials():
+            print(f"  {t.label:<32} trains {t.epochs} epochs, reports {', '.join(map(str, t.milestones))}")
+    saved = separate.student_epochs() - shared.student_epochs()
+    repeated = spec.repeated_trainings()
+    if repeated:
+        again = sum(len(g) - 1 for g in repeated)
+        shown = "; ".join(" = ".join(t.label for t in g) for g in repeated[:2]) + ("; ..." if len(repeated) > 2 else "")
+        print(f"note: {again} trial{'s' if again > 1 else ''} ({sum(t.epochs for g in repeated for t in g[1:])} student epochs) train{'' if again > 1 else 's'} "
+              f"the same weights as another: alpha 1 leaves the teacher out, so alpha 1 at any T is the scratch student of its seed "
+              f"({shown})")
+    if spec.is_search:
+        print(f"student epochs: at most {spec.student_epochs()} ({spec.search.num_samples} x {max(spec.grid.epochs)} for the search"
+              f"{', fewer as the scheduler stops trials' if spec.scheduler else ''}; {shared.student_epochs() - spec.search.num_samples * max(spec.grid.epochs)} "
+              f"for the baselines)")
+        return 0
+    print(f"student epochs: {spec.student_epochs()} (with sharing {shared.student_epochs()}, without {separate.student_epochs()}: "
+          f"sharing saves {saved}, {saved / separate.student_epochs():.0%})")
+    return 0

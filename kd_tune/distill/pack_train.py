@@ -1,0 +1,247 @@
+"""Training a pack: K students of one :class:`~kd_tune.distill.packed.PackedCNN` as ``kd_tune.distill.train.train``
+trains one, each with its own seed, alpha, temperature, labels and teacher; a member that diverges is masked out
+alone. Plain PyTorch."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kd_tune.distill.losses import DEFAULT_LOSS, get_loss
+from kd_tune.distill.metrics import Evaluation, evaluations, validations
+from kd_tune.distill.packed import PackedCNN
+from kd_tune.distill.train import EpochMetrics, TensorData, epoch_order, eval_batch, predict_logits, step_precision
+from kd_tune.errors import DivergedError
+
+EVAL_STUDENT_IMAGES = 32768
+"""Images times members per evaluation forward of a pack: bounds its activations (the 16/32 student's first
+convolution alone gives 12.5 KB per image, 0.4 GB per chunk)."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One student of a pack: what ``kd_tune.distill.train.train`` takes as arguments, plus which data rows it trains on."""
+
+    seed: int
+    """Fixes the member's epoch orders (``epoch_order``); its initial weights come from the pack given to ``train_pack``."""
+    epochs: int
+    alpha: float = 1.0
+    temperature: float = 1.0
+    labels: int = 0
+    """Row of ``PackData.train_labels`` (e.g. one row per label-noise level)."""
+    teacher: int | None = None
+    """Row of ``PackData.teacher_train`` to distill from; None trains on hard labels alone (scratch)."""
+    teacher_test: int | None = None
+    """Row of ``PackData.teacher_test`` for the teacher-agreement metric; None reports no agreement."""
+
+
+@dataclass(frozen=True)
+class PackData:
+    """The pack's data, resident on its device: ``TensorData`` with stacks where members may differ."""
+
+    train_x: torch.Tensor
+    """Normalized images [N, C, H, W], as ``TensorData.train_x``."""
+    train_labels: torch.Tensor
+    """[L, N] int64: L label sets (label-noise levels)."""
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    teacher_train: torch.Tensor | None = None
+    """[L', N, classes]: teachers' logits on train_x."""
+    teacher_test: torch.Tensor | None = None
+    """[L'', N_test, classes]: teachers' logits on test_x."""
+    val_x: torch.Tensor | None = None
+    """Validation images (None: no validation split), shared by every member, as ``TensorData.val_x``."""
+    val_y: torch.Tensor | None = None
+
+    def member_data(self, member: Member) -> TensorData:
+        """What ``kd_tune.distill.train.train`` would get for this member alone."""
+        return TensorData(
+            self.train_x,
+            self.train_labels[member.labels],
+            self.test_x,
+            self.test_y,
+            None if member.teacher is None or self.teacher_train is None else self.teacher_train[member.teacher],
+            None if member.teacher_test is None or self.teacher_test is None else self.teacher_test[member.teacher_test],
+            self.val_x,
+            self.val_y,
+        )
+
+
+@torch.no_grad()
+def pack_logits(model: PackedCNN, images: Sequence[torch.Tensor], rows: Sequence[int], packed: bool | None = None) -> list[torch.Tensor]:
+    """Logits [len(rows), N, classes] of members ``rows`` on each image set [N, C, H, W] of ``images``.
+
+    ``packed``: one packed forward per chunk of images (every member's logits at once), else each member as a
+    stand-alone ``SeedCNN`` (copied once for all the image sets). None: packed except on a CPU, where a packed
+    forward was 0.4-1.0x as fast as the members one by one in chunks of 2,048 images and 0.5-1.3x in the current chunks of
+    128 (K = 1 ... 16, 1 thread, two runs; ``benchmarks/pack_bench.py --eval``, RESULTS.md); on a GPU a student's
+    forward is launch-bound, as its step is.
+    """
+    if packed is None:
+        packed = images[0].device.type != "cpu"
+    if not packed:
+        students = [model.member(i) for i in rows]
+        return [torch.stack([predict_logits(student, x) for student in students]) for x in images]
+    # Chunks of eval_batch() images for one student, fewer for a wide pack: K * chunk activations stay bounded.
+    chunk = max(1, min(eval_batch(images[0].device), EVAL_STUDENT_IMAGES // model.k))
+    was_training = model.training
+    model.eval()
+    out = [torch.cat([model(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)], dim=1)[list(rows)] for x in images]
+    model.train(was_training)
+    return out
+
+
+def evaluate_pack(
+    model: PackedCNN, data: PackData, members: Sequence[Member], which: Sequence[int], packed: bool | None = None
+) -> dict[int, tuple[Evaluation, tuple[float | None, float | None]]]:
+    """What ``evaluate`` and ``validate`` of ``kd_tune.distill.train`` give member k alone, for each k in ``which``: the
+    members' logits (``pack_logits``, ``packed`` as there) scored all at once, so that a GPU syncs a few times
+    per epoch instead of a few times per member."""
+    if not which:
+        return {}
+    rows = list(which)
+    teachers = [None if members[i].teacher_test is None or data.teacher_test is None else data.teacher_test[members[i].teacher_test]
+                for i in rows]
+    vals: list[tuple[float | None, float | None]]
+    if data.val_x is None or data.val_y is None:
+        (test,) = pack_logits(model, [data.test_x], rows, packed)
+        vals = [(None, None)] * len(rows)
+    else:
+        test, val = pack_logits(model, [data.test_x, data.val_x], rows, packed)
+        vals = validations(val, data.val_y)
+    tests = evaluations(test, data.test_y, teachers)
+    return {i: (ev, val) for i, ev, val in zip(rows, tests, vals, strict=True)}
+
+
+@dataclass
+class PackResult:
+    history: list[list[EpochMetrics]]
+    """history[k]: member k's epochs, as ``kd_tune.distill.train.train`` returns them (none after it diverged)."""
+    diverged: dict[int, DivergedError] = field(default_factory=dict)
+    """Members whose epoch-mean loss was NaN or infinite, with that epoch and loss."""
+
+
+def _check(model: PackedCNN, data: PackData, members: Sequence[Member]) -> int:
+    if len(members) != model.k:
+        raise ValueError(f"{len(members)} members for a pack of {model.k}")
+    epochs = {m.epochs for m in members}
+    if len(epochs) != 1:
+        raise ValueError(f"all members of a pack train the same number of epochs, got {sorted(epochs)}")
+    for i, m in enumerate(members):
+        if not 0 <= m.labels < data.train_labels.shape[0]:
+            raise ValueError(f"member {i}: labels row {m.labels} of {data.train_labels.shape[0]}")
+        if m.teacher is not None and (data.teacher_train is None or not 0 <= m.teacher < data.teacher_train.shape[0]):
+            raise ValueError(f"member {i}: teacher row {m.teacher} but teacher_train is {None if data.teacher_train is None else tuple(data.teacher_train.shape)}")
+        if m.teacher_test is not None and (data.teacher_test is None or not 0 <= m.teacher_test < data.teacher_test.shape[0]):
+            raise ValueError(f"member {i}: teacher_test row {m.teacher_test} but teacher_test is {None if data.teacher_test is None else tuple(data.teacher_test.shape)}")
+    return epochs.pop()
+
+
+def pack_epoch(
+    model: PackedCNN,
+    optimizer: torch.optim.Optimizer,
+    data: PackData,
+    members: Sequence[Member],
+    epoch: int,
+    batch_size: int,
+    active: torch.Tensor | None = None,
+    precision: str = "float32",
+    loss: str = DEFAULT_LOSS,
+) -> torch.Tensor:
+    """Train the pack for epoch ``epoch`` (1-based); returns each member's summed (total, hard, distill) losses [K, 3], on the device.
+
+    ``active`` [K] bool masks members out of the objective (a diverged member's NaN then reaches nothing).
+    ``precision``: the forward's arithmetic, as in ``kd_tune.distill.train.train``; ``loss``: a registered loss with a pack form.
+    """
+    pack_terms = get_loss(loss).pack_terms
+    if pack_terms is None:
+        raise ValueError(f"loss {loss!r} has no pack form: its students train one per trial")
+    device = data.train_x.device
+    k, n = len(members), data.train_x.shape[0]
+    alpha = torch.tensor([m.alpha for m in members], device=device)
+    temperature = torch.tensor([m.temperature for m in members], device=device)
+    has_teacher = torch.tensor([m.teacher is not None for m in members], device=device)
+    label_rows = torch.tensor([m.labels for m in members], device=device)[:, None]
+    teacher_rows = torch.tensor([m.teacher or 0 for m in members], device=device)[:, None]
+    use_teacher = data.teacher_train is not None and any(m.teacher is not None for m in members)
+    active = torch.ones(k, dtype=torch.bool, device=device) if active is None else active
+    seeds = sorted({m.seed for m in members})
+    shared = len(seeds) == 1  # one data order for all: a plain first conv on one shared batch
+    by_seed = {s: epoch_order(n, s, epoch) for s in seeds}
+    orders = torch.stack([by_seed[m.seed] for m in members]).to(device)  # [K, N]
+    sums = torch.zeros(k, 3, device=device)  # on the device: a .item() per step would stall a GPU
+    for i in range(0, n, batch_size):
+        idx = orders[:, i : i + batch_size]  # [K, B]
+        # Gathered [B, K, ...] and viewed as [K, B, ...], the forward's transpose back is free.
+        x = data.train_x[idx[0]] if shared else data.train_x[idx.t()].transpose(0, 1)
+        with step_precision(device, precision):
+            logits = model(x)
+        teacher = data.teacher_train[teacher_rows, idx] if use_teacher and data.teacher_train is not None else None
+        terms = pack_terms(logits.float(), teacher, data.train_labels[label_rows, idx], alpha, temperature, has_teacher)
+        optimizer.zero_grad(set_to_none=True)
+        torch.where(active, terms.total, 0.0).sum().backward()
+        optimizer.step()
+        sums += torch.stack([terms.total, terms.hard, terms.distill], dim=1).detach() * idx.shape[1]
+    return sums
+
+
+def train_pack(
+    model: PackedCNN,
+    optimizer: torch.optim.Optimizer,
+    data: PackData,
+    members: Sequence[Member],
+    *,
+    batch_size: int,
+    start_epoch: int = 0,
+    exclude: Collection[int] = (),
+    on_epoch: Callable[[int, EpochMetrics, Evaluation], None] | None = None,
+    on_diverged: Callable[[int, DivergedError], None] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+    precision: str = "float32",
+    loss: str = DEFAULT_LOSS,
+) -> PackResult:
+    """``kd_tune.distill.train.train`` for K members at once, from the end of epoch ``start_epoch`` to the members' ``epochs``.
+
+    Member k trains with seed, alpha, temperature and data rows ``members[k]``, from the weights it
+    has in ``model``; ``optimizer`` is e.g. ``kd_tune.distill.train.make_optimizer(model, lr)``. After each
+    epoch ``on_epoch(k, metrics, evaluation)`` sees every member still training. A member whose
+    epoch-mean loss is NaN or infinite is reported once (``on_diverged`` and ``PackResult.diverged``)
+    and then masked out; the others go on unaffected. ``exclude``: members masked out from the start
+    (e.g. diverged before a resume). ``epoch_seconds`` is the pack's epoch wall time split evenly over
+    the members still training, so summing it over trials still gives the time spent. ``on_epoch_end(epoch)``
+    comes after every member's ``on_epoch`` and ``on_diverged`` of that epoch (where a pack checkpoints).
+    """
+    epochs = _check(model, data, members)
+    n, k = data.train_x.shape[0], len(members)
+    active = [i not in exclude for i in range(k)]
+    result = PackResult([[] for _ in range(k)])
+    model.train()
+    for epoch in range(start_epoch + 1, epochs + 1):
+        if not any(active):
+            break
+        t0 = time.perf_counter()
+        mask = torch.tensor(active, device=data.train_x.device)
+        sums = pack_epoch(model, optimizer, data, members, epoch, batch_size, mask, precision, loss)
+        means = (sums / n).tolist()  # the one host sync of the epoch
+        for i, (total, _, _) in enumerate(means):
+            if active[i] and not math.isfinite(total):
+                active[i] = False
+                result.diverged[i] = DivergedError(epoch, total)
+                if on_diverged is not None:
+                    on_diverged(i, result.diverged[i])
+        evaluations = evaluate_pack(model, data, members, [i for i in range(k) if active[i]])
+        seconds = (time.perf_counter() - t0) / max(1, len(evaluations))
+        for i, (ev, (val_acc, val_loss)) in evaluations.items():
+            total, hard, distill = means[i]
+            metrics = EpochMetrics(epoch, total, hard, distill, ev.acc, ev.loss, ev.teacher_agreement,
+                                   ev.macro_precision, ev.macro_recall, ev.macro_f1, ev.ece, seconds, val_acc, val_loss)
+            result.history[i].append(metrics)
+            if on_epoch is not None:
+                on_epoch(i, metrics, ev)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    return result

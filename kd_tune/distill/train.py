@@ -1,0 +1,225 @@
+"""The training loop: plain PyTorch. It knows nothing of Ray or MLflow; adapters call it.
+
+Everything a trial needs is a tensor already on its device: normalized images, labels and the teacher's cached
+logits. A batch is a gather by index, so a distilled student costs what the student costs: the teacher never runs
+here.
+
+Determinism: the weights come from the seed (``kd_tune.distill.models.build``) and the order of epoch e is a
+function of (seed, e) alone. So resuming at epoch k from a checkpoint, or stopping a longer run at epoch k, gives
+the same numbers as an uninterrupted k-epoch run (on the CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from kd_tune.data.split import DataSplit, normalize
+from kd_tune.distill.losses import DEFAULT_LOSS, get_loss
+from kd_tune.distill.metrics import Evaluation, evaluations, validations
+from kd_tune.errors import DivergedError
+
+EVAL_BATCH = 2048
+"""Images per evaluation forward on a GPU, where a small model's forward is launch-bound: big chunks pay."""
+CPU_EVAL_BATCH = 128
+"""Images per evaluation forward on a CPU. Activations of big chunks leave the caches: the student's 15,000
+validation + test images took 0.57-0.87 s in chunks of 2,048 against 0.31-0.33 s in chunks of 128 (one thread;
+``benchmarks/eval_bench.py``, RESULTS.md), which was a quarter of a CPU sweep's trial time."""
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A trial's data, resident on its device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    teacher_train: torch.Tensor | None = None
+    """The teacher's logits on train_x (row i for image i); None trains on hard labels alone."""
+    teacher_test: torch.Tensor | None = None
+    """The teacher's logits on test_x, for the student-teacher agreement metric."""
+    val_x: torch.Tensor | None = None
+    """Validation images held out of training (None: no validation split): what selection looks at."""
+    val_y: torch.Tensor | None = None
+
+    @classmethod
+    def from_split(
+        cls,
+        split: DataSplit,
+        device: torch.device | str = "cpu",
+        teacher_train: torch.Tensor | None = None,
+        teacher_test: torch.Tensor | None = None,
+    ) -> TensorData:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        def images(x: torch.Tensor) -> torch.Tensor:
+            return normalize(x, split.info, device, standardize=split.normalize)
+
+        has_val = split.val_y.numel() > 0
+        return cls(
+            images(split.train_x),
+            split.train_y.to(device),
+            images(split.test_x),
+            split.test_y.to(device),
+            move(teacher_train),
+            move(teacher_test),
+            images(split.val_x) if has_val else None,
+            split.val_y.to(device) if has_val else None,
+        )
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch produced; the names are those reported to Ray and logged to MLflow."""
+
+    epoch: int
+    train_loss: float
+    train_hard_loss: float
+    train_distill_loss: float
+    test_acc: float
+    test_loss: float
+    teacher_agreement: float | None
+    test_macro_precision: float
+    test_macro_recall: float
+    test_macro_f1: float
+    test_ece: float
+    epoch_seconds: float
+    val_acc: float | None = None
+    """Accuracy and loss on the validation split (None without one)."""
+    val_loss: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items() if v is not None}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of epoch ``epoch`` (1-based): a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def eval_batch(device: torch.device) -> int:
+    """Images per evaluation forward on ``device`` (:data:`CPU_EVAL_BATCH` or :data:`EVAL_BATCH`)."""
+    return CPU_EVAL_BATCH if device.type == "cpu" else EVAL_BATCH
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """The model's logits on images ``x``, in eval mode, ``batch_size`` images at a time (default: :func:`eval_batch`)."""
+    batch_size = batch_size or eval_batch(x.device)
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, data: TensorData) -> Evaluation:
+    """Test accuracy and loss (cross-entropy on the true labels), agreement with the teacher, macro
+    precision / recall / F1, calibration error and the confusion matrix."""
+    return evaluations(predict_logits(model, data.test_x)[None], data.test_y, [data.teacher_test])[0]
+
+
+def validate(model: nn.Module, data: TensorData) -> tuple[float | None, float | None]:
+    """Accuracy and cross-entropy on the validation split: (None, None) without one."""
+    if data.val_x is None or data.val_y is None:
+        return None, None
+    return validations(predict_logits(model, data.val_x)[None], data.val_y)[0]
+
+
+def step_precision(device: torch.device, precision: str) -> AbstractContextManager[object]:
+    """The training forward's arithmetic (``student.precision``): float32 as is (no autocast at all: the default's
+    results stay bit for bit), or bfloat16 autocast. Only the forward runs inside it (the backward follows the
+    forward's dtypes); the losses are taken on float32 logits."""
+    if precision == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "float32":
+        raise ValueError(f"precision {precision!r}: allowed float32 or bfloat16")
+    return nullcontext()
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    # Constant-lr Adam, as in the study: no schedule depends on the total number of epochs,
+    # which is what lets a long run stand in for the shorter ones.
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TensorData,
+    epoch: int,
+    batch_size: int,
+    seed: int,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    precision: str = "float32",
+    loss: str = DEFAULT_LOSS,
+) -> torch.Tensor:
+    """Train for epoch ``epoch`` (1-based, its order :func:`epoch_order`); returns the summed (total, hard, distill)
+    losses [3], on the device (``kd_tune.distill.pack_train.pack_epoch`` is its twin for a pack)."""
+    loss_terms = get_loss(loss).terms
+    n = data.train_x.shape[0]
+    order = epoch_order(n, seed, epoch).to(data.train_x.device)
+    # Sums stay on the device: a .item() per batch would stall a GPU every step.
+    sums = torch.zeros(3, device=data.train_x.device)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        with step_precision(data.train_x.device, precision):
+            logits = model(data.train_x[idx])
+        teacher = None if data.teacher_train is None else data.teacher_train[idx]
+        terms = loss_terms(logits.float(), teacher, data.train_y[idx], alpha, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        optimizer.step()
+        sums += torch.stack([terms.total.detach(), terms.hard.detach(), terms.distill.detach()]) * idx.numel()
+    return sums
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TensorData,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    start_epoch: int = 0,
+    on_epoch: Callable[[EpochMetrics, Evaluation], None] | None = None,
+    precision: str = "float32",
+    loss: str = DEFAULT_LOSS,
+) -> list[EpochMetrics]:
+    """Train from the end of epoch ``start_epoch`` to the end of epoch ``epochs``.
+
+    With ``data.teacher_train`` the loss is the registered ``loss`` (:mod:`kd_tune.distill.losses`; by default
+    Hinton's, :func:`~kd_tune.distill.losses.kd_loss_terms`); without it, cross-entropy on the labels. ``on_epoch`` sees each epoch's metrics (and may checkpoint).
+    ``precision``: the forward's arithmetic (:func:`step_precision`); evaluation is always float32.
+    Raises :class:`DivergedError` naming the epoch when the loss is NaN or infinite.
+    """
+    n = data.train_x.shape[0]
+    history = []
+    model.train()
+    for epoch in range(start_epoch + 1, epochs + 1):
+        t0 = time.perf_counter()
+        sums = train_epoch(model, optimizer, data, epoch, batch_size, seed, alpha, temperature, precision, loss)
+        total, hard, distill = (sums / n).tolist()  # the one host sync of the epoch
+        if not math.isfinite(total):
+            raise DivergedError(epoch, total)
+        ev = evaluate(model, data)
+        val_acc, val_loss = validate(model, data)
+        metrics = EpochMetrics(epoch, total, hard, distill, ev.acc, ev.loss, ev.teacher_agreement,
+                               ev.macro_precision, ev.macro_recall, ev.macro_f1, ev.ece, time.perf_counter() - t0, val_acc, val_loss)
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics, ev)
+    return history

@@ -1,0 +1,185 @@
+"""Reports: the study's tables and figures, read back from MLflow.
+
+``kd-tune report NAME`` reads every run of a sweep (``mlflow.search_runs`` -> pandas), writes a
+tidy CSV (one row per grid point and seed), a summary table (mean, 95 % CI and n over seeds; the
+best configuration and its paired gain over scratch training, see :mod:`kd_tune.report.stats`) and PNG
+figures (:mod:`kd_tune.report.figures`), and logs all of them as artifacts of the sweep's parent run.
+The best configuration is selected on the validation split and reported with its *test* accuracy;
+a sweep without a validation split selects on the test set, and the report says that this is optimistic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from kd_tune.errors import UsageError
+from kd_tune.report.figures import (
+    fig_accuracy_vs_alpha,
+    fig_confusion,
+    fig_gain_vs_alpha,
+    fig_heatmap,
+    fig_learning_curves,
+    fig_loss_vs_alpha,
+    fig_search_accuracy,
+    fig_search_alpha_temperature,
+    fig_search_best_so_far,
+)
+from kd_tune.report.runs import load_runs, selectable
+from kd_tune.report.stats import Best, Protocol, best_config, gains_over_scratch, protocol_of, summarize
+
+
+@dataclass(frozen=True)
+class Report:
+    name: str
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    gains: pd.DataFrame
+    best: Best | None
+    best_distilled: Best | None
+    files: list[Path]
+    unfinished: int
+    protocol: Protocol
+    search: str = ""
+    """For a search: its trials, how many the scheduler stopped, the student epochs it used."""
+
+    def markdown(self) -> str:
+        lines = [f"# Sweep {self.name!r}", "", self.protocol.describe(), ""]
+        if self.search:
+            lines += [self.search, ""]
+        if self.unfinished:
+            lines += [f"Note: {self.unfinished} grid point(s) have not finished; this report covers what exists.", ""]
+        shown = self.summary.copy()
+        shown["temperature"] = shown["temperature"].map(lambda v: "-" if pd.isna(v) else f"{v:.4g}")
+        shown["alpha"] = shown["alpha"].map(lambda v: f"{v:.4g}")
+        shown["mean acc %"] = (100 * shown["mean"]).map(lambda v: f"{v:.2f}")
+        shown["95% CI %"] = shown.apply(lambda r: "n/a (n=1)" if r["n"] < 2 else f"[{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}]", axis=1)
+        cols = ["role", "alpha", "temperature", "epochs", "n", "mean acc %", "95% CI %"]
+        if shown["val_mean"].notna().any():
+            shown["val acc %"] = (100 * shown["val_mean"]).map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+            cols.append("val acc %")
+        if shown["label_noise"].nunique() > 1:
+            cols.insert(1, "label_noise")
+        lines += ["Test accuracy per configuration (mean over seeds):", "", markdown_table(shown[cols]), ""]
+        if not self.gains.empty:
+            g = self.gains.copy()
+            g["temperature"] = g["temperature"].map(lambda v: "-" if pd.isna(v) else f"{v:.4g}")
+            g["alpha"] = g["alpha"].map(lambda v: f"{v:.4g}")
+            g["gain pp"] = (100 * g["gain"]).map(lambda v: f"{v:+.2f}")
+            g["95% CI pp"] = g.apply(lambda r: "n/a" if pd.isna(r["ci_low"]) else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]", axis=1)
+            g["positive"] = g.apply(lambda r: f"{int(r['positive'])}/{int(r['n'])}" if r["test"] == "paired t" else "-", axis=1)
+            g["p"], g["p Holm"] = g["p"].map(_p_value), g["p_holm"].map(_p_value)
+            cols = ["alpha", "temperature", "epochs", "n", "gain pp", "95% CI pp", "test", "positive", "p", "p Holm"]
+            if g["label_noise"].nunique() > 1:
+                cols.insert(0, "label_noise")
+            tested = int(self.gains["p_holm"].notna().sum())
+            lines += ["Gain over scratch (same epochs, seed and label noise; test accuracy, percentage points):", "",
+                      markdown_table(g[cols]), ""]
+            if tested:
+                held = int((self.gains["p_holm"] < 0.05).sum())
+                best = (" (The best configuration's own interval below needs no adjustment: it was chosen on validation and is one "
+                        "comparison on test.)" if self.protocol.selected_on == "validation" else "")
+                lines += [f"p: the test of gain = 0 for that configuration alone; p Holm: adjusted over the {tested} configurations "
+                          f"tested here, so that the chance of any false non-zero gain in the table is 5 %: {held} of {tested} "
+                          f"below 0.05.{best}", ""]
+        for title, b in (("Best configuration", self.best), ("Best distilled configuration (alpha < 1)", self.best_distilled)):
+            if b is None or (title != "Best configuration" and b == self.best):
+                continue
+            lines += [self._best_line(title, b), ""]
+        return "\n".join(lines) + "\n"
+
+    def _best_line(self, title: str, b: Best) -> str:
+        gain = f"{100 * b.gain:+.2f} points"
+        if b.gain_ci_low is None or b.gain_ci_high is None:
+            ci = "no CI (fewer than 2 seeds on a side)"
+        else:
+            how = f"{b.gain_test}, positive on {b.gain_positive} of {b.gain_n} seeds" if b.gain_test == "paired t" else b.gain_test
+            ci = f"95% CI [{100 * b.gain_ci_low:+.2f}, {100 * b.gain_ci_high:+.2f}] ({how}), {'excludes' if b.ci_excludes_zero else 'includes'} zero"
+        acc_ci = "" if b.ci_low is None or pd.isna(b.ci_low) else f", 95% CI [{100 * b.ci_low:.2f}, {100 * b.ci_high:.2f}]"  # type: ignore[operator]
+        chosen = (f"selected on validation accuracy {100 * b.val_mean:.2f} %" if b.val_mean is not None and self.protocol.selected_on == "validation"
+                  else "selected on the test set (optimistic)")
+        noise = f", label noise {b.label_noise:g}" if b.label_noise else ""
+        return (f"{title}: alpha = {b.alpha:g}, T = {b.temperature:g}, {b.epochs} epochs{noise} ({chosen}): "
+                f"test accuracy {100 * b.mean:.2f} %{acc_ci} (n = {b.n}); over scratch at {b.epochs} epochs: {gain}, {ci}.")
+
+
+def _p_value(p: float) -> str:
+    return "n/a" if pd.isna(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    cells = [[str(c) for c in df.columns]] + [[str(v) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(r) + " |" for r in cells]
+    lines.insert(1, "| " + " | ".join("---" for _ in df.columns) + " |")
+    return "\n".join(lines)
+
+
+def make_report(name: str, tracking_uri: str, out: Path) -> Report:
+    """Read the sweep's runs, write the CSVs, summary and figures into ``out`` and log them on the parent run.
+
+    Raises :class:`UsageError` for an unknown sweep or one without student runs.
+    """
+    all_runs, _, parent = load_runs(name, tracking_uri)
+    if all_runs.empty:
+        raise UsageError(f"sweep {name!r} has no student runs yet in {tracking_uri}; allowed: a sweep with at least one run")
+    out.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri)
+    runs = selectable(all_runs)
+    protocol = protocol_of(runs)
+    summary = summarize(runs)
+    gains = gains_over_scratch(runs)
+    best = best_config(runs, summary, gains, select_on=protocol.selected_on)
+    best_distilled = best_config(runs, summary, gains, distilled_only=True, select_on=protocol.selected_on)
+    files = [out / "runs.csv", out / "summary.csv", out / "gains.csv"]
+    all_runs.to_csv(files[0], index=False)
+    summary.to_csv(files[1], index=False)
+    gains.to_csv(files[2], index=False)
+    is_search = bool((all_runs["algorithm"] != "grid").any())
+    report = Report(name, runs, summary, gains, best, best_distilled, files, int((runs["status"] != "FINISHED").sum()), protocol,
+                    search_note(all_runs) if is_search else "")
+    if is_search:
+        metric = "val_acc" if protocol.selected_on == "validation" else "test_acc"
+        files += [fig_search_accuracy(all_runs, metric, out), fig_search_alpha_temperature(all_runs, metric, out),
+                  fig_search_best_so_far(all_runs, metric, out)]
+        if best is not None:
+            files.append(fig_learning_curves(client, runs, best, out))
+            confusion = fig_confusion(client, best, out)
+            if confusion is not None:
+                files.append(confusion)
+    elif not summary.empty:
+        files.append(fig_accuracy_vs_alpha(summary, out))
+        for fig in (fig_gain_vs_alpha(gains, out), fig_heatmap(summary, out)):
+            if fig is not None:
+                files.append(fig)
+        files.append(fig_loss_vs_alpha(summary, out))
+        if best is not None:
+            files.append(fig_learning_curves(client, runs, best, out))
+            confusion = fig_confusion(client, best, out)
+            if confusion is not None:
+                files.append(confusion)
+    md = out / "summary.md"
+    md.write_text(report.markdown())
+    files.append(md)
+    for f in files:
+        client.log_artifact(parent, str(f), artifact_path="report")
+    return report
+
+
+def student_epochs_used(runs: pd.DataFrame) -> int:
+    """Student epochs the sweep trained: per trial, the epoch it was stopped at or its largest epochs value."""
+    trained = runs["stopped_at"].astype("Float64").fillna(runs["epochs"].astype("Float64"))
+    return int(trained.groupby(runs["trial_id"]).max().sum())
+
+
+def search_note(runs: pd.DataFrame) -> str:
+    """One paragraph on a search: trials, stopped early, the student epochs it used against the most it could have."""
+    students = runs[runs["role"] == "student"]
+    stopped = int(students["stopped_at"].notna().sum())
+    algorithm = ", ".join(sorted(set(students["algorithm"])))
+    budget = int(runs.groupby("trial_id")["epochs"].max().sum())
+    return (f"Search ({algorithm}): {len(students)} student trials with sampled alpha and T, {stopped} stopped early by the scheduler "
+            f"(shown in the figures and runs.csv at their last epoch, but not selectable: they were not trained to their epochs); "
+            f"{student_epochs_used(runs)} student epochs trained (baselines included), of at most {budget} without early stopping.")

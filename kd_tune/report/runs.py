@@ -1,0 +1,62 @@
+"""A sweep's runs read back from MLflow: one tidy row per student or scratch run (grid point and seed)."""
+
+from __future__ import annotations
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from kd_tune.errors import UsageError
+from kd_tune.tracking.tags import TAG_PARENT, TAG_ROLE, TAG_STOPPED_AT, TAG_SWEEP, TAG_TRIAL
+
+METRICS = ["test_acc", "test_loss", "teacher_agreement", "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece",
+           "train_loss", "train_hard_loss", "train_distill_loss", "val_acc", "val_loss"]
+
+
+def load_runs(name: str, tracking_uri: str) -> tuple[pd.DataFrame, str, str]:
+    """Every student and scratch run of the sweep as a tidy frame; also the experiment and parent run ids."""
+    import mlflow
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        known = ", ".join(sorted(e.name for e in client.search_experiments() if e.name != "Default")) or "none"
+        raise UsageError(f"no sweep named {name!r} in the MLflow store {tracking_uri}; allowed: {known}")
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP}` = '{name}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise UsageError(f"experiment {name!r} in {tracking_uri} holds no kd-tune sweep; allowed: a name given to kd-tune sweep")
+    parent = parents[0].info.run_id
+    mlflow.set_tracking_uri(tracking_uri)
+    raw = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent}'", max_results=100000,
+                             output_format="pandas")
+    assert isinstance(raw, pd.DataFrame)
+    raw = raw[raw[f"tags.{TAG_ROLE}"].isin(["student", "scratch"])] if len(raw) else raw
+    rows = pd.DataFrame({
+        "run_id": raw.get("run_id", pd.Series(dtype=str)),
+        "role": raw.get(f"tags.{TAG_ROLE}", pd.Series(dtype=str)),
+        "alpha": pd.to_numeric(raw.get("params.alpha", pd.Series(dtype=float))),
+        "temperature": pd.to_numeric(raw.get("params.temperature", pd.Series(dtype=float)).replace("None", None)),
+        "epochs": pd.to_numeric(raw.get("params.epochs", pd.Series(dtype=float))).astype("Int64"),
+        "seed": pd.to_numeric(raw.get("params.seed", pd.Series(dtype=float))).astype("Int64"),
+        "label_noise": pd.to_numeric(raw.get("params.label_noise", pd.Series(0.0, index=raw.index, dtype=float))).fillna(0.0),
+        "status": raw.get("status", pd.Series(dtype=str)),
+        # How the data was made (runs logged before these keys existed standardized and had no validation split).
+        "normalize": raw.get("params.dataset.normalize", pd.Series("True", index=raw.index, dtype=str)).fillna("True") == "True",
+        "val_size": pd.to_numeric(raw.get("params.dataset.val_size", pd.Series(0, index=raw.index))).fillna(0).astype(int),
+        "train_size": raw.get("params.dataset.train_size", pd.Series("None", index=raw.index, dtype=str)).fillna("None"),
+        # A search's trials: which algorithm, when each started (its order), and whether the scheduler stopped it.
+        "algorithm": raw.get("params.search.algorithm", pd.Series("grid", index=raw.index, dtype=str)).fillna("grid"),
+        "trial_id": raw.get(f"tags.{TAG_TRIAL}", pd.Series(dtype=str)),
+        "start_time": raw.get("start_time", pd.Series(dtype="datetime64[ns, UTC]")),
+        "stopped_at": pd.to_numeric(raw.get(f"tags.{TAG_STOPPED_AT}", pd.Series(None, index=raw.index, dtype=float))).astype("Int64"),
+    })
+    for m in METRICS:
+        rows[m] = pd.to_numeric(raw[f"metrics.{m}"]) if f"metrics.{m}" in raw else float("nan")
+    rows = rows.sort_values(["role", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
+    return rows, exp.experiment_id, parent
+
+
+def selectable(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs a configuration can be selected from: a search trial the scheduler stopped early was not
+    trained to its epochs, so it is shown (figures, runs.csv) but neither summarized nor selected."""
+    return runs[runs["stopped_at"].isna()].reset_index(drop=True)

@@ -1,0 +1,323 @@
+"""Search spaces: a YAML file in ``search_spaces/`` read and validated into a :class:`~kd_tune.spec.schema.SweepSpec`.
+
+Everything is validated before anything starts: a bad value raises :class:`~kd_tune.errors.SpaceError` naming the
+file, the key, the value and what is allowed. See ``search_spaces/smoke.yaml`` for a commented example of every key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from kd_tune.data.registry import REGISTRY
+from kd_tune.errors import SpaceError, first_line
+from kd_tune.spec.schema import (
+    ALGORITHMS,
+    BASELINES,
+    MAX_PACK,
+    METRICS,
+    NAME_ALLOWED,
+    PRECISIONS,
+    SCHEDULERS,
+    Axis,
+    DatasetSpec,
+    GridSpec,
+    Range,
+    ResourcesSpec,
+    SchedulerSpec,
+    SearchSpec,
+    StudentSpec,
+    SweepSpec,
+    TeacherSpec,
+    is_valid_name,
+)
+
+T = TypeVar("T")
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, value: object, allowed: str) -> SpaceError:
+        return SpaceError(self.source, key, value, allowed)
+
+    def section(self, data: Mapping[str, Any], key: str, allowed_keys: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, Any]:
+        value = data.get(key, {}) if key else data
+        if value is None and key:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise self.fail(key, value, f"a mapping with keys {', '.join(allowed_keys)}")
+        for k in value:
+            if k not in allowed_keys:
+                raise self.fail(_join(key, str(k)), value[k], f"known keys of '{key or 'top level'}': {', '.join(allowed_keys)}")
+        for k in required:
+            if k not in value:
+                raise self.fail(_join(key, k), "<missing>", "this key is required")
+        return dict(value)
+
+    def number(self, key: str, value: object, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+        allowed = f"a number in {'(' if lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open else ']'}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(key, value, allowed)
+        if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+            raise self.fail(key, value, allowed)
+        return float(value)
+
+    def integer(self, key: str, value: object, lo: int, hi: int | None = None) -> int:
+        allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+            raise self.fail(key, value, allowed)
+        return value
+
+    def choice(self, key: str, value: object, choices: tuple[str, ...]) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise self.fail(key, value, f"one of {', '.join(choices)}")
+        return value
+
+    def items(self, key: str, value: object, read: Callable[[str, object], T], *, unique: bool = True) -> tuple[T, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, value, "a non-empty list")
+        out = tuple(read(f"{key}[{i}]", v) for i, v in enumerate(value))
+        if unique and len(set(out)) != len(out):
+            raise self.fail(key, value, "a list without repeated values")
+        return out
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _fmt(x: float) -> str:
+    return "inf" if x == math.inf else f"{x:g}"
+
+
+def parse_space(data: object, source: str) -> SweepSpec:
+    """Validate a search space already parsed from YAML into a :class:`SweepSpec`."""
+    r = _Reader(source)
+    if not isinstance(data, Mapping):
+        raise r.fail("", data, "a YAML mapping with keys name, dataset, teacher, student, grid, ...")
+    top = r.section(
+        data, "", ("name", "dataset", "teacher", "student", "grid", "baselines", "resources", "max_failures", "share_epochs", "search",
+                   "scheduler"),
+        required=("name", "dataset", "teacher", "student", "grid"),
+    )
+    name = top["name"]
+    if not is_valid_name(name):
+        raise r.fail("name", name, NAME_ALLOWED)
+
+    d = r.section(top, "dataset", ("name", "train_size", "label_noise", "seed", "normalize", "val_size"), required=("name",))
+    ds_name = r.choice("dataset.name", d["name"], tuple(REGISTRY))
+    info = REGISTRY[ds_name]
+    train_size = d.get("train_size")
+    if train_size is not None:
+        train_size = r.integer("dataset.train_size", train_size, info.num_classes, info.train_count)
+    normalize = d.get("normalize", DatasetSpec.normalize)
+    if not isinstance(normalize, bool):
+        raise r.fail("dataset.normalize", normalize, "true (mean/std standardization) or false (pixel / 255 only)")
+    # The validation images come out of the training set first; what is left must still hold
+    # train_size images (or, without a subset, one image per class).
+    max_val = info.train_count - (train_size or info.num_classes)
+    val_size = d.get("val_size", min(DatasetSpec.val_size, max_val))
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size <= max_val:
+        left = f"train_size = {train_size}" if train_size else "one image per class"
+        raise r.fail("dataset.val_size", val_size, f"an integer in [0, {max_val}] (of the {info.train_count} training images, "
+                                                   f"what is left must hold {left})")
+    dataset = DatasetSpec(
+        name=ds_name,
+        train_size=train_size,
+        label_noise=r.number("dataset.label_noise", d.get("label_noise", 0.0), 0.0, 1.0, hi_open=True),
+        seed=r.integer("dataset.seed", d.get("seed", 0), 0),
+        normalize=normalize,
+        val_size=val_size,
+    )
+
+    def widths(key: str, value: object) -> tuple[int, ...]:
+        return r.items(key, value, lambda k, v: r.integer(k, v, 1, 65536), unique=False)
+
+    t = r.section(top, "teacher", ("widths", "epochs", "lr", "batch_size", "seed", "ensemble", "clean"), required=("widths", "epochs"))
+    clean = t.get("clean", False)
+    if not isinstance(clean, bool):
+        raise r.fail("teacher.clean", clean, "true or false")
+    teacher = TeacherSpec(
+        widths=_two(r, "teacher.widths", widths("teacher.widths", t["widths"])),
+        epochs=r.integer("teacher.epochs", t["epochs"], 1),
+        lr=r.number("teacher.lr", t.get("lr", 1e-3), 0.0, 10.0, lo_open=True),
+        batch_size=r.integer("teacher.batch_size", t.get("batch_size", 128), 1),
+        seed=r.integer("teacher.seed", t.get("seed", 0), 0),
+        ensemble=r.integer("teacher.ensemble", t.get("ensemble", 1), 1, 16),
+        clean=clean,
+    )
+
+    s = r.section(top, "student", ("widths", "lr", "batch_size", "precision"), required=("widths",))
+    precision = s.get("precision", StudentSpec.precision)
+    if precision not in PRECISIONS:
+        raise r.fail("student.precision", precision, "float32 (the default) or bfloat16 (autocast)")
+    student = StudentSpec(
+        widths=_two(r, "student.widths", widths("student.widths", s["widths"])),
+        lr=r.number("student.lr", s.get("lr", 1e-3), 0.0, 10.0, lo_open=True),
+        batch_size=r.integer("student.batch_size", s.get("batch_size", 128), 1),
+        precision=precision,
+    )
+
+    search = _search(r, top, dataset)
+    g = r.section(top, "grid", ("alpha", "temperature", "epochs", "seed", "label_noise"), required=("alpha",))
+    noise_axis: tuple[float, ...] = ()
+    if "label_noise" in g:
+        noise_axis = r.items("grid.label_noise", g["label_noise"], lambda k, v: r.number(k, v, 0.0, 1.0, hi_open=True))
+        if dataset.label_noise:
+            raise r.fail("grid.label_noise", g["label_noise"], "either dataset.label_noise or grid.label_noise, not both")
+        if search.is_search:
+            raise r.fail("grid.label_noise", g["label_noise"], f"no label-noise axis with search.algorithm {search.algorithm} "
+                                                               "(dataset.label_noise gives every trial one level; an axis needs algorithm grid)")
+    grid = GridSpec(
+        alpha=_axis(r, "grid.alpha", g["alpha"], search, lambda k, v, lo_open=False: r.number(k, v, 0.0, 1.0, lo_open=lo_open)),
+        temperature=_axis(r, "grid.temperature", g.get("temperature", [3.0]), search,
+                          lambda k, v, lo_open=True: r.number(k, v, 0.0, math.inf, lo_open=True)),
+        epochs=r.items("grid.epochs", g.get("epochs", [1]), lambda k, v: r.integer(k, v, 1)),
+        seed=r.items("grid.seed", g.get("seed", [0]), lambda k, v: r.integer(k, v, 0)),
+        label_noise=noise_axis,
+    )
+    if search.is_search and not any(isinstance(v, Range) or len(v) > 1 for v in (grid.alpha, grid.temperature, grid.epochs, grid.seed)):
+        raise r.fail("grid", g, f"with search.algorithm {search.algorithm}, at least one of grid.alpha, grid.temperature "
+                                "(a range {low, high} or several values), grid.epochs or grid.seed (several values) to search over")
+    scheduler = _scheduler(r, top, search, grid)
+
+    baselines_raw = top.get("baselines", [])
+    baselines: tuple[str, ...] = ()
+    if baselines_raw:
+        baselines = r.items("baselines", baselines_raw, lambda k, v: r.choice(k, v, BASELINES))
+
+    res = r.section(top, "resources", ("cpu", "gpu", "pack"))
+    resources = ResourcesSpec(
+        cpu=r.number("resources.cpu", res.get("cpu", 1.0), 0.0, 1024.0, lo_open=True),
+        gpu=r.number("resources.gpu", res.get("gpu", 0.0), 0.0, 64.0),
+        pack=None if res.get("pack") is None else r.integer("resources.pack", res["pack"], 1, MAX_PACK),
+    )
+    if resources.pack is not None and resources.pack > 1 and search.is_search:
+        raise r.fail("resources.pack", resources.pack, f"1 with search.algorithm {search.algorithm} (packs serve a grid; "
+                                                       "a search trains one student per trial)")
+    max_failures = r.integer("max_failures", top.get("max_failures", 1), 0, 100)
+    share = top.get("share_epochs", True)
+    if not isinstance(share, bool):
+        raise r.fail("share_epochs", share, "true or false")
+    return SweepSpec(name, dataset, teacher, student, grid, baselines, resources, max_failures, share, search, scheduler)
+
+
+def _search(r: _Reader, top: Mapping[str, Any], dataset: DatasetSpec) -> SearchSpec:
+    """The ``search`` section: the grid by default; random / optuna sample ``num_samples`` students."""
+    s = r.section(top, "search", ("algorithm", "num_samples", "metric", "max_concurrent", "seed"))
+    algorithm = r.choice("search.algorithm", s.get("algorithm", "grid"), ALGORITHMS)
+    if algorithm == "grid":
+        for k in ("num_samples", "metric", "max_concurrent", "seed"):
+            if k in s:
+                raise r.fail(f"search.{k}", s[k], "this key only with search.algorithm random or optuna (a grid trains every point)")
+        return SearchSpec()
+    if "num_samples" not in s:
+        raise r.fail("search.num_samples", "<missing>", f"this key is required with search.algorithm {algorithm}: an integer in [1, 10000]")
+    default_metric = "val_acc" if dataset.val_size > 0 else "test_acc"
+    metric = r.choice("search.metric", s.get("metric", default_metric), METRICS)
+    if metric == "val_acc" and dataset.val_size == 0:
+        raise r.fail("search.metric", metric, "test_acc (dataset.val_size is 0: there is no validation split)")
+    if metric == "test_acc" and dataset.val_size > 0:
+        raise r.fail("search.metric", metric, "val_acc (a validation split exists: searching on test would select on the test set)")
+    return SearchSpec(
+        algorithm=algorithm,
+        num_samples=r.integer("search.num_samples", s["num_samples"], 1, 10000),
+        metric=metric,
+        max_concurrent=r.integer("search.max_concurrent", s.get("max_concurrent", 4), 1, 1024),
+        seed=r.integer("search.seed", s.get("seed", 0), 0, 2**32 - 1),
+    )
+
+
+def _axis(r: _Reader, key: str, value: object, search: SearchSpec, read: Callable[..., float]) -> Axis:
+    """Listed values, or (for a search) a range ``{low, high, log}`` inside the key's allowed interval."""
+    if not isinstance(value, Mapping):
+        return r.items(key, value, read)
+    if not search.is_search:
+        raise r.fail(key, dict(value), "a list of numbers with search.algorithm grid (a range {low, high} needs search.algorithm random or optuna)")
+    v = r.section({key: value}, key, ("low", "high", "log"), required=("low", "high"))
+    log = v.get("log", False)
+    if not isinstance(log, bool):
+        raise r.fail(f"{key}.log", log, "true (sample log-uniformly) or false (uniformly)")
+    low, high = read(f"{key}.low", v["low"], lo_open=log), read(f"{key}.high", v["high"])
+    if not low < high:
+        raise r.fail(f"{key}.high", v["high"], f"a number above {key}.low ({low:g})")
+    return Range(low, high, log)
+
+
+def _scheduler(r: _Reader, top: Mapping[str, Any], search: SearchSpec, grid: GridSpec) -> SchedulerSpec | None:
+    """The optional ``scheduler`` section (early stopping), for searches only."""
+    if top.get("scheduler") is None:
+        return None
+    s = r.section(top, "scheduler", ("name", "grace_period", "reduction_factor"), required=("name",))
+    if not search.is_search:
+        raise r.fail("scheduler", top["scheduler"], "no scheduler with search.algorithm grid (epoch-shared grid trials serve every "
+                                                    "epochs value); a scheduler needs search.algorithm random or optuna")
+    name = r.choice("scheduler.name", s["name"], SCHEDULERS)
+    longest = max(grid.epochs)
+    if longest < 2:
+        raise r.fail("scheduler", top["scheduler"], f"none: the largest grid.epochs is {longest}, too short to stop a trial early "
+                                                    "(early stopping needs at least 2 epochs)")
+    grace = r.integer("scheduler.grace_period", s.get("grace_period", 1), 1, longest - 1)
+    return SchedulerSpec(name, grace, r.integer("scheduler.reduction_factor", s.get("reduction_factor", 3), 2, 100))
+
+
+def _two(r: _Reader, key: str, widths: tuple[int, ...]) -> tuple[int, ...]:
+    if len(widths) != 2:
+        raise r.fail(key, list(widths), "a list of 2 positive integers (filters of the two convolutions)")
+    return widths
+
+
+def load_space(path: str | Path) -> SweepSpec:
+    """Read and validate a search-space YAML file (``yaml.safe_load``: no arbitrary objects)."""
+    p = Path(path)
+    source = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpaceError(source, "", "<no such file>", "the path of a search-space YAML file, e.g. search_spaces/smoke.yaml") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpaceError(source, "", f"<unreadable: {e}>", "a readable UTF-8 YAML file") from None
+    return load_space_text(text, source)
+
+
+def load_space_text(text: str, source: str) -> SweepSpec:
+    """Validate a search space given as YAML text; ``source`` names it in errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(e, "problem", None) or first_line(e)
+        raise SpaceError(source, "", f"<YAML syntax error at {where}: {problem}>", "valid YAML") from None
+    return parse_space(data, source)
+
+
+def space_to_yaml(spec: SweepSpec) -> str:
+    """The spec as YAML, as stored beside a sweep so that ``resume`` needs no original file."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    data = plain(asdict(spec))
+    if not data["grid"]["label_noise"]:
+        del data["grid"]["label_noise"]  # no noise axis: dataset.label_noise holds the one value
+    if not spec.is_search:
+        data["search"] = {"algorithm": "grid"}  # the other keys belong to a search only
+    if data["scheduler"] is None:
+        del data["scheduler"]
+    if spec.is_search:
+        del data["resources"]["pack"]  # one student per trial, whatever the device
+    else:
+        data["resources"]["pack"] = spec.resources.pack_size  # as trained: a resume with other --gpus-per-trial keeps the packs
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,316 @@
+"""What a sweep is: the typed, frozen config objects a search-space file is read into, and the sweep's plan.
+
+A :class:`SweepSpec` knows its grid points, the trials that serve them (epoch sharing), how they pack and what
+they cost; :mod:`kd_tune.spec.parse` makes one from YAML (validating every key). Plain Python: validating a space
+or printing ``--help`` imports neither torch, Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from kd_tune.spec.trials import TrialPoint, encode_pack, encode_point
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+NAME_ALLOWED = "1-100 letters, digits, '_', '.', '-', starting with a letter or digit (no path separators)"
+BASELINES = ("scratch",)
+ALGORITHMS = ("grid", "random", "optuna")
+"""How the students' alpha and T are chosen: every point of a grid, or sampled (uniformly / by Optuna's TPE)."""
+SCHEDULERS = ("asha",)
+METRICS = ("val_acc", "test_acc")
+MAX_PACK = 1024
+GPU_PACK = 64
+"""``resources.pack`` when unset and trials get a GPU. On an H100 one 16/32 student is launch-bound (2.5-2.9
+epochs/s of 16,384 images); a pack of 64 trains 25-39x as many student epochs per second, 256 28-52x
+(benchmarks/RESULTS.md): 64 takes most of that while a grid still spreads over several GPUs."""
+
+
+def is_valid_name(name: object) -> bool:
+    """A sweep name: also a folder name, so never a path out of the storage folder."""
+    return isinstance(name, str) and bool(NAME_PATTERN.match(name)) and ".." not in name
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Which data the teacher and the students learn from."""
+
+    name: str = "mnist"
+    """Dataset name, one of the registry's (``kd_tune.data.registry.REGISTRY``)."""
+    train_size: int | None = None
+    """Size of a fixed, seeded, class-stratified subset of the training set; null = all of it."""
+    label_noise: float = 0.0
+    """Fraction in [0, 1) of training labels flipped to another class (fixed seed); test labels never."""
+    seed: int = 0
+    """Seed of the validation split, the subset and the label noise (the same for every trial of a sweep)."""
+    normalize: bool = False
+    """Preprocessing: false = pixel / 255 only (the study's and the Keras example's); true = per-channel
+    mean/std standardization. Small as it looks, it can flip whether distillation helps."""
+    val_size: int = 5000
+    """Training images held out as a validation split (stratified, seeded; the same for teacher and
+    students, none of which trains on them); 0 = none. Reports select on it and report on test."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The big network trained once (and cached) whose logits the students learn from."""
+
+    widths: tuple[int, ...] = (256, 512)
+    """Filters of the two convolutions."""
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 128
+    seed: int = 0
+    ensemble: int = 1
+    """Number of teachers (seeds seed, seed + 1, ...) whose logits are averaged; each is cached on its own."""
+    clean: bool = False
+    """Train the teacher on the clean labels even when the students see noisy ones (label noise)."""
+
+    def members(self) -> list[TeacherSpec]:
+        """One single-teacher spec per member of the ensemble."""
+        # `clean` only chooses which labels a member learns from (the sweep passes those in), so it
+        # is no part of a member's identity: the clean teacher is the noise-free one, cached once.
+        return [replace(self, seed=self.seed + i, ensemble=1, clean=False) for i in range(self.ensemble)]
+
+    @property
+    def arch(self) -> str:
+        """The architecture's name in the model registry (``kd_tune.distill.models``)."""
+        return "cnn"
+
+    @property
+    def arch_args(self) -> dict[str, Any]:
+        """The architecture's arguments, as its factory takes them."""
+        return {"widths": list(self.widths)}
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """The small network every trial trains."""
+
+    widths: tuple[int, ...] = (16, 32)
+    lr: float = 1e-3
+    batch_size: int = 128
+    precision: str = "float32"
+    """The training step's arithmetic: ``float32`` (the default; reproducible) or ``bfloat16`` (autocast: the forward's
+    convolutions and matmuls, and so their gradients, in bfloat16; weights, Adam and every evaluation float32). Faster
+    only where the hardware has bfloat16 units; results differ from float32 ones, so it is a param of every run."""
+
+    @property
+    def arch(self) -> str:
+        """The architecture's name in the model registry (``kd_tune.distill.models``)."""
+        return "cnn"
+
+    @property
+    def arch_args(self) -> dict[str, Any]:
+        """The architecture's arguments, as its factory takes them."""
+        return {"widths": list(self.widths)}
+
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A continuous interval a search samples from (``{low, high, log}`` in YAML)."""
+
+    low: float
+    high: float
+    log: bool = False
+    """Sample log-uniformly (equal odds for each factor of the range), else uniformly."""
+
+    def show(self) -> str:
+        return f"[{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
+
+
+Axis = tuple[float, ...] | Range
+"""A grid axis: listed values (a categorical choice in a search) or, for a search only, a range."""
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The axes of the sweep; every combination is one trial (a search samples from them instead)."""
+
+    alpha: Axis
+    """Weight of the hard-label loss, each in [0, 1] (1 = no distillation); a range for a search."""
+    temperature: Axis = (3.0,)
+    """Softmax temperature(s) of the distillation loss, each > 0; a range for a search."""
+    epochs: tuple[int, ...] = (1,)
+    """Training lengths in epochs, each >= 1."""
+    seed: tuple[int, ...] = (0,)
+    """Repeats: the seed sets the student's initial weights and its data order."""
+    label_noise: tuple[float, ...] = ()
+    """Fractions of flipped training labels as an axis (empty: dataset.label_noise for every trial)."""
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How the students' configurations are chosen: the grid, or a seeded search run by Ray Tune."""
+
+    algorithm: str = "grid"
+    """grid (every point), random (uniform sampling) or optuna (TPE): see ``kd_tune.sweep.search``."""
+    num_samples: int = 0
+    """Student trials a search runs (the scratch baselines come on top); 0 for a grid."""
+    metric: str = "val_acc"
+    """What the searcher and the scheduler maximize: val_acc, or test_acc where there is no validation split."""
+    max_concurrent: int = 4
+    """Search trials suggested but not finished at any time (later suggestions learn from earlier results)."""
+    seed: int = 0
+    """The searcher's own seed: the same file gives the same suggestions (in the same completion order)."""
+
+    @property
+    def is_search(self) -> bool:
+        return self.algorithm != "grid"
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """Early stopping of search trials (ASHA on the search metric, one rung check per epoch)."""
+
+    name: str = "asha"
+    grace_period: int = 1
+    """Epochs every trial trains before it can be stopped."""
+    reduction_factor: int = 3
+    """Keep about the best 1 / reduction_factor of the trials at each rung."""
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    """What one trial asks of Ray; fractions of a GPU pack several trials on one GPU."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+    pack: int | None = None
+    """Grid points trained together as one packed model per trial (``kd_tune.distill.packed``); 1 = one student per
+    trial. Unset: ``GPU_PACK`` (64) when trials get a GPU, else 1 (:attr:`pack_size`). Packing pays where one
+    student cannot keep the device busy (a GPU); on a CPU it does not (benchmarks/RESULTS.md). A search keeps
+    one student per trial."""
+
+    @property
+    def pack_size(self) -> int:
+        """``pack``, or where unset the default of the device the trials get: ``GPU_PACK`` with a GPU, else 1."""
+        if self.pack is not None:
+            return self.pack
+        return GPU_PACK if self.gpu > 0 else 1
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A whole sweep, as read from a search-space file."""
+
+    name: str
+    dataset: DatasetSpec
+    teacher: TeacherSpec
+    student: StudentSpec
+    grid: GridSpec
+    baselines: tuple[str, ...] = ()
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    max_failures: int = 1
+    """How often a crashed trial is retried from its last checkpoint before it counts as errored."""
+    share_epochs: bool = True
+    """Serve grid points that differ only in epochs with one trial trained to the largest value.
+
+    Exact with the constant-lr Adam used here: epoch e's data order depends on (seed, e) alone, so
+    the state after e epochs is the same whatever the total. A learning-rate schedule that depends
+    on the total number of epochs would have to turn this off. In a search it serves the baselines."""
+    search: SearchSpec = field(default_factory=SearchSpec)
+    scheduler: SchedulerSpec | None = None
+    """Early stopping of search trials; None = every trial trains its epochs."""
+
+    @property
+    def is_search(self) -> bool:
+        return self.search.is_search
+
+    def noise_levels(self) -> tuple[float, ...]:
+        """The label-noise values the trials see (an axis of the grid, or the dataset's one value)."""
+        return self.grid.label_noise or (self.dataset.label_noise,)
+
+    def grid_points(self) -> list[TrialPoint]:
+        """Every point of the grid, then one baseline per (epochs, seed, noise): a row each in the results.
+
+        A search has no grid of students (Ray Tune samples them): its points are the baselines alone."""
+        g = self.grid
+        points = [] if self.is_search else [
+            TrialPoint("student", a, t, e, s, label_noise=n)
+            for n, a, t, s, e in itertools.product(self.noise_levels(), _listed(g.alpha), _listed(g.temperature), g.seed, sorted(g.epochs))
+        ]
+        if "scratch" in self.baselines:
+            # Training on hard labels alone ignores the teacher and the temperature.
+            points += [TrialPoint("scratch", 1.0, None, e, s, label_noise=n)
+                       for n, s, e in itertools.product(self.noise_levels(), g.seed, sorted(g.epochs))]
+        return points
+
+    def trials(self) -> list[TrialPoint]:
+        """The trials that serve the grid points: one per point, or one per epochs group when shared."""
+        points = self.grid_points()
+        if not self.share_epochs:
+            return points
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for p in points:
+            groups.setdefault((p.role, p.alpha, p.temperature, p.seed, p.label_noise), []).append(p.epochs)
+        return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es)), n) for (r, a, t, s, n), es in groups.items()]
+
+    def packs(self) -> list[tuple[TrialPoint, ...]]:
+        """The Ray trials of a grid: the trials of :meth:`trials` in grid order, grouped into packs of up to
+        ``resources.pack`` members that train the same number of epochs (a pack trains its members for the same
+        epochs, each reporting its own milestones). With pack 1 (and for a search's baselines) one trial each."""
+        size = 1 if self.is_search else self.resources.pack_size
+        groups: dict[int, list[TrialPoint]] = {}
+        for t in self.trials():
+            groups.setdefault(t.epochs, []).append(t)
+        out: list[tuple[TrialPoint, ...]] = []
+        for members in groups.values():
+            out += [tuple(members[i : i + size]) for i in range(0, len(members), size)]
+        return out
+
+    @property
+    def packed(self) -> bool:
+        """Whether the trials are packs (config ``{"pack": [...]}``) rather than single points (``{"point": ...}``)."""
+        return self.resources.pack_size > 1 and not self.is_search
+
+    def tune_configs(self) -> list[dict[str, Any]]:
+        """The Tune configs of the grid's trials: ``{"point": ...}`` each without packing (as always), else ``{"pack": [...]}``."""
+        if not self.packed:
+            return [encode_point(p) for p in self.trials()]
+        return [encode_pack(members) for members in self.packs()]
+
+    def repeated_trainings(self) -> list[list[TrialPoint]]:
+        """Groups of two or more trials that train the same weights. alpha weighs the hard labels, so at 1 the
+        teacher's term is weighted 0: the distilled trials of alpha 1 (whatever their temperature) and the
+        scratch baseline of the same seed, label noise and epochs train, bit for bit, one student."""
+        groups: dict[tuple[Any, ...], list[TrialPoint]] = {}
+        for t in self.trials():
+            if t.alpha == 1.0:
+                groups.setdefault((t.seed, t.label_noise, t.milestones), []).append(t)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def student_epochs(self) -> int:
+        """Student epochs the sweep trains (the cost that epoch sharing cuts); for a search, at most
+        (every search trial trained to the largest epochs value: early stopping only lowers it)."""
+        return sum(t.epochs for t in self.trials()) + self.search.num_samples * max(self.grid.epochs)
+
+    def planned_rows(self) -> int:
+        """Rows of the results: the grid points (with baselines), plus one per search trial."""
+        return len(self.grid_points()) + self.search.num_samples
+
+    def flat_params(self) -> dict[str, Any]:
+        """Every static config value as ``section.key`` -> value (for MLflow params)."""
+        out: dict[str, Any] = {"name": self.name, "baselines": ",".join(self.baselines), "max_failures": self.max_failures,
+                               "share_epochs": self.share_epochs}
+        sections = ["dataset", "teacher", "student", "resources"] + (["search"] if self.is_search else [])
+        for section in sections:
+            for k, v in asdict(getattr(self, section)).items():
+                if (section, k) == ("resources", "pack"):
+                    continue  # how grid points are grouped into trials: the same grid point, packed or not, has the same params
+                out[f"{section}.{k}"] = list(v) if isinstance(v, tuple) else v
+        if self.scheduler is not None:
+            out |= {f"scheduler.{k}": v for k, v in asdict(self.scheduler).items()}
+        return out
+
+
+def _listed(axis: Axis) -> tuple[float, ...]:
+    """The values of a listed axis (a range has none: only a search samples from it)."""
+    if isinstance(axis, Range):
+        raise ValueError(f"a range {axis.show()} has no list of values: only a search samples from it")
+    return axis

@@ -1,0 +1,145 @@
+"""A sweep's trials and the one codec of their Ray Tune configs.
+
+:class:`TrialPoint` is one trial of the grid (or a baseline). A Ray trial's config is what Tune stores, shows and
+hands the trainable: ``{"point": {...}}`` for one student, ``{"pack": [{...}, ...]}`` for a pack of students
+trained as one model. The driver encodes it (:func:`encode_point`, :func:`encode_pack`); everything else decodes it
+with :meth:`TrialConfig.decode`: the trainable, the tracking, the results, ``sync``, the search's scheduler. Trial
+folder names are made here too (:func:`trial_dirname`), so that the trial (which writes there), Tune (which names
+the folder) and ``sync`` (which reads it back) cannot disagree.
+
+Plain Python: Tune pickles :mod:`kd_tune.sweep.names`' functions, which import this module, into its experiment
+state; reading that state back must not import torch, Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+POINT = "point"
+"""The key of a one-student trial's config."""
+PACK = "pack"
+"""The key of a pack trial's config."""
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One trial: a point of the grid or a baseline, trained to ``epochs``.
+
+    With epoch sharing, one trial serves every grid point that differs only in its number of
+    epochs: ``milestones`` lists them (the largest is ``epochs``), and each gets its own MLflow run.
+    """
+
+    role: str
+    alpha: float
+    temperature: float | None
+    epochs: int
+    seed: int
+    milestones: tuple[int, ...] = ()
+    label_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.milestones:
+            object.__setattr__(self, "milestones", (self.epochs,))
+
+    def as_config(self) -> dict[str, Any]:
+        """The point as plain values (what Tune stores under ``point``, or as a member of ``pack``)."""
+        return {**asdict(self), "milestones": list(self.milestones)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TrialPoint:
+        """From :meth:`as_config`'s dict."""
+        fields = {k: config[k] for k in ("role", "alpha", "temperature", "epochs", "seed")}
+        return cls(**fields, milestones=tuple(config.get("milestones") or ()), label_noise=float(config.get("label_noise", 0.0)))
+
+    def at(self, epochs: int) -> TrialPoint:
+        """The grid point this trial serves at one of its milestones."""
+        return TrialPoint(self.role, self.alpha, self.temperature, epochs, self.seed, label_noise=self.label_noise)
+
+    def stopped_at(self, last_result: Mapping[str, Any]) -> int | None:
+        """The epoch at which a scheduler stopped this trial early, or None: its last result ended it
+        (``done``, which Tune sets on a scheduler's STOP) before its epochs, and it did not diverge."""
+        epoch = int(last_result.get("epoch", 0) or 0)
+        if last_result.get("done") and not last_result.get("diverged") and 0 < epoch < self.epochs:
+            return epoch
+        return None
+
+    def grid_config(self) -> dict[str, Any]:
+        """The grid point's own values (what a user sees as the run's params)."""
+        return {k: v for k, v in asdict(self).items() if k != "milestones"}
+
+    @property
+    def label(self) -> str:
+        """A short name, used for Ray trials and MLflow runs alike (``e1+2`` for shared epochs)."""
+        e = "+".join(str(m) for m in self.milestones)
+        noise = f"-n{self.label_noise:g}" if self.label_noise else ""
+        if self.role == "scratch":
+            return f"scratch-e{e}-s{self.seed}{noise}"
+        return f"a{self.alpha:g}-T{self.temperature:g}-e{e}-s{self.seed}{noise}"
+
+
+def encode_point(point: TrialPoint) -> dict[str, Any]:
+    """The Tune config of a trial that trains one student."""
+    return {POINT: point.as_config()}
+
+
+def encode_pack(members: tuple[TrialPoint, ...] | list[TrialPoint]) -> dict[str, Any]:
+    """The Tune config of a pack trial: its members trained as one packed model."""
+    return {PACK: [p.as_config() for p in members]}
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """A Ray trial's config, decoded: the grid points it trains (one, or a pack's members)."""
+
+    points: tuple[TrialPoint, ...]
+    packed: bool
+
+    @classmethod
+    def decode(cls, config: Mapping[str, Any]) -> TrialConfig:
+        """From a Tune config made by :func:`encode_point` or :func:`encode_pack`."""
+        if PACK in config:
+            return cls(tuple(TrialPoint.from_config(c) for c in config[PACK]), True)
+        return cls((TrialPoint.from_config(config[POINT]),), False)
+
+    @property
+    def point(self) -> TrialPoint:
+        """The one point of a trial that is not a pack."""
+        if self.packed:
+            raise ValueError(f"trial {self.label} is a pack of {len(self.points)} students, not one point")
+        return self.points[0]
+
+    @property
+    def label(self) -> str:
+        """The trial's name: its point's label, or for a pack ``pack<K>-<first member's label>`` (unique, as a label is)."""
+        return f"pack{len(self.points)}-{self.points[0].label}" if self.packed else self.points[0].label
+
+    def members(self) -> list[tuple[str | None, TrialPoint]]:
+        """(member label, point) of each student the trial trains: a pack's members by label, or its one point (member None)."""
+        return [(p.label, p) for p in self.points] if self.packed else [(None, self.points[0])]
+
+    @property
+    def milestones(self) -> set[int]:
+        """Every epochs value the trial reports as a grid point of its own."""
+        return {m for p in self.points for m in p.milestones}
+
+    @property
+    def epochs(self) -> int:
+        """How long the trial trains."""
+        return max(p.epochs for p in self.points)
+
+    @property
+    def is_baseline(self) -> bool:
+        """A scratch baseline (a search's scheduler and searcher leave those alone)."""
+        return not self.packed and self.points[0].role != "student"
+
+
+PARAM_COLUMNS = {f"{POINT}/role": "role", f"{POINT}/alpha": "alpha", f"{POINT}/temperature": "T", f"{POINT}/epochs": "epochs",
+                 f"{POINT}/seed": "seed"}
+"""A one-student trial's values as Tune's progress table names them (it flattens the config's keys with ``/``)."""
+
+
+def trial_dirname(config: Mapping[str, Any], trial_id: str) -> str:
+    """A trial's folder in its sweep's folder: readable, and computable inside the trial from its config and id."""
+    return f"{TrialConfig.decode(config).label}_{trial_id}"

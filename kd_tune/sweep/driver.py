@@ -1,0 +1,330 @@
+"""A sweep's driver once Ray is up: its data and MLflow record, the teachers, the ``Tuner`` (new or
+restored), and the end (tracking flushed, runs closed, results, the summary on the parent run).
+
+The MLflow store and experiment are created by the driver before any trial runs (a fresh sqlite
+store raced on first concurrent use); the teacher's logits are put in Ray's object store once, and
+every trial reads them from there. :mod:`kd_tune.sweep.run` checks everything first and calls in here.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+from kd_tune.data.split import DataSplit, flip_labels, prepare
+from kd_tune.distill.teacher import Teacher, ensemble_logits, log_teacher_summary
+from kd_tune.report.summary import summarize_on_parent
+from kd_tune.spec.options import SweepOptions
+from kd_tune.spec.parse import space_to_yaml
+from kd_tune.spec.schema import SweepSpec
+from kd_tune.spec.trials import PACK, PARAM_COLUMNS, POINT
+from kd_tune.sweep import hooks, search
+from kd_tune.sweep.callback import MlflowTrackingCallback, open_outbox, outbox_of
+from kd_tune.sweep.cluster import teacher_cpus
+from kd_tune.sweep.folder import SPACE_FILE, SweepRecord, claim_driver, release_driver, resume_command, save_tracking_inputs, sweep_path
+from kd_tune.sweep.names import trial_dirname, trial_name
+from kd_tune.sweep.results import SweepOutcome, results_table
+from kd_tune.sweep.storage import Storage
+from kd_tune.sweep.sync import recorder_for, replay
+from kd_tune.sweep.teachers import get_teachers
+from kd_tune.sweep.trainable import TrialBundle, kd_trainable
+from kd_tune.sweep.tune_state import can_restore
+from kd_tune.tracking.datasets import DataInput, dataset_inputs, log_sweep_inputs
+from kd_tune.tracking.models import input_example
+from kd_tune.tracking.outbox import Backlog
+from kd_tune.tracking.runs import (
+    close_running_runs,
+    complete_parent_run,
+    create_parent_run,
+    discard_forgotten_runs,
+    get_or_create_experiment,
+    log_metrics,
+    log_teacher_runs,
+)
+from kd_tune.tracking.store import resolve_tracking_uri
+
+Log = Callable[[str], None]
+INTERRUPTED_WAIT_S = 15.0  # after Ctrl+C: the user wants the prompt back
+TEACHERS_RECORD = "the teachers' runs"  # the driver's own tracking write (kd-tune sync does not make it; a resume does)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What the sweep reads before Ray is needed: the data, its labels per noise level, the MLflow record."""
+
+    split: DataSplit
+    labels: dict[float, torch.Tensor]
+    client: MlflowClient | None
+    record: SweepRecord | None
+    """The record (the existing one, or made now) once opened; ``None`` until :func:`_open_tracking` ran."""
+
+
+def load(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, *, open_record: bool) -> Loaded:
+    """Read the sweep's data (and, with ``open_record``, open its MLflow record): nothing here needs Ray."""
+    ds = spec.dataset
+    data_dir = Path(opts.data_dir) if opts.data_dir else None
+    split = prepare(ds.name, ds.train_size, 0.0, ds.seed, data_dir, log, val_size=ds.val_size, normalize=ds.normalize)
+    # The same fixed flips as prepare() would make, once per noise level of the sweep.
+    labels = {n: flip_labels(split.train_y, n, spec.dataset.seed, split.info.num_classes) for n in spec.noise_levels()}
+    if not open_record:
+        return Loaded(split, labels, None, record)
+    client, record = _open_tracking(spec, storage, opts, record)
+    return Loaded(split, labels, client, record)
+
+
+@dataclass(frozen=True)
+class _Teachers:
+    """The teachers' logits per label-noise level the students see, the first level's accuracy, and their MLflow record."""
+
+    train: dict[float, torch.Tensor]
+    test: dict[float, torch.Tensor]
+    acc: float
+    record: Callable[[], None]
+    """Writes the teachers' runs (with their models) and the parent run's datasets, teachers and teacher
+    accuracy; safe to call again after it failed half-way (what the store has is not written twice)."""
+
+
+def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded, log: Log, *, started: float, wait: float) -> SweepOutcome:
+    """Run the sweep on the Ray this process is connected to; ``wait``: seconds the end waits for tracking (``--tracking-wait``)."""
+    # With a tracking server MLflow prints two "View run at" lines per run it ends: hundreds in a sweep.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    data_dir = Path(opts.data_dir) if opts.data_dir else None
+    split, labels = loaded.split, loaded.labels
+    if loaded.client is not None and loaded.record is not None:
+        client, record = loaded.client, loaded.record
+    else:
+        client, record = _open_tracking(spec, storage, opts, loaded.record)
+    restoring = can_restore(storage, spec.name)
+    finished_before: set[str] = set()
+    if restoring:
+        analysis = tune.ExperimentAnalysis(sweep_path(storage, spec.name), storage_filesystem=storage.ray_filesystem)
+        finished_before = {t.trial_id for t in analysis.trials if t.status == "TERMINATED"}
+        # Trials Ray created after its last saved state are gone with a killed driver (a search suggests them anew).
+        discard_forgotten_runs(client, record.experiment_id, record.parent_run_id, {str(t.trial_id) for t in analysis.trials})
+
+    claim_driver(storage, spec.name)
+    try:
+        if restoring:
+            # What the last driver never got to MLflow (killed while the store was away) is in the checkpoints.
+            replayed = replay(recorder_for(storage, record, spec), storage, spec.name, analysis.trials)
+            if replayed.steps or replayed.ended:
+                log(f"tracking: {replayed.steps} epochs of metrics and {replayed.ended} run ends the last driver had not recorded "
+                    "were written from the trials' checkpoints")
+        inputs = dataset_inputs(split, labels, data_dir)  # the runs' datasets for MLflow, fingerprinted once
+        example = input_example(split)  # every logged model's input example: the teachers' and the students'
+        teachers = _get_teachers(spec, split, labels, storage, client, record, opts.quiet, log, inputs=inputs, example=example,
+                                 data_dir=data_dir)
+        trials, total = spec.trials(), spec.planned_rows()
+        n_trials = len(spec.packs()) + spec.search.num_samples
+        verb = f"resuming ({len(finished_before)} of {n_trials} trials finished before)" if finished_before or opts.resume else "starting"
+        what = (f"{len(trials)} baseline trials + {spec.search.num_samples} {spec.search.algorithm} search trials (at most "
+                if spec.is_search else f"{len(spec.packs())} packs of up to {spec.resources.pack_size} students ({len(trials)} epoch-shared students) "
+                f"for {total} grid points (" if spec.packed else f"{len(trials)} trials for {total} grid points (")
+        log(f"sweep {spec.name!r}: {verb}; {what}{spec.student_epochs()} student epochs), "
+            f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {storage.show(spec.name)}")
+        # Object refs do not survive a restore: the bundle is put in the object store anew each run.
+        bundle = TrialBundle(split, spec.student, labels, teachers.train, teachers.test, storage, spec.name, hooks.from_environment(storage))
+        tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs, example=example)
+        # The teachers' MLflow record is the sweep's first tracking write, shipped while the trial workers start
+        # rather than before: it is ~2.5 s of one core (their models' torch.export, the first one importing
+        # torch's compiler stack), and a store that is away then no longer keeps the trials from training.
+        open_outbox(spec.name, record.tracking_uri).put(teachers.record, TEACHERS_RECORD)
+        # Everything made so far (the modules, the data, the teachers' logits) lives until the sweep ends:
+        # take it out of the collector's walks, then let the collector run again (kd_tune.sweep.run paused it).
+        gc.freeze()
+        gc.enable()
+        try:
+            with fresh_sweep_loggers(not restoring):
+                grid = tuner.fit()
+        except BaseException:
+            if not _flush_tracking(spec.name, min(wait, INTERRUPTED_WAIT_S), log):
+                # Runs of trials cut short (Ctrl+C, a crash in the driver) are not left RUNNING; a resume reopens them.
+                close_running_runs(client, record.experiment_id, record.parent_run_id)
+            raise
+        behind = _flush_tracking(spec.name, wait, log)
+        if not behind:
+            close_running_runs(client, record.experiment_id, record.parent_run_id)
+        table = results_table(grid, finished_before)
+        counts = {s: int((table["status"] == s).sum()) for s in ("finished", "stopped early", "errored", "diverged")}
+        done = counts["finished"] + counts["stopped early"]  # a trial the scheduler stopped ended as it should
+        if not behind:
+            summarize_on_parent(spec.name, record.tracking_uri, log)
+            client.set_terminated(record.parent_run_id, "FINISHED" if done == total else "FAILED")
+        return SweepOutcome(spec.name, storage.show(spec.name), table, total, done, counts["errored"], counts["diverged"],
+                            record.tracking_uri, record.experiment_id, record.parent_run_id, teachers.acc, time.perf_counter() - started,
+                            resume_command(spec.name, storage), tracking_behind=behind.describe() if behind else "",
+                            tracking_needs_resume=TEACHERS_RECORD in behind.pending)
+    except BaseException:
+        try:
+            client.set_terminated(record.parent_run_id, "KILLED")
+        except Exception:  # noqa: BLE001 - the store may be away: kd-tune sync or resume closes the parent run
+            pass
+        raise
+    finally:
+        release_driver(storage, spec.name)
+
+
+def _flush_tracking(name: str, wait: float, log: Log) -> Backlog:
+    """Wait up to ``wait`` s for the tracking writes still queued, then stop the sender; what is left unsent."""
+    outbox = outbox_of(name)
+    if outbox is None:
+        return Backlog(0, 0)
+    behind = outbox.backlog()
+    if behind and outbox.down_since is not None:
+        log(f"waiting up to {wait:.0f} s for the tracking store ({behind.describe()} to send)")
+    outbox.drain(wait)
+    return outbox.close()
+
+
+def _open_tracking(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None) -> tuple[MlflowClient, SweepRecord]:
+    """The sweep's MLflow experiment and parent run: made now (and recorded beside the sweep at once), or reattached."""
+    tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = get_or_create_experiment(client, spec.name)  # by the driver, before any trial: no sqlite race
+    space_yaml = space_to_yaml(spec)
+    if record is None:
+        storage.write_text(space_yaml, spec.name, SPACE_FILE)
+        parent = create_parent_run(client, experiment_id, spec.name, storage.show(spec.name))
+        record = SweepRecord(spec.name, tracking_uri, experiment_id, parent)
+        record.save(storage)  # at once: a kill from here on reattaches this parent run instead of making another
+    else:
+        client.update_run(record.parent_run_id, status="RUNNING")  # reattached, not duplicated
+    complete_parent_run(client, record.parent_run_id, spec, space_yaml, SPACE_FILE)
+    return client, record
+
+
+def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.Tensor], storage: Storage, client: MlflowClient,
+                  record: SweepRecord, quiet: bool, log: Log, *, inputs: dict[float, list[DataInput]], example: np.ndarray,
+                  data_dir: Path | None) -> _Teachers:
+    """One teacher (or ensemble) per label-noise level, recorded under the parent run (by the returned
+    ``record``): it learns from the labels the students see, unless teacher.clean asks for the clean labels
+    (then one serves every level).
+
+    ``inputs``: the students' datasets per label-noise level (:func:`~kd_tune.tracking.datasets.dataset_inputs`,
+    computed once by the caller); a clean teacher's labels, when no student sees them, are fingerprinted here.
+    ``example``: the logged models' input example (:func:`~kd_tune.tracking.models.input_example`)."""
+    node_cpus = teacher_cpus(spec.resources, log)
+    inputs = dict(inputs)
+    learned: list[tuple[SweepSpec, list[Teacher], float]] = []  # each teacher (or ensemble) and the noise level it saw
+    train, test, accs = {}, {}, {}
+    for noise in spec.noise_levels():
+        seen = 0.0 if spec.teacher.clean else noise
+        if seen not in accs:
+            tspec = replace(spec, dataset=replace(spec.dataset, label_noise=seen))
+            tsplit = replace(split, train_y=labels.get(seen, split.train_y))
+            members = get_teachers(tspec, tsplit, storage, node_cpus, log, not quiet)
+            if seen not in inputs:
+                inputs |= dataset_inputs(split, {seen: tsplit.train_y}, data_dir)
+            learned.append((tspec, members, seen))
+            train[seen], test[seen], accs[seen] = ensemble_logits(members, split.test_y)
+            log_teacher_summary(members, accs[seen], log)
+        train[noise], test[noise], accs[noise] = train[seen], test[seen], accs[seen]
+    parent_metrics = {"teacher_test_acc": accs[spec.noise_levels()[0]]} | {f"teacher_test_acc_noise_{n:g}": a for n, a in accs.items() if len(accs) > 1}
+
+    def record_teachers() -> None:
+        models = [m for tspec, members, seen in learned
+                  for m in log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, members, split, inputs[seen], example)]
+        # The parent run shows every dataset of the sweep (the teachers' and the students') and its teachers.
+        log_sweep_inputs(client, record.parent_run_id, [d for level in inputs.values() for d in level], models)
+        # Once: a resumed sweep's teachers are the same ones (a second value at step 0 would be a duplicate step).
+        have = client.get_run(record.parent_run_id).data.metrics
+        if missing := {k: v for k, v in parent_metrics.items() if k not in have}:
+            log_metrics(client, record.parent_run_id, missing, step=0)
+
+    return _Teachers(train, test, accs[spec.noise_levels()[0]], record_teachers)
+
+
+def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: SweepRecord, restoring: bool, quiet: bool, *,
+                inputs: dict[float, list[DataInput]], example: np.ndarray) -> tune.Tuner:
+    """A new Tuner over the trials, or the sweep's own restored (its run config brings back the MLflow callback).
+
+    The callback gets the runs' datasets (``inputs``) and an example model input: plain data, pickled
+    with it, so a restored sweep logs them as the first driver did."""
+    path, fs = sweep_path(storage, spec.name), storage.ray_filesystem
+    trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    if spec.is_search:
+        search.allow_results_without_metric()
+    if restoring:
+        classic_output()  # the restored run config's reporter is the classic table: the engine must be too
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    save_tracking_inputs(storage, spec.name, inputs, example)  # what kd-tune sync needs to make a run
+    tracking = MlflowTrackingCallback(tracking_uri=record.tracking_uri, experiment_id=record.experiment_id,
+                                      parent_run_id=record.parent_run_id, sweep=spec.name, static_params=spec.flat_params(),
+                                      inputs=inputs, example=example)
+    names: dict[str, Any] = {"trial_name_creator": trial_name, "trial_dirname_creator": trial_dirname, "reuse_actors": True}
+    if spec.is_search:  # the baselines, then num_samples students sampled by Ray Tune (kd_tune.sweep.search)
+        param_space, tune_config = search.param_space(spec), search.tune_config(spec, **names)
+    else:
+        configs = spec.tune_configs()  # {"point": ...} each, or with resources.pack > 1 {"pack": [...]} each
+        key = PACK if spec.packed else POINT
+        param_space, tune_config = {key: tune.grid_search([c[key] for c in configs])}, tune.TuneConfig(**names)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=storage.root,
+            storage_filesystem=fs,
+            # Tune's result files (its analysis and our results table read them), but not its TensorBoard
+            # files: MLflow is the tracking here, and a TensorBoard writer per trial costs the driver CPU
+            # that the trials need (see fresh_sweep_loggers()).
+            callbacks=[tracking, CSVLoggerCallback(), JsonLoggerCallback()],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # A crashed trial, or one whose node died, restarts from its last checkpoint on any live node.
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            verbose=0 if quiet else 1,
+            progress_reporter=progress_reporter(),
+        ),
+    )
+
+
+_NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+
+
+@contextmanager
+def fresh_sweep_loggers(fresh: bool) -> Iterator[None]:
+    """For a new sweep, Tune adds no loggers of its own: its run config names the CSV and JSON ones.
+
+    A restored sweep keeps Tune's defaults: one started by an older kd-tune has no loggers in its run
+    config, and Tune's analysis of it needs the CSV and JSON files."""
+    if not fresh or os.environ.get(_NO_AUTO_LOGGERS) is not None:
+        yield
+        return
+    os.environ[_NO_AUTO_LOGGERS] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[_NO_AUTO_LOGGERS]
+
+
+def classic_output() -> None:
+    """Tune's classic output engine, the one :func:`progress_reporter`'s table needs (a fresh sweep and a resumed one alike)."""
+    # The newer output engine shows the whole grid point as one truncated dict; the classic one can
+    # name the columns. RAY_AIR_NEW_OUTPUT=1 in the environment still selects the newer one.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A checkpoint per epoch of short epochs is by design here, not the misuse Tune warns about.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def progress_reporter() -> tune.ProgressReporter:
+    """Ray's classic table, every 30 s: trials done / running / pending, with their grid point and epoch."""
+    classic_output()
+    return tune.CLIReporter(
+        parameter_columns=PARAM_COLUMNS,
+        metric_columns={"epoch": "epoch", "test_acc": "test acc", "train_loss": "train loss"},
+        max_report_frequency=30,
+        max_progress_rows=40,
+    )

@@ -1,0 +1,201 @@
+"""A sweep's results as tables: the outcome of a run (one row per grid point) and the status read
+back from storage, and how the CLI prints them.
+
+A trial shared by several epochs values gives a row for each grid point it serves, with the
+metrics it reported when it passed that epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from kd_tune.spec.parse import load_space_text
+from kd_tune.spec.trials import TrialConfig
+from kd_tune.sweep.folder import SPACE_FILE, live_driver, resume_command
+from kd_tune.sweep.storage import Storage
+from kd_tune.sweep.tune_state import require_sweep
+
+if TYPE_CHECKING:
+    from ray import tune
+
+RESULT_COLUMNS = ["role", "alpha", "temperature", "epochs", "seed", "label_noise", "status", "how", "test_acc", "test_loss", "teacher_agreement"]
+STATUS_COUNTS = ("finished", "stopped early", "running", "interrupted", "pending", "paused", "errored", "diverged")
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What a sweep (or a resume) ended with."""
+
+    name: str
+    path: str
+    """The sweep's folder (a local path, or scheme://bucket/prefix/name)."""
+    table: pd.DataFrame
+    total: int
+    finished: int
+    errored: int
+    diverged: int
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    teacher_acc: float
+    wall_seconds: float
+    resume_command: str
+    tracking_behind: str = ""
+    """What had not reached the tracking store when the sweep ended (it was unreachable), e.g. "12 tracking writes (10 epochs of metrics)"."""
+    tracking_needs_resume: bool = False
+    """Among those, the driver's own writes (the teachers' runs): ``kd-tune resume`` makes them, ``sync`` (the trials' record) does not."""
+
+    @property
+    def ok(self) -> bool:
+        return self.finished == self.total
+
+    def summary_line(self) -> str:
+        how = self.table["how"].value_counts().to_dict()
+        resumed = "" if set(how) <= {"new"} else " (" + ", ".join(f"{n} {k}" for k, n in sorted(how.items())) + ")"
+        return (f"sweep {self.name!r}: {self.finished}/{self.total} grid points finished, {self.errored} errored, "
+                f"{self.diverged} diverged{resumed}, teacher test acc {self.teacher_acc:.4f}, {self.wall_seconds:.0f} s")
+
+
+def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None = None) -> pd.DataFrame:
+    """One row per grid point: its values, status, metrics at its epochs and how this run got them.
+
+    ``how`` is ``new`` for a first run; on a resume ``restored`` (finished before, not rerun),
+    ``resumed`` (continued from a checkpoint) or ``restarted``.
+    """
+    finished_before = finished_before or set()
+    rows = []
+    for i in range(len(result_grid)):
+        r = result_grid[i]
+        if not r.config:
+            continue
+        last = r.metrics or {}
+        history = r.metrics_dataframe
+        trial_id = str(last.get("trial_id", ""))
+        if trial_id in finished_before:
+            how = "restored"
+        elif not finished_before:
+            how = "resumed" if last.get("resumed_from") else "new"
+        else:
+            how = "resumed" if last.get("resumed_from") else "restarted"
+        decoded = TrialConfig.decode(r.config)
+        packed = decoded.packed
+        for point in decoded.points:
+            # A pack reports its members' metrics under members/<label>/ (Tune flattens the nested result).
+            col = f"members/{point.label}/" if packed else ""
+            diverged = (point.label in str(last.get("diverged_members", "")).split(",")) if packed else bool(last.get("diverged"))
+            stopped = None if r.error or packed else point.stopped_at(last)  # a search trial the scheduler stopped: its last epoch's metrics
+            for milestone in point.milestones:
+                at: dict[str, Any] = {}
+                if history is not None and f"{col}epoch" in history and f"{col}test_acc" in history:
+                    match = history[(history[f"{col}epoch"] == (stopped or milestone)) & history[f"{col}test_acc"].notna()]
+                    if len(match):
+                        at = {k.removeprefix(col): v for k, v in match.iloc[-1].to_dict().items()}
+                at = at or _last_at(last, point.label if packed else None, stopped or milestone)
+                status = ("stopped early" if stopped and at else "finished" if at else "errored" if r.error else
+                          "diverged" if diverged else "unfinished")
+                rows.append({
+                    **point.at(milestone).grid_config(), "status": status, "how": how,
+                    "test_acc": at.get("test_acc"), "test_loss": at.get("test_loss"), "teacher_agreement": at.get("teacher_agreement"),
+                })
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return df.sort_values(["role", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
+
+
+def _last_at(last: dict[str, Any], member: str | None, epoch: int) -> dict[str, Any]:
+    """The trial's last result (a pack ``member``'s part of it) if it is that of ``epoch``, else nothing.
+
+    Why: the per-epoch history comes from the result files the driver writes beside the trial, while the
+    last result is kept in Ray's experiment state; a driver killed between the two leaves a finished
+    trial whose files lack its last epochs (seen in the kill tests), and a resume rightly does not rerun it.
+    """
+    if member is not None:
+        last = last.get("members", {}).get(member, {})  # Ray keeps the result as reported (nested), unlike the files
+    return dict(last) if last.get("epoch") == epoch and last.get("test_acc") is not None else {}
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = table.copy()
+    if shown["label_noise"].nunique() <= 1:
+        shown = shown.drop(columns="label_noise")  # not an axis of this sweep
+    for col in ("test_acc", "teacher_agreement", "test_loss"):
+        shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    shown["temperature"] = shown["temperature"].map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+    return str(shown.to_string(index=False))
+
+
+@dataclass(frozen=True)
+class SweepStatus:
+    """A sweep's trials as its storage tells them (no Ray cluster needed)."""
+
+    name: str
+    path: str
+    counts: dict[str, int]
+    table: pd.DataFrame
+    driver_alive: bool
+    resume_command: str
+    planned: int = 0
+    """Trials the sweep will have in all (a search suggests its trials as it goes)."""
+
+    def format(self) -> str:
+        counts = ", ".join(f"{n} {k}" for k, n in self.counts.items() if n)
+        shown = self.table.copy()
+        shown["test_acc"] = shown["test_acc"].map(lambda v: "" if v is None or v != v else f"{v:.4f}")
+        lines = [f"sweep {self.name!r} in {self.path}: {counts}; driver {'running' if self.driver_alive else 'not running'}",
+                 shown.to_string(index=False)]
+        if self.planned > len(self.table):
+            lines.append(f"{self.planned - len(self.table)} more search trials to come (not suggested yet)")
+        if not self.driver_alive and self.counts["finished"] + self.counts["stopped early"] < self.planned:
+            lines.append(f"to continue: {self.resume_command}")
+        return "\n".join(lines)
+
+
+def _member_epoch(last: dict[str, Any], label: str) -> int:
+    """A pack member's last epoch as its trial's last result tells it (a diverged member stopped earlier)."""
+    own = (last.get("members") or {}).get(label)
+    if own is not None:
+        return int(own.get("epoch", 0)) - (1 if own.get("diverged") else 0)
+    return 0 if label in str(last.get("diverged_members", "")).split(",") else int(last.get("epoch", 0))
+
+
+def sweep_status(name: str, root: Storage) -> SweepStatus:
+    """Trials finished / running / pending / errored, read from the sweep's storage (no Ray needed).
+
+    Raises :class:`~kd_tune.errors.UsageError` when there is no sweep of that name.
+    """
+    from ray import tune
+
+    path = require_sweep(root, name)
+    alive = live_driver(root, name) is not None
+    names = {"TERMINATED": "finished", "RUNNING": "running" if alive else "interrupted", "PENDING": "pending",
+             "ERROR": "errored", "PAUSED": "paused"}
+    rows = []
+    for t in tune.ExperimentAnalysis(path, storage_filesystem=root.ray_filesystem).trials:
+        last = t.last_result or {}
+        decoded = TrialConfig.decode(t.config)
+        if decoded.packed:  # a row per member, as the unpacked sweep's trial of that member would give
+            gone = str(last.get("diverged_members", "")).split(",")
+            for point in decoded.points:
+                own = (last.get("members") or {}).get(point.label) or {}
+                status = "diverged" if point.label in gone else names.get(t.status, t.status.lower())
+                rows.append({"trial": point.label, "status": status, "epoch": f"{_member_epoch(last, point.label):d}/{point.epochs}",
+                             "test_acc": own.get("test_acc")})
+            continue
+        point = decoded.point
+        status = "diverged" if last.get("diverged") else names.get(t.status, t.status.lower())
+        if status == "finished" and point.stopped_at(last):
+            status = "stopped early"
+        rows.append({"trial": point.label, "status": status,
+                     "epoch": f"{int(last.get('epoch', 0))}/{point.epochs}", "test_acc": last.get("test_acc")})
+    table = pd.DataFrame(rows, columns=["trial", "status", "epoch", "test_acc"]).sort_values("trial").reset_index(drop=True)
+    counts = {k: int((table["status"] == k).sum()) for k in STATUS_COUNTS}
+    planned = len(table)
+    if root.exists(name, SPACE_FILE):
+        spec = load_space_text(root.read_text(name, SPACE_FILE), root.show(name, SPACE_FILE))
+        planned = max(planned, len(spec.trials()) + spec.search.num_samples)
+    return SweepStatus(name, root.show(name), counts, table, alive, resume_command(name, root), planned)
+
+
+__all__ = ["SweepOutcome", "SweepStatus", "format_table", "results_table", "sweep_status"]

@@ -1,0 +1,137 @@
+"""A sweep: validate, start Ray while the data loads, then hand over to the driver (:mod:`kd_tune.sweep.driver`).
+
+Order matters: everything the user can get wrong is checked before Ray starts or a file is written.
+This module is light to import (no torch, no MLflow client, no Ray Tune): the checks run at once, and
+the heavy modules load on a thread beside Ray's start, which is mostly waiting for Ray's processes.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kd_tune.errors import FlagError, UsageError
+from kd_tune.spec.options import SweepOptions, apply_overrides
+from kd_tune.spec.parse import load_space, load_space_text
+from kd_tune.spec.schema import SweepSpec
+from kd_tune.sweep.cluster import check_local_fits, check_reachable, check_shared, connect_ray, shutdown_ray
+from kd_tune.sweep.folder import SPACE_FILE, SweepRecord, refuse_second_driver, resume_command, sweep_path
+from kd_tune.sweep.storage import Storage, check_writable
+from kd_tune.sweep.tune_state import can_restore, require_sweep, torn_tune_states
+from kd_tune.tracking.store import check_tracking_store, configure_client_retries, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from kd_tune.sweep.driver import Loaded
+    from kd_tune.sweep.results import SweepOutcome
+
+Log = Callable[[str], None]
+DEFAULT_OPTIONS = SweepOptions()
+DEFAULT_TRACKING_WAIT_S = 120.0
+
+
+class SweepExistsError(UsageError):
+    """``sweep`` on a name that already has a sweep (the message gives the resume command)."""
+
+
+def run_sweep(space: str | Path, storage: Storage, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = print) -> SweepOutcome:
+    """Start a new sweep from a search-space file (or, with ``opts.resume``, continue one of that name).
+
+    Raises :class:`~kd_tune.errors.SpaceError` for a bad space, :class:`~kd_tune.errors.FlagError` for a
+    bad flag, :class:`SweepExistsError` when the name is taken (without ``resume``).
+    """
+    spec = apply_overrides(load_space(space), opts)
+    sweep_path(storage, spec.name)
+    if can_restore(storage, spec.name):
+        if opts.resume:
+            return resume_sweep(spec.name, storage, replace(opts, name=None), log)
+        raise SweepExistsError(f"a sweep named {spec.name!r} already exists in {storage.show()}; "
+                               f"to continue it: {resume_command(spec.name, storage)} (or add --resume; or choose another --name)")
+    # Killed before Ray saved any state: start over, but keep the MLflow parent run made then.
+    record = SweepRecord.load(storage, spec.name) if SweepRecord.exists(storage, spec.name) else None
+    return _execute(spec, storage, opts, record, log)
+
+
+def resume_sweep(name: str, storage: Storage, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = print) -> SweepOutcome:
+    """Continue an interrupted sweep: finished trials stay, the others go on from their checkpoints.
+
+    Raises :class:`~kd_tune.errors.UsageError` when there is no such sweep, :class:`~kd_tune.errors.FlagError`
+    for a ``--tracking-uri`` that is not the sweep's own.
+    """
+    require_sweep(storage, name, " (start one with kd-tune sweep)")  # repairs Ray's state cut by a kill where it can
+    torn = torn_tune_states(storage, name)
+    if torn:
+        raise UsageError(f"sweep {name!r} cannot be resumed: Ray Tune's saved state {torn[0]} was cut short by a kill while Ray "
+                          "copied it there, and no whole copy is left in Ray's temporary folder on this machine; resume it on the "
+                          "machine its last driver ran on, or start the sweep again under another name")
+    record = SweepRecord.load(storage, name)
+    if opts.tracking_uri and resolve_tracking_uri(opts.tracking_uri) != record.tracking_uri:
+        raise FlagError("--tracking-uri", opts.tracking_uri, "that URI or none", f"sweep {name!r} is tracked in {record.tracking_uri}")
+    spec = apply_overrides(load_space_text(storage.read_text(name, SPACE_FILE), storage.show(name, SPACE_FILE)),
+                           replace(opts, name=None, max_failures=None))
+    return _execute(spec, storage, opts, record, log)
+
+
+def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log) -> SweepOutcome:
+    """The checks that need no Ray, then Ray (joined or started here) while the data loads, then the sweep."""
+    started = time.perf_counter()
+    wait = tracking_wait(opts)  # validated before anything is touched
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        check_local_fits(spec.resources)
+    refuse_second_driver(storage, spec.name)
+    check_writable(storage)
+    configure_client_retries()
+    check_tracking_store(record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri), "nothing started")
+    # Starting Ray is mostly waiting for its processes to come up (4-5 s of a 2-core machine's minute-long
+    # sweep): import the driver and read the data meanwhile. The MLflow record is opened then too when Ray
+    # is started here; joining a cluster can still fail on a bad --address, which must leave nothing written.
+    if address:
+        check_reachable(address)  # a bad --address is said at once, not after the data has loaded
+    # The start-up below imports torch, Ray Tune and MLflow: ~700,000 objects that live as long as the process.
+    # Python's collector, run on the heap's growth, walks them all again and again meanwhile (nine full
+    # collections, 1.6 s on a 2-core machine) while one core does all the work. None of it is garbage:
+    # collect nothing until the driver starts the trials, where it freezes them out of every later
+    # collection and turns the collector back on (kd_tune.sweep.driver.drive); all as before once the sweep ends.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-tune-load") as pool:
+            loading = pool.submit(_load, spec, storage, opts, record, log, open_record=not address)
+            started_ray = connect_ray(address)
+            try:
+                if address:
+                    # Every node must reach the storage; on a cluster find that out now, not at the first checkpoint.
+                    check_shared(storage, log)
+                loaded = loading.result()
+                from kd_tune.sweep.driver import drive  # imported by the loading thread by now
+
+                return drive(spec, storage, opts, loaded, log, started=started, wait=wait)
+            finally:
+                if started_ray:
+                    shutdown_ray()
+    finally:
+        gc.unfreeze()  # a later sweep in this process (a notebook, the tests) may collect this one's leftovers
+        if collecting:
+            gc.enable()
+
+
+def _load(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, *, open_record: bool) -> Loaded:
+    # Here, on the loading thread, the driver's imports (torch, MLflow's client, Ray Tune: seconds) overlap Ray's start.
+    from kd_tune.sweep.driver import load
+
+    return load(spec, storage, opts, record, log, open_record=open_record)
+
+
+def tracking_wait(opts: SweepOptions) -> float:
+    """Seconds a sweep's end waits for tracking writes held back by an unreachable store (``--tracking-wait``)."""
+    if opts.tracking_wait is None:
+        return DEFAULT_TRACKING_WAIT_S
+    if not opts.tracking_wait >= 0:
+        raise FlagError("--tracking-wait", opts.tracking_wait, "seconds >= 0")
+    return float(opts.tracking_wait)

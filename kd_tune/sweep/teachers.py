@@ -1,0 +1,109 @@
+"""The teachers a sweep distills from: from the content-addressed cache in its storage, or trained once as a Ray task.
+
+The cache lives in the sweeps' storage (a folder or an object store), so every node of a cluster finds it; its
+entries are verified by sha256 when loaded: a truncated or corrupt entry is retrained, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from kd_tune.data.split import DataSplit
+from kd_tune.distill.teacher import CACHE_FORMAT, Teacher, teacher_key, train_teacher
+from kd_tune.errors import first_line
+from kd_tune.spec.schema import SweepSpec, TeacherSpec
+from kd_tune.sweep.storage import Storage
+
+CACHE_FOLDER = "_teachers"  # beside the sweeps in the storage; sweep names cannot start with '_'
+
+
+class TeacherCache:
+    """``<storage>/_teachers/<key>/{teacher.pt, meta.json}`` on any :class:`~kd_tune.sweep.storage.Storage`.
+
+    ``meta.json`` is written last and holds the sha256 of ``teacher.pt``: an entry is complete when
+    its meta is there and the weights match it. Each file is written atomically, so a kill at any
+    moment leaves either a complete entry or one that is detected as incomplete and retrained; this
+    works the same on a local or NFS folder and on an object store, where folders cannot be renamed.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def path(self, key: str) -> str:
+        return self.storage.show(CACHE_FOLDER, key)
+
+    def keys(self) -> list[str]:
+        return self.storage.list_dirs(CACHE_FOLDER)
+
+    def load(self, key: str, log: Callable[[str], None] = print) -> Teacher | None:
+        if not self.storage.exists(CACHE_FOLDER, key):
+            return None
+        try:
+            meta = json.loads(self.storage.read_text(CACHE_FOLDER, key, "meta.json"))
+            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+                raise ValueError("format or key mismatch")
+            raw = self.storage.read_bytes(CACHE_FOLDER, key, "teacher.pt")
+            if hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+                raise ValueError("sha256 mismatch (truncated or corrupt file)")
+            blob: dict[str, Any] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:
+            log(f"teacher cache entry {self.path(key)} is unusable ({first_line(e)}); training the teacher again")
+            self.storage.delete(CACHE_FOLDER, key)
+            return None
+        return Teacher(key, meta["model_args"], blob["state_dict"], blob["train_logits"], blob["test_logits"], meta["test_acc"], meta["history"], cached=True)
+
+    def save(self, teacher: Teacher, spec: dict[str, Any]) -> str:
+        """Weights first, then the meta that vouches for them (each written atomically)."""
+        if self.storage.exists(CACHE_FOLDER, teacher.key, "meta.json"):
+            return self.path(teacher.key)  # another sweep wrote the same teacher first; theirs is as good
+        buf = io.BytesIO()
+        torch.save({"state_dict": teacher.state_dict, "train_logits": teacher.train_logits, "test_logits": teacher.test_logits}, buf)
+        raw = buf.getvalue()
+        meta = {
+            "format": CACHE_FORMAT, "key": teacher.key, "spec": spec, "model_args": teacher.model_args, "sha256": hashlib.sha256(raw).hexdigest(),
+            "test_acc": teacher.test_acc, "history": teacher.history, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.storage.write_bytes(raw, CACHE_FOLDER, teacher.key, "teacher.pt")
+        self.storage.write_text(json.dumps(meta, indent=2), CACHE_FOLDER, teacher.key, "meta.json")
+        return self.path(teacher.key)
+
+
+def _train_task(split: DataSplit, spec: TeacherSpec, key: str, verbose: bool) -> Teacher:
+    """The teacher's Ray task: as many threads as the CPUs it was given, on its GPU if it has one."""
+    from kd_tune.sweep.cluster import assigned_device, assigned_threads
+
+    torch.set_num_threads(assigned_threads())
+    return train_teacher(split, spec, key, assigned_device(), log=(lambda s: print(s, flush=True)) if verbose else (lambda s: None))
+
+
+def get_teachers(spec: SweepSpec, split: DataSplit, storage: Storage, node_cpus: int, log: Callable[[str], None],
+                 verbose: bool = True) -> list[Teacher]:
+    """Every member of the teacher (one, or an ensemble): from the cache, or trained now as a Ray task
+    on a whole node (``node_cpus``; teachers train before any trial starts)."""
+    import ray
+
+    cache = TeacherCache(storage)
+    task = ray.remote(_train_task)
+    teachers = []
+    for member in spec.teacher.members():
+        key = teacher_key(spec.dataset, member, split)
+        teacher = cache.load(key, log)
+        if teacher is not None:
+            log(f"teacher {key}: from the cache ({cache.path(key)}), test acc {teacher.test_acc:.4f}")
+        else:
+            w = member.widths
+            log(f"teacher {key}: training {w[0]}/{w[1]} (seed {member.seed}) for {member.epochs} epochs on {len(split.train_y)} images")
+            gpus = 1 if spec.resources.gpu > 0 else 0
+            teacher = ray.get(task.options(num_cpus=node_cpus, num_gpus=gpus).remote(split, member, key, verbose))
+            cache.save(teacher, {"dataset": asdict(spec.dataset), "teacher": asdict(member)})
+            log(f"teacher {key}: test acc {teacher.test_acc:.4f}, cached in {cache.path(key)}")
+        teachers.append(teacher)
+    return teachers

@@ -1,0 +1,214 @@
+"""The Ray Tune function trainable: a thin adapter around the training layer (:mod:`kd_tune.distill`).
+
+It reads like Ray's function-trainable checkpointing example: restore from the newest checkpoint, then train,
+reporting every epoch with ``tune.report`` and a checkpoint. The data and the teacher's logits arrive through
+Ray's object store (``tune.with_parameters``), put there once by the driver: no trial loads files or runs the
+teacher. A restarted trial continues from the newest complete checkpoint, which after a SIGKILLed driver can be
+newer than the one Ray's experiment state remembers (:func:`~kd_tune.sweep.trial_state.restore_state`).
+
+A trial trains one student (config ``{"point": ...}``) or a pack of them as one model (``{"pack": [...]}``):
+see :mod:`kd_tune.spec.trials` for the codec.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from kd_tune.data.split import DataSplit
+from kd_tune.distill.checkpoint import diverged_result, pack_results, save_checkpoint, save_pack_checkpoint
+from kd_tune.distill.metrics import Evaluation
+from kd_tune.distill.models import build, model_args
+from kd_tune.distill.pack_train import Member, PackData, train_pack
+from kd_tune.distill.packed import PackedCNN, channels_last_on
+from kd_tune.distill.train import EpochMetrics, TensorData, make_optimizer, train
+from kd_tune.errors import DivergedError
+from kd_tune.spec.schema import StudentSpec
+from kd_tune.spec.trials import TrialConfig, TrialPoint, trial_dirname
+from kd_tune.sweep.cluster import assigned_device, assigned_threads
+from kd_tune.sweep.hooks import NO_HOOKS, TrialHooks
+from kd_tune.sweep.storage import Storage
+from kd_tune.sweep.trial_state import restore_state
+
+
+@dataclass(frozen=True)
+class TrialBundle:
+    """What every trial of a sweep shares, read-only, from the object store."""
+
+    split: DataSplit
+    """Images and clean labels (the test labels are never perturbed)."""
+    student: StudentSpec
+    labels: dict[float, torch.Tensor]
+    """Training labels per label-noise level of the sweep."""
+    teacher_train_logits: dict[float, torch.Tensor]
+    """The teacher's logits on the training images, per label-noise level (the teacher saw that noise)."""
+    teacher_test_logits: dict[float, torch.Tensor]
+    storage: Storage
+    """Where the sweep lives; each trial's checkpoints are persisted in its folder there."""
+    sweep: str
+    """The sweep's name: its folder in the storage."""
+    hooks: TrialHooks = field(default=NO_HOOKS)
+    """Moments a test can act at (:mod:`kd_tune.sweep.hooks`); nothing in a real sweep."""
+
+    def model_args(self) -> dict[str, Any]:
+        """What rebuilds every student of the sweep (:func:`kd_tune.distill.models.model_args`)."""
+        return model_args(self.student.arch, self.student.arch_args, self.split.info.shape, self.split.info.num_classes)
+
+
+@dataclass(frozen=True)
+class _Trial:
+    """Where a trial runs and what it reports beside its metrics."""
+
+    label: str
+    folder: str
+    """The trial's folder, relative to the storage root."""
+    device: torch.device
+
+
+def _start(config: Mapping[str, Any], trial: TrialConfig, bundle: TrialBundle) -> _Trial:
+    # Ray logs a line per persisted checkpoint, i.e. per epoch per trial: too much to read.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    device = assigned_device()
+    torch.set_num_threads(assigned_threads())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+    folder = f"{bundle.sweep}/{trial_dirname(config, tune.get_context().get_trial_id())}"
+    return _Trial(trial.label, folder, device)
+
+
+def _extra(device: torch.device, start: int, data: TensorData | PackData) -> dict[str, Any]:
+    """Where this attempt runs (the tracking tags the MLflow run with it; node_ip and hostname come from Ray) and
+    what it trains and selects on: a check that held-out images never reach training."""
+    return {"device": str(device), "node_id": ray.get_runtime_context().get_node_id(), "resumed_from": start,
+            "train_images": int(data.train_x.shape[0]), "val_images": 0 if data.val_x is None else int(data.val_x.shape[0])}
+
+
+def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
+    trial = TrialConfig.decode(config)
+    if trial.packed:
+        pack_trainable(config, trial, bundle)
+        return
+    point, run = trial.point, _start(config, trial, bundle)
+    split = replace(bundle.split, train_y=bundle.labels[point.label_noise])
+    teacher_train = bundle.teacher_train_logits[point.label_noise] if point.role == "student" else None
+    data = TensorData.from_split(split, run.device, teacher_train, bundle.teacher_test_logits[point.label_noise])
+    margs = bundle.model_args()
+    model = build(margs, point.seed).to(run.device)
+    optimizer = make_optimizer(model, bundle.student.lr)
+
+    # Restore: continue from the newest complete checkpoint.
+    state, known_epoch = restore_state(bundle.storage, run.folder)
+    start, history = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["epoch"]), list(state["history"])
+    else:
+        bundle.hooks.initial_weights([point.label], [model.state_dict()])
+    extra = _extra(run.device, start, data)
+    # Epochs trained before a kill but unknown to Ray may never have reached the driver (and MLflow):
+    # report them again from the checkpoint's history; the tracking callback skips those it has.
+    for m in history:
+        if m["epoch"] > known_epoch:
+            tune.report({**m, **extra})
+    bundle.hooks.before_training(run.label, run.folder)
+
+    # Train, reporting each epoch with a checkpoint.
+    def report(m: EpochMetrics, ev: Evaluation) -> None:
+        history.append(m.as_dict())
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(Path(folder), margs, model, optimizer, history, ev.confusion)
+            tune.report({**m.as_dict(), **extra}, checkpoint=tune.Checkpoint.from_directory(folder))
+        bundle.hooks.after_epoch(run.label, run.folder)
+
+    try:
+        train(model, optimizer, data, epochs=point.epochs, batch_size=bundle.student.batch_size, seed=point.seed,
+              alpha=point.alpha, temperature=point.temperature or 1.0, start_epoch=start, on_epoch=report, precision=bundle.student.precision)
+    except DivergedError as e:
+        # Deterministic: a retry would diverge again. Record it and end the trial (no retries).
+        tune.report({"epoch": e.epoch, "diverged": 1.0, "diverged_loss": e.loss, **extra})
+
+
+def pack_trainable(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) -> None:
+    """A pack trial: its members trained as one :class:`~kd_tune.distill.packed.PackedCNN` by
+    :func:`~kd_tune.distill.pack_train.train_pack`.
+
+    Each epoch is ONE report, ``{"epoch", "members": {label: that member's metrics}, "diverged_members", ...}``,
+    with ONE checkpoint (:func:`~kd_tune.distill.checkpoint.save_pack_checkpoint`). A member whose loss goes NaN or
+    infinite is reported once as diverged and dropped; the others go on. Restores as :func:`kd_trainable` does.
+    """
+    points, run = list(trial.points), _start(config, trial, bundle)
+    labels = [p.label for p in points]
+    data, members = pack_inputs(bundle, points, TensorData.from_split(bundle.split, run.device))
+    margs = bundle.model_args()
+    widths, shape, classes = bundle.student.widths, bundle.split.info.shape, bundle.split.info.num_classes
+    channels_last = channels_last_on(run.device)
+
+    state, known_epoch = restore_state(bundle.storage, run.folder)
+    start = 0
+    entries: dict[str, dict[str, Any]] = {label: {"model_args": margs, "epoch": 0, "history": [], "confusion": []} for label in labels}
+    if state is not None:
+        start, entries = int(state["epoch"]), {label: dict(state["members"][label]) for label in labels}
+        initial = [entries[label]["model"] for label in labels]
+    else:
+        # Each member starts exactly as the unpacked trial of its point would (build, seeded).
+        initial = [build(margs, p.seed).state_dict() for p in points]
+        bundle.hooks.initial_weights(labels, initial)
+    model = PackedCNN.from_state_dicts(initial, widths, shape, classes, channels_last).to(run.device)
+    optimizer = make_optimizer(model, bundle.student.lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    exclude = {k for k, label in enumerate(labels) if entries[label].get("diverged")}
+    extra = _extra(run.device, start, data)
+    if state is not None:
+        for r in pack_results(state, after=known_epoch):  # epochs trained before a kill but unknown to Ray
+            tune.report({**r, **extra})
+    bundle.hooks.before_training(run.label, run.folder)
+
+    now: dict[str, dict[str, Any]] = {}
+
+    def on_epoch(k: int, m: EpochMetrics, ev: Evaluation) -> None:
+        entry = entries[labels[k]]
+        entry["history"] = [*entry["history"], m.as_dict()]
+        entry["epoch"], entry["confusion"] = m.epoch, ev.confusion
+        now[labels[k]] = m.as_dict()
+
+    def on_diverged(k: int, e: DivergedError) -> None:
+        entries[labels[k]]["diverged"] = {"epoch": e.epoch, "loss": e.loss}
+        now[labels[k]] = diverged_result(e.epoch, e.loss)
+
+    def on_epoch_end(epoch: int) -> None:
+        for k, label in enumerate(labels):
+            entries[label]["model"] = model.member_state_dict(k)
+        gone = sorted(label for label, entry in entries.items() if entry.get("diverged"))
+        result = {"epoch": epoch, "members": dict(now), "diverged_members": ",".join(gone), **extra}
+        now.clear()
+        with tempfile.TemporaryDirectory() as folder:
+            save_pack_checkpoint(Path(folder), epoch, entries, optimizer)
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+        bundle.hooks.after_epoch(run.label, run.folder)
+
+    train_pack(model, optimizer, data, members, batch_size=bundle.student.batch_size, start_epoch=start, exclude=exclude,
+               on_epoch=on_epoch, on_diverged=on_diverged, on_epoch_end=on_epoch_end, precision=bundle.student.precision)
+
+
+def pack_inputs(bundle: TrialBundle, points: list[TrialPoint], base: TensorData) -> tuple[PackData, list[Member]]:
+    """A pack's data on ``base``'s device (one row of labels and teacher logits per label-noise level among the
+    members) and its members, as :func:`kd_trainable` would train each point alone."""
+    device = base.train_x.device
+    levels = sorted({p.label_noise for p in points})
+    row = {n: i for i, n in enumerate(levels)}
+    data = PackData(base.train_x, torch.stack([bundle.labels[n] for n in levels]).to(device), base.test_x, base.test_y,
+                    torch.stack([bundle.teacher_train_logits[n] for n in levels]).to(device),
+                    torch.stack([bundle.teacher_test_logits[n] for n in levels]).to(device), base.val_x, base.val_y)
+    members = [Member(seed=p.seed, epochs=p.epochs, alpha=p.alpha, temperature=p.temperature or 1.0, labels=row[p.label_noise],
+                      teacher=row[p.label_noise] if p.role == "student" else None, teacher_test=row[p.label_noise]) for p in points]
+    return data, members

@@ -1,0 +1,78 @@
+"""Every name kd-tune writes into MLflow: tags, metric names, artifact names and the store's limits.
+
+Plain constants (no imports): the report layer reads runs back by these names without importing MLflow's
+writers, torch or Ray. Runs are found again by tags, never by memory alone, so a name changed here is a
+record that older sweeps cannot be matched with.
+"""
+
+from __future__ import annotations
+
+# --- finding runs ------------------------------------------------------------------------------
+TAG_SWEEP = "kd_tune.sweep"
+"""The sweep's name, on each of its runs."""
+TAG_ROLE = "kd_tune.role"
+"""``sweep`` (the parent run), ``teacher``, ``student`` (a distilled grid point) or ``scratch`` (a baseline)."""
+TAG_TRIAL = "kd_tune.trial_id"
+"""The Ray trial that trains the run's grid point."""
+TAG_EPOCHS = "kd_tune.epochs"
+"""The grid point's epochs (a trial shared by several epochs values has a run per value)."""
+TAG_LABEL = "kd_tune.trial"
+"""The trial's label (a pack trial: the member's), e.g. ``a0.5-T3-e1+2-s0``."""
+TAG_PARENT = "mlflow.parentRunId"
+"""MLflow's own: the parent run, which the UI unfolds into its children."""
+# --- where and how a run's trial ran -------------------------------------------------------------
+TAG_NODE = "kd_tune.node_id"
+"""The Ray node of the trial's latest attempt."""
+TAG_NODES = "kd_tune.nodes"
+"""Every node the trial ran on, in order (a retry after a node died adds one)."""
+TAG_NODE_IP = "kd_tune.node_ip"
+TAG_HOSTNAME = "kd_tune.hostname"
+TAG_DEVICE = "kd_tune.device"
+TAG_RETRIES = "kd_tune.retries"
+"""How often Tune restarted the trial from its checkpoint."""
+# --- how a run ended ----------------------------------------------------------------------------
+TAG_ERROR = "kd_tune.error"
+"""The last line of a failed trial's error (or of its divergence)."""
+TAG_DIVERGED = "kd_tune.diverged"
+"""``true`` when the loss went NaN or infinite (the run is FAILED; a retry would diverge again)."""
+TAG_MODEL_ERROR = "kd_tune.model_error"
+"""Why the run has no MLflow model (its ``student.pt`` is still logged)."""
+TAG_STOPPED = "kd_tune.stopped_early"
+"""``true`` on a search trial the scheduler (ASHA) stopped."""
+TAG_STOPPED_AT = "kd_tune.stopped_at_epoch"
+"""The last epoch a stopped trial trained."""
+TAG_DISCARDED = "kd_tune.discarded"
+"""Why a run was deleted: its trial was created after Ray's last saved state and lost with the driver."""
+# --- the parent run and the teachers' runs -----------------------------------------------------------
+TAG_PATH = "kd_tune.path"
+"""The sweep's folder in its storage (on the parent run)."""
+TAG_MEMBER = "kd_tune.member"
+"""A teacher run's index in its ensemble."""
+TAG_LABEL_NOISE = "kd_tune.label_noise"
+"""The label-noise level a teacher learned from."""
+TAG_TEACHER_KEY = "kd_tune.teacher_key"
+"""The teacher's key in the teacher cache."""
+TAG_CACHED = "kd_tune.cached"
+"""``true`` when the teacher came from the cache rather than being trained by this sweep."""
+TAG_SELECTED_ON = "kd_tune.selected_on"
+"""``validation`` or ``test``: what the best configuration on the parent run was selected on."""
+TAG_PREPROCESSING = "kd_tune.preprocessing"
+# --- MLflow's own markers ---------------------------------------------------------------------------
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# The value MLflow's UI reads (server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT, "Model training" in
+# its switch): an MLflow 3 experiment without it opens on the GenAI overview instead of its runs.
+EXPERIMENT_KIND = "custom_model_development"
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+"""mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT: what the UI shows beside a dataset."""
+# --- metrics, artifacts, limits ------------------------------------------------------------------
+EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
+                 "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds", "val_acc", "val_loss")
+"""What a run logs per epoch (step = epoch): the training layer's ``EpochMetrics`` fields."""
+CONFUSION_ARTIFACT = "confusion_matrix.json"
+MAX_PARAM_LEN = 6000
+"""The longest param value MLflow's stores take."""
+
+
+def best_tag(selection: str, key: str) -> str:
+    """A parent run's tag of a selected configuration: ``kd_tune.best.alpha``, ``kd_tune.best_distilled.run_id``, ..."""
+    return f"kd_tune.{selection}.{key}"
