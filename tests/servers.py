@@ -129,10 +129,12 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[Any]:
+def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
+           unset: tuple[str, ...] = ()) -> subprocess.Popen[Any]:
+    """``cmd`` in a session of its own, its output in ``log``: this process's environment with ``env`` and without ``unset``."""
+    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd, env=environ)
     proc.log_path = str(log)  # type: ignore[attr-defined]
     return proc
 
@@ -305,25 +307,43 @@ class RayHead:
     a job's driver finds its cluster through ``<temp dir>/ray_current_cluster``, which another ``ray start``
     on this machine would overwrite in the shared /tmp/ray. Ray's job supervisor starts each driver in a
     session of its own, so :meth:`stop` kills the head's session and every descendant of it, by PID.
+
+    With a ``token`` the head has Ray's token authentication on, exactly as ``ray start --head`` turns it on by itself
+    (Ray 2.60): ``RAY_AUTH_MODE`` unset and the token in ``$HOME/.ray/auth_token`` (where ``ray.init()`` of a local
+    cluster or ``ray get-auth-token --generate`` writes it), ``home`` a folder of its own. Without one, it is off
+    (``RAY_AUTH_MODE=disabled``, whatever token files exist).
     """
 
-    def __init__(self, folder: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, num_cpus: int = 2, env: dict[str, str] | None = None, token: str | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = dict(RAY_ENV) | (env or {})  # inherited by the head's jobs and their trials
+        self.token, self.home = token, folder / "home"
+        unset: tuple[str, ...] = ()
+        if token is not None:
+            (self.home / ".ray").mkdir(parents=True, exist_ok=True)
+            (self.home / ".ray" / "auth_token").write_text(token + "\n")
+            del self.env["RAY_AUTH_MODE"]
+            self.env["HOME"] = str(self.home)
+            unset = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
         self.temp_dir = tempfile.mkdtemp(prefix="kdj-", dir="/tmp")
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(self.port),
                "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats",
                "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()), "--temp-dir", self.temp_dir]
-        self.proc = _start(cmd, folder / "head.log", self.env, cwd=folder)
+        self.proc = _start(cmd, folder / "head.log", self.env, cwd=folder, unset=unset)
         try:
-            wait_until_answers(f"{self.url}/api/version", self.proc)
+            wait_until_answers(f"{self.url}/api/version", self.proc)  # with token auth on: 401, an answer
         except BaseException:
             self.stop()
             raise
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a client sends this head: Ray's token header, with token authentication on."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def stop(self) -> None:
         tree = descendants(session_pids(self.proc.pid))  # jobs' drivers, in sessions of their own

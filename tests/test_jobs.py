@@ -1,10 +1,15 @@
 """Sweeps submitted as Ray jobs to a real job server (``ray start --head`` with the dashboard, 2 CPUs, on this
 machine), through the real CLI as a laptop would: stopped mid-sweep, resumed by job and followed to the end (one
-sweep's two jobs serve all of it), and bad input refused before anything reaches the cluster. Every process is stopped by PID afterwards."""
+sweep's two jobs serve all of it), and bad input refused before anything reaches the cluster. Every process is stopped by PID afterwards.
+
+Two heads: ``head`` with Ray's token authentication on, as a shared cluster runs (``ray start --head`` turns it on by
+itself where ``~/.ray/auth_token`` exists: the CLI finds the token there, as Ray's job CLI would, with or without
+``RAY_AUTH_MODE``), and ``open_head`` with it off."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -37,9 +42,20 @@ STOPPED = tiny_space(name="stopped", dataset=DATASET, student={"widths": [16, 32
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """A shared cluster's head: Ray's token authentication on (its token in the head's ~/.ray/auth_token)."""
     folder = tmp_path_factory.mktemp("head")
     # While the file GATE exists, every trial of the head's jobs waits after each reported epoch (kd_tune.sweep.hooks).
-    h = RayHead(folder, env={GATE_ENV: str(folder / GATE)})
+    h = RayHead(folder, env={GATE_ENV: str(folder / GATE)}, token=secrets.token_hex(32))
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture(scope="module")
+def open_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """A head with token authentication off."""
+    h = RayHead(tmp_path_factory.mktemp("open-head"))
     try:
         yield h
     finally:
@@ -53,12 +69,18 @@ def where(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"storage": str(root / "store"), "tracking": f"sqlite:///{root / 'mlflow.db'}"}
 
 
-def kd(*args: Any, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The real CLI in a subprocess, with no cluster, storage or store in its environment."""
-    env = {**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1"}
-    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "KD_TUNE_STORAGE", "KD_TUNE_DATA_DIR"):
-        env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "kd_tune.cli", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+def kd(*args: Any, cwd: Path, home: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a subprocess, as in a user's shell: no cluster, storage, store or Ray token settings in its
+    environment (``RAY_AUTH_MODE`` unset) but ``env``; ``home``: its HOME (where ~/.ray/auth_token is looked for)."""
+    environ = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "KD_TUNE_STORAGE", "KD_TUNE_DATA_DIR", "RAY_AUTH_MODE",
+                "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        environ.pop(var, None)
+    if home is not None:
+        environ["HOME"] = str(home)
+    environ |= env or {}
+    return subprocess.run([sys.executable, "-m", "kd_tune.cli", *map(str, args)], cwd=cwd, env=environ, capture_output=True, text=True,
+                          timeout=600)
 
 
 def _submit_flags(where: dict[str, str]) -> list[str]:
@@ -72,7 +94,7 @@ def _client(head: RayHead, monkeypatch: pytest.MonkeyPatch) -> Any:
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
-    return JobSubmissionClient(head.url)
+    return JobSubmissionClient(head.url, headers=head.headers)
 
 
 def _runs(where: dict[str, str], sweep: str) -> list[Any]:
@@ -99,8 +121,9 @@ def check_record(where: dict[str, str], sweep: str, grid_points: int) -> None:
             assert sorted(steps) == list(range(1, int(r.data.params["epochs"]) + 1)), (r.info.run_name, metric, steps)
 
 
-def test_bad_input_is_refused_before_anything_is_submitted(head: RayHead, where: dict[str, str], write_space: Callable[..., Path],
+def test_bad_input_is_refused_before_anything_is_submitted(open_head: RayHead, where: dict[str, str], write_space: Callable[..., Path],
                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    head = open_head
     client = _client(head, monkeypatch)
     before = client.list_jobs()
     bad = write_space(tiny_space(name="bad", grid={"alpha": [2.0], "epochs": [1]}), "bad.yaml")
@@ -133,14 +156,14 @@ def test_stop_mid_sweep_then_resume_by_job_and_follow_it_to_the_end(head: RayHea
     gate = Path(head.env[GATE_ENV])
     gate.touch()  # held after each epoch until the stop
     request.addfinalizer(lambda: gate.unlink(missing_ok=True))  # never left holding the head's other jobs
-    res = kd("submit", space, "--address", head.url, *_submit_flags(where), cwd=tmp_path)
+    res = kd("submit", space, "--address", head.url, *_submit_flags(where), cwd=tmp_path, home=head.home)
     submitted = time.monotonic()
     assert res.returncode == 0, res.stderr
     assert f"sweep 'stopped': sweep submitted to {head.url} as Ray job kd-tune-stopped-1" in res.stdout
     assert f"kd-tune logs stopped --follow --address {head.url}" in res.stdout
     client, job = _client(head, monkeypatch), "kd-tune-stopped-1"
 
-    again = kd("submit", space, "--address", head.url, *_submit_flags(where), cwd=tmp_path)  # one live job per sweep
+    again = kd("submit", space, "--address", head.url, *_submit_flags(where), cwd=tmp_path, home=head.home)  # one live job per sweep
     assert again.returncode == 2, again.stderr
     assert f"sweep 'stopped' has a live job on {head.url}: {job} (" in again.stderr
     assert "kd-tune logs stopped --follow" in again.stderr and "kd-tune stop stopped" in again.stderr
@@ -155,7 +178,7 @@ def test_stop_mid_sweep_then_resume_by_job_and_follow_it_to_the_end(head: RayHea
     first_epoch = time.monotonic() - submitted
 
     started = time.monotonic()
-    stopped = kd("stop", "stopped", "--address", head.url, cwd=tmp_path)
+    stopped = kd("stop", "stopped", "--address", head.url, cwd=tmp_path, home=head.home)
     took = time.monotonic() - started
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert stopped.stdout.splitlines() == [f"sweep 'stopped': job {job} is STOPPED",
@@ -169,20 +192,73 @@ def test_stop_mid_sweep_then_resume_by_job_and_follow_it_to_the_end(head: RayHea
     assert "sweep 'stopped': " in log and f"{GRID_POINTS}/{GRID_POINTS} grid points finished" not in log, log[-3000:]  # stopped mid-sweep
 
     gate.unlink()
-    resumed = kd("resume", "stopped", "--address", head.url, "--storage", where["storage"], cwd=tmp_path)
+    resumed = kd("resume", "stopped", "--address", head.url, "--storage", where["storage"], cwd=tmp_path, home=head.home)
     assert resumed.returncode == 0, resumed.stderr
     assert f"sweep 'stopped': resume submitted to {head.url} as Ray job kd-tune-stopped-2" in resumed.stdout
     # the same images as the first job: its --data-dir is carried over
     assert client.get_job_info("kd-tune-stopped-2").entrypoint.endswith(f"resume stopped --storage {where['storage']} --data-dir {FIXTURE_DATA}")
-    logs = kd("logs", "stopped", "--follow", "--address", head.url, cwd=tmp_path)
+    logs = kd("logs", "stopped", "--follow", "--address", head.url, cwd=tmp_path, home=head.home)
     assert logs.returncode == 0, logs.stdout[-3000:] + logs.stderr[-3000:]
     assert f"sweep 'stopped': {GRID_POINTS}/{GRID_POINTS} grid points finished, 0 errored, 0 diverged (" in logs.stdout
     assert "job kd-tune-stopped-2 of sweep 'stopped' is SUCCEEDED" in logs.stderr
     check_record(where, "stopped", GRID_POINTS)
 
-    listing = kd("jobs", "--address", head.url, cwd=tmp_path)
+    listing = kd("jobs", "--address", head.url, cwd=tmp_path, home=head.home)
     assert listing.returncode == 0, listing.stderr
     row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("stopped "))
     assert row[:5] == ["stopped", "kd-tune-stopped-2", "SUCCEEDED", "2", "4/4"]  # the newest of 2 jobs; 4 trials serve the 8 grid points
     assert row[5] == where["tracking"]  # the sweep's own record names its store and experiment
     print(f"\nsubmit returned -> first epoch in storage: {first_epoch:.1f} s; kd-tune stop (CLI, until STOPPED): {took:.1f} s")
+
+
+def test_token_authentication_finds_the_token_as_rays_job_cli_does(head: RayHead, where: dict[str, str], write_space: Callable[..., Path],
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head wants a token: the CLI finds it in ~/.ray/auth_token with $RAY_AUTH_MODE unset, token or disabled, and
+    in $RAY_AUTH_TOKEN_PATH; without one, or with a wrong one, each job command says so in one line (exit 2) and
+    nothing reaches the cluster."""
+    client = _client(head, monkeypatch)
+    before = client.list_jobs()
+    for mode in (None, "token", "disabled"):
+        res = kd("jobs", "--address", head.url, cwd=tmp_path, home=head.home, env={"RAY_AUTH_MODE": mode} if mode else None)
+        assert res.returncode == 0 and head.url in res.stdout.splitlines()[0], (mode, res.stdout, res.stderr)
+    empty = tmp_path / "empty-home"
+    empty.mkdir()
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{head.token}\n")
+    res = kd("jobs", "--address", head.url, cwd=tmp_path, home=empty, env={"RAY_AUTH_TOKEN_PATH": str(token_file)})
+    assert res.returncode == 0, res.stderr
+    missing = (f"the job server at {head.url} requires a token (Ray's token authentication is on there) and none was found: kd-tune "
+               f"looked in $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH and {empty / '.ray' / 'auth_token'}")
+    good = write_space(FOLLOWED)
+    cases = [
+        (["submit", good, *_submit_flags(where)], {}, missing),
+        (["submit", good, *_submit_flags(where)], {"RAY_AUTH_MODE": "token"}, missing),
+        (["submit", good, *_submit_flags(where)], {"RAY_AUTH_TOKEN": "0" * 64}, "refused the token from $RAY_AUTH_TOKEN (Forbidden: Invalid authentication token)"),
+        (["submit", good, *_submit_flags(where)], {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")}, f"$RAY_AUTH_TOKEN_PATH '{tmp_path / 'none'}' cannot be read"),
+        (["logs", "followed"], {}, missing),
+        (["stop", "followed"], {}, missing),
+        (["resume", "followed", "--storage", where["storage"]], {}, missing),
+    ]
+    for argv, env, problem in cases:
+        res = kd(*argv, "--address", head.url, cwd=tmp_path, home=empty, env=env)
+        assert res.returncode == 2 and problem in res.stderr and "Traceback" not in res.stderr, (argv, env, res.stderr)
+        assert len(res.stderr.splitlines()) == 2, res.stderr  # the line, and where --help is
+        assert head.token not in res.stdout + res.stderr
+    assert client.list_jobs() == before  # nothing reached the job server
+    assert not Path(where["storage"], "followed").exists()
+
+
+def test_without_token_authentication_a_sweep_runs_as_a_job(open_head: RayHead, write_space: Callable[..., Path], tmp_path: Path) -> None:
+    """Token authentication off: a sweep is submitted and followed to its end (a token file here, another cluster's, is
+    neither needed nor in the way)."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("0" * 64)
+    shared = {"storage": str(tmp_path / "store"), "tracking": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    space = write_space(tiny_space(name="open", dataset=DATASET, grid={"alpha": [0.5], "epochs": [1]}))
+    res = kd("submit", space, "--address", open_head.url, *_submit_flags(shared), cwd=tmp_path, home=home)
+    assert res.returncode == 0, res.stderr
+    logs = kd("logs", "open", "--follow", "--address", open_head.url, cwd=tmp_path, home=home)
+    assert logs.returncode == 0, logs.stdout[-3000:] + logs.stderr[-3000:]
+    assert "sweep 'open': 1/1 grid points finished, 0 errored, 0 diverged" in logs.stdout
+    check_record(shared, "open", 1)

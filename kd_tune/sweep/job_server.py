@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_tune.errors import FlagError, KdTuneError, UsageError, first_line
+from kd_tune.sweep.ray_token import WANTS_TOKEN, TokenError, find_token, token_refused, token_required
 
 JOB_SERVER_ALLOWED = ("the job server's http://HOST:PORT, the head's dashboard port (8265 by default), e.g. http://127.0.0.1:8265 "
                       "while `ray dashboard cluster.yaml` runs")
@@ -138,31 +139,28 @@ def _address(address: str | None, env: Sequence[str]) -> tuple[str, str]:
 def connect(address: str | None, env: Sequence[str] = SUBMIT_ADDRESS_ENV) -> JobServer:
     """The job server at ``address`` (else at the first of the ``env`` variables that is set).
 
-    Raises :class:`FlagError` for an address that is not http(s):// or where no job server answers within
-    a few seconds (Ray's client would retry for minutes), :class:`KdTuneError` when Ray's job client is not
-    installed or the server refuses it.
+    A job server with Ray's token authentication on gets the cluster's token (:mod:`kd_tune.sweep.ray_token`),
+    one without it none. Raises :class:`FlagError` for an address that is not http(s):// or where no job server
+    answers within a few seconds (Ray's client would retry for minutes), :class:`~kd_tune.sweep.ray_token.TokenError`
+    when the server wants a token that cannot be found or that it refuses, :class:`KdTuneError` when Ray's job client
+    is not installed or the server refuses it.
     """
     url, source = _address(address, env)
     url = url.rstrip("/")
     if not is_job_server(url):
         raise FlagError(source, url, JOB_SERVER_ALLOWED, "is not an http:// address (jobs go to the dashboard's job server, not the GCS port)")
-    try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=CONNECT_TIMEOUT_S) as r:
-            answer = json.loads(r.read())
-        if not isinstance(answer, dict) or "ray_version" not in answer:
-            raise ValueError("no Ray version in its answer")
-    except urllib.error.HTTPError as e:
-        if e.code not in (401, 403):  # those answer, but want a token: Ray's client sends it
-            raise FlagError(source, url, JOB_SERVER_ALLOWED, f"is not a Ray job server (GET /api/version: HTTP {e.code})") from None
-    except urllib.error.URLError as e:
-        reason = first_line(e.reason) if isinstance(e.reason, BaseException) else str(e.reason)
-        raise FlagError(source, url, JOB_SERVER_ALLOWED, f"no job server answers there ({reason})") from None
-    except http.client.HTTPException:  # a port that does not speak HTTP, such as the GCS's
-        raise FlagError(source, url, JOB_SERVER_ALLOWED, "is not a Ray job server (it does not answer in HTTP)") from None
-    except (OSError, ValueError) as e:  # a timeout, a reset, an answer that is not Ray's
-        raise FlagError(source, url, JOB_SERVER_ALLOWED, f"is not a Ray job server (GET /api/version: {first_line(e)})") from None
+    status, answer = _probe(url, source, {})
+    token = None
+    if status in WANTS_TOKEN:  # Ray's token authentication is on there: send the cluster's token, found as Ray finds it
+        token = find_token()
+        if token is None:
+            raise token_required(url)
+        status, answer = _probe(url, source, token.headers())
+        if status in WANTS_TOKEN:
+            raise token_refused(url, token, answer)
     try:
         import aiohttp  # noqa: F401 - what Ray's job client needs beyond ray itself (ray[default])
+        from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
     except ImportError as e:
         raise KdTuneError(f"Ray's job client is not installed ({first_line(e)}); pip install 'kd-tune[cluster]' (ray[default])") from None
@@ -173,12 +171,37 @@ def connect(address: str | None, env: Sequence[str] = SUBMIT_ADDRESS_ENV) -> Job
     try:
         # The server has just answered the probe above, so a connection error now is a dashboard busy starting a
         # job's driver dropping a connection (seen on a loaded 2-core head): worth another try or two.
-        client = retried(lambda: JobSubmissionClient(url), ConnectionError, CLIENT_RETRY_WAITS_S)
+        client = retried(lambda: JobSubmissionClient(url, headers=token.headers() if token else None), ConnectionError, CLIENT_RETRY_WAITS_S)
+    except AuthenticationError as e:  # e.g. $RAY_AUTH_MODE=token here and no token anywhere: Ray's client refuses to start
+        raise TokenError(f"Ray's job client for {url}: {first_line(e)}") from None
     except (ConnectionError, RuntimeError) as e:
         raise KdTuneError(f"the job server at {url} refused the connection: {first_line(e)}") from None
     finally:
         os.environ.update(saved)
     return JobServer(url, client)
+
+
+def _probe(url: str, source: str, headers: dict[str, str]) -> tuple[int, str]:
+    """``GET /api/version`` within a few seconds: (200, "") from a Ray job server, (401 or 403, its answer) from one
+    that wants a token (another, or none). Raises :class:`FlagError` naming ``source`` when no Ray job server answers."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=headers), timeout=CONNECT_TIMEOUT_S) as r:
+            answer = json.loads(r.read())
+        if not isinstance(answer, dict) or "ray_version" not in answer:
+            raise ValueError("no Ray version in its answer")
+        return 200, ""
+    except urllib.error.HTTPError as e:
+        if e.code in WANTS_TOKEN:
+            body = (e.read() if e.fp else b"").decode(errors="replace").strip()
+            return e.code, body.splitlines()[0] if body else f"HTTP {e.code}"
+        raise FlagError(source, url, JOB_SERVER_ALLOWED, f"is not a Ray job server (GET /api/version: HTTP {e.code})") from None
+    except urllib.error.URLError as e:
+        reason = first_line(e.reason) if isinstance(e.reason, BaseException) else str(e.reason)
+        raise FlagError(source, url, JOB_SERVER_ALLOWED, f"no job server answers there ({reason})") from None
+    except http.client.HTTPException:  # a port that does not speak HTTP, such as the GCS's
+        raise FlagError(source, url, JOB_SERVER_ALLOWED, "is not a Ray job server (it does not answer in HTTP)") from None
+    except (OSError, ValueError) as e:  # a timeout, a reset, an answer that is not Ray's
+        raise FlagError(source, url, JOB_SERVER_ALLOWED, f"is not a Ray job server (GET /api/version: {first_line(e)})") from None
 
 
 def retried(make: Callable[[], Any], transient: type[BaseException], waits: Sequence[float], sleep: Callable[[float], None] = time.sleep) -> Any:
