@@ -109,7 +109,7 @@ BAD = [
     ("teacher.clean", "no", "teacher.clean", "true or false"),
     ("grid.label_noise", [0.0, 1.0], "grid.label_noise[1]", "number in [0, 1)"),
     ("grid.label_noise", [], "grid.label_noise", "non-empty list"),
-    ("dataset.name", "cifar100", "dataset.name", "one of mnist, fashion_mnist, cifar10"),
+    ("dataset.name", "cifar1000", "dataset.name", "one of mnist, fashion_mnist, cifar10, cifar100"),
 ]
 
 

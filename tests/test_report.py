@@ -215,14 +215,14 @@ def test_results_table_takes_a_finished_trials_last_epoch_from_its_last_result_w
     point = TrialPoint("student", 0.5, 3.0, 5, 0, milestones=(3, 5))
     files = pd.DataFrame([{"epoch": e, "test_acc": 0.5 + e / 100, "test_loss": 1.0, "teacher_agreement": 0.9} for e in (1, 2, 3)])
     last = {"epoch": 5, "test_acc": 0.61, "test_loss": 0.8, "teacher_agreement": 0.95, "trial_id": "t1"}
-    label = point.label
-    pack_files = files.rename(columns=lambda c: f"members/{label}/{c}")
+    other = TrialPoint("student", 0.5, 3.0, 5, 1, milestones=(3, 5))  # a pack of two (a pack of one is one point's trial)
+    pack_files = pd.concat([files.rename(columns=lambda c, p=p: f"members/{p.label}/{c}") for p in (point, other)], axis=1)
     trials = [SimpleNamespace(config=encode_point(point), metrics=last, metrics_dataframe=files, error=None),
-              SimpleNamespace(config=encode_pack([point]), metrics={"epoch": 5, "members": {label: last}, "trial_id": "t2"},
-                              metrics_dataframe=pack_files, error=None)]
+              SimpleNamespace(config=encode_pack([point, other]), metrics={"epoch": 5, "members": {point.label: last, other.label: last},
+                              "trial_id": "t2"}, metrics_dataframe=pack_files, error=None)]
     table = results_table(trials, {"t1", "t2"})  # type: ignore[arg-type]
-    assert list(table["status"]) == ["finished"] * 4 and list(table["how"]) == ["restored"] * 4
-    assert sorted(table["test_acc"]) == pytest.approx([0.53, 0.53, 0.61, 0.61])  # epoch 3 from the files, epoch 5 from the last result
+    assert list(table["status"]) == ["finished"] * 6 and list(table["how"]) == ["restored"] * 6
+    assert sorted(table["test_acc"]) == pytest.approx([0.53] * 3 + [0.61] * 3)  # epoch 3 from the files, epoch 5 from the last result
     stale = [SimpleNamespace(config=encode_point(point), metrics={**last, "epoch": 4}, metrics_dataframe=files, error=None)]
     # A last result of another epoch is not taken.
     assert list(results_table(stale)["status"]) == ["finished", "unfinished"]  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ from dataclasses import replace
 from kd_tune.cli.args import PlanArgs
 from kd_tune.spec.options import SweepOptions, apply_overrides
 from kd_tune.spec.parse import load_space
+from kd_tune.spec.schema import SweepSpec
 
 
 def show_plan(args: PlanArgs) -> int:
@@ -30,6 +31,8 @@ def show_plan(args: PlanArgs) -> int:
         trials = f"{n} {'packed ' if spec.packed else ''}trial{'' if n == 1 else 's'}" + (f" of up to {spec.resources.pack_size} students" if spec.packed else "")
         print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {trials} "
               f"(epoch sharing {'on' if spec.share_epochs else 'off'}{f'; {precision}' if precision else ''})")
+    for line in model_lines(spec):
+        print(line)
     if spec.packed:
         packs = spec.packs()
         why = ("resources.pack / --pack" if spec.resources.pack is not None else
@@ -57,3 +60,19 @@ def show_plan(args: PlanArgs) -> int:
     print(f"student epochs: {spec.student_epochs()} (with sharing {shared.student_epochs()}, without {separate.student_epochs()}: "
           f"sharing saves {saved}, {saved / separate.student_epochs():.0%})")
     return 0
+
+
+def model_lines(spec: SweepSpec) -> list[str]:
+    """The sweep's students and teachers (each ``grid.student`` / ``grid.teacher`` entry by name), and which do not pack."""
+    lines = []
+    for name, student in spec.students().items():
+        lines.append(f"student{f' {name}' if name else ''}: {student.model.describe()}, lr {student.lr:g}, batch {student.batch_size}")
+    for name, teacher in spec.teachers().items():
+        what = (f"pre-trained, from {teacher.source}" if teacher.source is not None else
+                f"{teacher.model.describe()}, {teacher.epochs} epochs" + (f", augment {teacher.augment}" if teacher.augment != "none" else "")
+                + (f", ensemble of {teacher.ensemble}" if teacher.ensemble > 1 else ""))
+        lines.append(f"teacher{f' {name}' if name else ''}: {what}")
+    for name in spec.unpacked_students():
+        arch = spec.students()[name].arch
+        lines.append(f"note: students of {arch}{f' (grid.student.{name})' if name else ''} do not pack: one per trial")
+    return lines

@@ -61,4 +61,16 @@ REGISTRY: dict[str, DatasetInfo] = {
         how_to_provide="download cifar-10-python.tar.gz (the CIFAR-10 python version) and extract it there, "
                        "so that cifar-10-batches-py/ holds data_batch_1..5 and test_batch",
     ),
+    "cifar100": DatasetInfo(
+        name="cifar100",
+        torchvision_class="CIFAR100",
+        shape=(3, 32, 32),
+        num_classes=100,
+        train_count=50000,
+        test_count=10000,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        how_to_provide="download cifar-100-python.tar.gz (the CIFAR-100 python version) and extract it there, "
+                       "so that cifar-100-python/ holds train and test",
+    ),
 }

@@ -175,12 +175,15 @@ def _fashion_mnist_offline(root: Path) -> None:
     write_verified(root, files, _FASHION_MD5)
 
 
-def _cifar10_read(info: DatasetInfo, root: Path, train: bool) -> tuple[Any, Any]:
-    from torchvision.datasets import CIFAR10
+def _cifar_read(info: DatasetInfo, root: Path, train: bool) -> tuple[Any, Any]:
+    """CIFAR-10 or CIFAR-100 (its 100 fine labels) from the python version's pickled batches, each checked against
+    torchvision's md5 and read with the restricted unpickler (numpy arrays and lists only)."""
+    import torchvision.datasets
 
+    cifar = getattr(torchvision.datasets, info.torchvision_class)
     xs, ys = [], []
-    for name, md5 in CIFAR10.train_list if train else CIFAR10.test_list:
-        path = root / CIFAR10.base_folder / name
+    for name, md5 in cifar.train_list if train else cifar.test_list:
+        path = root / cifar.base_folder / name
         if not path.exists():
             raise RuntimeError(f"Dataset not found: {path}")
         raw = path.read_bytes()
@@ -192,17 +195,20 @@ def _cifar10_read(info: DatasetInfo, root: Path, train: bool) -> tuple[Any, Any]
     return np.concatenate(xs), np.asarray(ys)
 
 
-def _cifar10_fetch(info: DatasetInfo, root: Path) -> None:
-    from torchvision.datasets import CIFAR10
+def _cifar_fetch(info: DatasetInfo, root: Path) -> None:
+    """torchvision's download of the archive (where the internet is reachable), md5-checked, extracted under root."""
+    import torchvision.datasets
     from torchvision.datasets.utils import download_and_extract_archive
 
-    download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    cifar = getattr(torchvision.datasets, info.torchvision_class)
+    download_and_extract_archive(cifar.url, str(root), filename=cifar.filename, md5=cifar.tgz_md5)
 
 
 SOURCES: dict[str, Source] = {
     "mnist": Source(offline=_mnist_offline, reader=_idx_read),
     "fashion_mnist": Source(offline=_fashion_mnist_offline, reader=_idx_read),
-    "cifar10": Source(reader=_cifar10_read, fetcher=_cifar10_fetch),
+    "cifar10": Source(reader=_cifar_read, fetcher=_cifar_fetch),
+    "cifar100": Source(reader=_cifar_read, fetcher=_cifar_fetch),
 }
 
 

@@ -72,16 +72,23 @@ def flip_labels(labels: torch.Tensor, fraction: float, seed: int, num_classes: i
 
 
 def prepare(name: str, train_size: int | None, label_noise: float, seed: int, root: Path | None = None, log: Callable[[str], None] = print,
-            *, val_size: int = 0, normalize: bool = False) -> DataSplit:
+            *, val_size: int = 0, normalize: bool = False, path: str | None = None, test_split: float = 0.0) -> DataSplit:
     """Load a dataset, hold out the validation split, then apply the sweep's subset and label noise
     (never to validation or test labels).
 
     The validation images come out of the whole training set first (stratified, seeded), so the
     same ``val_size`` and seed hold out the same images whatever ``train_size`` is. Raises
-    :class:`UsageError` when the files hold too few training images for ``val_size`` + ``train_size``.
+    :class:`UsageError` when the files hold too few training images for ``val_size`` + ``train_size``. ``path``: your
+    own data (:mod:`kd_tune.data.custom`) named ``name``, its test set ``test_split`` of it when it has none.
     """
-    info, train_x, train_y, test_x, test_y = load(name, root, log)
-    where = f"{name!r} under {root or default_data_dir()}"
+    if path is not None:
+        from kd_tune.data.custom import load_own
+
+        info, train_x, train_y, test_x, test_y = load_own(path, name, test_split, seed)
+        where = repr(path)
+    else:
+        info, train_x, train_y, test_x, test_y = load(name, root, log)
+        where = f"{name!r} under {root or default_data_dir()}"
     if val_size:
         if val_size > train_y.numel() - info.num_classes:
             raise UsageError(f"dataset.val_size = {val_size} leaves fewer than one training image per class of the {train_y.numel()} "

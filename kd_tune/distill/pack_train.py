@@ -1,4 +1,4 @@
-"""Training a pack: K students of one :class:`~kd_tune.distill.packed.PackedCNN` as ``kd_tune.distill.train.train``
+"""Training a pack: K students of one packed model (:mod:`kd_tune.distill.packed`) as ``kd_tune.distill.train.train``
 trains one, each with its own seed, alpha, temperature, labels and teacher; a member that diverges is masked out
 alone. Plain PyTorch."""
 
@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
+from kd_tune.distill.augment import NO_AUGMENT, Augment, epoch_generator
 from kd_tune.distill.losses import DEFAULT_LOSS, get_loss
 from kd_tune.distill.metrics import Evaluation, evaluations, validations
-from kd_tune.distill.packed import PackedCNN
+from kd_tune.distill.online import OnlineTeacher
+from kd_tune.distill.packed import member_model, pack_size
 from kd_tune.distill.train import EpochMetrics, TensorData, epoch_order, eval_batch, predict_logits, step_precision
 from kd_tune.errors import DivergedError
 
@@ -56,9 +60,13 @@ class PackData:
     val_x: torch.Tensor | None = None
     """Validation images (None: no validation split), shared by every member, as ``TensorData.val_x``."""
     val_y: torch.Tensor | None = None
+    online_teachers: Sequence[OnlineTeacher] | None = None
+    """Live teachers instead of ``teacher_train`` (a member's ``teacher`` is a row of this list): each scores the
+    (augmented) batch of each data order its members use, once per step (:mod:`kd_tune.distill.online`)."""
 
     def member_data(self, member: Member) -> TensorData:
         """What ``kd_tune.distill.train.train`` would get for this member alone."""
+        online = None if member.teacher is None or self.online_teachers is None else self.online_teachers[member.teacher]
         return TensorData(
             self.train_x,
             self.train_labels[member.labels],
@@ -68,15 +76,17 @@ class PackData:
             None if member.teacher_test is None or self.teacher_test is None else self.teacher_test[member.teacher_test],
             self.val_x,
             self.val_y,
+            online,
         )
 
 
 @torch.no_grad()
-def pack_logits(model: PackedCNN, images: Sequence[torch.Tensor], rows: Sequence[int], packed: bool | None = None) -> list[torch.Tensor]:
+def pack_logits(model: nn.Module, images: Sequence[torch.Tensor], rows: Sequence[int], packed: bool | None = None,
+                margs: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
     """Logits [len(rows), N, classes] of members ``rows`` on each image set [N, C, H, W] of ``images``.
 
     ``packed``: one packed forward per chunk of images (every member's logits at once), else each member as a
-    stand-alone ``SeedCNN`` (copied once for all the image sets). None: packed except on a CPU, where a packed
+    stand-alone model (copied once for all the image sets: of ``margs``, else a ``PackedCNN``'s own). None: packed except on a CPU, where a packed
     forward was 0.4-1.0x as fast as the members one by one in chunks of 2,048 images and 0.5-1.3x in the current chunks of
     128 (K = 1 ... 16, 1 thread, two runs; ``benchmarks/pack_bench.py --eval``, RESULTS.md); on a GPU a student's
     forward is launch-bound, as its step is.
@@ -84,10 +94,10 @@ def pack_logits(model: PackedCNN, images: Sequence[torch.Tensor], rows: Sequence
     if packed is None:
         packed = images[0].device.type != "cpu"
     if not packed:
-        students = [model.member(i) for i in rows]
+        students = [member_model(model, margs, i) if margs is not None else model.member(i) for i in rows]  # type: ignore[operator]
         return [torch.stack([predict_logits(student, x) for student in students]) for x in images]
     # Chunks of eval_batch() images for one student, fewer for a wide pack: K * chunk activations stay bounded.
-    chunk = max(1, min(eval_batch(images[0].device), EVAL_STUDENT_IMAGES // model.k))
+    chunk = max(1, min(eval_batch(images[0].device), EVAL_STUDENT_IMAGES // pack_size(model)))
     was_training = model.training
     model.eval()
     out = [torch.cat([model(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)], dim=1)[list(rows)] for x in images]
@@ -96,7 +106,8 @@ def pack_logits(model: PackedCNN, images: Sequence[torch.Tensor], rows: Sequence
 
 
 def evaluate_pack(
-    model: PackedCNN, data: PackData, members: Sequence[Member], which: Sequence[int], packed: bool | None = None
+    model: nn.Module, data: PackData, members: Sequence[Member], which: Sequence[int], packed: bool | None = None,
+    margs: Mapping[str, Any] | None = None,
 ) -> dict[int, tuple[Evaluation, tuple[float | None, float | None]]]:
     """What ``evaluate`` and ``validate`` of ``kd_tune.distill.train`` give member k alone, for each k in ``which``: the
     members' logits (``pack_logits``, ``packed`` as there) scored all at once, so that a GPU syncs a few times
@@ -108,10 +119,10 @@ def evaluate_pack(
                 for i in rows]
     vals: list[tuple[float | None, float | None]]
     if data.val_x is None or data.val_y is None:
-        (test,) = pack_logits(model, [data.test_x], rows, packed)
+        (test,) = pack_logits(model, [data.test_x], rows, packed, margs)
         vals = [(None, None)] * len(rows)
     else:
-        test, val = pack_logits(model, [data.test_x, data.val_x], rows, packed)
+        test, val = pack_logits(model, [data.test_x, data.val_x], rows, packed, margs)
         vals = validations(val, data.val_y)
     tests = evaluations(test, data.test_y, teachers)
     return {i: (ev, val) for i, ev, val in zip(rows, tests, vals, strict=True)}
@@ -125,16 +136,17 @@ class PackResult:
     """Members whose epoch-mean loss was NaN or infinite, with that epoch and loss."""
 
 
-def _check(model: PackedCNN, data: PackData, members: Sequence[Member]) -> int:
-    if len(members) != model.k:
-        raise ValueError(f"{len(members)} members for a pack of {model.k}")
+def _check(model: nn.Module, data: PackData, members: Sequence[Member]) -> int:
+    if len(members) != pack_size(model):
+        raise ValueError(f"{len(members)} members for a pack of {pack_size(model)}")
     epochs = {m.epochs for m in members}
     if len(epochs) != 1:
         raise ValueError(f"all members of a pack train the same number of epochs, got {sorted(epochs)}")
     for i, m in enumerate(members):
         if not 0 <= m.labels < data.train_labels.shape[0]:
             raise ValueError(f"member {i}: labels row {m.labels} of {data.train_labels.shape[0]}")
-        if m.teacher is not None and (data.teacher_train is None or not 0 <= m.teacher < data.teacher_train.shape[0]):
+        rows = len(data.online_teachers) if data.online_teachers is not None else None if data.teacher_train is None else data.teacher_train.shape[0]
+        if m.teacher is not None and (rows is None or not 0 <= m.teacher < rows):
             raise ValueError(f"member {i}: teacher row {m.teacher} but teacher_train is {None if data.teacher_train is None else tuple(data.teacher_train.shape)}")
         if m.teacher_test is not None and (data.teacher_test is None or not 0 <= m.teacher_test < data.teacher_test.shape[0]):
             raise ValueError(f"member {i}: teacher_test row {m.teacher_test} but teacher_test is {None if data.teacher_test is None else tuple(data.teacher_test.shape)}")
@@ -142,7 +154,7 @@ def _check(model: PackedCNN, data: PackData, members: Sequence[Member]) -> int:
 
 
 def pack_epoch(
-    model: PackedCNN,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: PackData,
     members: Sequence[Member],
@@ -151,12 +163,18 @@ def pack_epoch(
     active: torch.Tensor | None = None,
     precision: str = "float32",
     loss: str = DEFAULT_LOSS,
+    augment: Augment = NO_AUGMENT,
 ) -> torch.Tensor:
     """Train the pack for epoch ``epoch`` (1-based); returns each member's summed (total, hard, distill) losses [K, 3], on the device.
 
     ``active`` [K] bool masks members out of the objective (a diverged member's NaN then reaches nothing).
     ``precision``: the forward's arithmetic, as in ``kd_tune.distill.train.train``; ``loss``: a registered loss with a pack form.
+    ``augment``: each data order's batch augmented with its own draws (those of (seed, epoch), as a member alone would
+    draw them), then scored by each live teacher its members learn from: once per (data order, teacher) and step, however
+    many members share them.
     """
+    if augment.active and data.teacher_train is not None:
+        raise ValueError("augmented batches with cached teacher logits: the logits are of the plain images")
     pack_terms = get_loss(loss).pack_terms
     if pack_terms is None:
         raise ValueError(f"loss {loss!r} has no pack form: its students train one per trial")
@@ -173,14 +191,25 @@ def pack_epoch(
     shared = len(seeds) == 1  # one data order for all: a plain first conv on one shared batch
     by_seed = {s: epoch_order(n, s, epoch) for s in seeds}
     orders = torch.stack([by_seed[m.seed] for m in members]).to(device)  # [K, N]
+    live = data.online_teachers is not None and any(m.teacher is not None for m in members)
+    draws = {s: epoch_generator(s, epoch) for s in seeds} if augment.active else None
+    slot = {s: j for j, s in enumerate(seeds)}
     sums = torch.zeros(k, 3, device=device)  # on the device: a .item() per step would stall a GPU
     for i in range(0, n, batch_size):
         idx = orders[:, i : i + batch_size]  # [K, B]
-        # Gathered [B, K, ...] and viewed as [K, B, ...], the forward's transpose back is free.
-        x = data.train_x[idx[0]] if shared else data.train_x[idx.t()].transpose(0, 1)
+        if draws is None and not live:
+            # Gathered [B, K, ...] and viewed as [K, B, ...], the forward's transpose back is free.
+            x = data.train_x[idx[0]] if shared else data.train_x[idx.t()].transpose(0, 1)
+            teacher = data.teacher_train[teacher_rows, idx] if use_teacher and data.teacher_train is not None else None
+        else:
+            # One batch per data order (augmented with that order's draws), each scored once by each live teacher it needs.
+            batches = [data.train_x[by_seed[s][i : i + batch_size].to(device)] for s in seeds]
+            if draws is not None:
+                batches = [augment(b, draws[s]) for b, s in zip(batches, seeds, strict=True)]
+            x = batches[0] if shared else torch.stack([batches[slot[m.seed]] for m in members])
+            teacher = _live_logits(data, members, batches, slot) if live else None
         with step_precision(device, precision):
             logits = model(x)
-        teacher = data.teacher_train[teacher_rows, idx] if use_teacher and data.teacher_train is not None else None
         terms = pack_terms(logits.float(), teacher, data.train_labels[label_rows, idx], alpha, temperature, has_teacher)
         optimizer.zero_grad(set_to_none=True)
         torch.where(active, terms.total, 0.0).sum().backward()
@@ -189,8 +218,21 @@ def pack_epoch(
     return sums
 
 
+def _live_logits(data: PackData, members: Sequence[Member], batches: list[torch.Tensor], slot: dict[int, int]) -> torch.Tensor:
+    """[K, B, classes]: each member's live teacher's logits on its data order's batch; zeros for a member without one
+    (``pack_loss_terms`` ignores its row). Each (data order, teacher) pair is scored once."""
+    assert data.online_teachers is not None
+    scored: dict[tuple[int, int], torch.Tensor] = {}
+    for m in members:
+        if m.teacher is not None and (slot[m.seed], m.teacher) not in scored:
+            scored[slot[m.seed], m.teacher] = data.online_teachers[m.teacher](batches[slot[m.seed]])
+    classes = next(iter(scored.values())).shape[-1]
+    zeros = torch.zeros(batches[0].shape[0], classes, device=batches[0].device)
+    return torch.stack([scored[slot[m.seed], m.teacher] if m.teacher is not None else zeros for m in members])
+
+
 def train_pack(
-    model: PackedCNN,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: PackData,
     members: Sequence[Member],
@@ -203,6 +245,8 @@ def train_pack(
     on_epoch_end: Callable[[int], None] | None = None,
     precision: str = "float32",
     loss: str = DEFAULT_LOSS,
+    margs: Mapping[str, Any] | None = None,
+    augment: Augment = NO_AUGMENT,
 ) -> PackResult:
     """``kd_tune.distill.train.train`` for K members at once, from the end of epoch ``start_epoch`` to the members' ``epochs``.
 
@@ -225,7 +269,7 @@ def train_pack(
             break
         t0 = time.perf_counter()
         mask = torch.tensor(active, device=data.train_x.device)
-        sums = pack_epoch(model, optimizer, data, members, epoch, batch_size, mask, precision, loss)
+        sums = pack_epoch(model, optimizer, data, members, epoch, batch_size, mask, precision, loss, augment)
         means = (sums / n).tolist()  # the one host sync of the epoch
         for i, (total, _, _) in enumerate(means):
             if active[i] and not math.isfinite(total):
@@ -233,7 +277,7 @@ def train_pack(
                 result.diverged[i] = DivergedError(epoch, total)
                 if on_diverged is not None:
                     on_diverged(i, result.diverged[i])
-        evaluations = evaluate_pack(model, data, members, [i for i in range(k) if active[i]])
+        evaluations = evaluate_pack(model, data, members, [i for i in range(k) if active[i]], margs=margs)
         seconds = (time.perf_counter() - t0) / max(1, len(evaluations))
         for i, (ev, (val_acc, val_loss)) in evaluations.items():
             total, hard, distill = means[i]

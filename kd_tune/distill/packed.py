@@ -1,4 +1,4 @@
-"""Packed students: K students of ``SeedCNN`` as one wide model. Plain PyTorch, like train.py.
+"""Packed students: K students of one architecture as one wide model (``cnn`` and ``mlp``). Plain PyTorch.
 
 The study's student (16/32 filters, 20,490 parameters) is far too small to keep a GPU busy: one student's step is a
 few dozen kernel launches on tiny tensors. Stacking K students' parameters turns K launch-bound steps into one step
@@ -14,18 +14,25 @@ being elementwise, on the packed parameters is K independent Adams. A packed run
 ``kd_tune.distill.train.train`` only by float reassociation inside the (grouped) convolutions and matmuls (see
 tests/test_packed.py for the measured size of that). Member k's weights round-trip losslessly to an ordinary
 ``SeedCNN`` state dict (``state_dicts``, ``from_state_dicts``), so a pack's checkpoint holds ordinary students.
+
+An ``mlp`` pack (:class:`PackedMLP`) is the same idea with batched matmuls: layer l of member k is ``W_l[k]``. Which
+architectures pack, and how: :data:`PACKS` (:func:`pack_from_state_dicts`); the others train one student per trial.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_tune.distill.models import build
 from kd_tune.distill.models.cnn import SeedCNN, build_cnn
+from kd_tune.distill.models.mlp import MLP
 
 StateDict = dict[str, torch.Tensor]
 
@@ -165,6 +172,11 @@ class PackedCNN(nn.Module):
         model.load_state_dict(self.member_state_dict(k))
         return model
 
+    @classmethod
+    def from_model_args(cls, margs: Mapping[str, Any], state_dicts: Sequence[StateDict], channels_last: bool = True) -> PackedCNN:
+        return cls.from_state_dicts(state_dicts, margs["args"].get("widths", (16, 32)), tuple(margs["in_shape"]),
+                                    int(margs["num_classes"]), channels_last)
+
 
 def channels_last_on(device: torch.device | str) -> bool:
     """The faster activation layout of a pack on ``device``: channels_last on a CPU (the stride-1 max-pool,
@@ -178,3 +190,89 @@ def build_pack(
     """A pack whose member k starts exactly as ``build_cnn(widths, in_shape, num_classes, seeds[k])``."""
     state_dicts = [build_cnn(tuple(widths), in_shape, num_classes, s).state_dict() for s in seeds]
     return PackedCNN.from_state_dicts(state_dicts, widths, in_shape, num_classes, channels_last)
+
+
+class PackedMLP(nn.Module):
+    """K ``MLP`` students with the same hidden sizes as one model: each layer a batched matmul over the members;
+    logits come out as [K, B, classes]. Each member's dropout masks are its own (drawn for [K, B, units])."""
+
+    def __init__(self, k: int, in_shape: tuple[int, int, int], num_classes: int, hidden: Sequence[int], dropout: float = 0.0,
+                 input_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.k, self.in_shape, self.num_classes, self.hidden = k, in_shape, num_classes, tuple(hidden)
+        self.dropout, self.input_dropout = dropout, input_dropout
+        sizes = [math.prod(in_shape), *self.hidden, num_classes]
+        self.weights = nn.ParameterList([nn.Parameter(torch.zeros(k, b, a)) for a, b in zip(sizes, sizes[1:], strict=False)])
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(k, b)) for b in sizes[1:]])
+        with torch.device("meta"):  # the names of an MLP's Linear layers: the keys of its state dict
+            template = MLP(in_shape, num_classes, self.hidden, dropout, input_dropout)
+        self.names = [n for n, m in template.named_modules() if isinstance(m, nn.Linear)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: a shared batch [B, C, H, W] or per-member batches [K, B, C, H, W]; returns logits [K, B, classes]."""
+        h = x.flatten(2) if x.dim() == 5 else x.flatten(1)
+        if h.dim() == 2 and (self.input_dropout == 0 or not self.training):
+            h = torch.einsum("bf,kof->kbo", h, self.weights[0]) + self.biases[0][:, None, :]  # one shared batch: no copy per member
+        else:
+            h = h.expand(self.k, *h.shape) if h.dim() == 2 else h
+            h = F.dropout(h, self.input_dropout, self.training)
+            h = torch.baddbmm(self.biases[0][:, None, :], h, self.weights[0].transpose(1, 2))
+        for w, b in zip(list(self.weights)[1:], list(self.biases)[1:], strict=True):
+            h = F.dropout(F.relu(h), self.dropout, self.training)
+            h = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
+        return h
+
+    @classmethod
+    def from_model_args(cls, margs: Mapping[str, Any], state_dicts: Sequence[StateDict], channels_last: bool = True) -> PackedMLP:
+        """A pack of the ``mlp`` students of ``margs`` whose ordinary state dicts are given (on their device)."""
+        a = margs["args"]
+        pack = cls(len(state_dicts), tuple(margs["in_shape"]), int(margs["num_classes"]), a.get("hidden", (800, 800)),
+                   a.get("dropout", 0.0), a.get("input_dropout", 0.0))
+        pack.to(next(iter(state_dicts[0].values())).device)
+        with torch.no_grad():
+            for i, name in enumerate(pack.names):
+                pack.weights[i].copy_(torch.stack([sd[f"{name}.weight"] for sd in state_dicts]))
+                pack.biases[i].copy_(torch.stack([sd[f"{name}.bias"] for sd in state_dicts]))
+        return pack
+
+    def member_state_dict(self, k: int) -> StateDict:
+        """Member k as an ordinary ``MLP`` state dict (copies)."""
+        out = {}
+        for i, name in enumerate(self.names):
+            out[f"{name}.weight"] = self.weights[i][k].detach().clone()
+            out[f"{name}.bias"] = self.biases[i][k].detach().clone()
+        return out
+
+
+PackFactory = Callable[[Mapping[str, Any], Sequence[StateDict], bool], nn.Module]
+PACKS: dict[str, PackFactory] = {"cnn": PackedCNN.from_model_args, "mlp": PackedMLP.from_model_args}
+"""Architecture -> how K of its students become one packed model (the spec's ``Family.packs`` says the same)."""
+
+
+def pack_from_state_dicts(margs: Mapping[str, Any], state_dicts: Sequence[StateDict], channels_last: bool = True) -> nn.Module:
+    """The packed model of the students of ``margs`` (:func:`kd_tune.distill.models.model_args`) whose state dicts are given."""
+    if margs["arch"] not in PACKS:
+        raise ValueError(f"students of {margs['arch']!r} do not pack; allowed: {', '.join(PACKS)}")
+    return PACKS[margs["arch"]](margs, state_dicts, channels_last)
+
+
+def member_model(pack: nn.Module, margs: Mapping[str, Any], k: int) -> nn.Module:
+    """Member k of a pack as a stand-alone model of ``margs`` (a copy); the global RNG is untouched."""
+    model = build(margs, seed=0).to(next(pack.parameters()).device)
+    model.load_state_dict(member_state_dict(pack, k))
+    return model
+
+
+def pack_size(pack: nn.Module) -> int:
+    """K, the students of a packed model."""
+    k = getattr(pack, "k", None)
+    if not isinstance(k, int):
+        raise TypeError(f"{type(pack).__name__} is not a packed model")
+    return k
+
+
+def member_state_dict(pack: nn.Module, k: int) -> StateDict:
+    """Member k of a packed model as an ordinary state dict of its architecture (copies)."""
+    if not isinstance(pack, PackedCNN | PackedMLP):
+        raise TypeError(f"{type(pack).__name__} is not a packed model")
+    return pack.member_state_dict(k)

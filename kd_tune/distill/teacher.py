@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kd_tune.data.split import DataSplit, data_hash
+from kd_tune.distill.augment import Augment
 from kd_tune.distill.metrics import Evaluation
 from kd_tune.distill.models import build, model_args
 from kd_tune.distill.train import EpochMetrics, TensorData, make_optimizer, predict_logits, train
@@ -30,8 +31,9 @@ class Teacher:
     """A trained teacher and its logits on the training and test images (CPU tensors)."""
 
     key: str
-    model_args: dict[str, Any]
-    """What rebuilds the teacher's network (:func:`kd_tune.distill.models.model_args`)."""
+    model_args: dict[str, Any] | None
+    """What rebuilds the teacher's network (:func:`kd_tune.distill.models.model_args`); None for a pre-trained
+    ``torch.export`` program."""
     state_dict: dict[str, torch.Tensor]
     train_logits: torch.Tensor
     test_logits: torch.Tensor
@@ -39,6 +41,8 @@ class Teacher:
     history: list[dict[str, float]]
     cached: bool = False
     """True when this came from the cache rather than from training now."""
+    source: str | None = None
+    """Where a pre-trained teacher was read from (``teacher.from``); None for one trained by kd-tune."""
 
 
 def teacher_key(dataset: DatasetSpec, teacher: TeacherSpec, split: DataSplit) -> str:
@@ -61,7 +65,8 @@ def train_teacher(
     def progress(m: EpochMetrics, _: Evaluation) -> None:
         log(f"teacher epoch {m.epoch}/{spec.epochs}: train loss {m.train_loss:.4f}, test acc {m.test_acc:.4f} ({m.epoch_seconds:.1f} s)")
 
-    history = train(model, make_optimizer(model, spec.lr), data, epochs=spec.epochs, batch_size=spec.batch_size, seed=spec.seed, on_epoch=progress)
+    history = train(model, make_optimizer(model, spec.lr), data, epochs=spec.epochs, batch_size=spec.batch_size, seed=spec.seed, on_epoch=progress,
+                    augment=Augment(spec.augment, spec.augment_pad))
     train_logits = predict_logits(model, data.train_x).cpu()
     test_logits = predict_logits(model, data.test_x).cpu()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -79,3 +84,20 @@ def log_teacher_summary(teachers: list[Teacher], acc: float, log: Callable[[str]
     """An ensemble's accuracy and its members' (a single teacher was logged as it came)."""
     if len(teachers) > 1:
         log(f"ensemble of {len(teachers)} teachers: test acc {acc:.4f} (members: {', '.join(f'{t.test_acc:.4f}' for t in teachers)})")
+
+
+def teacher_from_model(model: torch.nn.Module, margs: dict[str, Any] | None, split: DataSplit, key: str, source: str,
+                       device: torch.device | str = "cpu") -> Teacher:
+    """A pre-trained teacher: its logits on the training and test images (eval mode, once) and its measured test accuracy."""
+    data = TensorData.from_split(split, device)
+    model = model.to(device)
+    train_logits = predict_logits(model, data.train_x).float().cpu()
+    test_logits = predict_logits(model, data.test_x).float().cpu()
+    acc = float((test_logits.argmax(1) == split.test_y).float().mean())
+    return Teacher(key, margs, {}, train_logits, test_logits, acc, [], source=source)
+
+
+def pretrained_key(dataset: DatasetSpec, digest: str, split: DataSplit) -> str:
+    """The cache key of a pre-trained teacher's logits: the file's digest, the dataset spec and the data's fingerprint."""
+    spec = {"format": CACHE_FORMAT, "dataset": asdict(dataset), "pretrained": digest, "data": data_hash(split)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]

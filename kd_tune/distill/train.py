@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from kd_tune.data.split import DataSplit, normalize
+from kd_tune.distill.augment import NO_AUGMENT, Augment, epoch_generator
 from kd_tune.distill.losses import DEFAULT_LOSS, get_loss
 from kd_tune.distill.metrics import Evaluation, evaluations, validations
+from kd_tune.distill.online import OnlineTeacher
 from kd_tune.errors import DivergedError
 
 EVAL_BATCH = 2048
@@ -48,6 +50,13 @@ class TensorData:
     val_x: torch.Tensor | None = None
     """Validation images held out of training (None: no validation split): what selection looks at."""
     val_y: torch.Tensor | None = None
+    online_teacher: OnlineTeacher | None = None
+    """A live teacher instead of ``teacher_train``: run on each (augmented) training batch (:mod:`kd_tune.distill.online`)."""
+
+    @property
+    def distills(self) -> bool:
+        """Whether there is a teacher to learn from (cached logits or a live network)."""
+        return self.teacher_train is not None or self.online_teacher is not None
 
     @classmethod
     def from_split(
@@ -163,19 +172,26 @@ def train_epoch(
     temperature: float = 1.0,
     precision: str = "float32",
     loss: str = DEFAULT_LOSS,
+    augment: Augment = NO_AUGMENT,
 ) -> torch.Tensor:
     """Train for epoch ``epoch`` (1-based, its order :func:`epoch_order`); returns the summed (total, hard, distill)
-    losses [3], on the device (``kd_tune.distill.pack_train.pack_epoch`` is its twin for a pack)."""
+    losses [3], on the device (``kd_tune.distill.pack_train.pack_epoch`` is its twin for a pack). ``augment``: what each
+    batch goes through first (its draws a function of (seed, epoch) alone); then the teacher, if any, must be live
+    (``data.online_teacher``, which scores the augmented batch): cached logits are of the plain images."""
+    if augment.active and data.teacher_train is not None:
+        raise ValueError("augmented batches with cached teacher logits: the logits are of the plain images")
     loss_terms = get_loss(loss).terms
     n = data.train_x.shape[0]
     order = epoch_order(n, seed, epoch).to(data.train_x.device)
+    draws = epoch_generator(seed, epoch) if augment.active else None
     # Sums stay on the device: a .item() per batch would stall a GPU every step.
     sums = torch.zeros(3, device=data.train_x.device)
     for i in range(0, n, batch_size):
         idx = order[i : i + batch_size]
+        x = data.train_x[idx] if draws is None else augment(data.train_x[idx], draws)
         with step_precision(data.train_x.device, precision):
-            logits = model(data.train_x[idx])
-        teacher = None if data.teacher_train is None else data.teacher_train[idx]
+            logits = model(x)
+        teacher = data.online_teacher(x) if data.online_teacher is not None else None if data.teacher_train is None else data.teacher_train[idx]
         terms = loss_terms(logits.float(), teacher, data.train_y[idx], alpha, temperature)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
@@ -198,6 +214,7 @@ def train(
     on_epoch: Callable[[EpochMetrics, Evaluation], None] | None = None,
     precision: str = "float32",
     loss: str = DEFAULT_LOSS,
+    augment: Augment = NO_AUGMENT,
 ) -> list[EpochMetrics]:
     """Train from the end of epoch ``start_epoch`` to the end of epoch ``epochs``.
 
@@ -211,7 +228,7 @@ def train(
     model.train()
     for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
-        sums = train_epoch(model, optimizer, data, epoch, batch_size, seed, alpha, temperature, precision, loss)
+        sums = train_epoch(model, optimizer, data, epoch, batch_size, seed, alpha, temperature, precision, loss, augment)
         total, hard, distill = (sums / n).tolist()  # the one host sync of the epoch
         if not math.isfinite(total):
             raise DivergedError(epoch, total)

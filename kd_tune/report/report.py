@@ -10,7 +10,7 @@ a sweep without a validation split selects on the test set, and the report says 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +28,8 @@ from kd_tune.report.figures import (
     fig_search_alpha_temperature,
     fig_search_best_so_far,
 )
+from kd_tune.report.model_figures import fig_accuracy_vs_alpha_by_model, fig_best_alpha, fig_pareto, has_model_axes
+from kd_tune.report.models import best_alpha, models_markdown, pareto
 from kd_tune.report.runs import load_runs, selectable
 from kd_tune.report.stats import Best, Protocol, best_config, gains_over_scratch, protocol_of, summarize
 
@@ -45,6 +47,8 @@ class Report:
     protocol: Protocol
     search: str = ""
     """For a search: its trials, how many the scheduler stopped, the student epochs it used."""
+    models: str = ""
+    """For a sweep over students or teachers: the best alpha per model and the Pareto table (:mod:`kd_tune.report.models`)."""
 
     def markdown(self) -> str:
         lines = [f"# Sweep {self.name!r}", "", self.protocol.describe(), ""]
@@ -63,6 +67,9 @@ class Report:
             cols.append("val acc %")
         if shown["label_noise"].nunique() > 1:
             cols.insert(1, "label_noise")
+        for axis in ("teacher", "student"):
+            if shown[axis].nunique() > 1:
+                cols.insert(1, axis)
         lines += ["Test accuracy per configuration (mean over seeds):", "", markdown_table(shown[cols]), ""]
         if not self.gains.empty:
             g = self.gains.copy()
@@ -75,6 +82,9 @@ class Report:
             cols = ["alpha", "temperature", "epochs", "n", "gain pp", "95% CI pp", "test", "positive", "p", "p Holm"]
             if g["label_noise"].nunique() > 1:
                 cols.insert(0, "label_noise")
+            for axis in ("teacher", "student"):
+                if g[axis].nunique() > 1:
+                    cols.insert(0, axis)
             tested = int(self.gains["p_holm"].notna().sum())
             lines += ["Gain over scratch (same epochs, seed and label noise; test accuracy, percentage points):", "",
                       markdown_table(g[cols]), ""]
@@ -85,6 +95,8 @@ class Report:
                 lines += [f"p: the test of gain = 0 for that configuration alone; p Holm: adjusted over the {tested} configurations "
                           f"tested here, so that the chance of any false non-zero gain in the table is 5 %: {held} of {tested} "
                           f"below 0.05.{best}", ""]
+        if self.models:
+            lines += [self.models, ""]
         for title, b in (("Best configuration", self.best), ("Best distilled configuration (alpha < 1)", self.best_distilled)):
             if b is None or (title != "Best configuration" and b == self.best):
                 continue
@@ -102,6 +114,7 @@ class Report:
         chosen = (f"selected on validation accuracy {100 * b.val_mean:.2f} %" if b.val_mean is not None and self.protocol.selected_on == "validation"
                   else "selected on the test set (optimistic)")
         noise = f", label noise {b.label_noise:g}" if b.label_noise else ""
+        noise += (f", student {b.student}" if b.student else "") + (f", teacher {b.teacher}" if b.teacher else "")
         return (f"{title}: alpha = {b.alpha:g}, T = {b.temperature:g}, {b.epochs} epochs{noise} ({chosen}): "
                 f"test accuracy {100 * b.mean:.2f} %{acc_ci} (n = {b.n}); over scratch at {b.epochs} epochs: {gain}, {ci}.")
 
@@ -149,6 +162,20 @@ def make_report(name: str, tracking_uri: str, out: Path) -> Report:
             confusion = fig_confusion(client, best, out)
             if confusion is not None:
                 files.append(confusion)
+    elif not summary.empty and has_model_axes(runs):
+        best_table, front = best_alpha(runs, protocol.selected_on), pareto(runs, protocol.selected_on)
+        files += [out / "best_alpha.csv", out / "pareto.csv"]
+        best_table.to_csv(files[-2], index=False)
+        front.to_csv(files[-1], index=False)
+        report = replace(report, models=models_markdown(best_table, front))
+        files.append(fig_accuracy_vs_alpha_by_model(summary, out))
+        if best_table["teacher"].nunique() > 1:
+            files.append(fig_best_alpha(best_table, "teacher_acc", "student", out, "best_alpha_vs_teacher.png"))
+        if best_table["student"].nunique() > 1:
+            files.append(fig_best_alpha(best_table, "student_parameters", "teacher", out, "best_alpha_vs_student.png"))
+        files.append(fig_pareto(front, out))
+        if best is not None:
+            files.append(fig_learning_curves(client, runs, best, out))
     elif not summary.empty:
         files.append(fig_accuracy_vs_alpha(summary, out))
         for fig in (fig_gain_vs_alpha(gains, out), fig_heatmap(summary, out)):

@@ -49,11 +49,33 @@ def load_runs(name: str, tracking_uri: str) -> tuple[pd.DataFrame, str, str]:
         "trial_id": raw.get(f"tags.{TAG_TRIAL}", pd.Series(dtype=str)),
         "start_time": raw.get("start_time", pd.Series(dtype="datetime64[ns, UTC]")),
         "stopped_at": pd.to_numeric(raw.get(f"tags.{TAG_STOPPED_AT}", pd.Series(None, index=raw.index, dtype=float))).astype("Int64"),
+        # The models: the grid.student / grid.teacher entries ("" without those axes), the student's architecture and size.
+        "student": raw.get("params.student", pd.Series("", index=raw.index, dtype=str)).fillna(""),
+        "teacher": raw.get("params.teacher", pd.Series("", index=raw.index, dtype=str)).fillna(""),
+        "student_arch": raw.get("params.student.arch", pd.Series("cnn", index=raw.index, dtype=str)).fillna("cnn"),
+        "student_parameters": pd.to_numeric(raw.get("params.student.parameters", pd.Series(None, index=raw.index, dtype=float))).astype("Int64"),
     })
     for m in METRICS:
         rows[m] = pd.to_numeric(raw[f"metrics.{m}"]) if f"metrics.{m}" in raw else float("nan")
-    rows = rows.sort_values(["role", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
+    rows["teacher_acc"] = teacher_accuracies(client.get_run(parent).data.metrics, rows)
+    rows = rows.sort_values(["role", "student", "teacher", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first",
+                            kind="stable").reset_index(drop=True)
     return rows, exp.experiment_id, parent
+
+
+def teacher_accuracies(parent_metrics: dict[str, float], runs: pd.DataFrame) -> pd.Series:
+    """The test accuracy of each run's teacher (of the scratch runs: nan), from the parent run's metrics: the sweep logs
+    ``teacher_test_acc``, and with several teachers or label-noise levels ``teacher_test_acc[_<teacher>][_noise_<level>]``."""
+    several_noise = runs["label_noise"].nunique() > 1
+
+    def acc(row: pd.Series) -> float:
+        if row["role"] != "student":
+            return float("nan")
+        name = "_".join(["teacher_test_acc", *([row["teacher"]] if row["teacher"] else []),
+                         *([f"noise_{row['label_noise']:g}"] if several_noise else [])])
+        return float(parent_metrics.get(name, parent_metrics.get("teacher_test_acc", float("nan"))))
+
+    return runs.apply(acc, axis=1) if len(runs) else pd.Series(dtype=float)
 
 
 def selectable(runs: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,8 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
-GAIN_KEYS = ["label_noise", "alpha", "temperature", "epochs"]
+GAIN_KEYS = ["student", "teacher", "label_noise", "alpha", "temperature", "epochs"]
+"""What a distilled configuration is (``student`` and ``teacher``: the grid's axes of models, "" without them)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class Best:
     gain_n: int = 0
     gain_positive: int = 0
     """Seeds on which the gain was > 0 (paired only)."""
+    student: str = ""
+    """Its ``grid.student`` entry ("" without that axis)."""
+    teacher: str = ""
+    """Its ``grid.teacher`` entry ("" without that axis)."""
 
     @property
     def ci_excludes_zero(self) -> bool | None:
@@ -164,11 +169,18 @@ def holm(p: pd.Series) -> pd.Series:
     return pd.Series([adjusted.get(i, math.nan) for i in p.index], index=p.index, dtype=float)
 
 
+def with_model_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with the ``student`` and ``teacher`` columns ("" where a frame has none: a sweep without those axes)."""
+    missing = {c: "" for c in ("student", "teacher") if c not in runs}
+    return runs.assign(**missing) if missing else runs
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, 95 % CI and n of the test accuracy over seeds, and the mean validation accuracy, per
     configuration (finished runs only)."""
+    runs = with_model_columns(runs)
     done = runs[runs["status"] == "FINISHED"]
-    keys = ["role", "label_noise", "alpha", "temperature", "epochs"]
+    keys = ["role", "student", "teacher", "label_noise", "alpha", "temperature", "epochs"]
     rows = []
     for key, group in done.groupby(keys, dropna=False, sort=True):
         mean, lo, hi, n = t_interval(group["test_acc"])
@@ -180,13 +192,14 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*keys, "n", "mean", "ci_low", "ci_high", "val_mean", "test_loss", "train_hard_loss", "train_distill_loss"])
 
 
-def _baseline(done: pd.DataFrame, noise: float, epochs: int, temperature: float) -> pd.DataFrame:
-    """The scratch runs a configuration is compared with: the scratch baseline at the same epochs and
-    label noise, else the alpha = 1 students (hard labels alone: the same training) at the same T."""
-    same = (done["epochs"] == epochs) & (done["label_noise"] == noise)
+def _baseline(done: pd.DataFrame, noise: float, epochs: int, temperature: float, student: str = "", teacher: str = "") -> pd.DataFrame:
+    """The scratch runs a configuration is compared with: the scratch baseline of the same student at the same epochs
+    and label noise, else the alpha = 1 students (hard labels alone: the same training) at the same T."""
+    same = (done["epochs"] == epochs) & (done["label_noise"] == noise) & (done["student"] == student)
     scratch = done[same & (done["role"] == "scratch")]
     if scratch.empty:
-        scratch = done[same & (done["role"] == "student") & (done["alpha"] == 1.0) & (done["temperature"] == temperature)]
+        scratch = done[same & (done["role"] == "student") & (done["alpha"] == 1.0) & (done["temperature"] == temperature)
+                       & (done["teacher"] == teacher)]
     return scratch
 
 
@@ -194,12 +207,13 @@ def gains_over_scratch(runs: pd.DataFrame) -> pd.DataFrame:
     """Per distilled configuration: the gain in test accuracy over scratch, paired by seed (paired t),
     or Welch's interval where no seed has both (then ``positive`` is not defined); ``p``, the test's
     p-value of gain = 0, and ``p_holm``, adjusted over every configuration of the table (:func:`holm`)."""
+    runs = with_model_columns(runs)
     done = runs[runs["status"] == "FINISHED"]
     rows = []
     students = done[(done["role"] == "student") & (done["alpha"] < 1.0)]
     for key, mine in students.groupby(GAIN_KEYS, sort=True):
-        noise, alpha, temperature, epochs = key
-        base = _baseline(done, noise, epochs, temperature)
+        student, teacher, noise, alpha, temperature, epochs = key
+        base = _baseline(done, noise, epochs, temperature, student, teacher)
         if base.empty:
             continue
         a, b = mine.groupby("seed")["test_acc"].mean(), base.groupby("seed")["test_acc"].mean()
@@ -208,7 +222,7 @@ def gains_over_scratch(runs: pd.DataFrame) -> pd.DataFrame:
         if n == 0:
             gain, lo, hi = welch_interval(mine["test_acc"], base["test_acc"])
             n, positive, test, p = min(len(mine), len(base)), 0, "Welch", welch_p(mine["test_acc"], base["test_acc"])
-        rows.append({"label_noise": noise, "alpha": alpha, "temperature": temperature, "epochs": epochs, "n": n,
+        rows.append({"student": student, "teacher": teacher, "label_noise": noise, "alpha": alpha, "temperature": temperature, "epochs": epochs, "n": n,
                      "gain": gain, "ci_low": lo, "ci_high": hi, "positive": positive, "test": test, "p": p})
     cols = [*GAIN_KEYS, "n", "gain", "ci_low", "ci_high", "positive", "test", "p"]
     table = pd.DataFrame(rows, columns=cols).astype({"ci_low": float, "ci_high": float, "p": float})
@@ -222,26 +236,29 @@ def best_config(runs: pd.DataFrame, summary: pd.DataFrame, gains: pd.DataFrame, 
     validation split: the highest mean test accuracy), with its test accuracy and its gain over scratch
     at the same epochs (from ``gains``, :func:`gains_over_scratch`). ``distilled_only`` keeps alpha < 1
     (the configurations that learn from the teacher at all)."""
+    runs, summary, gains = with_model_columns(runs), with_model_columns(summary), with_model_columns(gains)
     students = summary[(summary["role"] == "student") & ((summary["alpha"] < 1.0) if distilled_only else True)]
     if students.empty:
         return None
     column = "val_mean" if select_on == "validation" and students["val_mean"].notna().all() else "mean"
     b = students.sort_values(column, ascending=False, kind="stable").iloc[0]
     noise, epochs, alpha, temp = float(b["label_noise"]), int(b["epochs"]), float(b["alpha"]), float(b["temperature"])
+    student, teacher = str(b["student"]), str(b["teacher"])
     done = runs[runs["status"] == "FINISHED"]
     mine = done[(done["role"] == "student") & (done["epochs"] == epochs) & (done["label_noise"] == noise)
-                & (done["alpha"] == alpha) & (done["temperature"] == temp)]
+                & (done["alpha"] == alpha) & (done["temperature"] == temp) & (done["student"] == student) & (done["teacher"] == teacher)]
     gain, lo, hi, n, positive, test = math.nan, None, None, 0, 0, "paired t"
-    row = gains[(gains["label_noise"] == noise) & (gains["alpha"] == alpha) & (gains["temperature"] == temp) & (gains["epochs"] == epochs)]
+    row = gains[(gains["label_noise"] == noise) & (gains["alpha"] == alpha) & (gains["temperature"] == temp) & (gains["epochs"] == epochs)
+                & (gains["student"] == student) & (gains["teacher"] == teacher)]
     if len(row):
         r = row.iloc[0]
         gain, n, positive, test = float(r["gain"]), int(r["n"]), int(r["positive"]), str(r["test"])
         lo, hi = (None if pd.isna(r["ci_low"]) else float(r["ci_low"])), (None if pd.isna(r["ci_high"]) else float(r["ci_high"]))
     elif alpha == 1.0:  # hard labels alone: compared with the scratch baseline of the same seeds (a zero gain)
-        base = _baseline(done, noise, epochs, temp)
+        base = _baseline(done, noise, epochs, temp, student, teacher)
         if len(base):
             gain, lo, hi, n, positive = paired_interval(mine.groupby("seed")["test_acc"].mean(), base.groupby("seed")["test_acc"].mean())
     best_run = str(mine.sort_values("val_acc" if column == "val_mean" else "test_acc", kind="stable").iloc[-1]["run_id"])
     return Best(alpha, temp, epochs, float(b["mean"]), int(b["n"]), gain, lo, hi, best_run, noise,
                 None if pd.isna(b["ci_low"]) else float(b["ci_low"]), None if pd.isna(b["ci_high"]) else float(b["ci_high"]),
-                None if pd.isna(b["val_mean"]) else float(b["val_mean"]), test, n, positive)
+                None if pd.isna(b["val_mean"]) else float(b["val_mean"]), test, n, positive, student, teacher)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from kd_tune.spec.architectures import FAMILIES, is_factory, packs
 from kd_tune.spec.trials import TrialPoint, encode_pack, encode_point
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -51,14 +52,70 @@ class DatasetSpec:
     val_size: int = 5000
     """Training images held out as a validation split (stratified, seeded; the same for teacher and
     students, none of which trains on them); 0 = none. Reports select on it and report on test."""
+    path: str | None = None
+    """Your own data instead of a registry's: a folder in ImageFolder's layout or a .npz file (``kd_tune.data.custom``)."""
+    test_split: float = 0.0
+    """With ``path`` and no test set in it: the fraction of its images held out as the test set (seeded, stratified)."""
+    max_gb: float | None = None
+    """With ``path``: the memory the data may take as kd-tune holds it (default: half of the machine's)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An architecture and its arguments (:mod:`kd_tune.spec.architectures`; the network itself is built by
+    ``kd_tune.distill.models``). In YAML the arguments stand beside ``arch`` in the model's section (``arch: mlp,
+    hidden: [800, 800]``); a user's own factory (``arch: "package.module:function"``) takes them under ``args``."""
+
+    arch: str = "cnn"
+    args: tuple[tuple[str, Any], ...] = (("widths", (16, 32)),)
+    """The factory's keyword arguments (defaults filled in), as sorted (name, value) pairs: hashable, like the spec."""
+
+    def kwargs(self) -> dict[str, Any]:
+        """The arguments as the factory takes them (lists for tuples: JSON- and checkpoint-friendly)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.args}
+
+    @property
+    def is_factory(self) -> bool:
+        """A user's own ``package.module:function``, not an architecture of the registry."""
+        return is_factory(self.arch)
+
+    @property
+    def packs(self) -> bool:
+        """Whether students of this architecture train packed (several per trial as one model)."""
+        return packs(self.arch)
+
+    def describe(self) -> str:
+        """e.g. ``mlp(hidden=800x800, dropout=0)``."""
+        def show(v: Any) -> str:
+            return "x".join(map(str, v)) if isinstance(v, tuple | list) else f"{v:g}" if isinstance(v, float) else str(v)
+
+        return f"{self.arch}({', '.join(f'{k}={show(v)}' for k, v in self.args)})" if self.args else self.arch
+
+
+def model_spec(arch: str, **args: Any) -> ModelSpec:
+    """A :class:`ModelSpec` of a registry family with its defaults filled in (what the YAML parser makes)."""
+    family = FAMILIES[arch]
+    full = {k: default for k, (_, default) in family.args.items()} | {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    return ModelSpec(arch, tuple(sorted(full.items())))
+
+
+AUGMENTATIONS = ("none", "shift", "crop_flip")
+"""Training-time augmentations (``kd_tune.distill.augment``): none, random shifts (digits), random crops + flips (CIFAR)."""
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+PRETRAINED_ALLOWED = ("a kd-tune model or checkpoint file (student.pt, teacher.pt, state.pt), a torch.export file (.pt2) or an "
+                      "MLflow model URI (models:/..., runs:/...)")
+
+
+def is_model_uri(source: str) -> bool:
+    """An MLflow model URI rather than a file path."""
+    return source.startswith(MODEL_URI_SCHEMES)
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """The big network trained once (and cached) whose logits the students learn from."""
+    """The big network trained once (and cached), or loaded pre-trained, whose logits the students learn from."""
 
-    widths: tuple[int, ...] = (256, 512)
-    """Filters of the two convolutions."""
+    model: ModelSpec = field(default_factory=lambda: model_spec("cnn", widths=(256, 512)))
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 128
@@ -67,6 +124,14 @@ class TeacherSpec:
     """Number of teachers (seeds seed, seed + 1, ...) whose logits are averaged; each is cached on its own."""
     clean: bool = False
     """Train the teacher on the clean labels even when the students see noisy ones (label noise)."""
+    augment: str = "none"
+    """The teacher's training augmentation: ``none``, ``shift`` (random translations, for digits) or ``crop_flip``
+    (random crops of the zero-padded image and horizontal flips, for CIFAR-shaped data). Part of the cache key."""
+    augment_pad: int = 2
+    """Pixels of the shift or of the crop's padding (2 for 28 x 28 digits, 4 for 32 x 32 CIFAR images)."""
+    source: str | None = None
+    """``teacher.from``: a pre-trained teacher instead of one trained here: a kd-tune model or checkpoint file, an MLflow
+    model URI (``models:/...``, ``runs:/...``) or a ``torch.export`` file (``.pt2``). Its logits are cached by the file's digest."""
 
     def members(self) -> list[TeacherSpec]:
         """One single-teacher spec per member of the ensemble."""
@@ -76,36 +141,53 @@ class TeacherSpec:
 
     @property
     def arch(self) -> str:
-        """The architecture's name in the model registry (``kd_tune.distill.models``)."""
-        return "cnn"
+        return self.model.arch
 
     @property
     def arch_args(self) -> dict[str, Any]:
-        """The architecture's arguments, as its factory takes them."""
-        return {"widths": list(self.widths)}
+        return self.model.kwargs()
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """A ``cnn`` teacher's filters (what the study's log lines show)."""
+        return tuple(dict(self.model.args).get("widths", ()))
 
 
 @dataclass(frozen=True)
 class StudentSpec:
     """The small network every trial trains."""
 
-    widths: tuple[int, ...] = (16, 32)
+    model: ModelSpec = field(default_factory=ModelSpec)
     lr: float = 1e-3
     batch_size: int = 128
     precision: str = "float32"
     """The training step's arithmetic: ``float32`` (the default; reproducible) or ``bfloat16`` (autocast: the forward's
     convolutions and matmuls, and so their gradients, in bfloat16; weights, Adam and every evaluation float32). Faster
     only where the hardware has bfloat16 units; results differ from float32 ones, so it is a param of every run."""
+    augment: str = "none"
+    """What the student's training batches go through: ``none`` (the default: the teacher's logits cached once, on the
+    plain images), ``shift`` or ``crop_flip`` (as the teacher's ``augment``): then the teacher runs live, on each
+    augmented batch (``kd_tune.distill.online``). Seeded by (seed, epoch): resume and epoch sharing stay exact."""
+    augment_pad: int = 2
+    """Pixels of the shift or of the crop's padding (default: 4 for images of 32 pixels or more, else 2)."""
+
+    @property
+    def online(self) -> bool:
+        """Whether this student's teacher runs live (its batches are augmented)."""
+        return self.augment != "none"
 
     @property
     def arch(self) -> str:
-        """The architecture's name in the model registry (``kd_tune.distill.models``)."""
-        return "cnn"
+        return self.model.arch
 
     @property
     def arch_args(self) -> dict[str, Any]:
-        """The architecture's arguments, as its factory takes them."""
-        return {"widths": list(self.widths)}
+        return self.model.kwargs()
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """A ``cnn`` student's filters."""
+        return tuple(dict(self.model.args).get("widths", ()))
 
 
 PRECISIONS = ("float32", "bfloat16")
@@ -142,6 +224,10 @@ class GridSpec:
     """Repeats: the seed sets the student's initial weights and its data order."""
     label_noise: tuple[float, ...] = ()
     """Fractions of flipped training labels as an axis (empty: dataset.label_noise for every trial)."""
+    student: tuple[str, ...] = ()
+    """Names of the students of the ``grid.student`` axis (empty: the ``student`` section alone)."""
+    teacher: tuple[str, ...] = ()
+    """Names of the teachers of the ``grid.teacher`` axis (empty: the ``teacher`` section alone)."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +303,18 @@ class SweepSpec:
     search: SearchSpec = field(default_factory=SearchSpec)
     scheduler: SchedulerSpec | None = None
     """Early stopping of search trials; None = every trial trains its epochs."""
+    student_variants: tuple[tuple[str, StudentSpec], ...] = ()
+    """The ``grid.student`` axis: (name, student) pairs, each the ``student`` section with that entry's overrides."""
+    teacher_variants: tuple[tuple[str, TeacherSpec], ...] = ()
+    """The ``grid.teacher`` axis: (name, teacher) pairs."""
+
+    def students(self) -> dict[str, StudentSpec]:
+        """Every student of the sweep by axis name (``""``: the ``student`` section, when there is no axis)."""
+        return dict(self.student_variants) or {"": self.student}
+
+    def teachers(self) -> dict[str, TeacherSpec]:
+        """Every teacher of the sweep by axis name (``""``: the ``teacher`` section, when there is no axis)."""
+        return dict(self.teacher_variants) or {"": self.teacher}
 
     @property
     def is_search(self) -> bool:
@@ -231,14 +329,16 @@ class SweepSpec:
 
         A search has no grid of students (Ray Tune samples them): its points are the baselines alone."""
         g = self.grid
+        students, teachers = list(self.students()), list(self.teachers())
         points = [] if self.is_search else [
-            TrialPoint("student", a, t, e, s, label_noise=n)
-            for n, a, t, s, e in itertools.product(self.noise_levels(), _listed(g.alpha), _listed(g.temperature), g.seed, sorted(g.epochs))
+            TrialPoint("student", a, t, e, s, label_noise=n, student=st, teacher=te)
+            for n, te, st, a, t, s, e in itertools.product(self.noise_levels(), teachers, students, _listed(g.alpha), _listed(g.temperature),
+                                                           g.seed, sorted(g.epochs))
         ]
         if "scratch" in self.baselines:
             # Training on hard labels alone ignores the teacher and the temperature.
-            points += [TrialPoint("scratch", 1.0, None, e, s, label_noise=n)
-                       for n, s, e in itertools.product(self.noise_levels(), g.seed, sorted(g.epochs))]
+            points += [TrialPoint("scratch", 1.0, None, e, s, label_noise=n, student=st)
+                       for n, st, s, e in itertools.product(self.noise_levels(), students, g.seed, sorted(g.epochs))]
         return points
 
     def trials(self) -> list[TrialPoint]:
@@ -248,26 +348,36 @@ class SweepSpec:
             return points
         groups: dict[tuple[Any, ...], list[int]] = {}
         for p in points:
-            groups.setdefault((p.role, p.alpha, p.temperature, p.seed, p.label_noise), []).append(p.epochs)
-        return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es)), n) for (r, a, t, s, n), es in groups.items()]
+            groups.setdefault((p.role, p.alpha, p.temperature, p.seed, p.label_noise, p.student, p.teacher), []).append(p.epochs)
+        return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es)), n, st, te) for (r, a, t, s, n, st, te), es in groups.items()]
 
     def packs(self) -> list[tuple[TrialPoint, ...]]:
         """The Ray trials of a grid: the trials of :meth:`trials` in grid order, grouped into packs of up to
         ``resources.pack`` members that train the same number of epochs (a pack trains its members for the same
-        epochs, each reporting its own milestones). With pack 1 (and for a search's baselines) one trial each."""
-        size = 1 if self.is_search else self.resources.pack_size
-        groups: dict[int, list[TrialPoint]] = {}
+        epochs, each reporting its own milestones). A pack holds students of one ``grid.student`` entry (one
+        architecture, one optimizer's settings); students of an architecture that does not pack, a search's baselines
+        and pack 1 give one trial each."""
+        students = self.students()
+        groups: dict[tuple[int, str], list[TrialPoint]] = {}
         for t in self.trials():
-            groups.setdefault(t.epochs, []).append(t)
+            groups.setdefault((t.epochs, t.student), []).append(t)
         out: list[tuple[TrialPoint, ...]] = []
-        for members in groups.values():
+        for (_, student), members in groups.items():
+            size = self.resources.pack_size if self.packed and students[student].model.packs else 1
             out += [tuple(members[i : i + size]) for i in range(0, len(members), size)]
         return out
 
     @property
     def packed(self) -> bool:
-        """Whether the trials are packs (config ``{"pack": [...]}``) rather than single points (``{"point": ...}``)."""
-        return self.resources.pack_size > 1 and not self.is_search
+        """Whether the trials are encoded as packs (config ``{"pack": [...]}``; a pack of one is one point's trial)
+        rather than single points (``{"point": ...}``): with a pack size above 1, in a grid with a student that packs."""
+        return self.resources.pack_size > 1 and not self.is_search and any(s.model.packs for s in self.students().values())
+
+    def unpacked_students(self) -> list[str]:
+        """The students whose architecture does not pack although the pack size asks for packs (one per trial instead)."""
+        if self.resources.pack_size == 1 or self.is_search:
+            return []
+        return [name for name, s in self.students().items() if not s.model.packs]
 
     def tune_configs(self) -> list[dict[str, Any]]:
         """The Tune configs of the grid's trials: ``{"point": ...}`` each without packing (as always), else ``{"pack": [...]}``."""
@@ -282,7 +392,7 @@ class SweepSpec:
         groups: dict[tuple[Any, ...], list[TrialPoint]] = {}
         for t in self.trials():
             if t.alpha == 1.0:
-                groups.setdefault((t.seed, t.label_noise, t.milestones), []).append(t)
+                groups.setdefault((t.seed, t.label_noise, t.milestones, t.student), []).append(t)
         return [g for g in groups.values() if len(g) > 1]
 
     def student_epochs(self) -> int:
@@ -294,19 +404,43 @@ class SweepSpec:
         """Rows of the results: the grid points (with baselines), plus one per search trial."""
         return len(self.grid_points()) + self.search.num_samples
 
-    def flat_params(self) -> dict[str, Any]:
-        """Every static config value as ``section.key`` -> value (for MLflow params)."""
+    def run_params(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """:meth:`flat_params` of every (student, teacher) a grid point may have: what its MLflow run's params start from."""
+        teachers = ["", *(name for name, _ in self.teacher_variants)]
+        return {(st, te): self.flat_params(st, te) for st in self.students() for te in teachers}
+
+    def flat_params(self, student: str = "", teacher: str = "") -> dict[str, Any]:
+        """Every static config value as ``section.key`` -> value (for MLflow params), with the ``grid.student`` /
+        ``grid.teacher`` entries ``student`` / ``teacher`` in place of those sections (their names themselves are params of
+        the grid point). A model's arguments are params of their own (``student.arch``, ``student.hidden``, ...)."""
         out: dict[str, Any] = {"name": self.name, "baselines": ",".join(self.baselines), "max_failures": self.max_failures,
                                "share_epochs": self.share_epochs}
+        chosen = {"student": self.students()[student] if student else self.student,
+                  "teacher": self.teachers()[teacher] if teacher else self.teacher}
         sections = ["dataset", "teacher", "student", "resources"] + (["search"] if self.is_search else [])
         for section in sections:
-            for k, v in asdict(getattr(self, section)).items():
+            spec = chosen.get(section, getattr(self, section))
+            for k, v in section_params(spec).items():
                 if (section, k) == ("resources", "pack"):
                     continue  # how grid points are grouped into trials: the same grid point, packed or not, has the same params
                 out[f"{section}.{k}"] = list(v) if isinstance(v, tuple) else v
         if self.scheduler is not None:
             out |= {f"scheduler.{k}": v for k, v in asdict(self.scheduler).items()}
         return out
+
+
+def section_params(spec: Any) -> dict[str, Any]:
+    """A section's values as flat params: a model's ``arch`` and its arguments in place of ``model``; a pre-trained
+    teacher's ``from`` alone (nothing else of it applies)."""
+    if isinstance(spec, TeacherSpec) and spec.source is not None:
+        return {"from": spec.source}
+    values = {f.name: getattr(spec, f.name) for f in fields(spec)}
+    model = values.pop("model", None)
+    if isinstance(values.get("source", ""), type(None)):
+        values.pop("source")
+    if model is None:
+        return values
+    return {"arch": model.arch, **dict(model.args), **values}
 
 
 def _listed(axis: Axis) -> tuple[float, ...]:

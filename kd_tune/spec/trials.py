@@ -38,6 +38,10 @@ class TrialPoint:
     seed: int
     milestones: tuple[int, ...] = ()
     label_noise: float = 0.0
+    student: str = ""
+    """The ``grid.student`` entry it trains ("": the ``student`` section, without that axis)."""
+    teacher: str = ""
+    """The ``grid.teacher`` entry it learns from ("": the ``teacher`` section, without that axis; always for scratch)."""
 
     def __post_init__(self) -> None:
         if not self.milestones:
@@ -51,11 +55,13 @@ class TrialPoint:
     def from_config(cls, config: Mapping[str, Any]) -> TrialPoint:
         """From :meth:`as_config`'s dict."""
         fields = {k: config[k] for k in ("role", "alpha", "temperature", "epochs", "seed")}
-        return cls(**fields, milestones=tuple(config.get("milestones") or ()), label_noise=float(config.get("label_noise", 0.0)))
+        return cls(**fields, milestones=tuple(config.get("milestones") or ()), label_noise=float(config.get("label_noise", 0.0)),
+                   student=str(config.get("student") or ""), teacher=str(config.get("teacher") or ""))
 
     def at(self, epochs: int) -> TrialPoint:
         """The grid point this trial serves at one of its milestones."""
-        return TrialPoint(self.role, self.alpha, self.temperature, epochs, self.seed, label_noise=self.label_noise)
+        return TrialPoint(self.role, self.alpha, self.temperature, epochs, self.seed, label_noise=self.label_noise, student=self.student,
+                          teacher=self.teacher)
 
     def stopped_at(self, last_result: Mapping[str, Any]) -> int | None:
         """The epoch at which a scheduler stopped this trial early, or None: its last result ended it
@@ -66,17 +72,19 @@ class TrialPoint:
         return None
 
     def grid_config(self) -> dict[str, Any]:
-        """The grid point's own values (what a user sees as the run's params)."""
-        return {k: v for k, v in asdict(self).items() if k != "milestones"}
+        """The grid point's own values (what a user sees as the run's params); ``student`` and ``teacher`` where those
+        are axes of the grid."""
+        return {k: v for k, v in asdict(self).items() if k != "milestones" and not (k in ("student", "teacher") and not v)}
 
     @property
     def label(self) -> str:
         """A short name, used for Ray trials and MLflow runs alike (``e1+2`` for shared epochs)."""
         e = "+".join(str(m) for m in self.milestones)
         noise = f"-n{self.label_noise:g}" if self.label_noise else ""
+        models = (f"-S{self.student}" if self.student else "") + (f"-t{self.teacher}" if self.teacher else "")
         if self.role == "scratch":
-            return f"scratch-e{e}-s{self.seed}{noise}"
-        return f"a{self.alpha:g}-T{self.temperature:g}-e{e}-s{self.seed}{noise}"
+            return f"scratch-e{e}-s{self.seed}{noise}{models}"
+        return f"a{self.alpha:g}-T{self.temperature:g}-e{e}-s{self.seed}{noise}{models}"
 
 
 def encode_point(point: TrialPoint) -> dict[str, Any]:
@@ -98,9 +106,11 @@ class TrialConfig:
 
     @classmethod
     def decode(cls, config: Mapping[str, Any]) -> TrialConfig:
-        """From a Tune config made by :func:`encode_point` or :func:`encode_pack`."""
+        """From a Tune config made by :func:`encode_point` or :func:`encode_pack`. A pack of one is one point's trial (a grid's
+        last, short pack; or, in a packed grid, a student whose architecture does not pack): it trains and records as one."""
         if PACK in config:
-            return cls(tuple(TrialPoint.from_config(c) for c in config[PACK]), True)
+            points = tuple(TrialPoint.from_config(c) for c in config[PACK])
+            return cls(points, len(points) > 1)
         return cls((TrialPoint.from_config(config[POINT]),), False)
 
     @property

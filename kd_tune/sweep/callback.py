@@ -14,7 +14,6 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -77,14 +76,10 @@ class MlflowTrackingCallback(tune.Callback):
 
     ``inputs`` maps each label-noise level to its runs' datasets; ``example`` is a model input (a
     couple of preprocessed images) for the logged models' signature. Both are small, plain data: they
-    are pickled with the callback. A callback pickled before they existed reads the class defaults
-    (no datasets, no MLflow model) when a sweep that old is resumed.
+    are pickled with the callback.
     """
 
-    inputs: Mapping[float, Sequence[DataInput]] = MappingProxyType({})
-    example: np.ndarray | None = None
-
-    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, static_params: dict[str, Any],
+    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, static_params: Mapping[tuple[str, str], dict[str, Any]],
                  inputs: Mapping[float, Sequence[DataInput]] | None = None, example: np.ndarray | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id

@@ -24,14 +24,16 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from kd_tune.data.split import DataSplit, flip_labels, prepare
+from kd_tune.distill.online import TeacherNet
 from kd_tune.distill.teacher import Teacher, ensemble_logits, log_teacher_summary
 from kd_tune.report.summary import summarize_on_parent
 from kd_tune.spec.options import SweepOptions
 from kd_tune.spec.parse import space_to_yaml
-from kd_tune.spec.schema import SweepSpec
+from kd_tune.spec.schema import SweepSpec, is_model_uri
 from kd_tune.spec.trials import PACK, PARAM_COLUMNS, POINT
 from kd_tune.sweep import hooks, search
 from kd_tune.sweep.callback import MlflowTrackingCallback, open_outbox, outbox_of
+from kd_tune.sweep.checks import run_params
 from kd_tune.sweep.cluster import teacher_cpus
 from kd_tune.sweep.folder import SPACE_FILE, SweepRecord, claim_driver, release_driver, resume_command, save_tracking_inputs, sweep_path
 from kd_tune.sweep.names import trial_dirname, trial_name
@@ -44,6 +46,7 @@ from kd_tune.sweep.tune_state import can_restore
 from kd_tune.tracking.datasets import DataInput, dataset_inputs, log_sweep_inputs
 from kd_tune.tracking.models import input_example
 from kd_tune.tracking.outbox import Backlog
+from kd_tune.tracking.pretrained import fetch
 from kd_tune.tracking.runs import (
     close_running_runs,
     complete_parent_run,
@@ -75,7 +78,8 @@ def load(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
     """Read the sweep's data (and, with ``open_record``, open its MLflow record): nothing here needs Ray."""
     ds = spec.dataset
     data_dir = Path(opts.data_dir) if opts.data_dir else None
-    split = prepare(ds.name, ds.train_size, 0.0, ds.seed, data_dir, log, val_size=ds.val_size, normalize=ds.normalize)
+    split = prepare(ds.name, ds.train_size, 0.0, ds.seed, data_dir, log, val_size=ds.val_size, normalize=ds.normalize, path=ds.path,
+                    test_split=ds.test_split)
     # The same fixed flips as prepare() would make, once per noise level of the sweep.
     labels = {n: flip_labels(split.train_y, n, spec.dataset.seed, split.info.num_classes) for n in spec.noise_levels()}
     if not open_record:
@@ -84,12 +88,18 @@ def load(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRec
     return Loaded(split, labels, client, record)
 
 
+TeacherKey = tuple[str, float]
+"""(``grid.teacher`` entry, label-noise level): which logits a student learns from ("" without a teacher axis)."""
+
+
 @dataclass(frozen=True)
 class _Teachers:
-    """The teachers' logits per label-noise level the students see, the first level's accuracy, and their MLflow record."""
+    """The teachers' logits per (teacher, label-noise level) the students see, the first one's accuracy, and their MLflow record."""
 
-    train: dict[float, torch.Tensor]
-    test: dict[float, torch.Tensor]
+    train: dict[TeacherKey, torch.Tensor]
+    test: dict[TeacherKey, torch.Tensor]
+    nets: dict[TeacherKey, list[TeacherNet]]
+    """The networks themselves, for students whose teacher runs live (augmented batches); empty when none does."""
     acc: float
     record: Callable[[], None]
     """Writes the teachers' runs (with their models) and the parent run's datasets, teachers and teacher
@@ -100,7 +110,7 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
     """Run the sweep on the Ray this process is connected to; ``wait``: seconds the end waits for tracking (``--tracking-wait``)."""
     # With a tracking server MLflow prints two "View run at" lines per run it ends: hundreds in a sweep.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    data_dir = Path(opts.data_dir) if opts.data_dir else None
+    data_dir = Path(spec.dataset.path) if spec.dataset.path else Path(opts.data_dir) if opts.data_dir else None  # where the images came from
     split, labels = loaded.split, loaded.labels
     if loaded.client is not None and loaded.record is not None:
         client, record = loaded.client, loaded.record
@@ -135,7 +145,8 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         log(f"sweep {spec.name!r}: {verb}; {what}{spec.student_epochs()} student epochs), "
             f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {storage.show(spec.name)}")
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
-        bundle = TrialBundle(split, spec.student, labels, teachers.train, teachers.test, storage, spec.name, hooks.from_environment(storage))
+        bundle = TrialBundle(split, spec.students(), labels, teachers.train, teachers.test, storage, spec.name, next(iter(spec.teachers())),
+                             hooks.from_environment(storage), teachers.nets)
         tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs, example=example)
         # The teachers' MLflow record is the sweep's first tracking write, shipped while the trial workers start
         # rather than before: it is ~2.5 s of one core (their models' torch.export, the first one importing
@@ -146,7 +157,7 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         gc.freeze()
         gc.enable()
         try:
-            with fresh_sweep_loggers(not restoring):
+            with only_named_loggers():
                 grid = tuner.fit()
         except BaseException:
             if not _flush_tracking(spec.name, min(wait, INTERRUPTED_WAIT_S), log):
@@ -208,34 +219,58 @@ def _open_tracking(spec: SweepSpec, storage: Storage, opts: SweepOptions, record
 def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.Tensor], storage: Storage, client: MlflowClient,
                   record: SweepRecord, quiet: bool, log: Log, *, inputs: dict[float, list[DataInput]], example: np.ndarray,
                   data_dir: Path | None) -> _Teachers:
-    """One teacher (or ensemble) per label-noise level, recorded under the parent run (by the returned
-    ``record``): it learns from the labels the students see, unless teacher.clean asks for the clean labels
-    (then one serves every level).
+    """Each teacher of the sweep (the ``teacher`` section, or each ``grid.teacher`` entry; one, or an ensemble) per
+    label-noise level, recorded under the parent run (by the returned ``record``): it learns from the labels the
+    students see, unless teacher.clean asks for the clean labels (then one serves every level); a pre-trained teacher
+    (``teacher.from``) serves every level.
 
     ``inputs``: the students' datasets per label-noise level (:func:`~kd_tune.tracking.datasets.dataset_inputs`,
     computed once by the caller); a clean teacher's labels, when no student sees them, are fingerprinted here.
     ``example``: the logged models' input example (:func:`~kd_tune.tracking.models.input_example`)."""
     node_cpus = teacher_cpus(spec.resources, log)
     inputs = dict(inputs)
-    learned: list[tuple[SweepSpec, list[Teacher], float]] = []  # each teacher (or ensemble) and the noise level it saw
-    train, test, accs = {}, {}, {}
-    for noise in spec.noise_levels():
-        seen = 0.0 if spec.teacher.clean else noise
-        if seen not in accs:
-            tspec = replace(spec, dataset=replace(spec.dataset, label_noise=seen))
-            tsplit = replace(split, train_y=labels.get(seen, split.train_y))
-            members = get_teachers(tspec, tsplit, storage, node_cpus, log, not quiet)
-            if seen not in inputs:
-                inputs |= dataset_inputs(split, {seen: tsplit.train_y}, data_dir)
-            learned.append((tspec, members, seen))
-            train[seen], test[seen], accs[seen] = ensemble_logits(members, split.test_y)
-            log_teacher_summary(members, accs[seen], log)
-        train[noise], test[noise], accs[noise] = train[seen], test[seen], accs[seen]
-    parent_metrics = {"teacher_test_acc": accs[spec.noise_levels()[0]]} | {f"teacher_test_acc_noise_{n:g}": a for n, a in accs.items() if len(accs) > 1}
+    # each teacher (or ensemble): its name, its spec with the noise level it saw, its members, that level
+    learned: list[tuple[str, SweepSpec, list[Teacher], float]] = []
+    train: dict[TeacherKey, torch.Tensor] = {}
+    test: dict[TeacherKey, torch.Tensor] = {}
+    accs: dict[TeacherKey, float] = {}
+    fetched: dict[str, Path] = {}
+    nets: dict[TeacherKey, list[TeacherNet]] = {}
+    online = any(s.online for s in spec.students().values())
+
+    def local_file(source: str) -> Path:
+        """A pre-trained teacher's file: the path itself, or an MLflow model URI's download (once)."""
+        if not is_model_uri(source):
+            return Path(source)
+        if source not in fetched:
+            fetched[source] = fetch(source, record.tracking_uri)
+        return fetched[source]
+
+    for name, teacher in spec.teachers().items():
+        for noise in spec.noise_levels():
+            seen = 0.0 if teacher.clean or teacher.source is not None else noise
+            if (name, seen) not in accs:
+                tspec = replace(spec, dataset=replace(spec.dataset, label_noise=seen), teacher=teacher)
+                tsplit = replace(split, train_y=labels.get(seen, split.train_y))
+                members = get_teachers(tspec, tsplit, storage, node_cpus, log, not quiet, local_file)
+                if seen not in inputs:
+                    inputs |= dataset_inputs(split, {seen: tsplit.train_y}, data_dir)
+                learned.append((name, tspec, members, seen))
+                train[name, seen], test[name, seen], accs[name, seen] = ensemble_logits(members, split.test_y)
+                log_teacher_summary(members, accs[name, seen], log)
+                if online:
+                    nets[name, seen] = [_net(t, local_file) for t in members]
+            train[name, noise], test[name, noise], accs[name, noise] = train[name, seen], test[name, seen], accs[name, seen]
+            if online:
+                nets[name, noise] = nets[name, seen]
+    first = (next(iter(spec.teachers())), spec.noise_levels()[0])
+    parent_metrics = {"teacher_test_acc": accs[first]} | {
+        "_".join(["teacher_test_acc", *([name] if name else []), *([f"noise_{n:g}"] if len(spec.noise_levels()) > 1 else [])]): a
+        for (name, n), a in accs.items() if len(accs) > 1}
 
     def record_teachers() -> None:
-        models = [m for tspec, members, seen in learned
-                  for m in log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, members, split, inputs[seen], example)]
+        models = [m for name, tspec, members, seen in learned
+                  for m in log_teacher_runs(client, record.experiment_id, record.parent_run_id, tspec, members, inputs[seen], example, name=name)]
         # The parent run shows every dataset of the sweep (the teachers' and the students') and its teachers.
         log_sweep_inputs(client, record.parent_run_id, [d for level in inputs.values() for d in level], models)
         # Once: a resumed sweep's teachers are the same ones (a second value at step 0 would be a duplicate step).
@@ -243,7 +278,15 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
         if missing := {k: v for k, v in parent_metrics.items() if k not in have}:
             log_metrics(client, record.parent_run_id, missing, step=0)
 
-    return _Teachers(train, test, accs[spec.noise_levels()[0]], record_teachers)
+    return _Teachers(train, test, nets, accs[first], record_teachers)
+
+
+def _net(teacher: Teacher, local_file: Callable[[str], Path]) -> TeacherNet:
+    """What a trial rebuilds a live teacher from: its weights, or a pre-trained teacher's file."""
+    if teacher.source is None:
+        return TeacherNet(teacher.model_args, teacher.state_dict)
+    path = local_file(teacher.source)
+    return TeacherNet(teacher.model_args, {}, path.read_bytes(), path.suffix)
 
 
 def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: SweepRecord, restoring: bool, quiet: bool, *,
@@ -261,7 +304,7 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     save_tracking_inputs(storage, spec.name, inputs, example)  # what kd-tune sync needs to make a run
     tracking = MlflowTrackingCallback(tracking_uri=record.tracking_uri, experiment_id=record.experiment_id,
-                                      parent_run_id=record.parent_run_id, sweep=spec.name, static_params=spec.flat_params(),
+                                      parent_run_id=record.parent_run_id, sweep=spec.name, static_params=run_params(spec),
                                       inputs=inputs, example=example)
     names: dict[str, Any] = {"trial_name_creator": trial_name, "trial_dirname_creator": trial_dirname, "reuse_actors": True}
     if spec.is_search:  # the baselines, then num_samples students sampled by Ray Tune (kd_tune.sweep.search)
@@ -280,7 +323,7 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
             storage_filesystem=fs,
             # Tune's result files (its analysis and our results table read them), but not its TensorBoard
             # files: MLflow is the tracking here, and a TensorBoard writer per trial costs the driver CPU
-            # that the trials need (see fresh_sweep_loggers()).
+            # that the trials need (see only_named_loggers()).
             callbacks=[tracking, CSVLoggerCallback(), JsonLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             # A crashed trial, or one whose node died, restarts from its last checkpoint on any live node.
@@ -295,12 +338,10 @@ _NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 @contextmanager
-def fresh_sweep_loggers(fresh: bool) -> Iterator[None]:
-    """For a new sweep, Tune adds no loggers of its own: its run config names the CSV and JSON ones.
-
-    A restored sweep keeps Tune's defaults: one started by an older kd-tune has no loggers in its run
-    config, and Tune's analysis of it needs the CSV and JSON files."""
-    if not fresh or os.environ.get(_NO_AUTO_LOGGERS) is not None:
+def only_named_loggers() -> Iterator[None]:
+    """Tune adds no loggers of its own (its TensorBoard writer above all): the run config names the CSV and JSON ones,
+    what Tune's analysis and the results table read (a user's own setting of the variable wins)."""
+    if os.environ.get(_NO_AUTO_LOGGERS) is not None:
         yield
         return
     os.environ[_NO_AUTO_LOGGERS] = "1"

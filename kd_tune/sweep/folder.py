@@ -68,7 +68,7 @@ def save_tracking_inputs(storage: Storage, name: str, inputs: Mapping[float, Seq
 
 
 def load_tracking_inputs(storage: Storage, name: str) -> tuple[dict[float, list[Any]], Any]:
-    """What :func:`save_tracking_inputs` wrote (no datasets and no example for a sweep made before it existed)."""
+    """What :func:`save_tracking_inputs` wrote (no datasets and no example where it never got to write them)."""
     import numpy as np
 
     from kd_tune.tracking.datasets import DataInput

@@ -21,7 +21,8 @@ from kd_tune.sweep.tune_state import require_sweep
 if TYPE_CHECKING:
     from ray import tune
 
-RESULT_COLUMNS = ["role", "alpha", "temperature", "epochs", "seed", "label_noise", "status", "how", "test_acc", "test_loss", "teacher_agreement"]
+RESULT_COLUMNS = ["role", "student", "teacher", "alpha", "temperature", "epochs", "seed", "label_noise", "status", "how", "test_acc", "test_loss",
+                  "teacher_agreement"]
 STATUS_COUNTS = ("finished", "stopped early", "running", "interrupted", "pending", "paused", "errored", "diverged")
 
 
@@ -97,11 +98,12 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
                 status = ("stopped early" if stopped and at else "finished" if at else "errored" if r.error else
                           "diverged" if diverged else "unfinished")
                 rows.append({
-                    **point.at(milestone).grid_config(), "status": status, "how": how,
+                    "student": "", "teacher": "", **point.at(milestone).grid_config(), "status": status, "how": how,
                     "test_acc": at.get("test_acc"), "test_loss": at.get("test_loss"), "teacher_agreement": at.get("teacher_agreement"),
                 })
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    return df.sort_values(["role", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first", kind="stable").reset_index(drop=True)
+    return df.sort_values(["role", "student", "teacher", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first",
+                          kind="stable").reset_index(drop=True)
 
 
 def _last_at(last: dict[str, Any], member: str | None, epoch: int) -> dict[str, Any]:
@@ -118,8 +120,9 @@ def _last_at(last: dict[str, Any], member: str | None, epoch: int) -> dict[str, 
 
 def format_table(table: pd.DataFrame) -> str:
     shown = table.copy()
-    if shown["label_noise"].nunique() <= 1:
-        shown = shown.drop(columns="label_noise")  # not an axis of this sweep
+    for axis in ("label_noise", "student", "teacher"):
+        if shown[axis].nunique() <= 1:
+            shown = shown.drop(columns=axis)  # not an axis of this sweep
     for col in ("test_acc", "teacher_agreement", "test_loss"):
         shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     shown["temperature"] = shown["temperature"].map(lambda v: "-" if pd.isna(v) else f"{v:g}")

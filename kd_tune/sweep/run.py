@@ -20,6 +20,7 @@ from kd_tune.errors import FlagError, UsageError
 from kd_tune.spec.options import SweepOptions, apply_overrides
 from kd_tune.spec.parse import load_space, load_space_text
 from kd_tune.spec.schema import SweepSpec
+from kd_tune.sweep.checks import check_models
 from kd_tune.sweep.cluster import check_local_fits, check_reachable, check_shared, connect_ray, shutdown_ray
 from kd_tune.sweep.folder import SPACE_FILE, SweepRecord, refuse_second_driver, resume_command, sweep_path
 from kd_tune.sweep.storage import Storage, check_writable
@@ -54,7 +55,7 @@ def run_sweep(space: str | Path, storage: Storage, opts: SweepOptions = DEFAULT_
                                f"to continue it: {resume_command(spec.name, storage)} (or add --resume; or choose another --name)")
     # Killed before Ray saved any state: start over, but keep the MLflow parent run made then.
     record = SweepRecord.load(storage, spec.name) if SweepRecord.exists(storage, spec.name) else None
-    return _execute(spec, storage, opts, record, log)
+    return _execute(spec, storage, opts, record, log, str(space))
 
 
 def resume_sweep(name: str, storage: Storage, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = print) -> SweepOutcome:
@@ -72,12 +73,12 @@ def resume_sweep(name: str, storage: Storage, opts: SweepOptions = DEFAULT_OPTIO
     record = SweepRecord.load(storage, name)
     if opts.tracking_uri and resolve_tracking_uri(opts.tracking_uri) != record.tracking_uri:
         raise FlagError("--tracking-uri", opts.tracking_uri, "that URI or none", f"sweep {name!r} is tracked in {record.tracking_uri}")
-    spec = apply_overrides(load_space_text(storage.read_text(name, SPACE_FILE), storage.show(name, SPACE_FILE)),
-                           replace(opts, name=None, max_failures=None))
-    return _execute(spec, storage, opts, record, log)
+    source = storage.show(name, SPACE_FILE)
+    spec = apply_overrides(load_space_text(storage.read_text(name, SPACE_FILE), source), replace(opts, name=None, max_failures=None))
+    return _execute(spec, storage, opts, record, log, source)
 
 
-def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log) -> SweepOutcome:
+def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, source: str) -> SweepOutcome:
     """The checks that need no Ray, then Ray (joined or started here) while the data loads, then the sweep."""
     started = time.perf_counter()
     wait = tracking_wait(opts)  # validated before anything is touched
@@ -87,7 +88,9 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
     refuse_second_driver(storage, spec.name)
     check_writable(storage)
     configure_client_retries()
-    check_tracking_store(record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri), "nothing started")
+    tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
+    check_tracking_store(tracking_uri, "nothing started")
+    check_models(spec, source, tracking_uri)  # a user's factory, a pre-trained teacher: built and checked once, here
     # Starting Ray is mostly waiting for its processes to come up (4-5 s of a 2-core machine's minute-long
     # sweep): import the driver and read the data meanwhile. The MLflow record is opened then too when Ray
     # is started here; joining a cluster can still fail on a bad --address, which must leave nothing written.

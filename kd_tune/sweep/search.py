@@ -34,7 +34,7 @@ from kd_tune.spec.trials import POINT, TrialConfig, encode_point
 MODE = "max"
 
 
-def domain(axis: Axis | tuple[int, ...]) -> Any:
+def domain(axis: Axis | tuple[int, ...] | tuple[str, ...]) -> Any:
     """One axis of the search space in Ray Tune's terms: a range, a choice, or a fixed value."""
     if isinstance(axis, Range):
         return tune.loguniform(axis.low, axis.high) if axis.log else tune.uniform(axis.low, axis.high)
@@ -45,7 +45,9 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     """The searched students' trial config: a :class:`~kd_tune.spec.trials.TrialPoint` under ``point``, as a grid trial's."""
     g = spec.grid
     return {POINT: {"role": "student", "alpha": domain(g.alpha), "temperature": domain(g.temperature), "epochs": domain(g.epochs),
-                      "seed": domain(g.seed), "label_noise": spec.dataset.label_noise}}
+                    "seed": domain(g.seed), "label_noise": spec.dataset.label_noise,
+                    # the grid.student / grid.teacher axes, searched as categorical choices
+                    "student": domain(g.student) if g.student else "", "teacher": domain(g.teacher) if g.teacher else ""}}
 
 
 def sampler(spec: SweepSpec) -> Any:
@@ -167,13 +169,17 @@ def describe(spec: SweepSpec) -> list[str]:
     """What ``kd-tune plan`` says of a search: the sampler, the budget, the ranges, the scheduler."""
     s, g = spec.search, spec.grid
 
-    def show(axis: Axis | tuple[int, ...]) -> str:
-        return axis.show() if isinstance(axis, Range) else ("{" + ", ".join(f"{v:g}" for v in axis) + "}" if len(axis) > 1 else f"{axis[0]:g}")
+    def show(axis: Axis | tuple[int, ...] | tuple[str, ...]) -> str:
+        if isinstance(axis, Range):
+            return axis.show()
+        values = [v if isinstance(v, str) else f"{v:g}" for v in axis]
+        return "{" + ", ".join(values) + "}" if len(values) > 1 else values[0]
 
     how = "Optuna TPE" if s.algorithm == "optuna" else "uniform random sampling (Optuna's RandomSampler)"
     lines = [f"search: {s.algorithm} ({how}, seed {s.seed}), {s.num_samples} student trials, at most {s.max_concurrent} unfinished at once, "
              f"maximizing {s.metric}",
-             f"  alpha {show(g.alpha)}, T {show(g.temperature)}, epochs {show(g.epochs)}, seed {show(g.seed)}"]
+             f"  alpha {show(g.alpha)}, T {show(g.temperature)}, epochs {show(g.epochs)}, seed {show(g.seed)}"
+             + (f", student {show(g.student)}" if g.student else "") + (f", teacher {show(g.teacher)}" if g.teacher else "")]
     if spec.scheduler is None:
         lines.append("  scheduler: none (every trial trains its epochs)")
     else:

@@ -21,6 +21,7 @@ from kd_tune.spec.parse import load_space_text
 from kd_tune.spec.schema import SweepSpec
 from kd_tune.spec.trials import TrialConfig
 from kd_tune.sweep.callback import error_summary
+from kd_tune.sweep.checks import run_params
 from kd_tune.sweep.folder import (
     SPACE_FILE,
     SweepRecord,
@@ -54,7 +55,7 @@ class Replayed:
 def recorder_for(storage: Storage, record: SweepRecord, spec: SweepSpec) -> RunRecorder:
     inputs, example = load_tracking_inputs(storage, record.name)
     return RunRecorder(tracking_uri=record.tracking_uri, experiment_id=record.experiment_id, parent_run_id=record.parent_run_id,
-                       sweep=record.name, static_params=spec.flat_params(), inputs=inputs, example=example)
+                       sweep=record.name, static_params=run_params(spec), inputs=inputs, example=example)
 
 
 def replay(recorder: RunRecorder, storage: Storage, name: str, trials: Iterable[Any]) -> Replayed:

@@ -1,4 +1,5 @@
-"""The teachers a sweep distills from: from the content-addressed cache in its storage, or trained once as a Ray task.
+"""The teachers a sweep distills from: from the content-addressed cache in its storage, or trained once as a Ray task
+(a pre-trained teacher: its logits computed once as a Ray task, cached by its file's digest).
 
 The cache lives in the sweeps' storage (a folder or an object store), so every node of a cluster finds it; its
 entries are verified by sha256 when loaded: a truncated or corrupt entry is retrained, never loaded.
@@ -9,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from kd_tune.data.split import DataSplit
-from kd_tune.distill.teacher import CACHE_FORMAT, Teacher, teacher_key, train_teacher
+from kd_tune.distill.pretrained import file_digest, load_model
+from kd_tune.distill.teacher import CACHE_FORMAT, Teacher, pretrained_key, teacher_from_model, teacher_key, train_teacher
 from kd_tune.errors import first_line
 from kd_tune.spec.schema import SweepSpec, TeacherSpec
 from kd_tune.sweep.storage import Storage
@@ -58,7 +62,8 @@ class TeacherCache:
             log(f"teacher cache entry {self.path(key)} is unusable ({first_line(e)}); training the teacher again")
             self.storage.delete(CACHE_FOLDER, key)
             return None
-        return Teacher(key, meta["model_args"], blob["state_dict"], blob["train_logits"], blob["test_logits"], meta["test_acc"], meta["history"], cached=True)
+        return Teacher(key, meta["model_args"], blob["state_dict"], blob["train_logits"], blob["test_logits"], meta["test_acc"], meta["history"],
+                       cached=True, source=meta.get("source"))
 
     def save(self, teacher: Teacher, spec: dict[str, Any]) -> str:
         """Weights first, then the meta that vouches for them (each written atomically)."""
@@ -69,7 +74,7 @@ class TeacherCache:
         raw = buf.getvalue()
         meta = {
             "format": CACHE_FORMAT, "key": teacher.key, "spec": spec, "model_args": teacher.model_args, "sha256": hashlib.sha256(raw).hexdigest(),
-            "test_acc": teacher.test_acc, "history": teacher.history, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "test_acc": teacher.test_acc, "history": teacher.history, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": teacher.source,
         }
         self.storage.write_bytes(raw, CACHE_FOLDER, teacher.key, "teacher.pt")
         self.storage.write_text(json.dumps(meta, indent=2), CACHE_FOLDER, teacher.key, "meta.json")
@@ -84,13 +89,42 @@ def _train_task(split: DataSplit, spec: TeacherSpec, key: str, verbose: bool) ->
     return train_teacher(split, spec, key, assigned_device(), log=(lambda s: print(s, flush=True)) if verbose else (lambda s: None))
 
 
+def _logits_task(blob: bytes, suffix: str, split: DataSplit, key: str, source: str) -> Teacher:
+    """A pre-trained teacher's Ray task: its logits on the sweep's images, on the node's GPU if it has one."""
+    from kd_tune.sweep.cluster import assigned_device, assigned_threads
+
+    torch.set_num_threads(assigned_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"teacher{suffix}"
+        path.write_bytes(blob)
+        model, margs = load_model(path)
+    return teacher_from_model(model, margs, split, key, source, assigned_device())
+
+
 def get_teachers(spec: SweepSpec, split: DataSplit, storage: Storage, node_cpus: int, log: Callable[[str], None],
-                 verbose: bool = True) -> list[Teacher]:
-    """Every member of the teacher (one, or an ensemble): from the cache, or trained now as a Ray task
-    on a whole node (``node_cpus``; teachers train before any trial starts)."""
+                 verbose: bool = True, local_file: Callable[[str], Path] = Path) -> list[Teacher]:
+    """Every member of the teacher ``spec.teacher`` (one, or an ensemble): from the cache, or trained now as a Ray task
+    on a whole node (``node_cpus``; teachers train before any trial starts). A pre-trained teacher (``teacher.from``):
+    its file (``local_file`` turns an MLflow model URI into one) read once, its logits computed as a Ray task and cached
+    by the file's digest."""
     import ray
 
     cache = TeacherCache(storage)
+    gpus = 1 if spec.resources.gpu > 0 else 0
+    if spec.teacher.source is not None:
+        source = spec.teacher.source
+        path = local_file(source)
+        key = pretrained_key(spec.dataset, file_digest(path), split)
+        teacher = cache.load(key, log)
+        if teacher is not None:
+            log(f"teacher {key}: {source}, its logits from the cache ({cache.path(key)}), test acc {teacher.test_acc:.4f}")
+            return [teacher]
+        log(f"teacher {key}: {source}, its logits on {len(split.train_y)} training images")
+        logits = ray.remote(_logits_task).options(num_cpus=node_cpus, num_gpus=gpus)
+        teacher = ray.get(logits.remote(path.read_bytes(), path.suffix, split, key, source))
+        cache.save(teacher, {"dataset": asdict(spec.dataset), "teacher": {"from": source}})
+        log(f"teacher {key}: test acc {teacher.test_acc:.4f}, its logits cached in {cache.path(key)}")
+        return [teacher]
     task = ray.remote(_train_task)
     teachers = []
     for member in spec.teacher.members():
@@ -99,11 +133,16 @@ def get_teachers(spec: SweepSpec, split: DataSplit, storage: Storage, node_cpus:
         if teacher is not None:
             log(f"teacher {key}: from the cache ({cache.path(key)}), test acc {teacher.test_acc:.4f}")
         else:
-            w = member.widths
-            log(f"teacher {key}: training {w[0]}/{w[1]} (seed {member.seed}) for {member.epochs} epochs on {len(split.train_y)} images")
-            gpus = 1 if spec.resources.gpu > 0 else 0
+            log(f"teacher {key}: training {_shown(member)} (seed {member.seed}) for {member.epochs} epochs on {len(split.train_y)} images")
             teacher = ray.get(task.options(num_cpus=node_cpus, num_gpus=gpus).remote(split, member, key, verbose))
             cache.save(teacher, {"dataset": asdict(spec.dataset), "teacher": asdict(member)})
             log(f"teacher {key}: test acc {teacher.test_acc:.4f}, cached in {cache.path(key)}")
         teachers.append(teacher)
     return teachers
+
+
+def _shown(teacher: TeacherSpec) -> str:
+    """``256/512`` for the study's CNN (as its log lines always read), else the architecture and its arguments."""
+    if teacher.arch == "cnn":
+        return "/".join(map(str, teacher.widths))
+    return teacher.model.describe()

@@ -24,11 +24,13 @@ import torch
 from ray import tune
 
 from kd_tune.data.split import DataSplit
+from kd_tune.distill.augment import Augment
 from kd_tune.distill.checkpoint import diverged_result, pack_results, save_checkpoint, save_pack_checkpoint
 from kd_tune.distill.metrics import Evaluation
 from kd_tune.distill.models import build, model_args
+from kd_tune.distill.online import TeacherNet, online_teacher
 from kd_tune.distill.pack_train import Member, PackData, train_pack
-from kd_tune.distill.packed import PackedCNN, channels_last_on
+from kd_tune.distill.packed import channels_last_on, member_state_dict, pack_from_state_dicts
 from kd_tune.distill.train import EpochMetrics, TensorData, make_optimizer, train
 from kd_tune.errors import DivergedError
 from kd_tune.spec.schema import StudentSpec
@@ -45,22 +47,36 @@ class TrialBundle:
 
     split: DataSplit
     """Images and clean labels (the test labels are never perturbed)."""
-    student: StudentSpec
+    students: dict[str, StudentSpec]
+    """The sweep's students by ``grid.student`` entry ("": the ``student`` section)."""
     labels: dict[float, torch.Tensor]
     """Training labels per label-noise level of the sweep."""
-    teacher_train_logits: dict[float, torch.Tensor]
-    """The teacher's logits on the training images, per label-noise level (the teacher saw that noise)."""
-    teacher_test_logits: dict[float, torch.Tensor]
+    teacher_train_logits: dict[tuple[str, float], torch.Tensor]
+    """The teachers' logits on the training images, per (``grid.teacher`` entry, label-noise level) (the teacher saw that noise)."""
+    teacher_test_logits: dict[tuple[str, float], torch.Tensor]
     storage: Storage
     """Where the sweep lives; each trial's checkpoints are persisted in its folder there."""
     sweep: str
     """The sweep's name: its folder in the storage."""
+    default_teacher: str = ""
+    """The teacher a scratch student is compared with (its teacher agreement): the first of the sweep's."""
     hooks: TrialHooks = field(default=NO_HOOKS)
     """Moments a test can act at (:mod:`kd_tune.sweep.hooks`); nothing in a real sweep."""
+    teacher_nets: dict[tuple[str, float], list[TeacherNet]] = field(default_factory=dict)
+    """The teachers' networks, per (``grid.teacher`` entry, label-noise level), for students that augment their batches:
+    their teacher runs live, on each augmented batch."""
 
-    def model_args(self) -> dict[str, Any]:
-        """What rebuilds every student of the sweep (:func:`kd_tune.distill.models.model_args`)."""
-        return model_args(self.student.arch, self.student.arch_args, self.split.info.shape, self.split.info.num_classes)
+    def student(self, point: TrialPoint) -> StudentSpec:
+        return self.students[point.student]
+
+    def model_args(self, point: TrialPoint) -> dict[str, Any]:
+        """What rebuilds the point's student (:func:`kd_tune.distill.models.model_args`)."""
+        s = self.student(point)
+        return model_args(s.arch, s.arch_args, self.split.info.shape, self.split.info.num_classes)
+
+    def teacher(self, point: TrialPoint) -> tuple[str, float]:
+        """Which teacher logits the point learns from, or (scratch) is compared with."""
+        return (point.teacher or self.default_teacher, point.label_noise)
 
 
 @dataclass(frozen=True)
@@ -97,12 +113,16 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
         pack_trainable(config, trial, bundle)
         return
     point, run = trial.point, _start(config, trial, bundle)
+    student, teacher = bundle.student(point), bundle.teacher(point)
     split = replace(bundle.split, train_y=bundle.labels[point.label_noise])
-    teacher_train = bundle.teacher_train_logits[point.label_noise] if point.role == "student" else None
-    data = TensorData.from_split(split, run.device, teacher_train, bundle.teacher_test_logits[point.label_noise])
-    margs = bundle.model_args()
+    distills = point.role == "student"
+    teacher_train = bundle.teacher_train_logits[teacher] if distills and not student.online else None
+    data = TensorData.from_split(split, run.device, teacher_train, bundle.teacher_test_logits[teacher])
+    if distills and student.online:  # augmented batches: the teacher scores each of them
+        data = replace(data, online_teacher=online_teacher(bundle.teacher_nets[teacher], run.device))
+    margs = bundle.model_args(point)
     model = build(margs, point.seed).to(run.device)
-    optimizer = make_optimizer(model, bundle.student.lr)
+    optimizer = make_optimizer(model, student.lr)
 
     # Restore: continue from the newest complete checkpoint.
     state, known_epoch = restore_state(bundle.storage, run.folder)
@@ -130,8 +150,9 @@ def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
         bundle.hooks.after_epoch(run.label, run.folder)
 
     try:
-        train(model, optimizer, data, epochs=point.epochs, batch_size=bundle.student.batch_size, seed=point.seed,
-              alpha=point.alpha, temperature=point.temperature or 1.0, start_epoch=start, on_epoch=report, precision=bundle.student.precision)
+        train(model, optimizer, data, epochs=point.epochs, batch_size=student.batch_size, seed=point.seed, alpha=point.alpha,
+              temperature=point.temperature or 1.0, start_epoch=start, on_epoch=report, precision=student.precision,
+              augment=Augment(student.augment, student.augment_pad))
     except DivergedError as e:
         # Deterministic: a retry would diverge again. Record it and end the trial (no retries).
         tune.report({"epoch": e.epoch, "diverged": 1.0, "diverged_loss": e.loss, **extra})
@@ -148,8 +169,7 @@ def pack_trainable(config: dict[str, Any], trial: TrialConfig, bundle: TrialBund
     points, run = list(trial.points), _start(config, trial, bundle)
     labels = [p.label for p in points]
     data, members = pack_inputs(bundle, points, TensorData.from_split(bundle.split, run.device))
-    margs = bundle.model_args()
-    widths, shape, classes = bundle.student.widths, bundle.split.info.shape, bundle.split.info.num_classes
+    student, margs = bundle.student(points[0]), bundle.model_args(points[0])  # a pack's members are students of one grid.student entry
     channels_last = channels_last_on(run.device)
 
     state, known_epoch = restore_state(bundle.storage, run.folder)
@@ -162,8 +182,8 @@ def pack_trainable(config: dict[str, Any], trial: TrialConfig, bundle: TrialBund
         # Each member starts exactly as the unpacked trial of its point would (build, seeded).
         initial = [build(margs, p.seed).state_dict() for p in points]
         bundle.hooks.initial_weights(labels, initial)
-    model = PackedCNN.from_state_dicts(initial, widths, shape, classes, channels_last).to(run.device)
-    optimizer = make_optimizer(model, bundle.student.lr)
+    model = pack_from_state_dicts(margs, initial, channels_last).to(run.device)
+    optimizer = make_optimizer(model, student.lr)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     exclude = {k for k, label in enumerate(labels) if entries[label].get("diverged")}
@@ -187,7 +207,7 @@ def pack_trainable(config: dict[str, Any], trial: TrialConfig, bundle: TrialBund
 
     def on_epoch_end(epoch: int) -> None:
         for k, label in enumerate(labels):
-            entries[label]["model"] = model.member_state_dict(k)
+            entries[label]["model"] = member_state_dict(model, k)
         gone = sorted(label for label, entry in entries.items() if entry.get("diverged"))
         result = {"epoch": epoch, "members": dict(now), "diverged_members": ",".join(gone), **extra}
         now.clear()
@@ -196,19 +216,24 @@ def pack_trainable(config: dict[str, Any], trial: TrialConfig, bundle: TrialBund
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
         bundle.hooks.after_epoch(run.label, run.folder)
 
-    train_pack(model, optimizer, data, members, batch_size=bundle.student.batch_size, start_epoch=start, exclude=exclude,
-               on_epoch=on_epoch, on_diverged=on_diverged, on_epoch_end=on_epoch_end, precision=bundle.student.precision)
+    train_pack(model, optimizer, data, members, batch_size=student.batch_size, start_epoch=start, exclude=exclude,
+               on_epoch=on_epoch, on_diverged=on_diverged, on_epoch_end=on_epoch_end, precision=student.precision, margs=margs,
+               augment=Augment(student.augment, student.augment_pad))
 
 
 def pack_inputs(bundle: TrialBundle, points: list[TrialPoint], base: TensorData) -> tuple[PackData, list[Member]]:
-    """A pack's data on ``base``'s device (one row of labels and teacher logits per label-noise level among the
-    members) and its members, as :func:`kd_trainable` would train each point alone."""
+    """A pack's data on ``base``'s device (one row of labels per label-noise level among the members, one row of teacher
+    logits per (teacher, level)) and its members, as :func:`kd_trainable` would train each point alone."""
     device = base.train_x.device
     levels = sorted({p.label_noise for p in points})
     row = {n: i for i, n in enumerate(levels)}
+    teachers = sorted({bundle.teacher(p) for p in points})
+    trow = {t: i for i, t in enumerate(teachers)}
+    online = bundle.student(points[0]).online and any(p.role == "student" for p in points)  # a pack's members share their student
     data = PackData(base.train_x, torch.stack([bundle.labels[n] for n in levels]).to(device), base.test_x, base.test_y,
-                    torch.stack([bundle.teacher_train_logits[n] for n in levels]).to(device),
-                    torch.stack([bundle.teacher_test_logits[n] for n in levels]).to(device), base.val_x, base.val_y)
+                    None if online else torch.stack([bundle.teacher_train_logits[t] for t in teachers]).to(device),
+                    torch.stack([bundle.teacher_test_logits[t] for t in teachers]).to(device), base.val_x, base.val_y,
+                    [online_teacher(bundle.teacher_nets[t], device) for t in teachers] if online else None)
     members = [Member(seed=p.seed, epochs=p.epochs, alpha=p.alpha, temperature=p.temperature or 1.0, labels=row[p.label_noise],
-                      teacher=row[p.label_noise] if p.role == "student" else None, teacher_test=row[p.label_noise]) for p in points]
+                      teacher=trow[bundle.teacher(p)] if p.role == "student" else None, teacher_test=trow[bundle.teacher(p)]) for p in points]
     return data, members

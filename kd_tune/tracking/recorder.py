@@ -56,7 +56,7 @@ class RunRecorder:
     the middle) can simply be called again after :meth:`forget`, and nothing is logged twice.
     """
 
-    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, static_params: dict[str, Any],
+    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, static_params: Mapping[tuple[str, str], dict[str, Any]],
                  inputs: Mapping[float, Sequence[DataInput]], example: np.ndarray | None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -94,7 +94,7 @@ class RunRecorder:
         key = self._key(tid, member, milestone)
         if key in self._runs:
             return self._runs[key]
-        params = {**self.static_params, **point.at(milestone).grid_config()}
+        params = {**self.static_params[point.student, point.teacher], **point.at(milestone).grid_config()}
         lookup = {TAG_SWEEP: self.sweep, TAG_TRIAL: tid, TAG_EPOCHS: str(milestone)}
         if member is not None:
             lookup[TAG_LABEL] = point.label  # a pack trial has a run per member and milestone
@@ -231,7 +231,6 @@ class RunRecorder:
         if state is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 model = Path(tmp) / "student.pt"  # a stable name; weights and model_args, no optimizer state
-                # (checkpoints written before model_args existed give a file without them)
                 save_model_file(model, state.get("model_args"), state["model"])
                 self.client.log_artifact(run_id, str(model), artifact_path="model")
                 if "confusion" in state:

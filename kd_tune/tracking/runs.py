@@ -17,10 +17,9 @@ import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from kd_tune.data.split import DataSplit
 from kd_tune.distill.checkpoint import save_model_file
 from kd_tune.distill.teacher import Teacher
-from kd_tune.spec.schema import SweepSpec
+from kd_tune.spec.schema import SweepSpec, section_params
 from kd_tune.tracking.datasets import DataInput, log_dataset_inputs
 from kd_tune.tracking.models import delete_run_models, find_model, log_model_once
 from kd_tune.tracking.tags import (
@@ -34,7 +33,9 @@ from kd_tune.tracking.tags import (
     TAG_PARENT,
     TAG_PATH,
     TAG_ROLE,
+    TAG_SOURCE,
     TAG_SWEEP,
+    TAG_TEACHER,
     TAG_TEACHER_KEY,
     TAG_TRIAL,
 )
@@ -111,14 +112,15 @@ def complete_parent_run(client: MlflowClient, run_id: str, spec: SweepSpec, spac
 
 
 def log_teacher_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, spec: SweepSpec, teachers: list[Teacher],
-                     split: DataSplit, inputs: Sequence[DataInput] = (), example: np.ndarray | None = None) -> list[str]:
-    """Each teacher's own run under the sweep's parent (once per sweep, also when it came from the cache),
-    with its datasets (``inputs``) and, given an ``example`` input, its network as the run's MLflow model.
-    Returns the ids of the teachers' MLflow models (those of runs logged before included)."""
+                     inputs: Sequence[DataInput] = (), example: np.ndarray | None = None, name: str = "") -> list[str]:
+    """Each teacher's own run under the sweep's parent (once per sweep, also when it came from the cache), with its
+    datasets (``inputs``) and, given an ``example`` input, its network as the run's MLflow model; ``name``: its
+    ``grid.teacher`` entry. A pre-trained teacher's run records where it came from and its measured test accuracy
+    (its model is that source). Returns the ids of the teachers' MLflow models (those of runs logged before included)."""
     noise = spec.dataset.label_noise
     model_ids = []
     for i, (member, teacher) in enumerate(zip(spec.teacher.members(), teachers, strict=True)):
-        tags = {TAG_SWEEP: spec.name, TAG_ROLE: "teacher", TAG_MEMBER: str(i), TAG_LABEL_NOISE: f"{noise:g}"}
+        tags = {TAG_SWEEP: spec.name, TAG_ROLE: "teacher", TAG_MEMBER: str(i), TAG_LABEL_NOISE: f"{noise:g}", **({TAG_TEACHER: name} if name else {})}
         found = find_run(client, experiment_id, tags)
         if found is not None:
             if client.get_run(found).info.status == "FINISHED":
@@ -126,23 +128,27 @@ def log_teacher_runs(client: MlflowClient, experiment_id: str, parent_run_id: st
                 continue
             delete_run_models(client, experiment_id, found)
             client.delete_run(found)  # cut short by a kill while being written: write it again, whole
-        name = "teacher" if len(teachers) == 1 else f"teacher-{i}"
-        run = client.create_run(experiment_id, run_name=name + (f"-n{noise:g}" if noise else ""),
-                                tags={**tags, TAG_PARENT: parent_run_id, TAG_TEACHER_KEY: teacher.key, TAG_CACHED: str(teacher.cached).lower()})
+        run_name = "-".join(["teacher", *([name] if name else []), *([str(i)] if len(teachers) > 1 else [])]) + (f"-n{noise:g}" if noise else "")
+        more = {TAG_SOURCE: teacher.source} if teacher.source else {}
+        run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **more, TAG_PARENT: parent_run_id, TAG_TEACHER_KEY: teacher.key,
+                                                                       TAG_CACHED: str(teacher.cached).lower()})
         run_id = run.info.run_id
-        params = {f"teacher.{k}": v for k, v in asdict(member).items()} | {f"dataset.{k}": v for k, v in asdict(spec.dataset).items()}
+        params = {f"teacher.{k}": v for k, v in section_params(member).items()} | {f"dataset.{k}": v for k, v in asdict(spec.dataset).items()}
         client.log_batch(run_id, params=params_batch(params))
         log_dataset_inputs(client, run_id, inputs)
         for m in teacher.history:
             log_metrics(client, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=int(m["epoch"]))
-        model_args = teacher.model_args
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "teacher.pt"
-            save_model_file(path, model_args, teacher.state_dict)
-            client.log_artifact(run_id, str(path), artifact_path="model")
-        if example is not None:
-            last = int(teacher.history[-1]["epoch"]) if teacher.history else 0
-            model_ids.append(log_model_once(client, run_id, {"model_args": model_args, "model": teacher.state_dict}, example, "teacher", step=last))
+        if teacher.source is not None:  # not trained here: its accuracy as measured on this sweep's test images
+            log_metrics(client, run_id, {"test_acc": teacher.test_acc}, step=0)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "teacher.pt"
+                save_model_file(path, teacher.model_args, teacher.state_dict)
+                client.log_artifact(run_id, str(path), artifact_path="model")
+            if example is not None:
+                last = int(teacher.history[-1]["epoch"]) if teacher.history else 0
+                model_ids.append(log_model_once(client, run_id, {"model_args": teacher.model_args, "model": teacher.state_dict}, example,
+                                                "teacher", step=last))
         client.set_terminated(run_id, "FINISHED")
     return model_ids
 

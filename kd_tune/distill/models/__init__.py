@@ -1,7 +1,8 @@
 """Models by name: a registry of architecture families, each a factory ``(in_shape, num_classes, **args) -> nn.Module``.
 
 A family registers itself with :func:`register_model` in its own module of this package (``cnn.py``: the
-study's CNN). What rebuilds any model is its *model args*, ``{"arch", "args", "in_shape", "num_classes"}``
+study's CNN; ``mlp.py``, ``convnet.py``, ``resnet.py``); a user's own factory is named ``"package.module:function"``
+and imported where a model is built (:func:`factory_of`). What rebuilds any model is its *model args*, ``{"arch", "args", "in_shape", "num_classes"}``
 (:func:`model_args`): checkpoints, teacher caches and logged model files keep them beside the weights, so a
 model rebuilds from its file alone (:func:`build`).
 
@@ -10,6 +11,7 @@ PyTorch only, like the whole training layer.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -42,14 +44,34 @@ def model_args(arch: str, args: Mapping[str, Any], in_shape: tuple[int, ...] | l
             "in_shape": list(in_shape), "num_classes": int(num_classes)}
 
 
+def factory_of(arch: str) -> Factory:
+    """The factory of a registered architecture, or of a user's ``package.module:function`` (imported now).
+
+    Raises ValueError naming what is wrong (not registered, not importable, not a callable)."""
+    if arch in MODELS:
+        return MODELS[arch]
+    module, sep, name = arch.partition(":")
+    if not sep:
+        raise ValueError(f"{arch!r} is not registered ({', '.join(MODELS)}) nor a 'package.module:function'")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import {arch!r}: {type(e).__name__}: {e}") from None
+    if not callable(factory):
+        raise ValueError(f"{arch!r} is not a function")
+    return factory
+
+
 def build(margs: Mapping[str, Any], seed: int) -> nn.Module:
     """A freshly initialised model of ``margs`` (:func:`model_args`); the seed fixes its weights whatever else used the
     global RNG. Weights are channels_last (what every family's convolutions run fastest in on a CPU)."""
-    factory = MODELS[margs["arch"]]
+    factory = factory_of(margs["arch"])
     c, h, w = margs["in_shape"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = factory(in_shape=(c, h, w), num_classes=int(margs["num_classes"]), **margs["args"])
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{margs['arch']!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model.to(memory_format=torch.channels_last)
 
 
@@ -58,4 +80,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # The families: each module registers itself on import.
-from kd_tune.distill.models import cnn  # noqa: E402, F401
+from kd_tune.distill.models import cnn, convnet, mlp, resnet  # noqa: E402, F401
