@@ -8,6 +8,7 @@
     python benchmarks/pack_bench.py --bf16                   # also student.precision bfloat16 (autocast forward)
     python benchmarks/pack_bench.py --device cuda --nchw --graphs --bf16   # and CUDA graphs (an experiment)
     python benchmarks/pack_bench.py --device cuda --fused    # and fused Adam (one kernel per update; an experiment)
+    python benchmarks/pack_bench.py --mlp 800,800            # MLP students (hidden sizes) instead: one alone against packs
 
 PyTorch only (no Ray, no MLflow): it runs wherever torch does. The data are synthetic, with MNIST's
 shape (1x28x28 uint8 images, 10 classes, cached teacher logits): the step's cost does not depend on
@@ -45,10 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from bench import interleaved  # noqa: E402  (benchmarks/, the script's own folder: the same interleaving as bench.py)
 
-from kd_tune.distill.losses import pack_loss_terms
+from kd_tune.distill.losses import pack_loss_terms  # noqa: E402
+from kd_tune.distill.models import build, count_parameters, model_args  # noqa: E402
 from kd_tune.distill.models.cnn import build_cnn  # noqa: E402
 from kd_tune.distill.pack_train import Member, PackData, evaluate_pack, pack_epoch, train_pack  # noqa: E402
-from kd_tune.distill.packed import build_pack, channels_last_on
+from kd_tune.distill.packed import build_pack, channels_last_on, pack_from_state_dicts  # noqa: E402
 from kd_tune.distill.train import epoch_order, make_optimizer, train, train_epoch  # noqa: E402
 
 SHAPE, CLASSES, WIDTHS, BATCH, LR, ALPHA, TEMPERATURE = (1, 28, 28), 10, (16, 32), 128, 1e-3, 0.5, 3.0
@@ -210,6 +212,34 @@ def evaluation_table(device: torch.device, sizes: list[int], repeats: int) -> No
         print(f"| {k} | {by_member:.3f} | {packed:.3f} | {by_member / packed:.2f}x |", flush=True)
 
 
+def mlp_table(device: torch.device, d: PackData, sizes: list[int], hidden: tuple[int, ...], repeats: int) -> None:
+    """MLP students (``mlp`` with ``hidden``, no dropout) one alone (``train_epoch``) against packs of K
+    (:class:`~kd_tune.distill.packed.PackedMLP`: batched matmuls), shared (one data order) and per-member (K orders)."""
+    margs = model_args("mlp", {"hidden": list(hidden)}, SHAPE, CLASSES)
+    print(f"\nstudent: mlp {'-'.join(map(str, hidden))} ({count_parameters(build(margs, 0)):,} parameters)\n\n"
+          "| K | variant | s per pack-epoch | student epochs/s | speedup vs unpacked |\n| --- | --- | --- | --- | --- |", flush=True)
+
+    def alone() -> Callable[[], float]:
+        model = build(margs, 0).to(device)
+        opt = make_optimizer(model, LR)
+        data = d.member_data(Member(seed=0, epochs=1, alpha=ALPHA, temperature=TEMPERATURE, teacher=0))
+        return timed_epochs(device, lambda e: (train_epoch(model, opt, data, e, BATCH, 0, ALPHA, TEMPERATURE) / d.train_x.shape[0]).tolist())
+
+    def pack(k: int, shared: bool) -> Callable[[], float]:
+        seeds = [0] * k if shared else list(range(k))
+        members = [Member(seed=s, epochs=1, alpha=ALPHA, temperature=TEMPERATURE, teacher=0) for s in seeds]
+        model = pack_from_state_dicts(margs, [build(margs, s).state_dict() for s in seeds]).to(device)
+        opt = make_optimizer(model, LR)
+        return timed_epochs(device, lambda e: (pack_epoch(model, opt, d, members, e, BATCH) / d.train_x.shape[0]).tolist())
+
+    for k in sizes:
+        variants = [("unpacked (1 student)", alone()), ("shared", pack(k, True))] + ([("per-member", pack(k, False))] if k > 1 else [])
+        seconds = interleaved([run for _, run in variants], repeats)
+        for (name, _), sec in zip(variants, seconds, strict=True):
+            students = 1 if name.startswith("unpacked") else k
+            print(f"| {k} | {name} | {sec:.3f} | {students / sec:.2f} | {students / sec * seconds[0]:.2f}x |", flush=True)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -237,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graphs", action="store_true", help="also time NCHW packs whose step is replayed as one CUDA graph (an experiment; cuda only)")
     p.add_argument("--bf16", action="store_true", help="also time every contender with student.precision bfloat16 (autocast forward)")
     p.add_argument("--fused", action="store_true", help="also time the packs (channels_last, float32) with fused Adam (torch.optim.Adam(fused=True))")
+    p.add_argument("--mlp", type=lambda s: tuple(int(v) for v in s.split(",")), default=None, metavar="HIDDEN",
+                   help="time MLP students of these hidden sizes (e.g. 800,800) instead of the study's CNN")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -258,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         evaluation_table(device, sizes, args.repeats)
         return 0
     d = synthetic(n, device)
+    if args.mlp:
+        mlp_table(device, d, sizes, args.mlp, args.repeats)
+        return 0
     layouts = [True, False] if args.nchw else [True]
     print("\n| K | variant | s per pack-epoch | student epochs/s | speedup vs unpacked |\n| --- | --- | --- | --- | --- |", flush=True)
     for k in sizes:

@@ -177,7 +177,7 @@ def test_address_where_no_cluster_answers(write_space: Callable[..., Path], tmp_
 def test_parser_loads_neither_torch_nor_ray() -> None:
     # A fresh interpreter: this test process has torch loaded already.
     code = ("import sys; from kd_tune.cli.app import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'pandas') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'pandas', 'pyarrow', 'numpy') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

@@ -165,7 +165,7 @@ def test_a_reattached_run_gets_no_second_model_or_dataset(swept: Swept) -> None:
     split, ds = _split(swept.spec), swept.spec.dataset
     labels = {n: flip_labels(split.train_y, n, ds.seed, split.info.num_classes) for n in swept.spec.noise_levels()}  # as the sweep does
     callback = MlflowTrackingCallback(tracking_uri=swept.uri, experiment_id=swept.experiment_id, parent_run_id=swept.runs["sweep"][0].info.run_id,
-                                      sweep=SWEEP, static_params=swept.spec.flat_params(), inputs=dataset_inputs(split, labels),
+                                      sweep=SWEEP, static_params=swept.spec.run_params(), inputs=dataset_inputs(split, labels),
                                       example=input_example(split))
     callback.setup()
     reattached = set()

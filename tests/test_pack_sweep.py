@@ -241,7 +241,8 @@ def _pack_reference(sweep: Any, pack: int) -> dict[str, dict[str, float]]:
     storage = resolve_storage(str(sweep.storage))
     teacher = TeacherCache(storage).load(teacher_key(spec.dataset, spec.teacher, split))
     assert teacher is not None
-    bundle = TrialBundle(split, spec.student, {0.0: split.train_y}, {0.0: teacher.train_logits}, {0.0: teacher.test_logits}, storage, "ref")
+    bundle = TrialBundle(split, spec.students(), {0.0: split.train_y}, {("", 0.0): teacher.train_logits}, {("", 0.0): teacher.test_logits},
+                         storage, "ref")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {}

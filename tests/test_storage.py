@@ -18,7 +18,7 @@ from kd_tune.distill.checkpoint import STATE_FILE
 from kd_tune.distill.teacher import teacher_key, train_teacher
 from kd_tune.errors import UsageError
 from kd_tune.spec.options import SweepOptions
-from kd_tune.spec.schema import DatasetSpec, TeacherSpec
+from kd_tune.spec.schema import DatasetSpec, TeacherSpec, model_spec
 from kd_tune.sweep.results import sweep_status
 from kd_tune.sweep.run import SweepExistsError, resume_sweep, run_sweep
 from kd_tune.sweep.storage import Storage, filesystem_type, is_network_fs, resolve_storage
@@ -113,7 +113,7 @@ def test_storage_files_roundtrip(storage: Storage) -> None:
 
 def test_teacher_cache_and_checkpoints_on_storage(storage: Storage) -> None:
     split = data_split.prepare("mnist", 300, 0.0, 0, FIXTURE_DATA)
-    spec = TeacherSpec(widths=(4, 8), epochs=1, lr=3e-3, batch_size=64)
+    spec = TeacherSpec(model_spec("cnn", widths=(4, 8)), epochs=1, lr=3e-3, batch_size=64)
     teacher = train_teacher(split, spec, teacher_key(DatasetSpec(train_size=300), spec, split), log=lambda s: None)
     cache = TeacherCache(storage)
     assert cache.load(teacher.key) is None

@@ -9,7 +9,7 @@ import torch
 
 from kd_tune.data import split as data_split
 from kd_tune.distill.teacher import Teacher, teacher_key, train_teacher
-from kd_tune.spec.schema import DatasetSpec, TeacherSpec
+from kd_tune.spec.schema import DatasetSpec, TeacherSpec, model_spec
 from kd_tune.sweep.storage import resolve_storage
 from kd_tune.sweep.teachers import CACHE_FOLDER, TeacherCache
 
@@ -23,12 +23,12 @@ def split() -> data_split.DataSplit:
 
 @pytest.fixture(scope="module")
 def teacher(split: data_split.DataSplit) -> Teacher:
-    spec = TeacherSpec(widths=(4, 8), epochs=1, lr=3e-3, batch_size=64)
+    spec = TeacherSpec(model_spec("cnn", widths=(4, 8)), epochs=1, lr=3e-3, batch_size=64)
     return train_teacher(split, spec, teacher_key(DatasetSpec(train_size=500), spec, split), log=lambda s: None)
 
 
 def test_key_covers_the_spec(split: data_split.DataSplit) -> None:
-    ds, t = DatasetSpec(train_size=500), TeacherSpec(widths=(4, 8), epochs=1)
+    ds, t = DatasetSpec(train_size=500), TeacherSpec(model_spec("cnn", widths=(4, 8)), epochs=1)
     key = teacher_key(ds, t, split)
     assert key == teacher_key(ds, t, split)
     assert key != teacher_key(ds, replace(t, epochs=2), split)

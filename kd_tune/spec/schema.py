@@ -111,8 +111,27 @@ def is_model_uri(source: str) -> bool:
     return source.startswith(MODEL_URI_SCHEMES)
 
 
+class _Modelled:
+    """What a section that names a model (``model``: a :class:`ModelSpec`) says of it."""
+
+    model: ModelSpec
+
+    @property
+    def arch(self) -> str:
+        return self.model.arch
+
+    @property
+    def arch_args(self) -> dict[str, Any]:
+        return self.model.kwargs()
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """A ``cnn``'s filters (what the study's log lines show)."""
+        return tuple(dict(self.model.args).get("widths", ()))
+
+
 @dataclass(frozen=True)
-class TeacherSpec:
+class TeacherSpec(_Modelled):
     """The big network trained once (and cached), or loaded pre-trained, whose logits the students learn from."""
 
     model: ModelSpec = field(default_factory=lambda: model_spec("cnn", widths=(256, 512)))
@@ -139,22 +158,9 @@ class TeacherSpec:
         # is no part of a member's identity: the clean teacher is the noise-free one, cached once.
         return [replace(self, seed=self.seed + i, ensemble=1, clean=False) for i in range(self.ensemble)]
 
-    @property
-    def arch(self) -> str:
-        return self.model.arch
-
-    @property
-    def arch_args(self) -> dict[str, Any]:
-        return self.model.kwargs()
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """A ``cnn`` teacher's filters (what the study's log lines show)."""
-        return tuple(dict(self.model.args).get("widths", ()))
-
 
 @dataclass(frozen=True)
-class StudentSpec:
+class StudentSpec(_Modelled):
     """The small network every trial trains."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -175,19 +181,6 @@ class StudentSpec:
     def online(self) -> bool:
         """Whether this student's teacher runs live (its batches are augmented)."""
         return self.augment != "none"
-
-    @property
-    def arch(self) -> str:
-        return self.model.arch
-
-    @property
-    def arch_args(self) -> dict[str, Any]:
-        return self.model.kwargs()
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """A ``cnn`` student's filters."""
-        return tuple(dict(self.model.args).get("widths", ()))
 
 
 PRECISIONS = ("float32", "bfloat16")
