@@ -25,13 +25,14 @@ FIXTURE_DATA = Path(__file__).parent / "fixtures" / "mnist_slice"
 REPO = Path(__file__).resolve().parent.parent
 
 
-# Seconds each heavy test file took (`pytest -n 2 --dist loadfile --junitxml`, 2-core machine, 2026-11-28). The
+# Seconds each heavy test file took (`pytest -n 2 --dist loadfile --junitxml`, 2-core AVX2 machine, 2026-12-02). The
 # two xdist workers take whole files; given them heaviest first they end together. In pytest-xdist's own order
 # (files with the most tests first) test_resume.py's four long tests came last, and one worker ran them alone
 # for a minute. Files not listed (seconds each) follow in their usual order.
-FILE_SECONDS = {"test_resume.py": 212, "test_outage.py": 163, "test_cluster.py": 144, "test_pack_sweep.py": 109, "test_sweep.py": 106,
-                "test_search.py": 77, "test_jobs.py": 76, "test_bench.py": 44, "test_report.py": 29, "test_storage.py": 28,
-                "test_mlflow_native.py": 26, "test_mlflow_ui.py": 17, "test_ui.py": 13, "test_cli.py": 11}
+FILE_SECONDS = {"test_resume.py": 450, "test_outage.py": 370, "test_cluster.py": 323, "test_sweep.py": 307, "test_pack_sweep.py": 296,
+                "test_jobs.py": 257, "test_search.py": 199, "test_bench.py": 119, "test_own_data.py": 117, "test_models_sweep.py": 91,
+                "test_report.py": 84, "test_storage.py": 74, "test_mlflow_native.py": 52, "test_mlflow_ui.py": 39, "test_cli.py": 28,
+                "test_ui.py": 28, "test_architectures.py": 27, "test_layers.py": 26}
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -17,8 +17,9 @@ from kd_tune.data import split as data_split
 from kd_tune.distill.checkpoint import STATE_FILE
 from kd_tune.distill.teacher import teacher_key, train_teacher
 from kd_tune.errors import UsageError
+from kd_tune.spec.models import TeacherSpec, model_spec
 from kd_tune.spec.options import SweepOptions
-from kd_tune.spec.schema import DatasetSpec, TeacherSpec, model_spec
+from kd_tune.spec.schema import DatasetSpec
 from kd_tune.sweep.results import sweep_status
 from kd_tune.sweep.run import SweepExistsError, resume_sweep, run_sweep
 from kd_tune.sweep.storage import Storage, filesystem_type, is_network_fs, resolve_storage

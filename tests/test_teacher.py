@@ -9,7 +9,8 @@ import torch
 
 from kd_tune.data import split as data_split
 from kd_tune.distill.teacher import Teacher, teacher_key, train_teacher
-from kd_tune.spec.schema import DatasetSpec, TeacherSpec, model_spec
+from kd_tune.spec.models import TeacherSpec, model_spec
+from kd_tune.spec.schema import DatasetSpec
 from kd_tune.sweep.storage import resolve_storage
 from kd_tune.sweep.teachers import CACHE_FOLDER, TeacherCache
 

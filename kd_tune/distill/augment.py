@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kd_tune.spec.schema import AUGMENTATIONS  # noqa: F401 - the spec validates the names; here they act
-
 
 @dataclass(frozen=True)
 class Augment:

@@ -20,7 +20,8 @@ from kd_tune.distill.augment import Augment
 from kd_tune.distill.metrics import Evaluation
 from kd_tune.distill.models import build, model_args
 from kd_tune.distill.train import EpochMetrics, TensorData, make_optimizer, predict_logits, train
-from kd_tune.spec.schema import DatasetSpec, TeacherSpec
+from kd_tune.spec.models import TeacherSpec
+from kd_tune.spec.schema import DatasetSpec
 
 CACHE_FORMAT = 2
 """Bumped whenever what a cached teacher holds changes (2: its model args)."""

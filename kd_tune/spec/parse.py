@@ -7,108 +7,40 @@ file, the key, the value and what is allowed. See ``search_spaces/smoke.yaml`` f
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from kd_tune.data.registry import REGISTRY
 from kd_tune.errors import SpaceError, first_line
-from kd_tune.spec.architectures import ALLOWED as ARCH_ALLOWED
-from kd_tune.spec.architectures import FAMILIES, ArgError, is_factory
+from kd_tune.spec.models import StudentSpec, TeacherSpec
+from kd_tune.spec.parse_models import read_student, read_teacher, read_variants
+from kd_tune.spec.reader import Reader
 from kd_tune.spec.schema import (
     ALGORITHMS,
-    AUGMENTATIONS,
     BASELINES,
     MAX_PACK,
     METRICS,
     NAME_ALLOWED,
-    PRECISIONS,
-    PRETRAINED_ALLOWED,
     SCHEDULERS,
     Axis,
     DatasetSpec,
     GridSpec,
-    ModelSpec,
     Range,
     ResourcesSpec,
     SchedulerSpec,
     SearchSpec,
-    StudentSpec,
     SweepSpec,
-    TeacherSpec,
-    is_model_uri,
     is_valid_name,
 )
-
-T = TypeVar("T")
-
-
-class _Reader:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.default_pad = 2
-        """An ``augment_pad`` left out: 4 for the dataset's images of 32 pixels or more (CIFAR's crops), else 2 (digits' shifts)."""
-
-    def fail(self, key: str, value: object, allowed: str) -> SpaceError:
-        return SpaceError(self.source, key, value, allowed)
-
-    def section(self, data: Mapping[str, Any], key: str, allowed_keys: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, Any]:
-        value = data.get(key, {}) if key else data
-        if value is None and key:
-            value = {}
-        if not isinstance(value, Mapping):
-            raise self.fail(key, value, f"a mapping with keys {', '.join(allowed_keys)}")
-        for k in value:
-            if k not in allowed_keys:
-                raise self.fail(_join(key, str(k)), value[k], f"known keys of '{key or 'top level'}': {', '.join(allowed_keys)}")
-        for k in required:
-            if k not in value:
-                raise self.fail(_join(key, k), "<missing>", "this key is required")
-        return dict(value)
-
-    def number(self, key: str, value: object, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
-        allowed = f"a number in {'(' if lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open else ']'}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.fail(key, value, allowed)
-        if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
-            raise self.fail(key, value, allowed)
-        return float(value)
-
-    def integer(self, key: str, value: object, lo: int, hi: int | None = None) -> int:
-        allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-            raise self.fail(key, value, allowed)
-        return value
-
-    def choice(self, key: str, value: object, choices: tuple[str, ...]) -> str:
-        if not isinstance(value, str) or value not in choices:
-            raise self.fail(key, value, f"one of {', '.join(choices)}")
-        return value
-
-    def items(self, key: str, value: object, read: Callable[[str, object], T], *, unique: bool = True) -> tuple[T, ...]:
-        if not isinstance(value, list) or not value:
-            raise self.fail(key, value, "a non-empty list")
-        out = tuple(read(f"{key}[{i}]", v) for i, v in enumerate(value))
-        if unique and len(set(out)) != len(out):
-            raise self.fail(key, value, "a list without repeated values")
-        return out
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _fmt(x: float) -> str:
-    return "inf" if x == math.inf else f"{x:g}"
 
 
 def parse_space(data: object, source: str) -> SweepSpec:
     """Validate a search space already parsed from YAML into a :class:`SweepSpec`."""
-    r = _Reader(source)
+    r = Reader(source)
     if not isinstance(data, Mapping):
         raise r.fail("", data, "a YAML mapping with keys name, dataset, teacher, student, grid, ...")
     top = r.section(
@@ -122,13 +54,13 @@ def parse_space(data: object, source: str) -> SweepSpec:
 
     dataset = _dataset(r, top)
 
-    teacher = _teacher(r, "teacher", top.get("teacher"))
-    student = _student(r, "student", top.get("student"))
+    teacher = read_teacher(r, "teacher", top.get("teacher"))
+    student = read_student(r, "student", top.get("student"))
 
     search = _search(r, top, dataset)
     g = r.section(top, "grid", ("alpha", "temperature", "epochs", "seed", "label_noise", "student", "teacher"), required=("alpha",))
-    students = _variants(r, "grid.student", g.get("student"), top["student"], _student)
-    teachers = _variants(r, "grid.teacher", g.get("teacher"), top["teacher"], _teacher)
+    students = read_variants(r, "grid.student", g.get("student"), top["student"], read_student)
+    teachers = read_variants(r, "grid.teacher", g.get("teacher"), top["teacher"], read_teacher)
     noise_axis: tuple[float, ...] = ()
     if "label_noise" in g:
         noise_axis = r.items("grid.label_noise", g["label_noise"], lambda k, v: r.number(k, v, 0.0, 1.0, hi_open=True))
@@ -175,7 +107,7 @@ def parse_space(data: object, source: str) -> SweepSpec:
                      student_variants=students, teacher_variants=teachers)
 
 
-def _dataset(r: _Reader, top: Mapping[str, Any]) -> DatasetSpec:
+def _dataset(r: Reader, top: Mapping[str, Any]) -> DatasetSpec:
     """The ``dataset`` section: a registry's dataset by name, or your own (``path``: an ImageFolder folder or a .npz file)."""
     d = r.section(top, "dataset", ("name", "train_size", "label_noise", "seed", "normalize", "val_size", "path", "test_split", "max_gb"),
                   required=("name",))
@@ -206,7 +138,7 @@ def _dataset(r: _Reader, top: Mapping[str, Any]) -> DatasetSpec:
     return DatasetSpec(name=ds_name, train_size=train_size, val_size=val_size, **common)
 
 
-def _own_dataset(r: _Reader, d: Mapping[str, Any], common: dict[str, Any]) -> DatasetSpec:
+def _own_dataset(r: Reader, d: Mapping[str, Any], common: dict[str, Any]) -> DatasetSpec:
     """Your own data: its counts are the files' (checked when the sweep starts, before anything else), so here only the
     keys' types, and that the path exists."""
     name = d["name"]
@@ -225,7 +157,7 @@ def _own_dataset(r: _Reader, d: Mapping[str, Any], common: dict[str, Any]) -> Da
                        max_gb=None if d.get("max_gb") is None else r.number("dataset.max_gb", d["max_gb"], 0.0, 1e6, lo_open=True), **common)
 
 
-def _search(r: _Reader, top: Mapping[str, Any], dataset: DatasetSpec) -> SearchSpec:
+def _search(r: Reader, top: Mapping[str, Any], dataset: DatasetSpec) -> SearchSpec:
     """The ``search`` section: the grid by default; random / optuna sample ``num_samples`` students."""
     s = r.section(top, "search", ("algorithm", "num_samples", "metric", "max_concurrent", "seed"))
     algorithm = r.choice("search.algorithm", s.get("algorithm", "grid"), ALGORITHMS)
@@ -251,7 +183,7 @@ def _search(r: _Reader, top: Mapping[str, Any], dataset: DatasetSpec) -> SearchS
     )
 
 
-def _axis(r: _Reader, key: str, value: object, search: SearchSpec, read: Callable[..., float]) -> Axis:
+def _axis(r: Reader, key: str, value: object, search: SearchSpec, read: Callable[..., float]) -> Axis:
     """Listed values, or (for a search) a range ``{low, high, log}`` inside the key's allowed interval."""
     if not isinstance(value, Mapping):
         return r.items(key, value, read)
@@ -267,7 +199,7 @@ def _axis(r: _Reader, key: str, value: object, search: SearchSpec, read: Callabl
     return Range(low, high, log)
 
 
-def _scheduler(r: _Reader, top: Mapping[str, Any], search: SearchSpec, grid: GridSpec) -> SchedulerSpec | None:
+def _scheduler(r: Reader, top: Mapping[str, Any], search: SearchSpec, grid: GridSpec) -> SchedulerSpec | None:
     """The optional ``scheduler`` section (early stopping), for searches only."""
     if top.get("scheduler") is None:
         return None
@@ -282,121 +214,6 @@ def _scheduler(r: _Reader, top: Mapping[str, Any], search: SearchSpec, grid: Gri
                                                     "(early stopping needs at least 2 epochs)")
     grace = r.integer("scheduler.grace_period", s.get("grace_period", 1), 1, longest - 1)
     return SchedulerSpec(name, grace, r.integer("scheduler.reduction_factor", s.get("reduction_factor", 3), 2, 100))
-
-
-TRAINED_TEACHER_KEYS = ("epochs", "lr", "batch_size", "seed", "ensemble", "clean", "augment", "augment_pad")
-STUDENT_KEYS = ("lr", "batch_size", "precision", "augment", "augment_pad")
-VARIANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]{0,39}$")
-VARIANT_ALLOWED = "1-40 letters, digits, '_' or '.', starting with a letter or digit (it names the grid point's runs)"
-FACTORY_ARG = (str, int, float, bool)
-
-
-def _model(r: _Reader, key: str, raw: object, other_keys: tuple[str, ...], required: tuple[str, ...] = ()) -> tuple[dict[str, Any], ModelSpec]:
-    """A section that names a model (``arch`` and its arguments) beside ``other_keys``: the section checked (known keys only,
-    ``required`` present) and its :class:`ModelSpec`."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise r.fail(key, raw, f"a mapping with keys arch, {', '.join(other_keys)} and the architecture's arguments")
-    arch = raw.get("arch", "cnn")
-    if not isinstance(arch, str) or not (arch in FAMILIES or is_factory(arch)):
-        raise r.fail(f"{key}.arch", arch, ARCH_ALLOWED)
-    arg_names = ("args",) if is_factory(arch) else tuple(FAMILIES[arch].args)
-    section = r.section({key: raw}, key, ("arch", *arg_names, *other_keys), required=required)
-    if is_factory(arch):
-        args = section.get("args", {}) or {}
-        if not isinstance(args, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in args):
-            raise r.fail(f"{key}.args", args, "a mapping of the factory's keyword arguments (names to numbers, strings, booleans or lists of them)")
-        for k, v in args.items():
-            if not (isinstance(v, FACTORY_ARG) or (isinstance(v, list) and all(isinstance(x, FACTORY_ARG) for x in v))):
-                raise r.fail(f"{key}.args.{k}", v, "a number, string, boolean or a list of them")
-        return section, ModelSpec(arch, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in args.items())))
-    values = {}
-    for name, (check, default) in FAMILIES[arch].args.items():
-        if name not in section:
-            values[name] = default
-            continue
-        try:
-            values[name] = check(f"{key}.{name}", section[name])
-        except ArgError as e:
-            raise r.fail(e.key, e.value, e.allowed) from None
-    return section, ModelSpec(arch, tuple(sorted(values.items())))
-
-
-def _student(r: _Reader, key: str, raw: object) -> StudentSpec:
-    cnn = not isinstance(raw, Mapping) or raw.get("arch", "cnn") == "cnn"
-    s, model = _model(r, key, raw, STUDENT_KEYS, required=("widths",) if cnn else ())
-    precision = s.get("precision", StudentSpec.precision)
-    if precision not in PRECISIONS:
-        raise r.fail(f"{key}.precision", precision, "float32 (the default) or bfloat16 (autocast)")
-    return StudentSpec(model, lr=r.number(f"{key}.lr", s.get("lr", 1e-3), 0.0, 10.0, lo_open=True),
-                       batch_size=r.integer(f"{key}.batch_size", s.get("batch_size", 128), 1), precision=precision,
-                       augment=r.choice(f"{key}.augment", s.get("augment", "none"), AUGMENTATIONS),
-                       augment_pad=r.integer(f"{key}.augment_pad", s.get("augment_pad", r.default_pad), 1, 16))
-
-
-def _teacher(r: _Reader, key: str, raw: object) -> TeacherSpec:
-    if isinstance(raw, Mapping) and "from" in raw:
-        return _pretrained(r, key, raw)
-    cnn = not isinstance(raw, Mapping) or raw.get("arch", "cnn") == "cnn"
-    t, model = _model(r, key, raw, (*TRAINED_TEACHER_KEYS, "from"), required=("epochs", "widths") if cnn else ("epochs",))
-    clean = t.get("clean", False)
-    if not isinstance(clean, bool):
-        raise r.fail(f"{key}.clean", clean, "true or false")
-    augment = r.choice(f"{key}.augment", t.get("augment", "none"), AUGMENTATIONS)
-    return TeacherSpec(
-        model,
-        epochs=r.integer(f"{key}.epochs", t["epochs"], 1),
-        lr=r.number(f"{key}.lr", t.get("lr", 1e-3), 0.0, 10.0, lo_open=True),
-        batch_size=r.integer(f"{key}.batch_size", t.get("batch_size", 128), 1),
-        seed=r.integer(f"{key}.seed", t.get("seed", 0), 0),
-        ensemble=r.integer(f"{key}.ensemble", t.get("ensemble", 1), 1, 16),
-        clean=clean,
-        augment=augment,
-        augment_pad=r.integer(f"{key}.augment_pad", t.get("augment_pad", r.default_pad), 1, 16),
-    )
-
-
-def _pretrained(r: _Reader, key: str, raw: Mapping[str, Any]) -> TeacherSpec:
-    """``teacher: {from: PATH_OR_URI}``: nothing else (the file says the architecture; it is not trained here)."""
-    for k, v in raw.items():
-        if k != "from":
-            raise r.fail(f"{key}.{k}", v, f"no other key with {key}.from (a pre-trained teacher is loaded, not trained here)")
-    source = raw["from"]
-    if not isinstance(source, str) or not source.strip():
-        raise r.fail(f"{key}.from", source, PRETRAINED_ALLOWED)
-    if not is_model_uri(source):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise r.fail(f"{key}.from", source, f"{PRETRAINED_ALLOWED} (no such file)")
-        source = str(path.resolve())  # the stored space resumes from anywhere
-    return TeacherSpec(source=source)
-
-
-def _variants(r: _Reader, key: str, raw: object, base: object, read: Callable[[_Reader, str, object], T]) -> tuple[tuple[str, T], ...]:
-    """An axis of models (``grid.student`` / ``grid.teacher``): names to overrides of the base section, each read in full.
-
-    An override that names another ``arch`` (or, for a teacher, ``from``) replaces the base's model keys."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, Mapping) or not raw:
-        raise r.fail(key, raw, f"a mapping of names to overrides of '{key.split('.')[-1]}', e.g. {{small: {{hidden: [400, 400]}}}}")
-    out = []
-    for name, override in raw.items():
-        if not isinstance(name, str) or not VARIANT_PATTERN.match(name):
-            raise r.fail(f"{key}.{name}", name, VARIANT_ALLOWED)
-        if override is None:
-            override = {}
-        if not isinstance(override, Mapping):
-            raise r.fail(f"{key}.{name}", override, f"a mapping of keys of '{key.split('.')[-1]}' to override")
-        merged = dict(base) if isinstance(base, Mapping) else {}
-        if "from" in override:
-            merged = {}
-        elif "arch" in override or "from" in merged:
-            keep = TRAINED_TEACHER_KEYS + STUDENT_KEYS
-            merged = {k: v for k, v in merged.items() if k in keep}
-        out.append((name, read(r, f"{key}.{name}", {**merged, **override})))
-    return tuple(out)
 
 
 def load_space(path: str | Path) -> SweepSpec:

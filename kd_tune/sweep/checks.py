@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from kd_tune.data.registry import REGISTRY
 from kd_tune.errors import SpaceError, first_line
-from kd_tune.spec.schema import PRETRAINED_ALLOWED, ModelSpec, SweepSpec, is_model_uri
+from kd_tune.spec.models import PRETRAINED_ALLOWED, ModelSpec, is_model_uri
+from kd_tune.spec.schema import SweepSpec
 
 
 def data_shape(spec: SweepSpec, source: str = "") -> tuple[tuple[int, int, int], int]:

@@ -27,9 +27,10 @@ from kd_tune.data.split import DataSplit, flip_labels, prepare
 from kd_tune.distill.online import TeacherNet
 from kd_tune.distill.teacher import Teacher, ensemble_logits, log_teacher_summary
 from kd_tune.report.summary import summarize_on_parent
+from kd_tune.spec.models import is_model_uri
 from kd_tune.spec.options import SweepOptions
 from kd_tune.spec.parse import space_to_yaml
-from kd_tune.spec.schema import SweepSpec, is_model_uri
+from kd_tune.spec.schema import SweepSpec
 from kd_tune.spec.trials import PACK, PARAM_COLUMNS, POINT
 from kd_tune.sweep import hooks, search
 from kd_tune.sweep.callback import MlflowTrackingCallback, open_outbox, outbox_of

@@ -23,7 +23,8 @@ from kd_tune.data.split import DataSplit
 from kd_tune.distill.pretrained import file_digest, load_model
 from kd_tune.distill.teacher import CACHE_FORMAT, Teacher, pretrained_key, teacher_from_model, teacher_key, train_teacher
 from kd_tune.errors import first_line
-from kd_tune.spec.schema import SweepSpec, TeacherSpec
+from kd_tune.spec.models import TeacherSpec
+from kd_tune.spec.schema import SweepSpec
 from kd_tune.sweep.storage import Storage
 
 CACHE_FOLDER = "_teachers"  # beside the sweeps in the storage; sweep names cannot start with '_'

@@ -33,7 +33,7 @@ from kd_tune.distill.pack_train import Member, PackData, train_pack
 from kd_tune.distill.packed import channels_last_on, member_state_dict, pack_from_state_dicts
 from kd_tune.distill.train import EpochMetrics, TensorData, make_optimizer, train
 from kd_tune.errors import DivergedError
-from kd_tune.spec.schema import StudentSpec
+from kd_tune.spec.models import StudentSpec
 from kd_tune.spec.trials import TrialConfig, TrialPoint, trial_dirname
 from kd_tune.sweep.cluster import assigned_device, assigned_threads
 from kd_tune.sweep.hooks import NO_HOOKS, TrialHooks
