@@ -79,7 +79,8 @@ def fig_best_alpha(table: pd.DataFrame, x: str, lines: str, out: Path, name: str
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("best alpha (selected on validation)")
-    fig.suptitle("Best alpha per seed, mean and 95 % CI over seeds (1 = no distillation)")
+    # Two short lines: one line overran the figure (and was cut) when the sweep has a single epochs panel.
+    fig.suptitle("Best alpha (each seed's, selected on validation)\nmean and 95 % CI over seeds; 1 = no distillation", fontsize=10)
     fig.tight_layout()
     path = out / name
     fig.savefig(path, dpi=DPI)
