@@ -47,6 +47,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise FlagError("--address", address, ADDRESS_ALLOWED, f"nothing answers at {resolved}") from None
 
 
+def cluster_address(flag: str | None) -> str | None:
+    """The Ray cluster a sweep joins: ``--address``, else ``$RAY_ADDRESS`` (set for a Ray job's driver); None: an embedded one."""
+    return flag or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect_ray(address: str | None) -> bool:
     """Join the given cluster, else start an embedded one; True when this call started Ray.
 

@@ -35,7 +35,7 @@ from kd_tune.spec.trials import PACK, PARAM_COLUMNS, POINT
 from kd_tune.sweep import hooks, search
 from kd_tune.sweep.callback import MlflowTrackingCallback, open_outbox, outbox_of
 from kd_tune.sweep.checks import run_params
-from kd_tune.sweep.cluster import teacher_cpus
+from kd_tune.sweep.cluster import cluster_address, teacher_cpus
 from kd_tune.sweep.folder import SPACE_FILE, SweepRecord, claim_driver, release_driver, resume_command, save_tracking_inputs, sweep_path
 from kd_tune.sweep.names import trial_dirname, trial_name
 from kd_tune.sweep.results import SweepOutcome, results_table
@@ -136,7 +136,7 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         inputs = dataset_inputs(split, labels, data_dir)  # the runs' datasets for MLflow, fingerprinted once
         example = input_example(split)  # every logged model's input example: the teachers' and the students'
         teachers = _get_teachers(spec, split, labels, storage, client, record, opts.quiet, log, inputs=inputs, example=example,
-                                 data_dir=data_dir)
+                                 data_dir=data_dir, in_driver=cluster_address(opts.address) is None)
         trials, total = spec.trials(), spec.planned_rows()
         n_trials = len(spec.packs()) + spec.search.num_samples
         verb = f"resuming ({len(finished_before)} of {n_trials} trials finished before)" if finished_before or opts.resume else "starting"
@@ -219,7 +219,7 @@ def _open_tracking(spec: SweepSpec, storage: Storage, opts: SweepOptions, record
 
 def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.Tensor], storage: Storage, client: MlflowClient,
                   record: SweepRecord, quiet: bool, log: Log, *, inputs: dict[float, list[DataInput]], example: np.ndarray,
-                  data_dir: Path | None) -> _Teachers:
+                  data_dir: Path | None, in_driver: bool) -> _Teachers:
     """Each teacher of the sweep (the ``teacher`` section, or each ``grid.teacher`` entry; one, or an ensemble) per
     label-noise level, recorded under the parent run (by the returned ``record``): it learns from the labels the
     students see, unless teacher.clean asks for the clean labels (then one serves every level); a pre-trained teacher
@@ -227,7 +227,8 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
 
     ``inputs``: the students' datasets per label-noise level (:func:`~kd_tune.tracking.datasets.dataset_inputs`,
     computed once by the caller); a clean teacher's labels, when no student sees them, are fingerprinted here.
-    ``example``: the logged models' input example (:func:`~kd_tune.tracking.models.input_example`)."""
+    ``example``: the logged models' input example (:func:`~kd_tune.tracking.models.input_example`).
+    ``in_driver``: Ray is embedded in this process (no ``--address``): CPU teachers train here (:func:`get_teachers`)."""
     node_cpus = teacher_cpus(spec.resources, log)
     inputs = dict(inputs)
     # each teacher (or ensemble): its name, its spec with the noise level it saw, its members, that level
@@ -253,7 +254,7 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
             if (name, seen) not in accs:
                 tspec = replace(spec, dataset=replace(spec.dataset, label_noise=seen), teacher=teacher)
                 tsplit = replace(split, train_y=labels.get(seen, split.train_y))
-                members = get_teachers(tspec, tsplit, storage, node_cpus, log, not quiet, local_file)
+                members = get_teachers(tspec, tsplit, storage, node_cpus, log, not quiet, local_file, in_driver)
                 if seen not in inputs:
                     inputs |= dataset_inputs(split, {seen: tsplit.train_y}, data_dir)
                 learned.append((name, tspec, members, seen))

@@ -8,7 +8,6 @@ the heavy modules load on a thread beside Ray's start, which is mostly waiting f
 from __future__ import annotations
 
 import gc
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from kd_tune.spec.options import SweepOptions, apply_overrides
 from kd_tune.spec.parse import load_space, load_space_text
 from kd_tune.spec.schema import SweepSpec
 from kd_tune.sweep.checks import check_models
-from kd_tune.sweep.cluster import check_local_fits, check_reachable, check_shared, connect_ray, shutdown_ray
+from kd_tune.sweep.cluster import check_local_fits, check_reachable, check_shared, cluster_address, connect_ray, shutdown_ray
 from kd_tune.sweep.folder import SPACE_FILE, SweepRecord, refuse_second_driver, resume_command, sweep_path
 from kd_tune.sweep.storage import Storage, check_writable
 from kd_tune.sweep.tune_state import can_restore, require_sweep, torn_tune_states
@@ -82,7 +81,7 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
     """The checks that need no Ray, then Ray (joined or started here) while the data loads, then the sweep."""
     started = time.perf_counter()
     wait = tracking_wait(opts)  # validated before anything is touched
-    address = opts.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(opts.address)
     if not address:
         check_local_fits(spec.resources)
     refuse_second_driver(storage, spec.name)

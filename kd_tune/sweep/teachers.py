@@ -1,5 +1,7 @@
 """The teachers a sweep distills from: from the content-addressed cache in its storage, or trained once as a Ray task
-(a pre-trained teacher: its logits computed once as a Ray task, cached by its file's digest).
+(a pre-trained teacher: its logits computed once as a Ray task, cached by its file's digest). On the embedded Ray of a
+CPU sweep they train in the driver instead (``in_driver``): the one node is the driver's own, and a task would only start a
+worker process that imports torch again (6-7 CPU-seconds, ~5 s of a tiny sweep's 26 on a 2-core machine).
 
 The cache lives in the sweeps' storage (a folder or an object store), so every node of a cluster finds it; its
 entries are verified by sha256 when loaded: a truncated or corrupt entry is retrained, never loaded.
@@ -12,7 +14,8 @@ import io
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -102,16 +105,30 @@ def _logits_task(blob: bytes, suffix: str, split: DataSplit, key: str, source: s
     return teacher_from_model(model, margs, split, key, source, assigned_device())
 
 
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for a while (the driver's own count afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def get_teachers(spec: SweepSpec, split: DataSplit, storage: Storage, node_cpus: int, log: Callable[[str], None],
-                 verbose: bool = True, local_file: Callable[[str], Path] = Path) -> list[Teacher]:
+                 verbose: bool = True, local_file: Callable[[str], Path] = Path, in_driver: bool = False) -> list[Teacher]:
     """Every member of the teacher ``spec.teacher`` (one, or an ensemble): from the cache, or trained now as a Ray task
     on a whole node (``node_cpus``; teachers train before any trial starts). A pre-trained teacher (``teacher.from``):
     its file (``local_file`` turns an MLflow model URI into one) read once, its logits computed as a Ray task and cached
-    by the file's digest."""
+    by the file's digest. ``in_driver``: this process is the embedded Ray's one node; the teachers of a sweep without
+    GPUs then train here, with ``node_cpus`` threads, instead of in a task's new worker process (a GPU sweep keeps
+    the task: the driver would otherwise hold a CUDA context on the GPU its trials share, for the whole sweep)."""
     import ray
 
     cache = TeacherCache(storage)
     gpus = 1 if spec.resources.gpu > 0 else 0
+    here = in_driver and gpus == 0
     if spec.teacher.source is not None:
         source = spec.teacher.source
         path = local_file(source)
@@ -121,8 +138,13 @@ def get_teachers(spec: SweepSpec, split: DataSplit, storage: Storage, node_cpus:
             log(f"teacher {key}: {source}, its logits from the cache ({cache.path(key)}), test acc {teacher.test_acc:.4f}")
             return [teacher]
         log(f"teacher {key}: {source}, its logits on {len(split.train_y)} training images")
-        logits = ray.remote(_logits_task).options(num_cpus=node_cpus, num_gpus=gpus)
-        teacher = ray.get(logits.remote(path.read_bytes(), path.suffix, split, key, source))
+        if here:
+            with _threads(node_cpus):
+                model, margs = load_model(path)
+                teacher = teacher_from_model(model, margs, split, key, source, torch.device("cpu"))
+        else:
+            logits = ray.remote(_logits_task).options(num_cpus=node_cpus, num_gpus=gpus)
+            teacher = ray.get(logits.remote(path.read_bytes(), path.suffix, split, key, source))
         cache.save(teacher, {"dataset": asdict(spec.dataset), "teacher": {"from": source}})
         log(f"teacher {key}: test acc {teacher.test_acc:.4f}, its logits cached in {cache.path(key)}")
         return [teacher]
@@ -135,7 +157,11 @@ def get_teachers(spec: SweepSpec, split: DataSplit, storage: Storage, node_cpus:
             log(f"teacher {key}: from the cache ({cache.path(key)}), test acc {teacher.test_acc:.4f}")
         else:
             log(f"teacher {key}: training {_shown(member)} (seed {member.seed}) for {member.epochs} epochs on {len(split.train_y)} images")
-            teacher = ray.get(task.options(num_cpus=node_cpus, num_gpus=gpus).remote(split, member, key, verbose))
+            if here:
+                with _threads(node_cpus):
+                    teacher = train_teacher(split, member, key, torch.device("cpu"), log=log if verbose else (lambda s: None))
+            else:
+                teacher = ray.get(task.options(num_cpus=node_cpus, num_gpus=gpus).remote(split, member, key, verbose))
             cache.save(teacher, {"dataset": asdict(spec.dataset), "teacher": asdict(member)})
             log(f"teacher {key}: test acc {teacher.test_acc:.4f}, cached in {cache.path(key)}")
         teachers.append(teacher)
