@@ -33,6 +33,18 @@ FILE_SECONDS = {"test_resume.py": 450, "test_outage.py": 370, "test_cluster.py":
                 "test_jobs.py": 257, "test_search.py": 199, "test_bench.py": 119, "test_own_data.py": 117, "test_models_sweep.py": 91,
                 "test_report.py": 84, "test_storage.py": 74, "test_mlflow_native.py": 52, "test_mlflow_ui.py": 39, "test_cli.py": 28,
                 "test_ui.py": 28, "test_architectures.py": 27, "test_layers.py": 26}
+# Files that one xdist worker takes together, as one unit: both inspect the session's shared sweep (native_sweep), which
+# each worker would otherwise run once for itself.
+SAME_WORKER = {"test_mlflow_ui.py": "test_mlflow_native.py"}
+
+
+def _unit(name: str) -> str:
+    return SAME_WORKER.get(name, name)
+
+
+def _unit_seconds(name: str) -> int:
+    unit = _unit(name)
+    return sum(s for f, s in FILE_SECONDS.items() if _unit(f) == unit)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,7 +53,23 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: each file's tests keep their order
+    # stable: each file's tests keep their order; the files of one unit (SAME_WORKER) side by side
+    items.sort(key=lambda item: (-_unit_seconds(item.path.name), _unit(item.path.name)))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with the files of SAME_WORKER as one unit of work (any other mode: xdist's own)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Units(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            folder, _, name = path.rpartition("/")
+            return f"{folder}/{_unit(name)}" if folder else _unit(name)
+
+    return Units(config, log)
 
 
 def tiny_space(**overrides: Any) -> dict[str, Any]:
@@ -148,10 +176,11 @@ def native_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swept]:
     yield Swept(client, uri, outcome.experiment_id, load_space(tmp / "space.yaml"), str(tmp / "store"), folder, runs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A teacher cache folder holding the teacher of tests/test_resume.py's spaces (trained once per module in this
-    process): a sweep whose storage starts with a copy loads its teacher instead of training it in a Ray task."""
+    """A teacher cache folder holding the teacher of tests/test_resume.py's spaces (trained once per test worker):
+    a sweep whose storage starts with a copy loads its teacher instead of training it first. The sweeps of
+    test_resume.py, test_outage.py and test_pack_sweep.py copy it (none writes into it)."""
     from .test_resume import cached_teacher_folder
 
     return cached_teacher_folder(tmp_path_factory)

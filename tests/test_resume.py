@@ -50,7 +50,7 @@ SINGLE = {**SPACE, "grid": {"alpha": [0.0, 0.5, 1.0], "epochs": [EPOCHS]}}
 def cached_teacher_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The teacher every sweep here distils from (SPACE and SINGLE share its dataset and spec), trained once in
     this process and cached as a sweep caches it (kd_tune.teacher): each test's storage starts with a copy of
-    this cache folder, so its sweep loads the teacher from the cache instead of first training it in a Ray task.
+    this cache folder, so its sweep loads the teacher from the cache instead of first training it.
     (Training the teacher inside a sweep is test_sweep.py's, test_jobs.py's and test_cluster.py's.)"""
     root = tmp_path_factory.mktemp("teachers")
     spec, single = (load_space_text(yaml.safe_dump(s), "space") for s in (SPACE, SINGLE))
