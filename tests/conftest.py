@@ -25,14 +25,14 @@ FIXTURE_DATA = Path(__file__).parent / "fixtures" / "mnist_slice"
 REPO = Path(__file__).resolve().parent.parent
 
 
-# Seconds each heavy test file took (`pytest -n 2 --dist loadfile --junitxml`, 2-core AVX2 machine, 2026-12-02). The
+# Seconds each heavy test file took (`pytest -n 2 --dist loadfile --junitxml`, 2-core AVX-512 EPYC, 2026-12-03). The
 # two xdist workers take whole files; given them heaviest first they end together. In pytest-xdist's own order
 # (files with the most tests first) test_resume.py's four long tests came last, and one worker ran them alone
 # for a minute. Files not listed (seconds each) follow in their usual order.
-FILE_SECONDS = {"test_resume.py": 450, "test_outage.py": 370, "test_cluster.py": 323, "test_sweep.py": 307, "test_pack_sweep.py": 296,
-                "test_jobs.py": 257, "test_search.py": 199, "test_bench.py": 119, "test_own_data.py": 117, "test_models_sweep.py": 91,
-                "test_report.py": 84, "test_storage.py": 74, "test_mlflow_native.py": 52, "test_mlflow_ui.py": 39, "test_cli.py": 28,
-                "test_ui.py": 28, "test_architectures.py": 27, "test_layers.py": 26}
+FILE_SECONDS = {"test_resume.py": 258, "test_outage.py": 211, "test_cluster.py": 185, "test_sweep.py": 182, "test_jobs.py": 148,
+                "test_pack_sweep.py": 132, "test_search.py": 89, "test_own_data.py": 66, "test_bench.py": 61, "test_models_sweep.py": 45,
+                "test_report.py": 35, "test_mlflow_native.py": 29, "test_storage.py": 29, "test_mlflow_ui.py": 21, "test_ui.py": 18,
+                "test_cli.py": 16, "test_layers.py": 15, "test_architectures.py": 8}
 # Files that one xdist worker takes together, as one unit: both inspect the session's shared sweep (native_sweep), which
 # each worker would otherwise run once for itself.
 SAME_WORKER = {"test_mlflow_ui.py": "test_mlflow_native.py"}
