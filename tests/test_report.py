@@ -136,6 +136,19 @@ def test_selection_is_made_on_validation_and_reported_on_test() -> None:
     assert on_test is not None and on_test.alpha == 0.5  # what selecting on the test set would (optimistically) have said
 
 
+def test_a_tie_in_the_selection_goes_to_the_larger_alpha() -> None:
+    # alpha 0 and 0.5 tie exactly on validation (0.98 on both seeds); alpha 0 comes first in the summary. A tie is no
+    # evidence for the teacher: the larger alpha is selected, as report.models' best alphas do.
+    runs = _runs([("student", 0.0, 0, 0.950, 0.980), ("student", 0.0, 1, 0.952, 0.980),
+                  ("student", 0.5, 0, 0.960, 0.980), ("student", 0.5, 1, 0.962, 0.980),
+                  ("student", 1.0, 0, 0.940, 0.970), ("student", 1.0, 1, 0.942, 0.970),
+                  ("scratch", 1.0, 0, 0.940, 0.950), ("scratch", 1.0, 1, 0.944, 0.950)])
+    summary, gains = summarize(runs), gains_over_scratch(runs)
+    assert list(summary[summary["role"] == "student"]["alpha"]) == [0.0, 0.5, 1.0]
+    best = best_config(runs, summary, gains)
+    assert best is not None and best.alpha == 0.5 and best.mean == pytest.approx(0.961)
+
+
 @pytest.mark.integration
 def test_report_of_a_real_sweep(write_space: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

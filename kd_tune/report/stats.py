@@ -233,7 +233,7 @@ def gains_over_scratch(runs: pd.DataFrame) -> pd.DataFrame:
 def best_config(runs: pd.DataFrame, summary: pd.DataFrame, gains: pd.DataFrame, distilled_only: bool = False,
                 select_on: str = "validation") -> Best | None:
     """The student configuration with the highest mean validation accuracy (``select_on="test"``, or no
-    validation split: the highest mean test accuracy), with its test accuracy and its gain over scratch
+    validation split: the highest mean test accuracy; a tie: the larger alpha, then the lower T), with its test accuracy and its gain over scratch
     at the same epochs (from ``gains``, :func:`gains_over_scratch`). ``distilled_only`` keeps alpha < 1
     (the configurations that learn from the teacher at all)."""
     runs, summary, gains = with_model_columns(runs), with_model_columns(summary), with_model_columns(gains)
@@ -241,7 +241,10 @@ def best_config(runs: pd.DataFrame, summary: pd.DataFrame, gains: pd.DataFrame, 
     if students.empty:
         return None
     column = "val_mean" if select_on == "validation" and students["val_mean"].notna().all() else "mean"
-    b = students.sort_values(column, ascending=False, kind="stable").iloc[0]
+    # An exact tie (common with a few hundred test images) goes to the larger alpha, then the lower T, as in
+    # report.models' best alphas: a tie is no evidence for the teacher.
+    ordered = students.sort_values(["alpha", "temperature"], ascending=[False, True], kind="stable")
+    b = ordered.sort_values(column, ascending=False, kind="stable").iloc[0]
     noise, epochs, alpha, temp = float(b["label_noise"]), int(b["epochs"]), float(b["alpha"]), float(b["temperature"])
     student, teacher = str(b["student"]), str(b["teacher"])
     done = runs[runs["status"] == "FINISHED"]
