@@ -86,3 +86,33 @@ def test_corrupt_entry_is_discarded_not_loaded(tmp_path: Path, teacher: Teacher,
     assert cache.load(teacher.key, log=messages.append) is None
     assert not path.exists()
     assert "training the teacher again" in messages[0]
+
+
+def test_a_cpu_teacher_on_the_embedded_ray_trains_in_the_driver(tmp_path: Path, split: data_split.DataSplit) -> None:
+    # in_driver: no Ray task (Ray is not even started here), node_cpus threads while it trains, the driver's own count
+    # afterwards; the same teacher as train_teacher gives with those threads, saved in the cache, its epochs logged.
+    import ray
+    import yaml
+
+    from kd_tune.spec.parse import load_space_text
+    from kd_tune.sweep.teachers import get_teachers
+
+    from .conftest import tiny_space
+
+    spec = load_space_text(yaml.safe_dump(tiny_space(dataset={"name": "mnist", "train_size": 500, "val_size": 0},
+                                                     teacher={"widths": [4, 8], "epochs": 1, "lr": 0.003, "batch_size": 64})), "space")
+    (member,) = spec.teacher.members()
+    key = teacher_key(spec.dataset, member, split)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        messages: list[str] = []
+        (got,) = get_teachers(spec, split, resolve_storage(str(tmp_path / "store")), 2, messages.append, in_driver=True)
+        assert torch.get_num_threads() == 1 and not ray.is_initialized()
+        torch.set_num_threads(2)
+        want = train_teacher(split, member, key, log=lambda s: None)
+    finally:
+        torch.set_num_threads(before)
+    assert got.key == key and torch.equal(got.train_logits, want.train_logits) and torch.equal(got.test_logits, want.test_logits)
+    assert any(m.startswith("teacher epoch 1/1") for m in messages) and any("cached in" in m for m in messages)
+    assert TeacherCache(resolve_storage(str(tmp_path / "store"))).load(key) is not None

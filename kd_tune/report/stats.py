@@ -233,9 +233,9 @@ def gains_over_scratch(runs: pd.DataFrame) -> pd.DataFrame:
 def best_config(runs: pd.DataFrame, summary: pd.DataFrame, gains: pd.DataFrame, distilled_only: bool = False,
                 select_on: str = "validation") -> Best | None:
     """The student configuration with the highest mean validation accuracy (``select_on="test"``, or no
-    validation split: the highest mean test accuracy; a tie: the larger alpha, then the lower T), with its test accuracy and its gain over scratch
-    at the same epochs (from ``gains``, :func:`gains_over_scratch`). ``distilled_only`` keeps alpha < 1
-    (the configurations that learn from the teacher at all)."""
+    validation split: the highest mean test accuracy; a tie: the larger alpha, then the lower T), with its
+    test accuracy and its gain over scratch at the same epochs (from ``gains``, :func:`gains_over_scratch`).
+    ``distilled_only`` keeps alpha < 1 (the configurations that learn from the teacher at all)."""
     runs, summary, gains = with_model_columns(runs), with_model_columns(summary), with_model_columns(gains)
     students = summary[(summary["role"] == "student") & ((summary["alpha"] < 1.0) if distilled_only else True)]
     if students.empty:
