@@ -14,8 +14,8 @@ Ray's start and shutdown included). The two alternate (A B A B ...) because this
 (``kd-tune data mnist``); works in ./sweep_efficiency (made anew).
 
 ``--floor`` also times (alternated with the others) a bare Ray Tune command with no kd-tune in it: Python, Ray
-Tune, the embedded Ray started as kd-tune starts it, one trial per CPU that imports torch and makes an Adam
-optimizer (torch.optim imports torch._dynamo), then Ray's shutdown. No sweep on this machine can take less than
+Tune, the embedded Ray started as kd-tune starts it, one trial per CPU that imports torch (kd-tune's Adam,
+kd_tune/distill/optim.py, does not import torch._dynamo as torch.optim's would), then Ray's shutdown. No sweep on this machine can take less than
 that floor plus its training spread over the cores, so ``ceiling = sequential / (floor + sequential / cores)``
 is the best ratio any Ray Tune sweep of these students could reach here.
 """
@@ -60,9 +60,8 @@ from ray import tune
 
 
 def trial(config):
-    import torch
+    import torch  # noqa: F401
 
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     tune.report({"done": 1})
 
 

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from kd_tune.distill.models import build
+from kd_tune.distill.optim import Optimizer
 from kd_tune.files import atomic_write_bytes
 
 STATE_FILE = "state.pt"
 
 
-def save_checkpoint(folder: Path, model_args: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(folder: Path, model_args: Mapping[str, Any], model: nn.Module, optimizer: Optimizer,
                     history: list[dict[str, float]], confusion: list[list[int]]) -> None:
     """Weights and their ``model_args``, optimizer, every epoch's metrics so far and this epoch's confusion
     matrix, in one file written atomically."""
@@ -40,7 +41,7 @@ def save_state(path: Path, state: Mapping[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def save_pack_checkpoint(folder: Path, epoch: int, members: dict[str, dict[str, Any]], optimizer: torch.optim.Optimizer) -> None:
+def save_pack_checkpoint(folder: Path, epoch: int, members: dict[str, dict[str, Any]], optimizer: Optimizer) -> None:
     """A pack's checkpoint, one file written atomically like :func:`save_checkpoint`'s: the pack's epoch, its
     optimizer (over the packed parameters) and per member label an ordinary student checkpoint state
     (``model``, ``model_args``, ``epoch``, ``history``, ``confusion``; a diverged member also ``diverged``:

@@ -17,6 +17,7 @@ from kd_tune.distill.augment import NO_AUGMENT, Augment, epoch_generator
 from kd_tune.distill.losses import DEFAULT_LOSS, get_loss
 from kd_tune.distill.metrics import Evaluation, evaluations, validations
 from kd_tune.distill.online import OnlineTeacher
+from kd_tune.distill.optim import Optimizer
 from kd_tune.distill.packed import member_model, pack_size
 from kd_tune.distill.train import EpochMetrics, TensorData, epoch_order, eval_batch, predict_logits, step_precision
 from kd_tune.errors import DivergedError
@@ -155,7 +156,7 @@ def _check(model: nn.Module, data: PackData, members: Sequence[Member]) -> int:
 
 def pack_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     data: PackData,
     members: Sequence[Member],
     epoch: int,
@@ -233,7 +234,7 @@ def _live_logits(data: PackData, members: Sequence[Member], batches: list[torch.
 
 def train_pack(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     data: PackData,
     members: Sequence[Member],
     *,

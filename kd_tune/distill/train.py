@@ -25,6 +25,7 @@ from kd_tune.distill.augment import NO_AUGMENT, Augment, epoch_generator
 from kd_tune.distill.losses import DEFAULT_LOSS, get_loss
 from kd_tune.distill.metrics import Evaluation, evaluations, validations
 from kd_tune.distill.online import OnlineTeacher
+from kd_tune.distill.optim import Adam, Optimizer
 from kd_tune.errors import DivergedError
 
 EVAL_BATCH = 2048
@@ -155,15 +156,15 @@ def step_precision(device: torch.device, precision: str) -> AbstractContextManag
     return nullcontext()
 
 
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float) -> Adam:
     # Constant-lr Adam, as in the study: no schedule depends on the total number of epochs,
-    # which is what lets a long run stand in for the shorter ones.
-    return torch.optim.Adam(model.parameters(), lr=lr)
+    # which is what lets a long run stand in for the shorter ones. (torch.optim.Adam's updates; why not it: optim.py)
+    return Adam(model.parameters(), lr=lr)
 
 
 def train_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     data: TensorData,
     epoch: int,
     batch_size: int,
@@ -202,7 +203,7 @@ def train_epoch(
 
 def train(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     data: TensorData,
     *,
     epochs: int,
