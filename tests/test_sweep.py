@@ -234,3 +234,15 @@ def test_teacher_gets_a_whole_node_of_the_trials_kind(monkeypatch: pytest.Monkey
     messages: list[str] = []
     assert teacher_cpus(ResourcesSpec(cpu=1.0, gpu=gpu), messages.append) == expected
     assert bool(messages) == warns
+
+
+def test_the_embedded_ray_is_the_drivers_only_node(shared_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded Ray is this machine alone: a CPU teacher trains in the driver; with a cluster address
+    (``--address`` or a Ray job's ``$RAY_ADDRESS``) it does not (test_cluster.py: a cluster joined by the caller)."""
+    from kd_tune.sweep.cluster import driver_is_the_only_node
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert driver_is_the_only_node(None)
+    assert not driver_is_the_only_node("127.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not driver_is_the_only_node(None)

@@ -52,6 +52,17 @@ def cluster_address(flag: str | None) -> str | None:
     return flag or os.environ.get("RAY_ADDRESS") or None
 
 
+def driver_is_the_only_node(address: str | None) -> bool:
+    """Whether the Ray this process is connected to is this machine alone: no cluster address (``--address``,
+    ``$RAY_ADDRESS``) and exactly one live node, on this machine's IP. A CPU teacher then trains in the driver
+    (a task would only start a worker process on the same cores). False for a cluster the caller joined with its
+    own ``ray.init(address=...)`` before calling kd-tune, whose teacher runs as a task on the cluster as with ``--address``."""
+    if cluster_address(address) is not None:
+        return False
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return len(alive) == 1 and alive[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
+
+
 def connect_ray(address: str | None) -> bool:
     """Join the given cluster, else start an embedded one; True when this call started Ray.
 

@@ -35,7 +35,7 @@ from kd_tune.spec.trials import PACK, PARAM_COLUMNS, POINT
 from kd_tune.sweep import hooks, search
 from kd_tune.sweep.callback import MlflowTrackingCallback, open_outbox, outbox_of
 from kd_tune.sweep.checks import run_params
-from kd_tune.sweep.cluster import cluster_address, teacher_cpus
+from kd_tune.sweep.cluster import driver_is_the_only_node, teacher_cpus
 from kd_tune.sweep.folder import SPACE_FILE, SweepRecord, claim_driver, release_driver, resume_command, save_tracking_inputs, sweep_path
 from kd_tune.sweep.names import trial_dirname, trial_name
 from kd_tune.sweep.results import SweepOutcome, results_table
@@ -136,7 +136,7 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         inputs = dataset_inputs(split, labels, data_dir)  # the runs' datasets for MLflow, fingerprinted once
         example = input_example(split)  # every logged model's input example: the teachers' and the students'
         teachers = _get_teachers(spec, split, labels, storage, client, record, opts.quiet, log, inputs=inputs, example=example,
-                                 data_dir=data_dir, in_driver=cluster_address(opts.address) is None)
+                                 data_dir=data_dir, in_driver=driver_is_the_only_node(opts.address))
         trials, total = spec.trials(), spec.planned_rows()
         n_trials = len(spec.packs()) + spec.search.num_samples
         verb = f"resuming ({len(finished_before)} of {n_trials} trials finished before)" if finished_before or opts.resume else "starting"
@@ -228,7 +228,8 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
     ``inputs``: the students' datasets per label-noise level (:func:`~kd_tune.tracking.datasets.dataset_inputs`,
     computed once by the caller); a clean teacher's labels, when no student sees them, are fingerprinted here.
     ``example``: the logged models' input example (:func:`~kd_tune.tracking.models.input_example`).
-    ``in_driver``: Ray is embedded in this process (no ``--address``): CPU teachers train here (:func:`get_teachers`)."""
+    ``in_driver``: this machine is the Ray cluster's one node (:func:`~kd_tune.sweep.cluster.driver_is_the_only_node`):
+    CPU teachers train here (:func:`get_teachers`)."""
     node_cpus = teacher_cpus(spec.resources, log)
     inputs = dict(inputs)
     # each teacher (or ensemble): its name, its spec with the noise level it saw, its members, that level

@@ -121,7 +121,7 @@ def get_teachers(spec: SweepSpec, split: DataSplit, storage: Storage, node_cpus:
     """Every member of the teacher ``spec.teacher`` (one, or an ensemble): from the cache, or trained now as a Ray task
     on a whole node (``node_cpus``; teachers train before any trial starts). A pre-trained teacher (``teacher.from``):
     its file (``local_file`` turns an MLflow model URI into one) read once, its logits computed as a Ray task and cached
-    by the file's digest. ``in_driver``: this process is the embedded Ray's one node; the teachers of a sweep without
+    by the file's digest. ``in_driver``: this machine is the Ray cluster's one node (``cluster.driver_is_the_only_node``); the teachers of a sweep without
     GPUs then train here, with ``node_cpus`` threads, instead of in a task's new worker process (a GPU sweep keeps
     the task: the driver would otherwise hold a CUDA context on the GPU its trials share, for the whole sweep)."""
     import ray
