@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements issue 11 still lacks, as ONE command for a lent device machine (PyTorch alone, synthetic
 # MNIST-shaped data, nothing to carry), each part under its own time limit so that one slow part cannot eat the
-# session's device minutes (~5 min in all on an H100; the limits add up to 9 min):
+# session's device minutes (~5 min in all on an H100; the limits add up to 9.5 min):
 #
 #   bash benchmarks/gpu_session.sh
 #
@@ -10,6 +10,7 @@
 #   2. packs: K = 1, 16, 64 in every layout and arithmetic, with fused Adam and with the step captured as a CUDA
 #      graph: whether either is worth building into kd_tune.packed.train_pack for CUDA.
 #   3. eval: the evaluation's chunk size on the GPU (kd_tune.train.EVAL_BATCH = 2,048 today).
+#   4. adam: kd-tune's Adam against torch.optim.Adam on the GPU (foreach kernels): identical weights and state.
 #
 # Each part's output goes to stdout and to $OUT/gpu_<part>.txt ($OUT: the device tool's folder, else here).
 # DEVICE=cpu with tiny sizes is a dry run of this script on any machine (no CUDA graphs there):
@@ -35,5 +36,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 part study 240 python benchmarks/pack_bench.py --device "$device" --study --repeats 3 ${STUDY_ARGS:-}
 # shellcheck disable=SC2086
 part packs 210 python benchmarks/pack_bench.py --device "$device" --nchw $graphs --fused --bf16 --sizes 1,16,64 --repeats 2 ${PACK_ARGS:-}
+# shellcheck disable=SC2086
+part adam 30 python benchmarks/adam_check.py --device "$device"
 # shellcheck disable=SC2086
 part eval 90 python benchmarks/eval_bench.py --device "$device" --chunks 512,2048,8192,32768 ${EVAL_ARGS:-}
