@@ -97,15 +97,18 @@ class Adam:
         (group,) = state_dict["param_groups"]
         if len(group["params"]) != len(self.params):
             raise ValueError(f"optimizer state for {len(group['params'])} parameters, this one has {len(self.params)}")
-        unlike = {k: group.get(k) for k, v in DEFAULTS.items() if group.get(k, v) != v and not (k == "betas" and tuple(group[k]) == v)}
+        # betas may come back from a checkpoint as a list; a torch older than a setting has no key for it
+        settings = {k: tuple(group[k]) if k == "betas" else group.get(k, v) for k, v in DEFAULTS.items()}
+        unlike = {k: v for k, v in settings.items() if v != DEFAULTS[k]}
         if unlike:
             raise ValueError(f"optimizer state with settings {unlike}: allowed only torch.optim.Adam's defaults {DEFAULTS}")
         self.lr = float(group["lr"])
         index = {pid: i for i, pid in enumerate(group["params"])}
-        # As torch.optim does: moments move to their parameter's device and dtype, the step stays a CPU scalar.
-        self.state = {index[pid]: {k: v if k == "step" else v.to(device=self.params[index[pid]].device, dtype=self.params[index[pid]].dtype)
-                                   for k, v in s.items()}
-                      for pid, s in state_dict["state"].items()}
+        self.state = {}
+        for pid, s in state_dict["state"].items():
+            p = self.params[index[pid]]
+            # As torch.optim does: moments move to their parameter's device and dtype, the step stays a CPU scalar.
+            self.state[index[pid]] = {k: v if k == "step" else v.to(device=p.device, dtype=p.dtype) for k, v in s.items()}
 
 
 def _step_dtype() -> torch.dtype:
