@@ -59,8 +59,13 @@ def driver_is_the_only_node(address: str | None) -> bool:
     own ``ray.init(address=...)`` before calling kd-tune, whose teacher runs as a task on the cluster as with ``--address``."""
     if cluster_address(address) is not None:
         return False
-    alive = [n for n in ray.nodes() if n.get("Alive")]
+    alive = _alive_nodes()
     return len(alive) == 1 and alive[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    """The cluster's live nodes as ``ray.nodes()`` describes them (it lists dead ones too)."""
+    return [n for n in ray.nodes() if n.get("Alive")]
 
 
 def connect_ray(address: str | None) -> bool:
@@ -139,7 +144,7 @@ def check_local_fits(res: ResourcesSpec) -> None:
 def teacher_cpus(res: ResourcesSpec, log: Callable[[str], None]) -> int:
     """CPUs for the teacher task: a whole node of the kind that runs the trials (the biggest GPU node
     when trials use GPUs, else the biggest node). Warns when no live node fits a trial yet."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = [n["Resources"] for n in _alive_nodes()]
     if not any(r.get("CPU", 0.0) >= res.cpu and r.get("GPU", 0.0) >= res.gpu for r in nodes):
         log(f"warning: no Ray node has {res.cpu:g} CPUs and {res.gpu:g} GPUs yet; trials wait until the autoscaler adds one")
     if res.gpu > 0:
@@ -173,7 +178,7 @@ def check_shared(storage: Storage, log: Callable[[str], None]) -> None:
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = _alive_nodes()
     if len(nodes) <= 1:
         if storage.is_local and not is_network_fs(storage.root):
             log(f"note: storage {storage.root} is on a local disk ({filesystem_type(storage.root)}); nodes the "
