@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def _steps(model: torch.nn.Module, opt: Adam | torch.optim.Adam, n: int, start: 
         opt.step()
 
 
-def _same_state(a: dict, b: dict) -> None:  # type: ignore[type-arg]
+def _same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["param_groups"] == b["param_groups"]
     assert a["state"].keys() == b["state"].keys()
     for i in a["state"]:
