@@ -33,9 +33,9 @@ FILE_SECONDS = {"test_resume.py": 258, "test_outage.py": 211, "test_cluster.py":
                 "test_pack_sweep.py": 132, "test_search.py": 89, "test_own_data.py": 66, "test_bench.py": 61, "test_models_sweep.py": 45,
                 "test_report.py": 35, "test_mlflow_native.py": 29, "test_storage.py": 29, "test_mlflow_ui.py": 21, "test_ui.py": 18,
                 "test_cli.py": 16, "test_layers.py": 15, "test_architectures.py": 8}
-# Files that one xdist worker takes together, as one unit: both inspect the session's shared sweep (native_sweep), which
+# Files that one xdist worker takes together, as one unit: all inspect the session's shared sweep (native_sweep), which
 # each worker would otherwise run once for itself.
-SAME_WORKER = {"test_mlflow_ui.py": "test_mlflow_native.py"}
+SAME_WORKER = {"test_mlflow_ui.py": "test_mlflow_native.py", "test_teacher_from.py": "test_mlflow_native.py"}
 
 
 def _unit(name: str) -> str:

@@ -51,8 +51,11 @@ def model_spec(arch: str, **args: Any) -> ModelSpec:
 AUGMENTATIONS = ("none", "shift", "crop_flip")
 """Training-time augmentations (``kd_tune.distill.augment``): none, random shifts (digits), random crops + flips (CIFAR)."""
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
-PRETRAINED_ALLOWED = ("a kd-tune model or checkpoint file (student.pt, teacher.pt, state.pt), a torch.export file (.pt2) or an "
-                      "MLflow model URI (models:/..., runs:/...)")
+PRETRAINED_ALLOWED = ("a kd-tune model or checkpoint file (student.pt, teacher.pt, state.pt), a teacher kd-tune cached "
+                      "(<storage>/_teachers/<key>/teacher.pt, or that folder), a torch.export file (.pt2) or an MLflow model URI "
+                      "(models:/..., runs:/...)")
+CACHED_TEACHER = "teacher.pt"
+"""The weights file in a cached teacher's folder (``kd_tune.sweep.teachers.TeacherCache``)."""
 
 
 def is_model_uri(source: str) -> bool:

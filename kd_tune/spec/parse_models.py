@@ -10,7 +10,16 @@ from typing import Any
 
 from kd_tune.spec.architectures import ALLOWED as ARCH_ALLOWED
 from kd_tune.spec.architectures import FAMILIES, ArgError, is_factory
-from kd_tune.spec.models import AUGMENTATIONS, PRECISIONS, PRETRAINED_ALLOWED, ModelSpec, StudentSpec, TeacherSpec, is_model_uri
+from kd_tune.spec.models import (
+    AUGMENTATIONS,
+    CACHED_TEACHER,
+    PRECISIONS,
+    PRETRAINED_ALLOWED,
+    ModelSpec,
+    StudentSpec,
+    TeacherSpec,
+    is_model_uri,
+)
 from kd_tune.spec.reader import Reader, T
 
 TRAINED_TEACHER_KEYS = ("epochs", "lr", "batch_size", "seed", "ensemble", "clean", "augment", "augment_pad")
@@ -96,6 +105,8 @@ def read_pretrained(r: Reader, key: str, raw: Mapping[str, Any]) -> TeacherSpec:
         raise r.fail(f"{key}.from", source, PRETRAINED_ALLOWED)
     if not is_model_uri(source):
         path = Path(source).expanduser()
+        if path.is_dir() and (path / CACHED_TEACHER).is_file():
+            path = path / CACHED_TEACHER  # a cached teacher's folder, <storage>/_teachers/<key>/
         if not path.is_file():
             raise r.fail(f"{key}.from", source, f"{PRETRAINED_ALLOWED} (no such file)")
         source = str(path.resolve())  # the stored space resumes from anywhere

@@ -25,6 +25,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from kd_tune.data.split import DataSplit, flip_labels, prepare
 from kd_tune.distill.online import TeacherNet
+from kd_tune.distill.pretrained import portable_bytes
 from kd_tune.distill.teacher import Teacher, ensemble_logits, log_teacher_summary
 from kd_tune.report.summary import summarize_on_parent
 from kd_tune.spec.models import is_model_uri
@@ -289,7 +290,7 @@ def _net(teacher: Teacher, local_file: Callable[[str], Path]) -> TeacherNet:
     if teacher.source is None:
         return TeacherNet(teacher.model_args, teacher.state_dict)
     path = local_file(teacher.source)
-    return TeacherNet(teacher.model_args, {}, path.read_bytes(), path.suffix)
+    return TeacherNet(teacher.model_args, {}, portable_bytes(path), path.suffix)
 
 
 def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: SweepRecord, restoring: bool, quiet: bool, *,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kd_tune.data.split import DataSplit
-from kd_tune.distill.pretrained import file_digest, load_model
+from kd_tune.distill.pretrained import CACHED_META, CACHED_WEIGHTS, file_digest, load_model, portable_bytes
 from kd_tune.distill.teacher import CACHE_FORMAT, Teacher, pretrained_key, teacher_from_model, teacher_key, train_teacher
 from kd_tune.errors import first_line
 from kd_tune.spec.models import TeacherSpec
@@ -36,10 +36,12 @@ CACHE_FOLDER = "_teachers"  # beside the sweeps in the storage; sweep names cann
 class TeacherCache:
     """``<storage>/_teachers/<key>/{teacher.pt, meta.json}`` on any :class:`~kd_tune.sweep.storage.Storage`.
 
-    ``meta.json`` is written last and holds the sha256 of ``teacher.pt``: an entry is complete when
+    ``meta.json`` is written last and holds the sha256 of ``teacher.pt`` and the model args: an entry is complete when
     its meta is there and the weights match it. Each file is written atomically, so a kill at any
     moment leaves either a complete entry or one that is detected as incomplete and retrained; this
     works the same on a local or NFS folder and on an object store, where folders cannot be renamed.
+    A later sweep may name an entry (its folder or its ``teacher.pt``) as ``teacher.from``
+    (:func:`kd_tune.distill.pretrained.load_model`).
     """
 
     def __init__(self, storage: Storage) -> None:
@@ -55,10 +57,10 @@ class TeacherCache:
         if not self.storage.exists(CACHE_FOLDER, key):
             return None
         try:
-            meta = json.loads(self.storage.read_text(CACHE_FOLDER, key, "meta.json"))
+            meta = json.loads(self.storage.read_text(CACHE_FOLDER, key, CACHED_META))
             if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
                 raise ValueError("format or key mismatch")
-            raw = self.storage.read_bytes(CACHE_FOLDER, key, "teacher.pt")
+            raw = self.storage.read_bytes(CACHE_FOLDER, key, CACHED_WEIGHTS)
             if hashlib.sha256(raw).hexdigest() != meta["sha256"]:
                 raise ValueError("sha256 mismatch (truncated or corrupt file)")
             blob: dict[str, Any] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -71,7 +73,7 @@ class TeacherCache:
 
     def save(self, teacher: Teacher, spec: dict[str, Any]) -> str:
         """Weights first, then the meta that vouches for them (each written atomically)."""
-        if self.storage.exists(CACHE_FOLDER, teacher.key, "meta.json"):
+        if self.storage.exists(CACHE_FOLDER, teacher.key, CACHED_META):
             return self.path(teacher.key)  # another sweep wrote the same teacher first; theirs is as good
         buf = io.BytesIO()
         torch.save({"state_dict": teacher.state_dict, "train_logits": teacher.train_logits, "test_logits": teacher.test_logits}, buf)
@@ -80,8 +82,8 @@ class TeacherCache:
             "format": CACHE_FORMAT, "key": teacher.key, "spec": spec, "model_args": teacher.model_args, "sha256": hashlib.sha256(raw).hexdigest(),
             "test_acc": teacher.test_acc, "history": teacher.history, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": teacher.source,
         }
-        self.storage.write_bytes(raw, CACHE_FOLDER, teacher.key, "teacher.pt")
-        self.storage.write_text(json.dumps(meta, indent=2), CACHE_FOLDER, teacher.key, "meta.json")
+        self.storage.write_bytes(raw, CACHE_FOLDER, teacher.key, CACHED_WEIGHTS)
+        self.storage.write_text(json.dumps(meta, indent=2), CACHE_FOLDER, teacher.key, CACHED_META)
         return self.path(teacher.key)
 
 
@@ -144,7 +146,7 @@ def get_teachers(spec: SweepSpec, split: DataSplit, storage: Storage, node_cpus:
                 teacher = teacher_from_model(model, margs, split, key, source, torch.device("cpu"))
         else:
             logits = ray.remote(_logits_task).options(num_cpus=node_cpus, num_gpus=gpus)
-            teacher = ray.get(logits.remote(path.read_bytes(), path.suffix, split, key, source))
+            teacher = ray.get(logits.remote(portable_bytes(path), path.suffix, split, key, source))
         cache.save(teacher, {"dataset": asdict(spec.dataset), "teacher": {"from": source}})
         log(f"teacher {key}: test acc {teacher.test_acc:.4f}, its logits cached in {cache.path(key)}")
         return [teacher]
