@@ -113,8 +113,8 @@ def read_idx(path: Path) -> np.ndarray:
 
 def _idx_read(info: DatasetInfo, root: Path, train: bool) -> tuple[Any, Any]:
     """MNIST and Fashion-MNIST from their IDX files in torchvision's layout (``<root>/MNIST/raw/...``), read
-    here: torchvision's classes read the same files, but importing torchvision takes ~1.3 s (it imports
-    ``torch._dynamo``), on the path every sweep waits on before its first trial starts."""
+    here: torchvision's classes read the same files, but importing torchvision imports ``torch._dynamo``
+    (a second or more of one core, benchmarks/RESULTS.md session 13), on the path every sweep waits on before its first trial starts."""
     raw, split = root / info.torchvision_class / "raw", "train" if train else "t10k"
     return read_idx(raw / f"{split}-images-idx3-ubyte"), read_idx(raw / f"{split}-labels-idx1-ubyte")
 

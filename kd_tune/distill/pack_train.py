@@ -88,9 +88,8 @@ def pack_logits(model: nn.Module, images: Sequence[torch.Tensor], rows: Sequence
 
     ``packed``: one packed forward per chunk of images (every member's logits at once), else each member as a
     stand-alone model (copied once for all the image sets: of ``margs``, else a ``PackedCNN``'s own). None: packed except on a CPU, where a packed
-    forward was 0.4-1.0x as fast as the members one by one in chunks of 2,048 images and 0.5-1.3x in the current chunks of
-    128 (K = 1 ... 16, 1 thread, two runs; ``benchmarks/pack_bench.py --eval``, RESULTS.md); on a GPU a student's
-    forward is launch-bound, as its step is.
+    forward was no faster than the members one by one (``benchmarks/pack_bench.py --eval``; benchmarks/RESULTS.md,
+    session 9); on a GPU a student's forward is launch-bound, as its step is.
     """
     if packed is None:
         packed = images[0].device.type != "cpu"

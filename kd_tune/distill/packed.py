@@ -179,8 +179,8 @@ class PackedCNN(nn.Module):
 
 
 def channels_last_on(device: torch.device | str) -> bool:
-    """The faster activation layout of a pack on ``device``: channels_last on a CPU (the stride-1 max-pool,
-    1.6-2.9x), NCHW on a GPU (H100, K = 64: 38-39x one student against 29-31x channels_last; benchmarks/RESULTS.md)."""
+    """The faster activation layout of a pack on ``device``: channels_last on a CPU (the stride-1 max-pool), NCHW on a
+    GPU (benchmarks/RESULTS.md: "packed students on a GPU", H100, and "packed students" on the CPU)."""
     return torch.device(device).type == "cpu"
 
 

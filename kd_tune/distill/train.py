@@ -31,9 +31,9 @@ from kd_tune.errors import DivergedError
 EVAL_BATCH = 2048
 """Images per evaluation forward on a GPU, where a small model's forward is launch-bound: big chunks pay."""
 CPU_EVAL_BATCH = 128
-"""Images per evaluation forward on a CPU. Activations of big chunks leave the caches: the student's 15,000
-validation + test images took 0.57-0.87 s in chunks of 2,048 against 0.31-0.33 s in chunks of 128 (one thread;
-``benchmarks/eval_bench.py``, RESULTS.md), which was a quarter of a CPU sweep's trial time."""
+"""Images per evaluation forward on a CPU. Activations of big chunks leave the caches, and a student's evaluation
+in chunks of 2,048 took about twice as long as in chunks of 128 (``benchmarks/eval_bench.py``; the numbers:
+benchmarks/RESULTS.md, session 9, "evaluation chunks on the CPU")."""
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ SCHEDULERS = ("asha",)
 METRICS = ("val_acc", "test_acc")
 MAX_PACK = 1024
 GPU_PACK = 64
-"""``resources.pack`` when unset and trials get a GPU. On an H100 one 16/32 student is launch-bound (2.5-2.9
-epochs/s of 16,384 images); a pack of 64 trains 25-39x as many student epochs per second, 256 28-52x
-(benchmarks/RESULTS.md): 64 takes most of that while a grid still spreads over several GPUs."""
+"""``resources.pack`` when unset and trials get a GPU. On a GPU one small student is launch-bound; a pack of 64
+takes most of what larger packs gain while a grid still spreads over several GPUs (benchmarks/RESULTS.md, "packed
+students on a GPU", H100)."""
 
 
 def is_valid_name(name: object) -> bool:

@@ -90,14 +90,14 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
     tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
     check_tracking_store(tracking_uri, "nothing started")
     check_models(spec, source, tracking_uri)  # a user's factory, a pre-trained teacher: built and checked once, here
-    # Starting Ray is mostly waiting for its processes to come up (4-5 s of a 2-core machine's minute-long
-    # sweep): import the driver and read the data meanwhile. The MLflow record is opened then too when Ray
+    # Starting Ray is mostly waiting for its processes to come up (benchmarks/RESULTS.md, session 7: "a sweep's
+    # start and end"): import the driver and read the data meanwhile. The MLflow record is opened then too when Ray
     # is started here; joining a cluster can still fail on a bad --address, which must leave nothing written.
     if address:
         check_reachable(address)  # a bad --address is said at once, not after the data has loaded
     # The start-up below imports torch, Ray Tune and MLflow: ~700,000 objects that live as long as the process.
-    # Python's collector, run on the heap's growth, walks them all again and again meanwhile (nine full
-    # collections, 1.6 s on a 2-core machine) while one core does all the work. None of it is garbage:
+    # Python's collector, run on the heap's growth, walks them all again and again meanwhile (RESULTS.md, session
+    # 7, counts the full collections and their seconds) while one core does all the work. None of it is garbage:
     # collect nothing until the driver starts the trials, where it freezes them out of every later
     # collection and turns the collector back on (kd_tune.sweep.driver.drive); all as before once the sweep ends.
     collecting = gc.isenabled()

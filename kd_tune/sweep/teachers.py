@@ -1,7 +1,7 @@
 """The teachers a sweep distills from: from the content-addressed cache in its storage, or trained once as a Ray task
 (a pre-trained teacher: its logits computed once as a Ray task, cached by its file's digest). On the embedded Ray of a
 CPU sweep they train in the driver instead (``in_driver``): the one node is the driver's own, and a task would only start a
-worker process that imports torch again (a tiny sweep: 23.2 -> 19.4 s on 2 cores, benchmarks/RESULTS.md session 13).
+worker process that imports torch again (benchmarks/RESULTS.md, session 13: "the teacher in the driver").
 
 The cache lives in the sweeps' storage (a folder or an object store), so every node of a cluster finds it; its
 entries are verified by sha256 when loaded: a truncated or corrupt entry is retrained, never loaded.

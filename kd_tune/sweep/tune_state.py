@@ -31,7 +31,7 @@ def can_restore(storage: Storage, name: str) -> bool:
     path = sweep_path(storage, name)
     if storage.is_local:
         # In a folder, Tuner.can_restore looks for exactly this (a file named like Tune's experiment state):
-        # said here without importing Ray Tune, 1.2 s of one core before a sweep or resume could start Ray.
+        # said here without importing Ray Tune, which takes a second of one core before a sweep or resume could start Ray.
         return any(Path(path).glob(EXPERIMENT_STATES))
     from ray import tune
 
