@@ -21,7 +21,7 @@ from kd_tune.tracking.tags import TAG_ROLE, TAG_SOURCE
 
 from .conftest import FIXTURE_DATA, tiny_space
 
-pytestmark = pytest.mark.integration
+# Marked per test: the module also holds tests that need neither Ray nor a server (they stay in `-m "not integration"`).
 
 FACTORY = '''
 import math
@@ -48,6 +48,7 @@ def modules(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.integration
 def test_students_and_teachers_as_axes_with_a_user_factory_and_a_pretrained_teacher(write_space: Callable[..., Path], tmp_path: Path,
                                                                                     modules: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kd_tune.data.split import normalize, prepare

@@ -21,7 +21,7 @@ from kd_tune.tracking.tags import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 
 from .conftest import FIXTURE_DATA, tiny_space
 
-pytestmark = pytest.mark.integration
+# Marked per test: the module also holds tests that need neither Ray nor a server (they stay in `-m "not integration"`).
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def _runs_by_role(client: MlflowClient, experiment: str) -> dict[str, list]:
     return out
 
 
+@pytest.mark.integration
 def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
     storage = tmp_path / "store"
     space = write_space(tiny_space())  # alpha {0, 1} x epochs {1, 2}: 4 grid points, 2 trials (epochs shared)
@@ -122,6 +123,7 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
     assert outcome.table["test_acc"].notna().all()
 
 
+@pytest.mark.integration
 def test_existing_sweep_name_is_refused(write_space: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str], shared_ray: None) -> None:
     monkeypatch.chdir(tmp_path)
@@ -134,6 +136,7 @@ def test_existing_sweep_name_is_refused(write_space: Callable[..., Path], tmp_pa
     assert "a sweep named 'once' already exists" in err
 
 
+@pytest.mark.integration
 def test_epoch_sharing_gives_the_same_runs_as_separate_trials(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
     """One trial trained to 3 epochs reporting at 1 and 3 == two trials of 1 and 3 epochs (CPU, same seed)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -159,6 +162,7 @@ def test_epoch_sharing_gives_the_same_runs_as_separate_trials(write_space: Calla
     assert metrics["shared"] == metrics["separate"]
 
 
+@pytest.mark.integration
 def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
     import torch
 
@@ -186,6 +190,7 @@ def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Pat
     assert sorted(r.data.params["teacher.seed"] for r in runs["teacher"]) == ["0", "1"]
 
 
+@pytest.mark.integration
 def test_label_noise_axis_with_noisy_and_clean_teachers(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
     from kd_tune.data import split as data
 
@@ -236,6 +241,7 @@ def test_teacher_gets_a_whole_node_of_the_trials_kind(monkeypatch: pytest.Monkey
     assert bool(messages) == warns
 
 
+@pytest.mark.integration
 def test_the_embedded_ray_is_the_drivers_only_node(shared_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The embedded Ray is this machine alone: a CPU teacher trains in the driver; with a cluster address
     (``--address`` or a Ray job's ``$RAY_ADDRESS``) it does not (test_cluster.py: a cluster joined by the caller)."""

@@ -11,9 +11,10 @@ from kd_tune.cli.app import main
 
 from .servers import MlflowServer, listening_addresses
 
-pytestmark = pytest.mark.integration
+# Marked per test: the module also holds tests that need neither Ray nor a server (they stay in `-m "not integration"`).
 
 
+@pytest.mark.integration
 def test_ui_serves_the_store_on_localhost(tmp_path: Path) -> None:
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("seen-through-the-ui")
     with MlflowServer(tmp_path) as server:
