@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kd_tune.data.registry import DatasetInfo
+from kd_tune.data.sampling import stratified_subset
 from kd_tune.errors import UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
@@ -184,8 +185,6 @@ def _as_labels(path: str, y: np.ndarray, key: str, n: int) -> torch.Tensor:
 def load_own(path: str, name: str, test_split: float, seed: int) -> tuple[DatasetInfo, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The dataset at ``path`` as (info, train_x, train_y, test_x, test_y), as ``kd_tune.data.sources.load`` gives a
     registry's. With ``test_split``, that fraction of the images (seeded, class-stratified) is the test set."""
-    from kd_tune.data.split import stratified_subset
-
     layout = describe(path, test_split)
     p = Path(path)
     if p.is_dir():

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from kd_tune.data.custom import load_own
 from kd_tune.data.registry import DatasetInfo
+from kd_tune.data.sampling import stratified_subset
 from kd_tune.data.sources import default_data_dir, load
 from kd_tune.errors import UsageError
 
@@ -39,25 +41,6 @@ class DataSplit:
         return "mean/std standardization" if self.normalize else "pixel / 255"
 
 
-def stratified_subset(labels: torch.Tensor, size: int, seed: int, num_classes: int) -> torch.Tensor:
-    """Indices of a fixed, seeded subset with each class in proportion to its share of labels."""
-    n = labels.numel()
-    if size >= n:
-        return torch.arange(n)
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    exact = counts * size / n
-    quota = exact.floor().long()
-    # Largest remainders get the leftover slots, so the quotas add up to exactly `size`.
-    leftover = size - int(quota.sum())
-    quota[torch.argsort(exact - quota.double(), descending=True, stable=True)[:leftover]] += 1
-    g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in range(num_classes):
-        idx = torch.nonzero(labels == c).flatten()
-        picks.append(idx[torch.randperm(idx.numel(), generator=g)[: int(quota[c])]])
-    return torch.sort(torch.cat(picks)).values
-
-
 def flip_labels(labels: torch.Tensor, fraction: float, seed: int, num_classes: int) -> torch.Tensor:
     """A copy of labels with round(fraction * N) of them moved to another class, chosen with a fixed seed."""
     out = labels.clone()
@@ -82,8 +65,6 @@ def prepare(name: str, train_size: int | None, label_noise: float, seed: int, ro
     own data (:mod:`kd_tune.data.custom`) named ``name``, its test set ``test_split`` of it when it has none.
     """
     if path is not None:
-        from kd_tune.data.custom import load_own
-
         info, train_x, train_y, test_x, test_y = load_own(path, name, test_split, seed)
         where = repr(path)
     else:

@@ -19,6 +19,7 @@ import math
 import pandas as pd
 
 from kd_tune.report.stats import paired_interval, t_interval
+from kd_tune.report.tables import markdown_table
 
 BEST_ALPHA_COLUMNS = ["student", "teacher", "label_noise", "epochs", "student_arch", "student_parameters", "teacher_acc", "n_seeds",
                       "best_alpha_mean", "best_alpha_ci_low", "best_alpha_ci_high", "alpha", "temperature", "val_mean", "test_mean",
@@ -106,8 +107,6 @@ def _ci(lo: float, hi: float, scale: float = 100, sign: bool = False) -> str:
 
 def models_markdown(best: pd.DataFrame, front: pd.DataFrame) -> str:
     """The two tables in Markdown, with what they were selected on."""
-    from kd_tune.report.report import markdown_table
-
     selected = best["selected_on"].iloc[0] if len(best) else "validation"
     b = pd.DataFrame({
         "student": best["student"], "parameters": best["student_parameters"], "teacher": best["teacher"],

@@ -32,6 +32,7 @@ from kd_tune.report.model_figures import fig_accuracy_vs_alpha_by_model, fig_bes
 from kd_tune.report.models import best_alpha, models_markdown, pareto
 from kd_tune.report.runs import load_runs, selectable
 from kd_tune.report.stats import Best, Protocol, best_config, gains_over_scratch, protocol_of, summarize
+from kd_tune.report.tables import markdown_table
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,6 @@ class Report:
 
 def _p_value(p: float) -> str:
     return "n/a" if pd.isna(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    cells = [[str(c) for c in df.columns]] + [[str(v) for v in row] for row in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(r) + " |" for r in cells]
-    lines.insert(1, "| " + " | ".join("---" for _ in df.columns) + " |")
-    return "\n".join(lines)
 
 
 def make_report(name: str, tracking_uri: str, out: Path) -> Report:

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from kd_tune.distill.models import build, model_args, register_model
+from kd_tune.distill.models.registry import build, model_args, register_model
 
 
 def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:

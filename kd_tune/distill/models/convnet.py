@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kd_tune.distill.models import register_model
+from kd_tune.distill.models.registry import register_model
 
 
 class ConvNet(nn.Module):

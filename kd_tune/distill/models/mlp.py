@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from kd_tune.distill.models import register_model
+from kd_tune.distill.models.registry import register_model
 
 
 class MLP(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_tune.distill.models import register_model
+from kd_tune.distill.models.registry import register_model
 
 
 class BasicBlock(nn.Module):
