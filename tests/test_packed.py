@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from kd_tune.data import split as data_split
+from kd_tune.distill.epochs import EpochMetrics
 from kd_tune.distill.losses import kd_loss_terms, pack_loss_terms
 from kd_tune.distill.models.cnn import build_cnn
 from kd_tune.distill.pack_train import Member, PackData, evaluate_pack, train_pack
 from kd_tune.distill.packed import PackedCNN, build_pack
-from kd_tune.distill.train import EpochMetrics, evaluate, make_optimizer, train, validate
+from kd_tune.distill.train import evaluate, make_optimizer, train, validate
 
 from .conftest import FIXTURE_DATA
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from kd_tune.data import split as data_split
+from kd_tune.distill.epochs import EpochMetrics
 from kd_tune.distill.models.cnn import build_cnn
 from kd_tune.distill.train import (
     CPU_EVAL_BATCH,
     EVAL_BATCH,
-    EpochMetrics,
     TensorData,
     epoch_order,
     eval_batch,

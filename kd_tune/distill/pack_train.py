@@ -1,25 +1,25 @@
 """Training a pack: K students of one packed model (:mod:`kd_tune.distill.packed`) as ``kd_tune.distill.train.train``
 trains one, each with its own seed, alpha, temperature, labels and teacher; a member that diverges is masked out
-alone. Plain PyTorch."""
+alone. The pack's step and evaluation, run by the one epoch loop (:func:`kd_tune.distill.epochs.run_epochs`) that
+also trains one student. Plain PyTorch."""
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from kd_tune.distill.augment import NO_AUGMENT, Augment, epoch_generator
+from kd_tune.distill.epochs import EpochMetrics, TrainResult, check_augment, run_epochs
 from kd_tune.distill.losses import DEFAULT_LOSS, get_loss
 from kd_tune.distill.metrics import Evaluation, evaluations, validations
 from kd_tune.distill.online import OnlineTeacher
 from kd_tune.distill.optim import Optimizer
 from kd_tune.distill.packed import member_model, pack_size
-from kd_tune.distill.train import EpochMetrics, TensorData, epoch_order, eval_batch, predict_logits, step_precision
+from kd_tune.distill.train import TensorData, epoch_order, eval_batch, predict_logits, step_precision
 from kd_tune.errors import DivergedError
 
 EVAL_STUDENT_IMAGES = 32768
@@ -69,15 +69,15 @@ class PackData:
         """What ``kd_tune.distill.train.train`` would get for this member alone."""
         online = None if member.teacher is None or self.online_teachers is None else self.online_teachers[member.teacher]
         return TensorData(
-            self.train_x,
-            self.train_labels[member.labels],
-            self.test_x,
-            self.test_y,
-            None if member.teacher is None or self.teacher_train is None else self.teacher_train[member.teacher],
-            None if member.teacher_test is None or self.teacher_test is None else self.teacher_test[member.teacher_test],
-            self.val_x,
-            self.val_y,
-            online,
+            train_x=self.train_x,
+            train_y=self.train_labels[member.labels],
+            test_x=self.test_x,
+            test_y=self.test_y,
+            teacher_train=None if member.teacher is None or self.teacher_train is None else self.teacher_train[member.teacher],
+            teacher_test=None if member.teacher_test is None or self.teacher_test is None else self.teacher_test[member.teacher_test],
+            val_x=self.val_x,
+            val_y=self.val_y,
+            online_teacher=online,
         )
 
 
@@ -128,14 +128,6 @@ def evaluate_pack(
     return {i: (ev, val) for i, ev, val in zip(rows, tests, vals, strict=True)}
 
 
-@dataclass
-class PackResult:
-    history: list[list[EpochMetrics]]
-    """history[k]: member k's epochs, as ``kd_tune.distill.train.train`` returns them (none after it diverged)."""
-    diverged: dict[int, DivergedError] = field(default_factory=dict)
-    """Members whose epoch-mean loss was NaN or infinite, with that epoch and loss."""
-
-
 def _check(model: nn.Module, data: PackData, members: Sequence[Member]) -> int:
     if len(members) != pack_size(model):
         raise ValueError(f"{len(members)} members for a pack of {pack_size(model)}")
@@ -173,8 +165,7 @@ def pack_epoch(
     draw them), then scored by each live teacher its members learn from: once per (data order, teacher) and step, however
     many members share them.
     """
-    if augment.active and data.teacher_train is not None:
-        raise ValueError("augmented batches with cached teacher logits: the logits are of the plain images")
+    check_augment(augment, data.teacher_train)
     pack_terms = get_loss(loss).pack_terms
     if pack_terms is None:
         raise ValueError(f"loss {loss!r} has no pack form: its students train one per trial")
@@ -247,45 +238,23 @@ def train_pack(
     loss: str = DEFAULT_LOSS,
     margs: Mapping[str, Any] | None = None,
     augment: Augment = NO_AUGMENT,
-) -> PackResult:
+) -> TrainResult:
     """``kd_tune.distill.train.train`` for K members at once, from the end of epoch ``start_epoch`` to the members' ``epochs``.
 
     Member k trains with seed, alpha, temperature and data rows ``members[k]``, from the weights it
-    has in ``model``; ``optimizer`` is e.g. ``kd_tune.distill.train.make_optimizer(model, lr)``. After each
-    epoch ``on_epoch(k, metrics, evaluation)`` sees every member still training. A member whose
-    epoch-mean loss is NaN or infinite is reported once (``on_diverged`` and ``PackResult.diverged``)
-    and then masked out; the others go on unaffected. ``exclude``: members masked out from the start
-    (e.g. diverged before a resume). ``epoch_seconds`` is the pack's epoch wall time split evenly over
-    the members still training, so summing it over trials still gives the time spent. ``on_epoch_end(epoch)``
-    comes after every member's ``on_epoch`` and ``on_diverged`` of that epoch (where a pack checkpoints).
+    has in ``model``; ``optimizer`` is e.g. ``kd_tune.distill.train.make_optimizer(model, lr)``. The callbacks,
+    ``exclude`` and ``epoch_seconds`` are :func:`kd_tune.distill.epochs.run_epochs`'s; a member that diverges is
+    masked out and the others go on.
     """
     epochs = _check(model, data, members)
-    n, k = data.train_x.shape[0], len(members)
-    active = [i not in exclude for i in range(k)]
-    result = PackResult([[] for _ in range(k)])
+
+    def step(epoch: int, active: torch.Tensor) -> torch.Tensor:
+        return pack_epoch(model, optimizer, data, members, epoch, batch_size, active, precision, loss, augment)
+
+    def evaluated(which: Sequence[int]) -> dict[int, tuple[Evaluation, tuple[float | None, float | None]]]:
+        return evaluate_pack(model, data, members, which, margs=margs)
+
     model.train()
-    for epoch in range(start_epoch + 1, epochs + 1):
-        if not any(active):
-            break
-        t0 = time.perf_counter()
-        mask = torch.tensor(active, device=data.train_x.device)
-        sums = pack_epoch(model, optimizer, data, members, epoch, batch_size, mask, precision, loss, augment)
-        means = (sums / n).tolist()  # the one host sync of the epoch
-        for i, (total, _, _) in enumerate(means):
-            if active[i] and not math.isfinite(total):
-                active[i] = False
-                result.diverged[i] = DivergedError(epoch, total)
-                if on_diverged is not None:
-                    on_diverged(i, result.diverged[i])
-        evaluations = evaluate_pack(model, data, members, [i for i in range(k) if active[i]], margs=margs)
-        seconds = (time.perf_counter() - t0) / max(1, len(evaluations))
-        for i, (ev, (val_acc, val_loss)) in evaluations.items():
-            total, hard, distill = means[i]
-            metrics = EpochMetrics(epoch, total, hard, distill, ev.acc, ev.loss, ev.teacher_agreement,
-                                   ev.macro_precision, ev.macro_recall, ev.macro_f1, ev.ece, seconds, val_acc, val_loss)
-            result.history[i].append(metrics)
-            if on_epoch is not None:
-                on_epoch(i, metrics, ev)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-    return result
+    return run_epochs(step, evaluated, members=len(members), images=data.train_x.shape[0], device=data.train_x.device,
+                      start_epoch=start_epoch, epochs=epochs, exclude=exclude, on_epoch=on_epoch, on_diverged=on_diverged,
+                      on_epoch_end=on_epoch_end)

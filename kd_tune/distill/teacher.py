@@ -17,9 +17,10 @@ import torch
 
 from kd_tune.data.split import DataSplit, data_hash
 from kd_tune.distill.augment import Augment
+from kd_tune.distill.epochs import EpochMetrics
 from kd_tune.distill.metrics import Evaluation
 from kd_tune.distill.models import build, model_args
-from kd_tune.distill.train import EpochMetrics, TensorData, make_optimizer, predict_logits, train
+from kd_tune.distill.train import TensorData, make_optimizer, predict_logits, train
 from kd_tune.spec.models import TeacherSpec
 from kd_tune.spec.schema import DatasetSpec
 

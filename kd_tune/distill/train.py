@@ -1,4 +1,6 @@
-"""The training loop: plain PyTorch. It knows nothing of Ray or MLflow; adapters call it.
+"""Training one student: its step (one pass over the data) and :func:`train`, the one epoch loop
+(:func:`kd_tune.distill.epochs.run_epochs`) run for a pack of one with that plain step. Plain PyTorch. It knows
+nothing of Ray or MLflow; adapters call it.
 
 Everything a trial needs is a tensor already on its device: normalized images, labels and the teacher's cached
 logits. A batch is a gather by index, so a distilled student costs what the student costs: the teacher never runs
@@ -11,17 +13,16 @@ the same numbers as an uninterrupted k-epoch run (on the CPU).
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from kd_tune.data.split import DataSplit, normalize
 from kd_tune.distill.augment import NO_AUGMENT, Augment, epoch_generator
+from kd_tune.distill.epochs import EpochMetrics, check_augment, run_epochs
 from kd_tune.distill.losses import DEFAULT_LOSS, get_loss
 from kd_tune.distill.metrics import Evaluation, evaluations, validations
 from kd_tune.distill.online import OnlineTeacher
@@ -75,39 +76,15 @@ class TensorData:
 
         has_val = split.val_y.numel() > 0
         return cls(
-            images(split.train_x),
-            split.train_y.to(device),
-            images(split.test_x),
-            split.test_y.to(device),
-            move(teacher_train),
-            move(teacher_test),
-            images(split.val_x) if has_val else None,
-            split.val_y.to(device) if has_val else None,
+            train_x=images(split.train_x),
+            train_y=split.train_y.to(device),
+            test_x=images(split.test_x),
+            test_y=split.test_y.to(device),
+            teacher_train=move(teacher_train),
+            teacher_test=move(teacher_test),
+            val_x=images(split.val_x) if has_val else None,
+            val_y=split.val_y.to(device) if has_val else None,
         )
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    """What one epoch produced; the names are those reported to Ray and logged to MLflow."""
-
-    epoch: int
-    train_loss: float
-    train_hard_loss: float
-    train_distill_loss: float
-    test_acc: float
-    test_loss: float
-    teacher_agreement: float | None
-    test_macro_precision: float
-    test_macro_recall: float
-    test_macro_f1: float
-    test_ece: float
-    epoch_seconds: float
-    val_acc: float | None = None
-    """Accuracy and loss on the validation split (None without one)."""
-    val_loss: float | None = None
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items() if v is not None}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -179,8 +156,7 @@ def train_epoch(
     losses [3], on the device (``kd_tune.distill.pack_train.pack_epoch`` is its twin for a pack). ``augment``: what each
     batch goes through first (its draws a function of (seed, epoch) alone); then the teacher, if any, must be live
     (``data.online_teacher``, which scores the augmented batch): cached logits are of the plain images."""
-    if augment.active and data.teacher_train is not None:
-        raise ValueError("augmented batches with cached teacher logits: the logits are of the plain images")
+    check_augment(augment, data.teacher_train)
     loss_terms = get_loss(loss).terms
     n = data.train_x.shape[0]
     order = epoch_order(n, seed, epoch).to(data.train_x.device)
@@ -224,20 +200,17 @@ def train(
     ``precision``: the forward's arithmetic (:func:`step_precision`); evaluation is always float32.
     Raises :class:`DivergedError` naming the epoch when the loss is NaN or infinite.
     """
-    n = data.train_x.shape[0]
-    history = []
+
+    def step(epoch: int, active: torch.Tensor) -> torch.Tensor:
+        return train_epoch(model, optimizer, data, epoch, batch_size, seed, alpha, temperature, precision, loss, augment)[None]
+
+    def evaluated(which: Sequence[int]) -> dict[int, tuple[Evaluation, tuple[float | None, float | None]]]:
+        return {0: (evaluate(model, data), validate(model, data))} if which else {}
+
+    def diverged(_: int, e: DivergedError) -> None:
+        raise e  # one student: nothing else goes on
+
     model.train()
-    for epoch in range(start_epoch + 1, epochs + 1):
-        t0 = time.perf_counter()
-        sums = train_epoch(model, optimizer, data, epoch, batch_size, seed, alpha, temperature, precision, loss, augment)
-        total, hard, distill = (sums / n).tolist()  # the one host sync of the epoch
-        if not math.isfinite(total):
-            raise DivergedError(epoch, total)
-        ev = evaluate(model, data)
-        val_acc, val_loss = validate(model, data)
-        metrics = EpochMetrics(epoch, total, hard, distill, ev.acc, ev.loss, ev.teacher_agreement,
-                               ev.macro_precision, ev.macro_recall, ev.macro_f1, ev.ece, time.perf_counter() - t0, val_acc, val_loss)
-        history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(metrics, ev)
-    return history
+    result = run_epochs(step, evaluated, members=1, images=data.train_x.shape[0], device=data.train_x.device, start_epoch=start_epoch,
+                        epochs=epochs, on_epoch=None if on_epoch is None else (lambda _, m, ev: on_epoch(m, ev)), on_diverged=diverged)
+    return result.history[0]

@@ -26,12 +26,13 @@ from ray import tune
 from kd_tune.data.split import DataSplit
 from kd_tune.distill.augment import Augment
 from kd_tune.distill.checkpoint import diverged_result, pack_results, save_checkpoint, save_pack_checkpoint
+from kd_tune.distill.epochs import EpochMetrics
 from kd_tune.distill.metrics import Evaluation
 from kd_tune.distill.models import build, model_args
 from kd_tune.distill.online import TeacherNet, online_teacher
 from kd_tune.distill.pack_train import Member, PackData, train_pack
 from kd_tune.distill.packed import channels_last_on, member_state_dict, pack_from_state_dicts
-from kd_tune.distill.train import EpochMetrics, TensorData, make_optimizer, train
+from kd_tune.distill.train import TensorData, make_optimizer, train
 from kd_tune.errors import DivergedError
 from kd_tune.spec.models import StudentSpec
 from kd_tune.spec.trials import TrialConfig, TrialPoint, trial_dirname
