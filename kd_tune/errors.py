@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (libraries' messages run on), or its type's name."""
@@ -55,6 +60,67 @@ class FlagError(UsageError):
 class TrackingUnavailableError(KdTuneError):
     """The MLflow store cannot be reached (a server down, a database away) when a command needs it now;
     the message says what was not done."""
+
+
+class DiskFullError(KdTuneError):
+    """A disk kd-tune writes to is full: the message names the place (the sweep's storage, its teacher cache, the
+    MLflow store), says that nothing finished was lost, and how to go on once there is room."""
+
+
+# What a full disk says where the errno is gone: the OS's words (in a library's message), SQLite's own (SQLITE_FULL).
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
+def disk_full_cause(e: BaseException | None) -> BaseException | None:
+    """The exception that says a disk is full (``ENOSPC``, ``EDQUOT``), searched in ``e``, its causes and contexts, and
+    the cause a Ray task error wraps; ``None`` when there is none. A full disk surfaces deep in such chains: a trial's
+    checkpoint copy inside Ray's task error, SQLite's error inside SQLAlchemy's inside MLflow's."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return x
+        if any(t in first_line(x) for t in DISK_FULL_TEXTS):
+            return x
+        cause = getattr(x, "cause", None)  # ray.exceptions.RayTaskError keeps the task's exception here
+        todo += [x.__cause__, x.__context__, cause if isinstance(cause, BaseException) else None]
+    return None
+
+
+class _CondenseDiskFull(logging.Filter):
+    """A library's log record whose exception is a full disk becomes one line (its message and the cause);
+    any other record passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cause = disk_full_cause(record.exc_info[1]) if record.exc_info else None
+        if cause is not None:
+            said = record.getMessage().strip().splitlines()
+            record.msg, record.args = f"{said[0].rstrip(' :.') if said else 'a disk is full'}: {first_line(cause)}", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+# Where the libraries log a full disk with a traceback each time: Ray Tune's failed trial and failed state save
+# (five tracebacks of the same ENOSPC in one sweep), MLflow's failed database write.
+DISK_FULL_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "mlflow.store.db.utils")
+
+
+@contextmanager
+def condensed_disk_full_logs(loggers: tuple[str, ...] = DISK_FULL_LOGGERS) -> Iterator[None]:
+    """While it lasts, the ``loggers``' records of a full disk are one line each (the error that ends the command
+    says which disk, and what to do); their other records, tracebacks included, are untouched."""
+    condense = _CondenseDiskFull()
+    for name in loggers:
+        logging.getLogger(name).addFilter(condense)
+    try:
+        yield
+    finally:
+        for name in loggers:
+            logging.getLogger(name).removeFilter(condense)
 
 
 class DataUnavailableError(KdTuneError):

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 # (files with the most tests first) test_resume.py's four long tests came last, and one worker ran them alone
 # for a minute. Files not listed (seconds each) follow in their usual order.
 FILE_SECONDS = {"test_resume.py": 258, "test_outage.py": 211, "test_cluster.py": 185, "test_sweep.py": 182, "test_jobs.py": 148,
-                "test_pack_sweep.py": 132, "test_search.py": 89, "test_own_data.py": 66, "test_bench.py": 61, "test_models_sweep.py": 45,
+                "test_pack_sweep.py": 132, "test_full_disk.py": 60, "test_new_store.py": 32, "test_search.py": 89, "test_own_data.py": 66, "test_bench.py": 61, "test_models_sweep.py": 45,
                 "test_report.py": 35, "test_mlflow_native.py": 29, "test_storage.py": 29, "test_mlflow_ui.py": 21, "test_ui.py": 18,
                 "test_cli.py": 16, "test_layers.py": 15, "test_architectures.py": 8}
 # Files that one xdist worker takes together, as one unit: all inspect the session's shared sweep (native_sweep), which

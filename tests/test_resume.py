@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,11 @@ class Sweep:
         self.dir = self.storage / "study"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "KD_TUNE_DATA_DIR": str(FIXTURE_DATA), "KD_TUNE_STORAGE": str(self.storage)}
         self.env.pop("MLFLOW_TRACKING_URI", None)
-        self.client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+
+    @cached_property
+    def client(self) -> MlflowClient:
+        """The sweeps' default store, opened when first read (a test of a new store has the sweeps make it)."""
+        return MlflowClient(f"sqlite:///{self.folder / 'mlflow.db'}")
 
     def start(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen([sys.executable, "-m", "kd_tune.cli", *args, "--quiet"], cwd=self.folder, env=self.env,
@@ -111,8 +116,8 @@ class Sweep:
             time.sleep(0.05)  # polling a condition against a deadline
         raise AssertionError(f"condition not reached: {self.progress()}")
 
-    def child_runs(self) -> list[Any]:
-        exp = self.client.get_experiment_by_name("study")
+    def child_runs(self, name: str = "study") -> list[Any]:
+        exp = self.client.get_experiment_by_name(name)
         assert exp is not None
         return [r for r in self.client.search_runs([exp.experiment_id], max_results=1000) if r.data.tags.get(TAG_ROLE) in ("student", "scratch")]
 
@@ -169,13 +174,13 @@ def reference_metrics(sweep: Sweep) -> dict[str, dict[str, float]]:
     return out
 
 
-def check_record(sweep: Sweep, untouched: dict[str, float], grid_points: int) -> None:
-    runs = sweep.child_runs()
+def check_record(sweep: Sweep, untouched: dict[str, float], grid_points: int, name: str = "study") -> None:
+    runs = sweep.child_runs(name)
     # (trial, label, epochs): a pack trial has a run per member (label) and epochs value
     by_point = Counter((r.data.tags[TAG_TRIAL], r.data.tags["kd_tune.trial"], r.data.tags["kd_tune.epochs"]) for r in runs)
     assert len(runs) == grid_points and set(by_point.values()) == {1}, by_point  # exactly one run per grid point
     parents = {r.data.tags[TAG_PARENT] for r in runs}
-    exp = sweep.client.get_experiment_by_name("study")
+    exp = sweep.client.get_experiment_by_name(name)
     assert exp is not None
     sweeps = [r for r in sweep.client.search_runs([exp.experiment_id]) if r.data.tags.get(TAG_ROLE) == "sweep"]
     assert len(sweeps) == 1 and parents == {sweeps[0].info.run_id} and sweeps[0].info.status == "FINISHED"

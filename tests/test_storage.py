@@ -166,7 +166,7 @@ def test_sweep_on_s3_storage_then_resume(s3: S3Server, ray_with_s3_credentials: 
     assert store.exists("ons3", "kd_tune_sweep.json") and store.exists("ons3", "kd_tune_space.yaml")
     trials = [d for d in store.list_dirs("ons3") if d.startswith(("a0.5", "scratch"))]
     assert len(trials) == 2 and all(store.list_dirs("ons3", t) for t in trials)  # checkpoints persisted in the bucket
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "space.yaml"]  # nothing on the local disk
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.lock", "space.yaml"]  # nothing on the local disk but the store (and the lock its first opening took)
 
     st = sweep_status("ons3", resolve_storage(uri))
     assert st.counts["finished"] == 2 and not st.driver_alive

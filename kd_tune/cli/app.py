@@ -151,8 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Anything else (a library's error, a bug of ours): one line, the traceback only on request.
         if args.debug:
             raise
-        from kd_tune.errors import first_line
+        from kd_tune.errors import DiskFullError, disk_full_cause, first_line
 
+        if (full := disk_full_cause(e)) is not None:
+            # A full disk deep in a library's error (a report's MLflow write, a dataset's download): that cause, not the wrapper.
+            # (A sweep and a resume say which disk, and how to go on: kd_tune.cli.commands.)
+            print(f"kd-tune {args.command}: error: a disk is full ({first_line(full)[:300]}); once there is room, run it again", file=sys.stderr)
+            return DiskFullError.exit_code
         print(f"kd-tune {args.command}: error: {type(e).__name__}: {first_line(e)[:500]}\n(run it again with --debug for the traceback)",
               file=sys.stderr)
         return 1

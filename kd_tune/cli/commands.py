@@ -26,7 +26,7 @@ from kd_tune.cli.args import (
     SweepNameArgs,
     UiArgs,
 )
-from kd_tune.errors import FlagError, TrackingUnavailableError, UsageError
+from kd_tune.errors import DiskFullError, FlagError, TrackingUnavailableError, UsageError, condensed_disk_full_logs, first_line
 
 if TYPE_CHECKING:
     from kd_tune.sweep.results import SweepOutcome
@@ -51,7 +51,7 @@ def sweep(args: SweepArgs) -> int:
         return _report(lambda log: run_sweep(args.space, storage, args, log=log), args.quiet)
     except (Exception, KeyboardInterrupt) as e:
         if not isinstance(e, (UsageError, TrackingUnavailableError)):  # nothing was started
-            _hint_resume(lambda: args.name or load_space(args.space).name, storage)
+            _ended_abnormally(e, lambda: args.name or load_space(args.space).name, storage, args.tracking_uri)
         raise
 
 
@@ -86,7 +86,7 @@ def resume(args: ResumeArgs) -> int:
         return _report(lambda log: resume_sweep(args.name, storage, opts, log=log), opts.quiet)
     except (Exception, KeyboardInterrupt) as e:
         if not isinstance(e, (UsageError, TrackingUnavailableError)):  # nothing was started
-            _hint_resume(lambda: args.name, storage)
+            _ended_abnormally(e, lambda: args.name, storage, opts.tracking_uri)
         raise
 
 
@@ -151,7 +151,8 @@ def sync(args: SweepNameArgs) -> int:
     Safe to repeat: what the store has is not written again. Exit 0 once the record holds every trial's checkpoints."""
     from kd_tune.sweep.sync import sync_sweep
 
-    print("\n".join(sync_sweep(args.name, _storage(args.storage)).lines()))
+    with condensed_disk_full_logs():  # a full store: MLflow's tracebacks of it one line each (main() ends with the cause)
+        print("\n".join(sync_sweep(args.name, _storage(args.storage)).lines()))
     return 0
 
 
@@ -159,7 +160,7 @@ def report(args: ReportArgs) -> int:
     """Tables and figures of a sweep from its MLflow runs; also logged on the sweep's parent run."""
     from kd_tune.report.report import make_report
     from kd_tune.sweep.folder import SweepRecord, sweep_path
-    from kd_tune.tracking.store import check_tracking_store, configure_client_retries, resolve_tracking_uri
+    from kd_tune.tracking.store import check_tracking_store, configure_client_retries, open_store, resolve_tracking_uri
 
     root = _storage(args.storage)
     sweep_path(root, args.name)
@@ -168,6 +169,7 @@ def report(args: ReportArgs) -> int:
         uri = SweepRecord.load(root, args.name).tracking_uri  # where that sweep logged, whatever the defaults now
     configure_client_retries()
     check_tracking_store(uri, "no report was made")
+    open_store(uri)  # the report's own clients find the store made (safely, if several commands start at once)
     # The report downloads one small JSON (the best run's confusion matrix): MLflow's progress bar for it is only
     # noise between the command and its tables (a user's own setting wins).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -214,7 +216,8 @@ def _report(run: Callable[[Callable[[str], None]], SweepOutcome], quiet: bool) -
     from kd_tune.tracking.ui import UI_HOST, runs_page
 
     log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
-    outcome = run(log)
+    with condensed_disk_full_logs():  # a full disk: Ray's and MLflow's tracebacks of it one line each, the end says which disk
+        outcome = run(log)
     print()
     print(outcome.summary_line())
     print(format_table(outcome.table))
@@ -231,6 +234,66 @@ def _report(run: Callable[[Callable[[str], None]], SweepOutcome], quiet: bool) -
               f"pending (safe in the trials' checkpoints); once it is back: {then}", file=sys.stderr, flush=True)
         return TRACKING_BEHIND_EXIT
     return 0 if outcome.ok else 1
+
+
+def _ended_abnormally(e: BaseException, name: Callable[[], str], storage: Storage, tracking_uri: str | None) -> None:
+    """After an abnormal end of a sweep that had started: a full disk is said as such (raises :class:`DiskFullError`,
+    which gives the way on), anything else gets the resume hint."""
+    if not isinstance(e, KeyboardInterrupt):
+        full = _disk_full(e, name, storage, tracking_uri)
+        if full is not None:
+            raise full from e
+    _hint_resume(name, storage)
+
+
+def _disk_full(e: BaseException, name: Callable[[], str], storage: Storage, tracking_uri: str | None) -> DiskFullError | None:
+    """The one line for a sweep that a full disk ended (None if none did): which place is full, that nothing finished is
+    lost, and the command that goes on once there is room.
+
+    Where: the file the error names (kd-tune's own writes name it: the teacher cache's), else SQLite's own words (the
+    tracking store), else the place with no room left. That last one also catches a full disk whose error is gone from
+    the chain: Tune, after its syncer failed on the full storage, reads back the error file it truncated there and
+    ends with ``EOFError: Ran out of input``."""
+    from kd_tune.errors import disk_full_cause
+    from kd_tune.sweep.folder import SweepRecord, resume_command
+    from kd_tune.sweep.storage import FULL_BELOW_BYTES, free_bytes
+    from kd_tune.sweep.teachers import CACHE_FOLDER
+    from kd_tune.sweep.tune_state import can_restore
+    from kd_tune.tracking.store import local_store_path, resolve_tracking_uri
+
+    try:
+        sweep = name()
+        uri = SweepRecord.load(storage, sweep).tracking_uri if SweepRecord.exists(storage, sweep) else resolve_tracking_uri(tracking_uri)
+        cause = disk_full_cause(e)
+        store = local_store_path(uri)
+        full, tracking = f"the sweep's storage {storage.show()} is full", f"the MLflow tracking store {uri} is full"
+        places = {  # what to say -> the local paths it covers; "mlruns": MLflow's default artifact root beside a database store
+            f"{full} (writing the teacher cache)": [Path(storage.path(CACHE_FOLDER))] if storage.is_local else [],
+            full: [Path(storage.root)] if storage.is_local else [],
+            tracking: [store, Path("mlruns")] if store is not None else [],
+        }
+        named = [Path(str(f)).absolute() for f in (getattr(cause, "filename", None), getattr(cause, "filename2", None)) if f]
+        where = next((place for place, paths in places.items() for f in named for p in paths if f == p.absolute() or p.absolute() in f.parents),
+                     None)
+        if where is None and cause is not None and "database or disk is full" in first_line(cause):
+            where = tracking
+        room = None
+        for place in (full, tracking) if where is None else ():
+            room = min((b for b in map(free_bytes, places[place]) if b is not None), default=None)
+            if room is not None and room < FULL_BELOW_BYTES:
+                where = place
+                break
+        if where is None and cause is None:
+            return None
+        said = first_line(cause)[:300] if cause is not None else f"{(room or 0) // 1024} KiB left on its disk"
+        try:
+            restorable = can_restore(storage, sweep)
+        except OSError:  # it puts back a Tune state cut short, which the full disk refused: a resume does it once there is room
+            restorable = True
+        go_on = f"continue with: {resume_command(sweep, storage)}" if restorable else "run the same kd-tune sweep command again"
+        return DiskFullError(f"{where or 'a disk is full'} ({said}): nothing finished is lost; once there is room, {go_on}")
+    except Exception:  # noqa: BLE001 - saying which disk is full must never hide the error itself
+        return None
 
 
 def _hint_resume(name: Callable[[], str], storage: Storage) -> None:

@@ -27,6 +27,7 @@ from kd_tune.data.split import DataSplit, flip_labels, prepare
 from kd_tune.distill.online import TeacherNet
 from kd_tune.distill.pretrained import portable_bytes
 from kd_tune.distill.teacher import Teacher, ensemble_logits, log_teacher_summary
+from kd_tune.errors import disk_full_cause
 from kd_tune.report.summary import summarize_on_parent
 from kd_tune.spec.models import is_model_uri
 from kd_tune.spec.options import SweepOptions
@@ -58,7 +59,7 @@ from kd_tune.tracking.runs import (
     log_metrics,
     log_teacher_runs,
 )
-from kd_tune.tracking.store import resolve_tracking_uri
+from kd_tune.tracking.store import open_store, resolve_tracking_uri
 
 Log = Callable[[str], None]
 INTERRUPTED_WAIT_S = 15.0  # after Ctrl+C: the user wants the prompt back
@@ -151,8 +152,8 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
                              hooks.from_environment(storage), teachers.nets)
         tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs, example=example)
         # The teachers' MLflow record is the sweep's first tracking write, shipped while the trial workers start
-        # rather than before: it is ~2.5 s of one core (their models' torch.export, the first one importing
-        # torch's compiler stack), and a store that is away then no longer keeps the trials from training.
+        # rather than before: it is seconds of one core (their models' torch.export, the first one importing
+        # torch's compiler stack; benchmarks/RESULTS.md, session 7), and a store that is away then no longer keeps the trials from training.
         open_outbox(spec.name, record.tracking_uri).put(teachers.record, TEACHERS_RECORD)
         # Everything made so far (the modules, the data, the teachers' logits) lives until the sweep ends:
         # take it out of the collector's walks, then let the collector run again (kd_tune.sweep.run paused it).
@@ -161,6 +162,8 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         try:
             with only_named_loggers():
                 grid = tuner.fit()
+            if full := next((e for e in grid.errors if disk_full_cause(e)), None):
+                raise full  # trials failed on a full disk: the CLI says which, and how to go on, rather than "errored"
         except BaseException:
             if not _flush_tracking(spec.name, min(wait, INTERRUPTED_WAIT_S), log):
                 # Runs of trials cut short (Ctrl+C, a crash in the driver) are not left RUNNING; a resume reopens them.
@@ -204,7 +207,7 @@ def _flush_tracking(name: str, wait: float, log: Log) -> Backlog:
 def _open_tracking(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None) -> tuple[MlflowClient, SweepRecord]:
     """The sweep's MLflow experiment and parent run: made now (and recorded beside the sweep at once), or reattached."""
     tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
-    client = MlflowClient(tracking_uri)
+    client = open_store(tracking_uri)  # made here when new, safely beside other kd-tune processes doing the same
     experiment_id = get_or_create_experiment(client, spec.name)  # by the driver, before any trial: no sqlite race
     space_yaml = space_to_yaml(spec)
     if record is None:

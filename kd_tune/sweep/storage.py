@@ -174,6 +174,22 @@ def probe_file(storage: Storage) -> Iterator[tuple[str, str]]:
                 break
 
 
+FULL_BELOW_BYTES = 1 << 20
+"""A disk with less room than this is full for a sweep (a checkpoint, a state file or a teacher does not fit)."""
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Room left for this user on the disk of a local ``path`` (or of its nearest existing folder); None if unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def check_writable(storage: Storage) -> None:
     """Refuse a storage the driver cannot write to (a missing bucket, no credentials, a read-only
     folder) before anything is started or written."""

@@ -25,11 +25,10 @@ def ui_lines(uri: str, host: str, port: int, name: str | None = None) -> list[st
     Sweeps are the experiments holding a kd-tune parent run; older ones get the experiment tag that
     makes MLflow's UI open on their runs on the way. Raises FlagError for a NAME that is not a sweep in the store.
     """
-    from mlflow.tracking import MlflowClient
-
     from kd_tune.tracking.runs import sweep_experiments
+    from kd_tune.tracking.store import open_store
 
-    sweeps = sweep_experiments(MlflowClient(uri))
+    sweeps = sweep_experiments(open_store(uri))
     if name is not None:
         if name not in sweeps:
             known = ", ".join(sorted(sweeps)) if sweeps else "none yet (start one with kd-tune sweep)"
