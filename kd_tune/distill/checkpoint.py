@@ -21,6 +21,7 @@ from torch import nn
 from kd_tune.distill.models import build
 from kd_tune.distill.optim import Optimizer
 from kd_tune.files import atomic_write_bytes
+from kd_tune.spec.trial_report import StudentEpoch, TrialReport
 
 STATE_FILE = "state.pt"
 
@@ -55,30 +56,34 @@ def is_pack_state(state: Mapping[str, Any] | None) -> TypeGuard[Mapping[str, Any
     return state is not None and "members" in state
 
 
-def pack_results(state: Mapping[str, Any], after: int = 0) -> list[dict[str, Any]]:
-    """The per-epoch results a pack reported up to its checkpoint ``state`` (after epoch ``after``), rebuilt
-    from its members' histories: ``{"epoch", "members": {label: metrics}, "diverged_members"}``, a member
-    that diverged at that epoch as ``{"epoch", "diverged": 1.0, "diverged_loss"}``."""
+def pack_results(state: Mapping[str, Any], after: int = 0) -> list[TrialReport]:
+    """The reports a pack made up to its checkpoint ``state`` (after epoch ``after``), rebuilt from its members'
+    histories: each epoch's members that trained it, or diverged in it (:class:`~kd_tune.spec.trial_report.TrialReport`)."""
     out = []
     members: Mapping[str, Mapping[str, Any]] = state["members"]
     for epoch in range(after + 1, int(state["epoch"]) + 1):
-        now: dict[str, dict[str, Any]] = {}
+        now: dict[str, StudentEpoch] = {}
         for label, m in members.items():
             for h in m["history"]:
                 if int(h["epoch"]) == epoch:
-                    now[label] = dict(h)
+                    now[label] = StudentEpoch.of(h)
             d = m.get("diverged")
             if d and int(d["epoch"]) == epoch:
-                now[label] = diverged_result(epoch, d["loss"])
+                now[label] = StudentEpoch(epoch, diverged_loss=float(d["loss"]))
         if now:
-            gone = sorted(label for label, m in members.items() if m.get("diverged") and int(m["diverged"]["epoch"]) <= epoch)
-            out.append({"epoch": epoch, "members": now, "diverged_members": ",".join(gone)})
+            gone = [label for label, m in members.items() if m.get("diverged") and int(m["diverged"]["epoch"]) <= epoch]
+            out.append(TrialReport.pack(epoch, now, gone))
     return out
 
 
-def diverged_result(epoch: int, loss: float) -> dict[str, Any]:
-    """A member's result at the epoch its loss went NaN or infinite."""
-    return {"epoch": epoch, "diverged": 1.0, "diverged_loss": float(loss)}
+def trial_results(state: Mapping[str, Any] | None, after: int = 0) -> list[TrialReport]:
+    """The reports a trial made up to its checkpoint ``state`` (after epoch ``after``): a pack's (:func:`pack_results`) or
+    one student's, whose checkpoint holds its history (none without a state)."""
+    if state is None:
+        return []
+    if is_pack_state(state):
+        return pack_results(state, after)
+    return [TrialReport.one(StudentEpoch.of(m)) for m in state.get("history", []) if int(m["epoch"]) > after]
 
 
 def read_checkpoint(folder: Path) -> dict[str, Any] | None:

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kd_tune.spec.trial_report import TrialReport
+
 POINT = "point"
 """The key of a one-student trial's config."""
 PACK = "pack"
@@ -67,7 +69,7 @@ class TrialPoint:
         """The epoch at which a scheduler stopped this trial early, or None: its last result ended it
         (``done``, which Tune sets on a scheduler's STOP) before its epochs, and it did not diverge."""
         epoch = int(last_result.get("epoch", 0) or 0)
-        if last_result.get("done") and not last_result.get("diverged") and 0 < epoch < self.epochs:
+        if last_result.get("done") and not TrialReport.decode(last_result).diverged and 0 < epoch < self.epochs:
             return epoch
         return None
 

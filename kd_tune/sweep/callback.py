@@ -23,11 +23,11 @@ from ray.tune.experiment import Trial
 from ray.tune.stopper import Stopper
 
 from kd_tune.distill.checkpoint import read_checkpoint
+from kd_tune.spec.trial_report import TrialReport
 from kd_tune.spec.trials import TrialConfig
 from kd_tune.tracking.datasets import DataInput
 from kd_tune.tracking.outbox import Outbox
 from kd_tune.tracking.recorder import RunRecorder
-from kd_tune.tracking.tags import EPOCH_METRICS
 
 RETRY_MAX_ENV = "KD_TUNE_TRACKING_RETRY_MAX_S"  # longest wait between retries while the store is away (default 30 s)
 # The outbox of each sweep this process drives: the callback Ray restores is a copy unpickled from the
@@ -139,18 +139,14 @@ class MlflowTrackingCallback(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any) -> None:
         tid, config = self._key(trial)
-        epoch = int(result["epoch"])
-        if result.get("diverged"):
+        report = TrialReport.decode(result)  # only what the record needs: plain values, kept apart from Tune's dict
+        if report.diverged:
             self._diverged.add(tid)
-            loss = result.get("diverged_loss")
-            self._put(lambda: self.recorder.diverged(tid, config, epoch, loss), f"the divergence of trial {trial}")
+            part = report.students[None]
+            self._put(lambda: self.recorder.diverged(tid, config, part.epoch, part.diverged_loss), f"the divergence of trial {trial}")
             return
-        self._epoch[tid] = epoch
-        kept = {k: result[k] for k in (*EPOCH_METRICS, "epoch", "node_id", "node_ip", "hostname", "device") if k in result}
-        if "members" in result:  # a pack: each member's metrics (or its divergence)
-            kept["members"] = {label: {k: m[k] for k in (*EPOCH_METRICS, "epoch", "diverged", "diverged_loss") if k in m}
-                               for label, m in result["members"].items()}
-        self._put(lambda: self.recorder.result(tid, config, kept), f"epoch {epoch} of trial {trial}", steps=1)
+        self._epoch[tid] = report.epoch
+        self._put(lambda: self.recorder.result(tid, config, report), f"epoch {report.epoch} of trial {trial}", steps=1)
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: tune.Checkpoint, **info: Any) -> None:
         """A shared trial passing a smaller epochs value: that grid point's run ends here, with its model."""

@@ -8,11 +8,14 @@ metrics it reported when it passed that epoch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from kd_tune.distill.checkpoint import read_checkpoint, trial_results
 from kd_tune.spec.parse import load_space_text
+from kd_tune.spec.trial_report import TrialReport
 from kd_tune.spec.trials import TrialConfig
 from kd_tune.sweep.folder import SPACE_FILE, live_driver, resume_command
 from kd_tune.sweep.storage import Storage
@@ -82,11 +85,12 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
         else:
             how = "resumed" if last.get("resumed_from") else "restarted"
         decoded = TrialConfig.decode(r.config)
-        packed = decoded.packed
+        packed, report = decoded.packed, TrialReport.decode(last)
+        saved: list[TrialReport] | None = None  # the reports its newest checkpoint holds, read when the files lack some
         for point in decoded.points:
             # A pack reports its members' metrics under members/<label>/ (Tune flattens the nested result).
             col = f"members/{point.label}/" if packed else ""
-            diverged = (point.label in str(last.get("diverged_members", "")).split(",")) if packed else bool(last.get("diverged"))
+            diverged = report.is_gone(point.label)
             stopped = None if r.error or packed else point.stopped_at(last)  # a search trial the scheduler stopped: its last epoch's metrics
             for milestone in point.milestones:
                 at: dict[str, Any] = {}
@@ -94,7 +98,10 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
                     match = history[(history[f"{col}epoch"] == (stopped or milestone)) & history[f"{col}test_acc"].notna()]
                     if len(match):
                         at = {k.removeprefix(col): v for k, v in match.iloc[-1].to_dict().items()}
-                at = at or _last_at(last, point.label if packed else None, stopped or milestone)
+                at = at or _last_at(report, point.label if packed else None, stopped or milestone)
+                if not at and not r.error:
+                    saved = _checkpoint_results(r) if saved is None else saved
+                    at = next((a for m in saved if (a := _last_at(m, point.label if packed else None, stopped or milestone))), {})
                 status = ("stopped early" if stopped and at else "finished" if at else "errored" if r.error else
                           "diverged" if diverged else "unfinished")
                 rows.append({
@@ -106,16 +113,33 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
                           kind="stable").reset_index(drop=True)
 
 
-def _last_at(last: dict[str, Any], member: str | None, epoch: int) -> dict[str, Any]:
-    """The trial's last result (a pack ``member``'s part of it) if it is that of ``epoch``, else nothing.
+def _checkpoint_results(result: tune.Result) -> list[TrialReport]:
+    """The results a trial reported, as its newest checkpoint holds them (each holds the whole history); none if unreadable.
+
+    Why: the history above comes from the result files Tune copies beside the trial; a full disk left them truncated
+    there (issue 35), and the resumed trial appended only its new epochs to what was left, while its checkpoints
+    are whole (a cut one reads as None)."""
+    if result.checkpoint is None:
+        return []
+    try:
+        with result.checkpoint.as_directory() as folder:
+            state = read_checkpoint(Path(folder))
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint tells nothing: the row stays as the files say
+        return []
+    return trial_results(state)
+
+
+def _last_at(last: TrialReport, member: str | None, epoch: int) -> dict[str, Any]:
+    """The metrics of the trial's last report (a pack ``member``'s part of it) if they are those of ``epoch``, else nothing.
 
     Why: the per-epoch history comes from the result files the driver writes beside the trial, while the
     last result is kept in Ray's experiment state; a driver killed between the two leaves a finished
     trial whose files lack its last epochs (seen in the kill tests), and a resume rightly does not rerun it.
     """
-    if member is not None:
-        last = last.get("members", {}).get(member, {})  # Ray keeps the result as reported (nested), unlike the files
-    return dict(last) if last.get("epoch") == epoch and last.get("test_acc") is not None else {}
+    part = last.of(member)  # Ray keeps the result as reported (nested), unlike the files
+    if part is None or part.diverged or part.epoch != epoch or part.metrics.get("test_acc") is None:
+        return {}
+    return {"epoch": part.epoch, **part.metrics}
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -155,12 +179,12 @@ class SweepStatus:
         return "\n".join(lines)
 
 
-def _member_epoch(last: dict[str, Any], label: str) -> int:
-    """A pack member's last epoch as its trial's last result tells it (a diverged member stopped earlier)."""
-    own = (last.get("members") or {}).get(label)
+def _member_epoch(last: TrialReport, label: str) -> int:
+    """A pack member's last epoch as its trial's last report tells it (a diverged member stopped earlier)."""
+    own = last.of(label)
     if own is not None:
-        return int(own.get("epoch", 0)) - (1 if own.get("diverged") else 0)
-    return 0 if label in str(last.get("diverged_members", "")).split(",") else int(last.get("epoch", 0))
+        return own.epoch - (1 if own.diverged else 0)
+    return 0 if last.is_gone(label) else last.epoch
 
 
 def sweep_status(name: str, root: Storage) -> SweepStatus:
@@ -178,20 +202,20 @@ def sweep_status(name: str, root: Storage) -> SweepStatus:
     for t in tune.ExperimentAnalysis(path, storage_filesystem=root.ray_filesystem).trials:
         last = t.last_result or {}
         decoded = TrialConfig.decode(t.config)
+        report = TrialReport.decode(last)
         if decoded.packed:  # a row per member, as the unpacked sweep's trial of that member would give
-            gone = str(last.get("diverged_members", "")).split(",")
             for point in decoded.points:
-                own = (last.get("members") or {}).get(point.label) or {}
-                status = "diverged" if point.label in gone else names.get(t.status, t.status.lower())
-                rows.append({"trial": point.label, "status": status, "epoch": f"{_member_epoch(last, point.label):d}/{point.epochs}",
-                             "test_acc": own.get("test_acc")})
+                own = report.of(point.label)
+                status = "diverged" if report.is_gone(point.label) else names.get(t.status, t.status.lower())
+                rows.append({"trial": point.label, "status": status, "epoch": f"{_member_epoch(report, point.label):d}/{point.epochs}",
+                             "test_acc": None if own is None else own.metrics.get("test_acc")})
             continue
         point = decoded.point
-        status = "diverged" if last.get("diverged") else names.get(t.status, t.status.lower())
+        status = "diverged" if report.diverged else names.get(t.status, t.status.lower())
         if status == "finished" and point.stopped_at(last):
             status = "stopped early"
         rows.append({"trial": point.label, "status": status,
-                     "epoch": f"{int(last.get('epoch', 0))}/{point.epochs}", "test_acc": last.get("test_acc")})
+                     "epoch": f"{report.epoch}/{point.epochs}", "test_acc": report.students[None].metrics.get("test_acc")})
     table = pd.DataFrame(rows, columns=["trial", "status", "epoch", "test_acc"]).sort_values("trial").reset_index(drop=True)
     counts = {k: int((table["status"] == k).sum()) for k in STATUS_COUNTS}
     planned = len(table)

@@ -29,6 +29,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from kd_tune.spec.schema import Axis, Range, SweepSpec
+from kd_tune.spec.trial_report import TrialReport
 from kd_tune.spec.trials import POINT, TrialConfig, encode_point
 
 MODE = "max"
@@ -127,7 +128,7 @@ class BaselinesFirst(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id in self.baseline_trials:
             return
-        if result is not None and result.get("diverged"):
+        if result is not None and TrialReport.decode(result).diverged:
             result, error = None, True  # diverged: a failed trial for the searcher, not a score
         self.searcher.on_trial_complete(trial_id, result=result, error=error)
 

@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from mlflow.tracking import MlflowClient
-
-from kd_tune.distill.checkpoint import is_pack_state, pack_results
+from kd_tune.distill.checkpoint import trial_results
 from kd_tune.spec.parse import load_space_text
 from kd_tune.spec.schema import SweepSpec
+from kd_tune.spec.trial_report import TrialReport
 from kd_tune.spec.trials import TrialConfig
 from kd_tune.sweep.callback import error_summary
 from kd_tune.sweep.checks import run_params
@@ -37,7 +36,7 @@ from kd_tune.sweep.trial_state import persisted_states
 from kd_tune.sweep.tune_state import require_sweep
 from kd_tune.tracking.recorder import RunRecorder
 from kd_tune.tracking.runs import close_running_runs
-from kd_tune.tracking.store import check_tracking_store, configure_client_retries
+from kd_tune.tracking.store import check_tracking_store, configure_client_retries, open_store
 
 Log = Callable[[str], None]
 
@@ -76,12 +75,13 @@ def replay(recorder: RunRecorder, storage: Storage, name: str, trials: Iterable[
         touched += 1
         newest = states[max(states)] if states else None
         # A pack's checkpoint holds its members' histories (and divergences): the results it reported, rebuilt.
-        history = pack_results(newest) if is_pack_state(newest) else (newest or {}).get("history", [])
+        history = trial_results(newest)
         for m in history:
             steps += recorder.result(tid, config, m)
         stopped = None if decoded.packed else decoded.point.stopped_at(last)
-        if last.get("diverged"):
-            ended += recorder.diverged(tid, config, int(last.get("epoch", 0)), last.get("diverged_loss"))
+        report = TrialReport.decode(last)
+        if report.diverged:
+            ended += recorder.diverged(tid, config, report.epoch, report.students[None].diverged_loss)
         elif t.status == "TERMINATED" and stopped is not None:  # a search trial the scheduler stopped
             ended += recorder.finish(tid, config, newest, stopped_at=stopped)
         elif t.status == "TERMINATED":
@@ -125,7 +125,7 @@ def sync_sweep(name: str, root: Storage, log: Log = print) -> SyncOutcome:
     spec = load_space_text(root.read_text(name, SPACE_FILE), root.show(name, SPACE_FILE))
     configure_client_retries()
     check_tracking_store(record.tracking_uri, "nothing was written (kd-tune sync writes it once the store is back)")
-    client = MlflowClient(record.tracking_uri)
+    client = open_store(record.tracking_uri)
     trials = tune.ExperimentAnalysis(path, storage_filesystem=root.ray_filesystem).trials
     claim_driver(root, name)  # no resume may start meanwhile
     try:
@@ -138,7 +138,7 @@ def sync_sweep(name: str, root: Storage, log: Log = print) -> SyncOutcome:
             from kd_tune.report.summary import summarize_on_parent
 
             summarize_on_parent(name, record.tracking_uri, log)
-            errored = any(t.status == "ERROR" or (t.last_result or {}).get("diverged") for t in trials)
+            errored = any(t.status == "ERROR" or TrialReport.decode(t.last_result or {}).diverged for t in trials)
             client.set_terminated(record.parent_run_id, "FAILED" if errored else "FINISHED")
         elif client.get_run(record.parent_run_id).info.status == "RUNNING":
             client.set_terminated(record.parent_run_id, "KILLED")

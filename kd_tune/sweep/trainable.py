@@ -7,14 +7,16 @@ teacher. A restarted trial continues from the newest complete checkpoint, which 
 newer than the one Ray's experiment state remembers (:func:`~kd_tune.sweep.trial_state.restore_state`).
 
 A trial trains one student (config ``{"point": ...}``) or a pack of them as one model (``{"pack": [...]}``):
-see :mod:`kd_tune.spec.trials` for the codec.
+see :mod:`kd_tune.spec.trials` for the config's codec and :mod:`kd_tune.spec.trial_report` for the reports'. Both
+kinds restore, replay and report through one path (:class:`_Trial`); only the model, its step and its checkpoint
+format differ.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from ray import tune
 
 from kd_tune.data.split import DataSplit
 from kd_tune.distill.augment import Augment
-from kd_tune.distill.checkpoint import diverged_result, pack_results, save_checkpoint, save_pack_checkpoint
+from kd_tune.distill.checkpoint import save_checkpoint, save_pack_checkpoint, trial_results
 from kd_tune.distill.epochs import EpochMetrics
 from kd_tune.distill.metrics import Evaluation
 from kd_tune.distill.models import build, model_args
@@ -35,6 +37,7 @@ from kd_tune.distill.packed import channels_last_on, member_state_dict, pack_fro
 from kd_tune.distill.train import TensorData, make_optimizer, train
 from kd_tune.errors import DivergedError
 from kd_tune.spec.models import StudentSpec
+from kd_tune.spec.trial_report import StudentEpoch, TrialReport
 from kd_tune.spec.trials import TrialConfig, TrialPoint, trial_dirname
 from kd_tune.sweep.cluster import assigned_device, assigned_threads
 from kd_tune.sweep.hooks import NO_HOOKS, TrialHooks
@@ -82,142 +85,159 @@ class TrialBundle:
 
 @dataclass(frozen=True)
 class _Trial:
-    """Where a trial runs and what it reports beside its metrics."""
+    """A trial's attempt: where it runs, what it restored and what it reports beside its metrics. The one restore
+    path and the one way to report, for one student and for a pack alike."""
 
     label: str
     folder: str
     """The trial's folder, relative to the storage root."""
     device: torch.device
+    bundle: TrialBundle
+    state: dict[str, Any] | None = None
+    """The newest complete checkpoint's state (None: a fresh start)."""
+    known_epoch: int = 0
+    """The epoch Ray's experiment state knows the trial reached."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def start(self) -> int:
+        return 0 if self.state is None else int(self.state["epoch"])
+
+    def replay(self) -> None:
+        """Epochs trained before a kill but unknown to Ray may never have reached the driver (and MLflow): report them
+        again from the checkpoint's history; the tracking callback skips those it has."""
+        for report in trial_results(self.state, after=self.known_epoch):
+            tune.report(self.where(report).encode())
+        self.bundle.hooks.before_training(self.label, self.folder)
+
+    def where(self, report: TrialReport) -> TrialReport:
+        return replace(report, where={**report.where, **self.extra})
+
+    def report(self, report: TrialReport, save: Callable[[Path], None] | None = None) -> None:
+        """One report to Tune, with the checkpoint ``save`` writes into a fresh folder (none: a report without one)."""
+        if save is None:
+            tune.report(self.where(report).encode())
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save(Path(folder))
+            tune.report(self.where(report).encode(), checkpoint=tune.Checkpoint.from_directory(folder))
+        self.bundle.hooks.after_epoch(self.label, self.folder)
 
 
-def _start(config: Mapping[str, Any], trial: TrialConfig, bundle: TrialBundle) -> _Trial:
+def _start(config: Mapping[str, Any], trial: TrialConfig, bundle: TrialBundle, data: TensorData | PackData) -> _Trial:
+    """The attempt's device and threads, and its restore: the newest complete checkpoint, which after a SIGKILLed
+    driver can be newer than the one Ray's experiment state remembers (:func:`~kd_tune.sweep.trial_state.restore_state`)."""
     # Ray logs a line per persisted checkpoint, i.e. per epoch per trial: too much to read.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    folder = f"{bundle.sweep}/{trial_dirname(config, tune.get_context().get_trial_id())}"
+    state, known_epoch = restore_state(bundle.storage, folder)
+    run = _Trial(trial.label, folder, data.train_x.device, bundle, state, known_epoch)
+    # Where this attempt runs (the tracking tags the MLflow run with it; node_ip and hostname come from Ray) and what it
+    # trains and selects on: a check that held-out images never reach training.
+    run.extra.update({"device": str(run.device), "node_id": ray.get_runtime_context().get_node_id(), "resumed_from": run.start,
+                      "train_images": int(data.train_x.shape[0]), "val_images": 0 if data.val_x is None else int(data.val_x.shape[0])})
+    return run
+
+
+def _device() -> torch.device:
     device = assigned_device()
     torch.set_num_threads(assigned_threads())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-    folder = f"{bundle.sweep}/{trial_dirname(config, tune.get_context().get_trial_id())}"
-    return _Trial(trial.label, folder, device)
-
-
-def _extra(device: torch.device, start: int, data: TensorData | PackData) -> dict[str, Any]:
-    """Where this attempt runs (the tracking tags the MLflow run with it; node_ip and hostname come from Ray) and
-    what it trains and selects on: a check that held-out images never reach training."""
-    return {"device": str(device), "node_id": ray.get_runtime_context().get_node_id(), "resumed_from": start,
-            "train_images": int(data.train_x.shape[0]), "val_images": 0 if data.val_x is None else int(data.val_x.shape[0])}
+    return device
 
 
 def kd_trainable(config: dict[str, Any], bundle: TrialBundle) -> None:
+    """One trial: one student (its own model and step, :func:`~kd_tune.distill.train.train`) or a pack of them as one
+    model (:func:`~kd_tune.distill.pack_train.train_pack`); both restore, replay and report through :class:`_Trial`."""
     trial = TrialConfig.decode(config)
     if trial.packed:
-        pack_trainable(config, trial, bundle)
-        return
-    point, run = trial.point, _start(config, trial, bundle)
+        _train_pack(config, trial, bundle)
+    else:
+        _train_one(config, trial, bundle)
+
+
+def _train_one(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) -> None:
+    point, device = trial.point, _device()
     student, teacher = bundle.student(point), bundle.teacher(point)
     split = replace(bundle.split, train_y=bundle.labels[point.label_noise])
     distills = point.role == "student"
     teacher_train = bundle.teacher_train_logits[teacher] if distills and not student.online else None
-    data = TensorData.from_split(split, run.device, teacher_train, bundle.teacher_test_logits[teacher])
+    data = TensorData.from_split(split, device, teacher_train, bundle.teacher_test_logits[teacher])
     if distills and student.online:  # augmented batches: the teacher scores each of them
-        data = replace(data, online_teacher=online_teacher(bundle.teacher_nets[teacher], run.device))
+        data = replace(data, online_teacher=online_teacher(bundle.teacher_nets[teacher], device))
+    run = _start(config, trial, bundle, data)
     margs = bundle.model_args(point)
-    model = build(margs, point.seed).to(run.device)
+    model = build(margs, point.seed).to(device)
     optimizer = make_optimizer(model, student.lr)
-
-    # Restore: continue from the newest complete checkpoint.
-    state, known_epoch = restore_state(bundle.storage, run.folder)
-    start, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["epoch"]), list(state["history"])
+    history: list[dict[str, float]] = []
+    if run.state is not None:
+        model.load_state_dict(run.state["model"])
+        optimizer.load_state_dict(run.state["optimizer"])
+        history = list(run.state["history"])
     else:
         bundle.hooks.initial_weights([point.label], [model.state_dict()])
-    extra = _extra(run.device, start, data)
-    # Epochs trained before a kill but unknown to Ray may never have reached the driver (and MLflow):
-    # report them again from the checkpoint's history; the tracking callback skips those it has.
-    for m in history:
-        if m["epoch"] > known_epoch:
-            tune.report({**m, **extra})
-    bundle.hooks.before_training(run.label, run.folder)
+    run.replay()
 
-    # Train, reporting each epoch with a checkpoint.
-    def report(m: EpochMetrics, ev: Evaluation) -> None:
+    def on_epoch(m: EpochMetrics, ev: Evaluation) -> None:
         history.append(m.as_dict())
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(Path(folder), margs, model, optimizer, history, ev.confusion)
-            tune.report({**m.as_dict(), **extra}, checkpoint=tune.Checkpoint.from_directory(folder))
-        bundle.hooks.after_epoch(run.label, run.folder)
+        run.report(TrialReport.one(StudentEpoch.of(m.as_dict())),
+                   lambda folder: save_checkpoint(folder, margs, model, optimizer, history, ev.confusion))
 
     try:
         train(model, optimizer, data, epochs=point.epochs, batch_size=student.batch_size, seed=point.seed, alpha=point.alpha,
-              temperature=point.temperature or 1.0, start_epoch=start, on_epoch=report, precision=student.precision,
+              temperature=point.temperature or 1.0, start_epoch=run.start, on_epoch=on_epoch, precision=student.precision,
               augment=Augment(student.augment, student.augment_pad))
     except DivergedError as e:
         # Deterministic: a retry would diverge again. Record it and end the trial (no retries).
-        tune.report({"epoch": e.epoch, "diverged": 1.0, "diverged_loss": e.loss, **extra})
+        run.report(TrialReport.one(StudentEpoch(e.epoch, diverged_loss=e.loss)))
 
 
-def pack_trainable(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) -> None:
-    """A pack trial: its members trained as one :class:`~kd_tune.distill.packed.PackedCNN` by
-    :func:`~kd_tune.distill.pack_train.train_pack`.
-
-    Each epoch is ONE report, ``{"epoch", "members": {label: that member's metrics}, "diverged_members", ...}``,
-    with ONE checkpoint (:func:`~kd_tune.distill.checkpoint.save_pack_checkpoint`). A member whose loss goes NaN or
-    infinite is reported once as diverged and dropped; the others go on. Restores as :func:`kd_trainable` does.
-    """
-    points, run = list(trial.points), _start(config, trial, bundle)
+def _train_pack(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) -> None:
+    """A pack trial: its members trained as one packed model. Each epoch is ONE report (the members' parts,
+    :meth:`~kd_tune.spec.trial_report.TrialReport.pack`) with ONE checkpoint
+    (:func:`~kd_tune.distill.checkpoint.save_pack_checkpoint`). A member whose loss goes NaN or infinite is reported
+    once as diverged and dropped; the others go on."""
+    points = list(trial.points)
     labels = [p.label for p in points]
-    data, members = pack_inputs(bundle, points, TensorData.from_split(bundle.split, run.device))
+    data, members = pack_inputs(bundle, points, TensorData.from_split(bundle.split, _device()))
+    run = _start(config, trial, bundle, data)
     student, margs = bundle.student(points[0]), bundle.model_args(points[0])  # a pack's members are students of one grid.student entry
-    channels_last = channels_last_on(run.device)
-
-    state, known_epoch = restore_state(bundle.storage, run.folder)
-    start = 0
     entries: dict[str, dict[str, Any]] = {label: {"model_args": margs, "epoch": 0, "history": [], "confusion": []} for label in labels}
-    if state is not None:
-        start, entries = int(state["epoch"]), {label: dict(state["members"][label]) for label in labels}
+    if run.state is not None:
+        entries = {label: dict(run.state["members"][label]) for label in labels}
         initial = [entries[label]["model"] for label in labels]
     else:
         # Each member starts exactly as the unpacked trial of its point would (build, seeded).
         initial = [build(margs, p.seed).state_dict() for p in points]
         bundle.hooks.initial_weights(labels, initial)
-    model = pack_from_state_dicts(margs, initial, channels_last).to(run.device)
+    model = pack_from_state_dicts(margs, initial, channels_last_on(run.device)).to(run.device)
     optimizer = make_optimizer(model, student.lr)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if run.state is not None:
+        optimizer.load_state_dict(run.state["optimizer"])
     exclude = {k for k, label in enumerate(labels) if entries[label].get("diverged")}
-    extra = _extra(run.device, start, data)
-    if state is not None:
-        for r in pack_results(state, after=known_epoch):  # epochs trained before a kill but unknown to Ray
-            tune.report({**r, **extra})
-    bundle.hooks.before_training(run.label, run.folder)
+    run.replay()
 
-    now: dict[str, dict[str, Any]] = {}
+    now: dict[str, StudentEpoch] = {}
 
     def on_epoch(k: int, m: EpochMetrics, ev: Evaluation) -> None:
         entry = entries[labels[k]]
         entry["history"] = [*entry["history"], m.as_dict()]
         entry["epoch"], entry["confusion"] = m.epoch, ev.confusion
-        now[labels[k]] = m.as_dict()
+        now[labels[k]] = StudentEpoch.of(m.as_dict())
 
     def on_diverged(k: int, e: DivergedError) -> None:
         entries[labels[k]]["diverged"] = {"epoch": e.epoch, "loss": e.loss}
-        now[labels[k]] = diverged_result(e.epoch, e.loss)
+        now[labels[k]] = StudentEpoch(e.epoch, diverged_loss=e.loss)
 
     def on_epoch_end(epoch: int) -> None:
         for k, label in enumerate(labels):
             entries[label]["model"] = member_state_dict(model, k)
-        gone = sorted(label for label, entry in entries.items() if entry.get("diverged"))
-        result = {"epoch": epoch, "members": dict(now), "diverged_members": ",".join(gone), **extra}
+        report = TrialReport.pack(epoch, now, [label for label, entry in entries.items() if entry.get("diverged")])
         now.clear()
-        with tempfile.TemporaryDirectory() as folder:
-            save_pack_checkpoint(Path(folder), epoch, entries, optimizer)
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
-        bundle.hooks.after_epoch(run.label, run.folder)
+        run.report(report, lambda folder: save_pack_checkpoint(folder, epoch, entries, optimizer))
 
-    train_pack(model, optimizer, data, members, batch_size=student.batch_size, start_epoch=start, exclude=exclude,
+    train_pack(model, optimizer, data, members, batch_size=student.batch_size, start_epoch=run.start, exclude=exclude,
                on_epoch=on_epoch, on_diverged=on_diverged, on_epoch_end=on_epoch_end, precision=student.precision, margs=margs,
                augment=Augment(student.augment, student.augment_pad))
 
@@ -231,10 +251,11 @@ def pack_inputs(bundle: TrialBundle, points: list[TrialPoint], base: TensorData)
     teachers = sorted({bundle.teacher(p) for p in points})
     trow = {t: i for i, t in enumerate(teachers)}
     online = bundle.student(points[0]).online and any(p.role == "student" for p in points)  # a pack's members share their student
-    data = PackData(base.train_x, torch.stack([bundle.labels[n] for n in levels]).to(device), base.test_x, base.test_y,
-                    None if online else torch.stack([bundle.teacher_train_logits[t] for t in teachers]).to(device),
-                    torch.stack([bundle.teacher_test_logits[t] for t in teachers]).to(device), base.val_x, base.val_y,
-                    [online_teacher(bundle.teacher_nets[t], device) for t in teachers] if online else None)
+    data = PackData(train_x=base.train_x, train_labels=torch.stack([bundle.labels[n] for n in levels]).to(device), test_x=base.test_x,
+                    test_y=base.test_y,
+                    teacher_train=None if online else torch.stack([bundle.teacher_train_logits[t] for t in teachers]).to(device),
+                    teacher_test=torch.stack([bundle.teacher_test_logits[t] for t in teachers]).to(device), val_x=base.val_x, val_y=base.val_y,
+                    online_teachers=[online_teacher(bundle.teacher_nets[t], device) for t in teachers] if online else None)
     members = [Member(seed=p.seed, epochs=p.epochs, alpha=p.alpha, temperature=p.temperature or 1.0, labels=row[p.label_noise],
                       teacher=trow[bundle.teacher(p)] if p.role == "student" else None, teacher_test=trow[bundle.teacher(p)]) for p in points]
     return data, members

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.distill.checkpoint import is_pack_state, save_model_file
 from kd_tune.errors import first_line
+from kd_tune.spec.trial_report import StudentEpoch, TrialReport
 from kd_tune.spec.trials import TrialConfig, TrialPoint
 from kd_tune.tracking.datasets import DataInput, log_dataset_inputs
 from kd_tune.tracking.models import log_model_once
@@ -150,29 +151,27 @@ class RunRecorder:
                     out.append((member, m, key, run_id))
         return out
 
-    def result(self, tid: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> int:
+    def result(self, tid: str, config: Mapping[str, Any], report: TrialReport) -> int:
         """One epoch's metrics, on every open run whose grid point reaches that epoch (once each); how many
-        runs got them now. A pack's result carries each member's metrics under ``members`` (a member that
-        diverged at this epoch ends its runs FAILED instead)."""
-        if "members" not in result:
-            return self._log_epoch(tid, config, None, result, result)
+        runs got them now. A pack's report carries each member's part (a member that diverged at this epoch ends
+        its runs FAILED instead)."""
         logged = 0
-        for label, metrics in result["members"].items():
-            if metrics.get("diverged"):
-                self.diverged(tid, config, int(metrics["epoch"]), metrics.get("diverged_loss"), member=label)
+        for label, part in report.students.items():
+            if part.diverged:
+                self.diverged(tid, config, part.epoch, part.diverged_loss, member=label)
             else:
-                logged += self._log_epoch(tid, config, label, metrics, result)
+                logged += self._log_epoch(tid, config, label, part, report.where)
         return logged
 
-    def _log_epoch(self, tid: str, config: Mapping[str, Any], member: str | None, values: Mapping[str, Any],
-                   result: Mapping[str, Any]) -> int:
-        epoch = int(values["epoch"])
-        metrics = {k: values[k] for k in EPOCH_METRICS if k in values}
+    def _log_epoch(self, tid: str, config: Mapping[str, Any], member: str | None, part: StudentEpoch,
+                   where: Mapping[str, Any]) -> int:
+        epoch = part.epoch
+        metrics = {k: part.metrics[k] for k in EPOCH_METRICS if k in part.metrics}
         logged = 0
         for _, milestone, key, run_id in self._open(tid, config, member):
             if epoch > milestone:
                 continue  # beyond this grid point
-            self._tag_node(key, run_id, result)
+            self._tag_node(key, run_id, where)
             if epoch <= self._last_step.get(key, 0):
                 continue  # recomputed after a restart and already logged
             log_metrics(self.client, run_id, metrics, step=epoch)

@@ -7,6 +7,8 @@ record that older sweeps cannot be matched with.
 
 from __future__ import annotations
 
+from kd_tune.spec.trial_report import REPORTED_METRICS
+
 # --- finding runs ------------------------------------------------------------------------------
 TAG_SWEEP = "kd_tune.sweep"
 """The sweep's name, on each of its runs."""
@@ -69,9 +71,8 @@ EXPERIMENT_KIND = "custom_model_development"
 DATASET_CONTEXT_TAG = "mlflow.data.context"
 """mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT: what the UI shows beside a dataset."""
 # --- metrics, artifacts, limits ------------------------------------------------------------------
-EPOCH_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
-                 "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds", "val_acc", "val_loss")
-"""What a run logs per epoch (step = epoch): the training layer's ``EpochMetrics`` fields."""
+EPOCH_METRICS = REPORTED_METRICS
+"""What a run logs per epoch (step = epoch): what a trial reports (the training layer's ``EpochMetrics`` fields)."""
 CONFUSION_ARTIFACT = "confusion_matrix.json"
 MAX_PARAM_LEN = 6000
 """The longest param value MLflow's stores take."""
