@@ -120,9 +120,9 @@ def sweep_overhead(data_dir: Path, n_trials: int, train_size: int, warm_up: bool
     first sweep; without it, as in ``--quick``, the measured sweep trains the teacher itself)."""
     import yaml
 
-    from kd_tune.spec.options import SweepOptions
-    from kd_tune.sweep.run import run_sweep
-    from kd_tune.sweep.storage import resolve_storage
+    from kd_tune.space.options import SweepOptions
+    from kd_tune.sweep.start import run_sweep
+    from kd_tune.sweep.state.storage import resolve_storage
 
     cpus = os.cpu_count() or 1
     alphas = [round(i / max(1, n_trials - 1), 3) for i in range(n_trials)]
@@ -158,7 +158,7 @@ def concurrency(split: DataSplit, epochs: int) -> tuple[float, float]:
     """Student epochs per second with one 1-CPU Ray task, then with two side by side."""
     import ray
 
-    from kd_tune.sweep.cluster import assigned_threads
+    from kd_tune.sweep.cluster.connect import assigned_threads
 
     @ray.remote(num_cpus=1)
     def student(split: DataSplit, epochs: int) -> tuple[float, float]:

@@ -39,9 +39,9 @@ from kd_tune.data.split import prepare
 from kd_tune.distill.models.cnn import build_cnn
 from kd_tune.distill.teacher import teacher_key
 from kd_tune.distill.train import TensorData, make_optimizer, train
-from kd_tune.spec.parse import load_space
-from kd_tune.sweep.storage import resolve_storage
-from kd_tune.sweep.teachers import TeacherCache
+from kd_tune.space.parse import load_space
+from kd_tune.sweep.state.storage import resolve_storage
+from kd_tune.sweep.teacher_cache import TeacherCache
 
 HERE = Path.cwd() / "sweep_efficiency"
 CORES = os.cpu_count() or 1

@@ -2,7 +2,7 @@
 folder's files, the first creation of a local MLflow store.
 
 Its own module because the training path (``kd_tune.data.sources``) needs it and must import with PyTorch alone
-(``benchmarks/pack_bench.py`` runs on a bare GPU machine), while :mod:`kd_tune.sweep.storage` needs pyarrow.
+(``benchmarks/pack_bench.py`` runs on a bare GPU machine), while :mod:`kd_tune.sweep.state.storage` needs pyarrow.
 """
 
 from __future__ import annotations

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from kd_tune.sweep.storage import resolve_storage
+from kd_tune.sweep.state.storage import resolve_storage
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-    from kd_tune.spec.schema import SweepSpec
+    from kd_tune.space.schema import SweepSpec
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "mnist_slice"
 REPO = Path(__file__).resolve().parent.parent
@@ -151,9 +151,9 @@ def native_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swept]:
     level with epoch sharing): a teacher run and four student runs under the parent."""
     from mlflow.tracking import MlflowClient
 
-    from kd_tune.spec.options import SweepOptions
-    from kd_tune.spec.parse import load_space
-    from kd_tune.sweep.run import run_sweep
+    from kd_tune.space.options import SweepOptions
+    from kd_tune.space.parse import load_space
+    from kd_tune.sweep.start import run_sweep
     from kd_tune.tracking.tags import TAG_ROLE
 
     tmp = tmp_path_factory.mktemp("native")
@@ -181,6 +181,6 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A teacher cache folder holding the teacher of tests/test_resume.py's spaces (trained once per test worker):
     a sweep whose storage starts with a copy loads its teacher instead of training it first. The sweeps of
     test_resume.py, test_outage.py and test_pack_sweep.py copy it (none writes into it)."""
-    from .test_resume import cached_teacher_folder
+    from .helpers import cached_teacher_folder
 
     return cached_teacher_folder(tmp_path_factory)

@@ -16,8 +16,8 @@ from kd_tune.distill.models import MODELS, build, count_parameters, model_args
 from kd_tune.distill.pretrained import check_outputs, load_model
 from kd_tune.distill.train import make_optimizer, predict_logits
 from kd_tune.errors import SpaceError
-from kd_tune.spec.architectures import FAMILIES
-from kd_tune.spec.parse import parse_space
+from kd_tune.space.architectures import FAMILIES
+from kd_tune.space.parse import parse_space
 
 from .conftest import tiny_space
 
@@ -138,7 +138,7 @@ def test_augmentation_is_a_function_of_seed_and_epoch_and_moves_the_image() -> N
 def test_a_pretrained_teacher_from_a_file_and_from_an_mlflow_uri_has_the_models_own_logits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow.pytorch
 
-    from kd_tune.tracking.pretrained import fetch
+    from kd_tune.tracking.model_uri import fetch
 
     margs = model_args("convnet", SMALL["convnet"], MNIST, 10)
     model = build(margs, seed=2).eval()
@@ -233,6 +233,6 @@ def test_axes_of_students_and_teachers_in_the_grid(tmp_path: Path) -> None:
     assert params["s32", "file"]["student.hidden"] == [32] and params["s32", "file"]["teacher.from"] == str(tmp_path / "t.pt")
     assert params["cnn", ""]["student.arch"] == "cnn" and "teacher.from" not in params["cnn", ""]
     # As stored beside the sweep (what resume reads): the same spec.
-    from kd_tune.spec.parse import load_space_text, space_to_yaml
+    from kd_tune.space.parse import load_space_text, space_to_yaml
 
     assert load_space_text(space_to_yaml(spec), "stored.yaml") == spec

@@ -42,9 +42,9 @@ def test_checkpoints_tune_deleted_before_its_state_was_saved_get_stand_ins(tmp_p
     import json
     import pickle
 
-    from kd_tune.sweep.storage import resolve_storage
-    from kd_tune.sweep.trial_state import lost_checkpoint_epoch, newest_persisted
-    from kd_tune.sweep.tune_state import LOST_CHECKPOINT_FILE, repair_experiment_state
+    from kd_tune.sweep.state.storage import resolve_storage
+    from kd_tune.sweep.state.trial_state import lost_checkpoint_epoch, newest_persisted
+    from kd_tune.sweep.state.tune_state import LOST_CHECKPOINT_FILE, repair_experiment_state
 
     sweep, trial = tmp_path / "study", "a0-T3-e5-s0_8d08f_00000"
     model = build_cnn((3, 5), (1, 28, 28), 10, seed=0)

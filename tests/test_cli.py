@@ -142,7 +142,7 @@ def test_plan_counts_student_epochs(write_space: Callable[..., Path], capsys: py
 def test_one_driver_per_sweep(write_space: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from kd_tune.sweep.folder import DRIVER_FILE
+    from kd_tune.sweep.state.sweep_files import DRIVER_FILE
 
     sweep_dir = tmp_path / "store" / "tiny"
     sweep_dir.mkdir(parents=True)
@@ -241,7 +241,7 @@ def test_flag_error_names_the_flag_value_and_what_is_allowed() -> None:
 
 
 def test_job_client_is_made_again_after_a_dropped_connection_only() -> None:
-    from kd_tune.sweep.job_server import retried
+    from kd_tune.sweep.cluster.job_server import retried
 
     calls: list[str] = []
     waits: list[float] = []

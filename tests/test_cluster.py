@@ -67,12 +67,12 @@ def test_storage_that_a_node_cannot_see_is_refused(cluster: RayCluster, write_sp
 
 def test_a_cluster_the_caller_joined_is_not_the_drivers_only_node(cluster: RayCluster, tmp_path: Path) -> None:
     """A program that ran ``ray.init(address=...)`` itself and then calls kd-tune without an address: two live
-    nodes, so its CPU teacher runs as a cluster task, not in that program (kd_tune.sweep.cluster.driver_is_the_only_node)."""
+    nodes, so its CPU teacher runs as a cluster task, not in that program (kd_tune.sweep.cluster.connect.driver_is_the_only_node)."""
     if not cluster.worker_alive():
         cluster.start_worker()
     code = ("import ray\n"
             f"ray.init(address={cluster.address!r}, log_to_driver=False)\n"
-            "from kd_tune.sweep.cluster import driver_is_the_only_node\n"
+            "from kd_tune.sweep.cluster.connect import driver_is_the_only_node\n"
             "print(len([n for n in ray.nodes() if n['Alive']]), driver_is_the_only_node(None))\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**_env(), **cluster.env}, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

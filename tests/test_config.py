@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kd_tune.errors import SpaceError
-from kd_tune.spec.parse import load_space, parse_space, space_to_yaml
+from kd_tune.space.parse import load_space, parse_space, space_to_yaml
 
 from .conftest import DELETE, REPO, tiny_space, with_key
 

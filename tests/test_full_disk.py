@@ -21,7 +21,7 @@ from ray.exceptions import RayTaskError
 from kd_tune.errors import condensed_disk_full_logs, disk_full_cause
 
 from .conftest import tiny_space
-from .test_resume import Sweep, check_record
+from .helpers import Sweep, check_record
 
 SPACE = tiny_space(name="study")  # 2 trials for 4 grid points (epochs 1 and 2 share a trial); the whole sweep takes ~0.5 MB
 GRID_POINTS = 4

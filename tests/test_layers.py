@@ -18,13 +18,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kd_tune"
 # layer -> (kd_tune layers it may import, third-party packages it must not load)
 RULES: dict[str, tuple[set[str], set[str]]] = {
     "core": (set(), {"torch", "numpy", "ray", "mlflow", "pyarrow", "pandas", "yaml"}),
-    "spec": ({"core", "data.registry"}, {"torch", "numpy", "ray", "mlflow", "pyarrow", "pandas"}),
+    "space": ({"core", "data.registry"}, {"torch", "numpy", "ray", "mlflow", "pyarrow", "pandas"}),
     "data": ({"core", "data"}, {"ray", "mlflow", "pyarrow", "pandas"}),
-    "distill": ({"core", "spec", "data", "distill"}, {"ray", "mlflow", "pyarrow", "pandas"}),
-    "tracking": ({"core", "spec", "data", "distill", "tracking"}, {"ray"}),
-    "report": ({"core", "spec", "tracking.tags", "report"}, {"ray", "torch"}),  # pandas loads pyarrow
-    "sweep": ({"core", "spec", "data", "distill", "tracking", "report", "sweep"}, set()),
-    "cli": ({"core", "spec", "data", "distill", "tracking", "report", "sweep", "cli"}, set()),
+    "distill": ({"core", "space", "data", "distill"}, {"ray", "mlflow", "pyarrow", "pandas"}),
+    "tracking": ({"core", "space", "data", "distill", "tracking"}, {"ray"}),
+    "report": ({"core", "space", "tracking.tags", "report"}, {"ray", "torch"}),  # pandas loads pyarrow
+    "sweep": ({"core", "space", "data", "distill", "tracking", "report", "sweep"}, set()),
+    "cli": ({"core", "space", "data", "distill", "tracking", "report", "sweep", "cli"}, set()),
 }
 CORE = {"errors", "files"}
 

@@ -25,12 +25,12 @@ from kd_tune.cli.app import main
 from kd_tune.data.split import DataSplit, flip_labels, normalize, prepare
 from kd_tune.distill.models.cnn import build_cnn
 from kd_tune.errors import FlagError
-from kd_tune.spec.schema import SweepSpec
+from kd_tune.space.schema import SweepSpec
 from kd_tune.sweep.callback import MlflowTrackingCallback
-from kd_tune.sweep.folder import sweep_path
-from kd_tune.sweep.storage import resolve_storage
+from kd_tune.sweep.state.storage import resolve_storage
+from kd_tune.sweep.state.sweep_files import sweep_path
 from kd_tune.tracking.datasets import dataset_inputs, log_dataset_inputs
-from kd_tune.tracking.models import input_example, log_model_once
+from kd_tune.tracking.logged_models import input_example, log_model_once
 from kd_tune.tracking.runs import get_or_create_experiment, sweep_experiments
 from kd_tune.tracking.tags import DATASET_CONTEXT_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TAG_ROLE
 from kd_tune.tracking.ui import runs_page, ui_lines

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from kd_tune.data.split import prepare
 from kd_tune.distill.models.cnn import build_cnn
 from kd_tune.tracking.datasets import dataset_inputs, log_dataset_inputs
-from kd_tune.tracking.models import input_example, log_model_once, using_tracking_uri
+from kd_tune.tracking.logged_models import input_example, log_model_once, using_tracking_uri
 from kd_tune.tracking.runs import get_or_create_experiment
 
 from .conftest import FIXTURE_DATA, NATIVE_SWEEP, REPO, Swept

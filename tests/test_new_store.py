@@ -18,7 +18,7 @@ from kd_tune.files import exclusive_lock
 from kd_tune.tracking.store import local_store_path, open_store
 
 from .conftest import tiny_space
-from .test_resume import Sweep, check_record
+from .helpers import Sweep, check_record
 
 
 def _open(uri: str, start: threading.Barrier, cwd: str) -> None:

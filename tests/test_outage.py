@@ -15,8 +15,8 @@ from kd_tune.sweep.callback import RETRY_MAX_ENV
 from kd_tune.sweep.hooks import GATE_ENV
 
 from .conftest import tiny_space
+from .helpers import Sweep, check_record, kill_tree
 from .servers import MlflowServer
-from .test_resume import Sweep, check_record, kill_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

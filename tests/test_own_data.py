@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.data.custom import DataError, describe, load_own
 from kd_tune.errors import SpaceError
-from kd_tune.spec.parse import parse_space
+from kd_tune.space.parse import parse_space
 
 from .conftest import tiny_space
 
@@ -165,7 +165,7 @@ def test_own_data_that_cannot_be_used_is_refused_before_anything_starts(write_sp
 
 
 def test_an_own_data_space_is_stored_and_read_back_whole(tmp_path: Path) -> None:
-    from kd_tune.spec.parse import load_space_text, space_to_yaml
+    from kd_tune.space.parse import load_space_text, space_to_yaml
 
     path = make_npz(tmp_path / "bands.npz")
     spec = parse_space(tiny_space(dataset={"name": "bands", "path": str(path), "val_size": 30, "test_split": 0.0, "max_gb": 2},

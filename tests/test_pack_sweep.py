@@ -13,14 +13,14 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.cli.app import main
 from kd_tune.errors import FlagError, SpaceError
-from kd_tune.spec.options import SweepOptions, apply_overrides
-from kd_tune.spec.parse import load_space_text, parse_space
-from kd_tune.spec.trials import TrialConfig
-from kd_tune.sweep.storage import resolve_storage
+from kd_tune.space.options import SweepOptions, apply_overrides
+from kd_tune.space.parse import load_space_text, parse_space
+from kd_tune.space.trials import TrialConfig
+from kd_tune.sweep.state.storage import resolve_storage
 from kd_tune.tracking.tags import EPOCH_METRICS, TAG_ROLE
 
 from .conftest import FIXTURE_DATA, tiny_space
-from .test_packed import LOSS_REL, ONE_TEST_IMAGE
+from .helpers import LOSS_REL, ONE_TEST_IMAGE
 
 # alpha {0, 0.5, 1} x 2 label-noise levels + a scratch baseline per level, epochs {1, 2} shared: 16 grid points,
 # 8 epoch-shared trials, 2 packs of 4.
@@ -52,7 +52,7 @@ def test_packs_group_trials_in_grid_order() -> None:
 
     assert [[t.epochs for t in p] for p in replace(separate, share_epochs=False).packs()] == [[1, 1], [2, 2]]
     # the stored space keeps the pack (a resume trains the same packs)
-    from kd_tune.spec.parse import space_to_yaml
+    from kd_tune.space.parse import space_to_yaml
 
     assert load_space_text(space_to_yaml(packed), "x").resources.pack == 3
 
@@ -82,8 +82,8 @@ def test_the_default_pack_follows_the_trials_device() -> None:
     from dataclasses import replace
 
     from kd_tune.distill.packed import channels_last_on
-    from kd_tune.spec.parse import space_to_yaml
-    from kd_tune.spec.schema import GPU_PACK
+    from kd_tune.space.parse import space_to_yaml
+    from kd_tune.space.schema import GPU_PACK
 
     cpu, gpu = _spec(), _spec(gpu=0.25)
     assert cpu.resources.pack is None and cpu.resources.pack_size == 1 and not cpu.packed
@@ -156,13 +156,13 @@ def _close(metric: str, a: float, b: float) -> bool:
 @pytest.mark.integration
 def test_packed_sweep_records_what_an_unpacked_sweep_records(write_space: Callable[..., Path], tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from kd_tune.sweep.run import run_sweep
+    from kd_tune.sweep.start import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # One member's loss is NaN (its images in the unpacked trial, its outputs in the pack): it diverges, alone.
     monkeypatch.setenv("KD_TUNE_TEST_FAULT", "a0.5-T3-e1+2-s0-n0.2:nan")
 
-    from kd_tune.sweep.cluster import connect_ray, shutdown_ray
+    from kd_tune.sweep.cluster.connect import connect_ray, shutdown_ray
 
     assert connect_ray(None)  # one Ray (started after the fault is set: its workers inherit it) for both sweeps
     records, tables = {}, {}
@@ -186,7 +186,7 @@ def test_packed_sweep_records_what_an_unpacked_sweep_records(write_space: Callab
 
     # A tracking outage, as far as this member is concerned: its runs never reached the store. kd-tune sync
     # rebuilds them from the pack's checkpoints (metrics of every epoch, each run's model), the rest is untouched.
-    from kd_tune.sweep.sync import sync_sweep
+    from kd_tune.sweep.state.sync import sync_sweep
 
     client = MlflowClient(uri)
     lost = [r for r in client.search_runs([client.get_experiment_by_name("packed").experiment_id])  # type: ignore[union-attr]
@@ -231,9 +231,9 @@ def _pack_reference(sweep: Any, pack: int) -> dict[str, dict[str, float]]:
     from kd_tune.distill.packed import build_pack
     from kd_tune.distill.teacher import teacher_key
     from kd_tune.distill.train import TensorData, make_optimizer
-    from kd_tune.spec.parse import load_space
-    from kd_tune.sweep.storage import resolve_storage
-    from kd_tune.sweep.teachers import TeacherCache
+    from kd_tune.space.parse import load_space
+    from kd_tune.sweep.state.storage import resolve_storage
+    from kd_tune.sweep.teacher_cache import TeacherCache
     from kd_tune.sweep.trainable import TrialBundle, pack_inputs
 
     spec = apply_overrides(load_space(sweep.space), SweepOptions(pack=pack))
@@ -265,7 +265,7 @@ def test_packed_sweep_killed_then_resumed(write_space: Callable[..., Path], tmp_
     """tests/test_resume.py's sweep (8 grid points, 4 epoch-shared trials of 3 + 5 epochs) in 2 packs of 2, SIGKILLed
     between a pack's two milestones, then resumed: one run per grid point, every step once, nothing recomputed
     beyond the epoch in progress, the same numbers as the packs trained uninterrupted."""
-    from .test_resume import EPOCHS, SPACE, Sweep, check_record, kill_tree
+    from .helpers import EPOCHS, SPACE, Sweep, check_record, kill_tree
 
     sweep = Sweep(tmp_path, write_space(SPACE), teachers)  # the teacher from the cache (conftest's teachers fixture)
     proc = sweep.start("sweep", str(sweep.space), "--pack", "2")

@@ -20,23 +20,13 @@ from kd_tune.distill.packed import PackedCNN, build_pack
 from kd_tune.distill.train import evaluate, make_optimizer, train, validate
 
 from .conftest import FIXTURE_DATA
+from .helpers import LOSS_REL, ONE_TEST_IMAGE
 
 WIDTHS = (4, 8)
 LR = 3e-3
 BATCH = 64
 EPOCHS = 2
 
-# Tolerances of packed vs one-by-one training. The two compute the same sums in a different order
-# (a grouped conv and a batched matmul instead of K separate ones, a [K, B] loss instead of K [B]
-# losses), so float32 rounding differs at ~1e-7 relative per op, and Adam carries that through the
-# steps. Measured max deviations over these tests' 2 epochs (20 steps): train/test losses 1.7e-7
-# relative at 1 thread, 1.3e-7 at 2; accuracy, agreement and macro F1 identical; ECE 2e-8. The gap
-# grows with training (10 epochs at 2 threads: 1e-5), hence 2 epochs and a bound 60x the measured
-# one, for other CPUs' kernels. A bug (a mixed-up member, the wrong flatten order, a missing T^2, one
-# member's gradient reaching another) moves the losses by 1e-3 or more. Accuracies count 500 test
-# images: allowed to differ by one image whose prediction flips at a near tie.
-LOSS_REL = 1e-5
-ONE_TEST_IMAGE = 1 / 500 + 1e-9
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from kd_tune.sweep.ray_token import TOKEN_ENV, TOKEN_PATH_ENV, Token, TokenError, find_token, token_refused, token_required, where_looked
+from kd_tune.sweep.cluster.ray_token import (
+    TOKEN_ENV,
+    TOKEN_PATH_ENV,
+    Token,
+    TokenError,
+    find_token,
+    token_refused,
+    token_required,
+    where_looked,
+)
 
 
 def _home(tmp_path: Path, token: str | None) -> dict[str, str]:
@@ -116,7 +125,7 @@ def test_the_token_goes_only_to_a_server_that_asks_for_it(tmp_path: Path) -> Non
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")} | _home(tmp_path, "t0ken")
     open_server, token_server = _JobServer(None), _JobServer("t0ken")
-    code = ("import sys; from kd_tune.sweep.job_server import connect; from kd_tune.sweep.ray_token import TokenError\n"
+    code = ("import sys; from kd_tune.sweep.cluster.job_server import connect; from kd_tune.sweep.cluster.ray_token import TokenError\n"
             "connect(sys.argv[1]); connect(sys.argv[2])\n"
             "try:\n    connect(sys.argv[3])\nexcept TokenError as e:\n    print(e)")
     try:

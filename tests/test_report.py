@@ -22,9 +22,9 @@ from kd_tune.report.stats import (
     welch_interval,
     welch_p,
 )
-from kd_tune.spec.options import SweepOptions
-from kd_tune.sweep.run import run_sweep
-from kd_tune.sweep.storage import resolve_storage
+from kd_tune.space.options import SweepOptions
+from kd_tune.sweep.start import run_sweep
+from kd_tune.sweep.state.storage import resolve_storage
 from kd_tune.tracking.tags import TAG_ROLE
 
 from .conftest import FIXTURE_DATA, tiny_space
@@ -222,7 +222,7 @@ def test_results_table_takes_a_finished_trials_last_epoch_from_its_last_result_w
     the table reads that epoch from the trial's last result (kept in Ray's state), for a trial and for a pack member."""
     from types import SimpleNamespace
 
-    from kd_tune.spec.trials import TrialPoint, encode_pack, encode_point
+    from kd_tune.space.trials import TrialPoint, encode_pack, encode_point
     from kd_tune.sweep.results import results_table
 
     point = TrialPoint("student", 0.5, 3.0, 5, 0, milestones=(3, 5))
@@ -230,12 +230,12 @@ def test_results_table_takes_a_finished_trials_last_epoch_from_its_last_result_w
     last = {"epoch": 5, "test_acc": 0.61, "test_loss": 0.8, "teacher_agreement": 0.95, "trial_id": "t1"}
     other = TrialPoint("student", 0.5, 3.0, 5, 1, milestones=(3, 5))  # a pack of two (a pack of one is one point's trial)
     pack_files = pd.concat([files.rename(columns=lambda c, p=p: f"members/{p.label}/{c}") for p in (point, other)], axis=1)
-    trials = [SimpleNamespace(config=encode_point(point), metrics=last, metrics_dataframe=files, error=None),
+    trials = [SimpleNamespace(config=encode_point(point), metrics=last, metrics_dataframe=files, error=None, checkpoint=None),
               SimpleNamespace(config=encode_pack([point, other]), metrics={"epoch": 5, "members": {point.label: last, other.label: last},
-                              "trial_id": "t2"}, metrics_dataframe=pack_files, error=None)]
+                              "trial_id": "t2"}, metrics_dataframe=pack_files, error=None, checkpoint=None)]
     table = results_table(trials, {"t1", "t2"})  # type: ignore[arg-type]
     assert list(table["status"]) == ["finished"] * 6 and list(table["how"]) == ["restored"] * 6
     assert sorted(table["test_acc"]) == pytest.approx([0.53] * 3 + [0.61] * 3)  # epoch 3 from the files, epoch 5 from the last result
-    stale = [SimpleNamespace(config=encode_point(point), metrics={**last, "epoch": 4}, metrics_dataframe=files, error=None)]
+    stale = [SimpleNamespace(config=encode_point(point), metrics={**last, "epoch": 4}, metrics_dataframe=files, error=None, checkpoint=None)]
     # A last result of another epoch is not taken.
     assert list(results_table(stale)["status"]) == ["finished", "unfinished"]  # type: ignore[arg-type]

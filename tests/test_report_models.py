@@ -1,4 +1,4 @@
-"""The study's two claims' tables (kd_tune.report.models) on a hand-made runs frame, with values worked out by hand.
+"""The study's two claims' tables (kd_tune.report.best_alpha) on a hand-made runs frame, with values worked out by hand.
 
 The accuracies are exact binary fractions, so that the tie below is an exact one: the rule "ties go to the larger alpha"
 is what decides it, not rounding.
@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kd_tune.report.model_figures import fig_best_alpha, fig_pareto
-from kd_tune.report.models import best_alpha, pareto
+from kd_tune.report.best_alpha import best_alpha, pareto
+from kd_tune.report.best_alpha_figures import fig_best_alpha, fig_pareto
 
 T_975_1DF = 12.706204736174707  # Student's t, 97.5 % quantile, 1 degree of freedom (two seeds)
 

@@ -12,9 +12,9 @@ import yaml
 
 from kd_tune.cli.app import main
 from kd_tune.errors import SpaceError
-from kd_tune.spec.parse import parse_space, space_to_yaml
-from kd_tune.spec.schema import Range
-from kd_tune.sweep.storage import resolve_storage
+from kd_tune.space.parse import parse_space, space_to_yaml
+from kd_tune.space.schema import Range
+from kd_tune.sweep.state.storage import resolve_storage
 
 from .conftest import DELETE, FIXTURE_DATA, tiny_space, with_key
 
@@ -156,9 +156,9 @@ def test_asha_stops_trials_and_their_runs_are_tagged(write_space: Callable[..., 
     from mlflow.tracking import MlflowClient
 
     from kd_tune.report.report import make_report
-    from kd_tune.spec.options import SweepOptions
+    from kd_tune.space.options import SweepOptions
     from kd_tune.sweep.results import sweep_status
-    from kd_tune.sweep.run import run_sweep
+    from kd_tune.sweep.start import run_sweep
     from kd_tune.tracking.tags import EPOCH_METRICS, TAG_ROLE, TAG_TRIAL
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -202,7 +202,7 @@ def test_kill_and_resume_a_search(write_space: Callable[..., Path], tmp_path: Pa
 
     from kd_tune.tracking.tags import EPOCH_METRICS, TAG_TRIAL
 
-    from .test_resume import Sweep, kill_tree
+    from .helpers import Sweep, kill_tree
 
     samples = 4
     # ~1 s per epoch, so that the kill lands inside trials; ASHA on, so stopped trials are resumed too.

@@ -17,14 +17,14 @@ from kd_tune.data import split as data_split
 from kd_tune.distill.checkpoint import STATE_FILE
 from kd_tune.distill.teacher import teacher_key, train_teacher
 from kd_tune.errors import UsageError
-from kd_tune.spec.models import TeacherSpec, model_spec
-from kd_tune.spec.options import SweepOptions
-from kd_tune.spec.schema import DatasetSpec
+from kd_tune.space.options import SweepOptions
+from kd_tune.space.schema import DatasetSpec
+from kd_tune.space.sections import TeacherSpec, model_spec
 from kd_tune.sweep.results import sweep_status
-from kd_tune.sweep.run import SweepExistsError, resume_sweep, run_sweep
-from kd_tune.sweep.storage import Storage, filesystem_type, is_network_fs, resolve_storage
-from kd_tune.sweep.teachers import CACHE_FOLDER, TeacherCache
-from kd_tune.sweep.trial_state import newest_persisted
+from kd_tune.sweep.start import SweepExistsError, resume_sweep, run_sweep
+from kd_tune.sweep.state.storage import Storage, filesystem_type, is_network_fs, resolve_storage
+from kd_tune.sweep.state.trial_state import newest_persisted
+from kd_tune.sweep.teacher_cache import CACHE_FOLDER, TeacherCache
 
 from .conftest import FIXTURE_DATA, tiny_space
 from .servers import S3Server
@@ -143,7 +143,7 @@ def ray_with_s3_credentials(s3: S3Server) -> Iterator[None]:
     """One real embedded Ray (as ``run_sweep`` starts it, the test S3 server's credentials in its workers'
     environment) for a sweep and its resume, instead of one each."""
 
-    from kd_tune.sweep.cluster import connect_ray, shutdown_ray
+    from kd_tune.sweep.cluster.connect import connect_ray, shutdown_ray
 
     assert connect_ray(None)
     try:
@@ -203,7 +203,7 @@ def test_a_truncated_tune_search_state_is_put_back_from_the_drivers_staging_copy
     replaces a cut one."""
     import pickle
 
-    from kd_tune.sweep.tune_state import _whole_pickle_bytes, can_restore
+    from kd_tune.sweep.state.tune_state import _whole_pickle_bytes, can_restore
 
     state = pickle.dumps({"_finished": True, "_counter": 2, "_uuid_prefix": "ab12_", "_total_samples": 2, "iterators": [list(range(50))]})
     assert _whole_pickle_bytes(state) and not any(_whole_pickle_bytes(state[:cut]) for cut in range(len(state)))
@@ -225,8 +225,8 @@ def test_a_truncated_tune_search_state_is_put_back_from_the_drivers_staging_copy
     assert (folder / name).read_bytes() == state[:-1]
     # ... and a resume says so in one line, before anything starts (Tune would make the grid's trials again).
     from kd_tune.cli.app import main
-    from kd_tune.sweep.folder import SweepRecord
-    from kd_tune.sweep.tune_state import torn_tune_states
+    from kd_tune.sweep.state.sweep_files import SweepRecord
+    from kd_tune.sweep.state.tune_state import torn_tune_states
 
     assert torn_tune_states(storage, "study") == [folder / name]
     SweepRecord("study", f"sqlite:///{tmp_path / 'mlflow.db'}", "1", "parent").save(storage)
@@ -242,8 +242,8 @@ def test_a_truncated_ray_experiment_state_is_put_back_from_the_drivers_staging_c
     replaces it, unless a driver is running (it may be writing) or no whole copy exists (then it stays, untouched)."""
     import socket
 
-    from kd_tune.sweep.folder import DRIVER_FILE
-    from kd_tune.sweep.tune_state import can_restore, repair_experiment_state
+    from kd_tune.sweep.state.sweep_files import DRIVER_FILE
+    from kd_tune.sweep.state.tune_state import can_restore, repair_experiment_state
 
     storage = resolve_storage(str(tmp_path / "store"))
     folder = tmp_path / "store" / "study"

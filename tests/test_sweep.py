@@ -13,10 +13,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kd_tune.cli.app import main
-from kd_tune.spec.options import SweepOptions
-from kd_tune.sweep.run import run_sweep
-from kd_tune.sweep.storage import resolve_storage
-from kd_tune.sweep.teachers import CACHE_FOLDER
+from kd_tune.space.options import SweepOptions
+from kd_tune.sweep.start import run_sweep
+from kd_tune.sweep.state.storage import resolve_storage
+from kd_tune.sweep.teacher_cache import CACHE_FOLDER
 from kd_tune.tracking.tags import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 
 from .conftest import FIXTURE_DATA, tiny_space
@@ -32,7 +32,7 @@ def shared_ray() -> Iterator[None]:
     (which kills the autoscaler's monitor first) stops every process the cluster started."""
     import ray
 
-    from kd_tune.sweep.cluster import connect_ray, shutdown_ray
+    from kd_tune.sweep.cluster.connect import connect_ray, shutdown_ray
 
     assert connect_ray(None)
     processes = {kind: [i.process for i in infos] for kind, infos in ray._private.worker._global_node.all_processes.items()}
@@ -168,9 +168,9 @@ def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Pat
 
     from kd_tune.data import split as data
     from kd_tune.distill.teacher import teacher_key
-    from kd_tune.spec.parse import load_space
-    from kd_tune.sweep.storage import resolve_storage
-    from kd_tune.sweep.teachers import TeacherCache
+    from kd_tune.space.parse import load_space
+    from kd_tune.sweep.state.storage import resolve_storage
+    from kd_tune.sweep.teacher_cache import TeacherCache
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tiny_space(name="ens", teacher={"widths": [8, 16], "epochs": 1, "lr": 0.003, "batch_size": 64, "ensemble": 2},
@@ -232,8 +232,8 @@ def test_teacher_gets_a_whole_node_of_the_trials_kind(monkeypatch: pytest.Monkey
                                                       expected: int, warns: bool) -> None:
     import ray
 
-    from kd_tune.spec.schema import ResourcesSpec
-    from kd_tune.sweep.cluster import teacher_cpus
+    from kd_tune.space.schema import ResourcesSpec
+    from kd_tune.sweep.cluster.connect import teacher_cpus
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes] + [{"Alive": False, "Resources": {"CPU": 64.0}}])
     messages: list[str] = []
@@ -245,7 +245,7 @@ def test_teacher_gets_a_whole_node_of_the_trials_kind(monkeypatch: pytest.Monkey
 def test_the_embedded_ray_is_the_drivers_only_node(shared_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The embedded Ray is this machine alone: a CPU teacher trains in the driver; with a cluster address
     (``--address`` or a Ray job's ``$RAY_ADDRESS``) it does not (test_cluster.py: a cluster joined by the caller)."""
-    from kd_tune.sweep.cluster import driver_is_the_only_node
+    from kd_tune.sweep.cluster.connect import driver_is_the_only_node
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert driver_is_the_only_node(None)

@@ -9,10 +9,10 @@ import torch
 
 from kd_tune.data import split as data_split
 from kd_tune.distill.teacher import Teacher, teacher_key, train_teacher
-from kd_tune.spec.models import TeacherSpec, model_spec
-from kd_tune.spec.schema import DatasetSpec
-from kd_tune.sweep.storage import resolve_storage
-from kd_tune.sweep.teachers import CACHE_FOLDER, TeacherCache
+from kd_tune.space.schema import DatasetSpec
+from kd_tune.space.sections import TeacherSpec, model_spec
+from kd_tune.sweep.state.storage import resolve_storage
+from kd_tune.sweep.teacher_cache import CACHE_FOLDER, TeacherCache
 
 from .conftest import FIXTURE_DATA
 
@@ -94,8 +94,8 @@ def test_a_cpu_teacher_on_the_embedded_ray_trains_in_the_driver(tmp_path: Path, 
     import ray
     import yaml
 
-    from kd_tune.spec.parse import load_space_text
-    from kd_tune.sweep.teachers import get_teachers
+    from kd_tune.space.parse import load_space_text
+    from kd_tune.sweep.teacher_cache import get_teachers
 
     from .conftest import tiny_space
 

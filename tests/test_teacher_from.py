@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.distill.checkpoint import load_model_file
 from kd_tune.distill.pretrained import load_model, portable_bytes
-from kd_tune.tracking.models import find_model
+from kd_tune.tracking.logged_models import find_model
 from kd_tune.tracking.tags import TAG_PARENT, TAG_ROLE, TAG_SOURCE
 
 from .conftest import FIXTURE_DATA, Swept, tiny_space

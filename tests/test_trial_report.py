@@ -1,4 +1,4 @@
-"""The one codec of a trial's reports (kd_tune.spec.trial_report): what goes to Tune, and what comes back."""
+"""The one codec of a trial's reports (kd_tune.space.trial_report): what goes to Tune, and what comes back."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 from kd_tune.distill.epochs import EpochMetrics
-from kd_tune.spec.trial_report import REPORTED_METRICS, StudentEpoch, TrialReport
+from kd_tune.space.trial_report import REPORTED_METRICS, StudentEpoch, TrialReport
 from kd_tune.tracking.tags import EPOCH_METRICS
 
 WHERE = {"device": "cpu", "node_id": "abc", "resumed_from": 2, "train_images": 900, "val_images": 100}

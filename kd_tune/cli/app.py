@@ -109,7 +109,7 @@ def _stop_signals() -> Callable[[], None]:
     """Make SIGTERM (kill, a supervisor, Ray's job stop by default) end a command as Ctrl+C does, so a sweep
     ends as an interrupted sweep: runs closed as KILLED, the resume command printed. (``ray.init`` installs
     its own SIGTERM handler, ``sys.exit``, which still closes the runs; kd-tune's jobs are stopped with
-    SIGINT, see kd_tune.sweep.job_server.) A Ray job's driver starts with SIGINT ignored, as Ray's workers have it;
+    SIGINT, see kd_tune.sweep.cluster.job_server.) A Ray job's driver starts with SIGINT ignored, as Ray's workers have it;
     it gets Python's Ctrl+C back. Returns what puts the previous handlers back."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None

@@ -1,5 +1,5 @@
 """Each subcommand's arguments as a frozen dataclass: a field is a flag (or, marked :func:`positional`, an argument),
-its metadata's help is the flag's ``--help``. The sweep-level settings come from :mod:`kd_tune.spec.options`.
+its metadata's help is the flag's ``--help``. The sweep-level settings come from :mod:`kd_tune.space.options`.
 
 Plain Python: the parser is built from these at once, importing neither torch, Ray nor MLflow.
 """
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd_tune.spec.options import STORAGE_HELP, ResumeOptions, SubmitOptions, SweepOptions, help_text
+from kd_tune.space.options import STORAGE_HELP, ResumeOptions, SubmitOptions, SweepOptions, help_text
 from kd_tune.tracking.ui import UI_HOST
 
 ADDRESS_HELP = SubmitOptions.__dataclass_fields__["address"].metadata["help"]

@@ -2,7 +2,7 @@
 when it runs.
 
 Storage is resolved here, once, at the CLI boundary (``--storage``, else ``$KD_TUNE_STORAGE``, else
-``./kd_tune_results``): the library's functions take a resolved :class:`~kd_tune.sweep.storage.Storage`.
+``./kd_tune_results``): the library's functions take a resolved :class:`~kd_tune.sweep.state.storage.Storage`.
 """
 
 from __future__ import annotations
@@ -30,21 +30,21 @@ from kd_tune.errors import DiskFullError, FlagError, TrackingUnavailableError, U
 
 if TYPE_CHECKING:
     from kd_tune.sweep.results import SweepOutcome
-    from kd_tune.sweep.storage import Storage
+    from kd_tune.sweep.state.storage import Storage
 
 TRACKING_BEHIND_EXIT = 3  # every trial ended, but the tracking store was unreachable: kd-tune sync NAME completes the record
 
 
 def _storage(raw: str | None) -> Storage:
-    from kd_tune.sweep.storage import resolve_storage
+    from kd_tune.sweep.state.storage import resolve_storage
 
     return resolve_storage(raw)
 
 
 def sweep(args: SweepArgs) -> int:
     """Run every trial of a search space; exit 0 only if every trial finished."""
-    from kd_tune.spec.parse import load_space
-    from kd_tune.sweep.run import run_sweep
+    from kd_tune.space.parse import load_space
+    from kd_tune.sweep.start import run_sweep
 
     storage = _storage(args.storage)
     try:
@@ -68,18 +68,18 @@ def resume(args: ResumeArgs) -> int:
     With a job server's http:// address (--address, else $RAY_ADDRESS, else $RAY_API_SERVER_ADDRESS) the resume
     is submitted to the cluster as a Ray job, like kd-tune submit; any other address is joined from this process.
     """
-    from kd_tune.sweep.job_server import JOB_SERVER_ALLOWED, RESUME_ADDRESS_ENV, is_job_server
+    from kd_tune.sweep.cluster.job_server import JOB_SERVER_ALLOWED, RESUME_ADDRESS_ENV, is_job_server
 
     opts = args.as_sweep_options()
     address = opts.address or next((os.environ[v] for v in RESUME_ADDRESS_ENV if os.environ.get(v)), None)
     if is_job_server(address):
-        from kd_tune.sweep.jobs import submit_resume
+        from kd_tune.sweep.cluster.jobs import submit_resume
 
         print("\n".join(submit_resume(args.name, opts, args.ship_code).lines()))
         return 0
     if args.ship_code:
         raise FlagError("--address", address, JOB_SERVER_ALLOWED, "is not a job server's: --ship-code sends the code with a job")
-    from kd_tune.sweep.run import resume_sweep
+    from kd_tune.sweep.start import resume_sweep
 
     storage = _storage(opts.storage)
     try:
@@ -94,7 +94,7 @@ def submit(args: SubmitArgs) -> int:
     """Submit a sweep to a Ray cluster's job server, from any machine that reaches it (a laptop: the driver
     runs on the head node, whatever happens to the laptop). The space and flags are validated here first;
     paths are the head node's."""
-    from kd_tune.sweep.jobs import submit_sweep
+    from kd_tune.sweep.cluster.jobs import submit_sweep
 
     print("\n".join(submit_sweep(args.space, args).lines()))
     return 0
@@ -103,7 +103,7 @@ def submit(args: SubmitArgs) -> int:
 def jobs(args: JobsArgs) -> int:
     """The cluster's kd-tune sweeps: each one's newest job and its status, trials finished / total (read from the
     sweep's storage where this machine can read it) and its MLflow runs."""
-    from kd_tune.sweep.jobs import format_jobs, sweep_jobs_table
+    from kd_tune.sweep.cluster.jobs import format_jobs, sweep_jobs_table
 
     server, rows = sweep_jobs_table(args.address)
     print(f"kd-tune sweeps on {server.address}:" if rows else f"{server.address}:")
@@ -115,7 +115,7 @@ def jobs(args: JobsArgs) -> int:
 
 def logs(args: LogsArgs) -> int:
     """The logs of a sweep's newest job; --follow streams them until the job ends (exit 0 if it succeeded)."""
-    from kd_tune.sweep.jobs import show_logs
+    from kd_tune.sweep.cluster.jobs import show_logs
 
     return show_logs(args.address, args.name, args.follow, lambda text: print(text, end="", flush=True))
 
@@ -123,8 +123,8 @@ def logs(args: LogsArgs) -> int:
 def stop(args: JobArgs) -> int:
     """Stop a sweep's job: its driver ends the sweep as after Ctrl+C (trials stopped, MLflow runs closed as
     KILLED, state saved), so kd-tune resume continues it."""
-    from kd_tune.sweep.job_server import META_STORAGE
-    from kd_tune.sweep.jobs import resume_hint, seen_from_here, stop_sweep
+    from kd_tune.sweep.cluster.job_server import META_STORAGE
+    from kd_tune.sweep.cluster.jobs import resume_hint, seen_from_here, stop_sweep
 
     server, job, final = stop_sweep(args.address, args.name)
     storage = job.metadata.get(META_STORAGE, "")
@@ -149,7 +149,7 @@ def sync(args: SweepNameArgs) -> int:
     """Complete a sweep's MLflow record from its storage, training nothing: the epochs, run ends and models that
     never reached the tracking store (it was unreachable when the sweep ended, or the driver was killed meanwhile).
     Safe to repeat: what the store has is not written again. Exit 0 once the record holds every trial's checkpoints."""
-    from kd_tune.sweep.sync import sync_sweep
+    from kd_tune.sweep.state.sync import sync_sweep
 
     with condensed_disk_full_logs():  # a full store: MLflow's tracebacks of it one line each (main() ends with the cause)
         print("\n".join(sync_sweep(args.name, _storage(args.storage)).lines()))
@@ -159,7 +159,7 @@ def sync(args: SweepNameArgs) -> int:
 def report(args: ReportArgs) -> int:
     """Tables and figures of a sweep from its MLflow runs; also logged on the sweep's parent run."""
     from kd_tune.report.report import make_report
-    from kd_tune.sweep.folder import SweepRecord, sweep_path
+    from kd_tune.sweep.state.sweep_files import SweepRecord, sweep_path
     from kd_tune.tracking.store import check_tracking_store, configure_client_retries, open_store, resolve_tracking_uri
 
     root = _storage(args.storage)
@@ -255,10 +255,10 @@ def _disk_full(e: BaseException, name: Callable[[], str], storage: Storage, trac
     the chain: Tune, after its syncer failed on the full storage, reads back the error file it truncated there and
     ends with ``EOFError: Ran out of input``."""
     from kd_tune.errors import disk_full_cause
-    from kd_tune.sweep.folder import SweepRecord, resume_command
-    from kd_tune.sweep.storage import FULL_BELOW_BYTES, free_bytes
-    from kd_tune.sweep.teachers import CACHE_FOLDER
-    from kd_tune.sweep.tune_state import can_restore
+    from kd_tune.sweep.state.storage import FULL_BELOW_BYTES, free_bytes
+    from kd_tune.sweep.state.sweep_files import SweepRecord, resume_command
+    from kd_tune.sweep.state.tune_state import can_restore
+    from kd_tune.sweep.teacher_cache import CACHE_FOLDER
     from kd_tune.tracking.store import local_store_path, resolve_tracking_uri
 
     try:
@@ -298,7 +298,7 @@ def _disk_full(e: BaseException, name: Callable[[], str], storage: Storage, trac
 
 def _hint_resume(name: Callable[[], str], storage: Storage) -> None:
     """After an abnormal end of a sweep that had started, say how to continue it."""
-    from kd_tune.sweep.folder import SweepRecord, resume_command, sweep_path
+    from kd_tune.sweep.state.sweep_files import SweepRecord, resume_command, sweep_path
 
     try:
         sweep_path(storage, name())

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from kd_tune.cli.args import PlanArgs
-from kd_tune.spec.options import SweepOptions, apply_overrides
-from kd_tune.spec.parse import load_space
-from kd_tune.spec.schema import SweepSpec
+from kd_tune.space.options import SweepOptions, apply_overrides
+from kd_tune.space.parse import load_space
+from kd_tune.space.schema import SweepSpec
 
 
 def show_plan(args: PlanArgs) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from kd_tune.distill.models import build
 from kd_tune.distill.optim import Optimizer
 from kd_tune.files import atomic_write_bytes
-from kd_tune.spec.trial_report import StudentEpoch, TrialReport
+from kd_tune.space.trial_report import StudentEpoch, TrialReport
 
 STATE_FILE = "state.pt"
 
@@ -58,7 +58,7 @@ def is_pack_state(state: Mapping[str, Any] | None) -> TypeGuard[Mapping[str, Any
 
 def pack_results(state: Mapping[str, Any], after: int = 0) -> list[TrialReport]:
     """The reports a pack made up to its checkpoint ``state`` (after epoch ``after``), rebuilt from its members'
-    histories: each epoch's members that trained it, or diverged in it (:class:`~kd_tune.spec.trial_report.TrialReport`)."""
+    histories: each epoch's members that trained it, or diverged in it (:class:`~kd_tune.space.trial_report.TrialReport`)."""
     out = []
     members: Mapping[str, Mapping[str, Any]] = state["members"]
     for epoch in range(after + 1, int(state["epoch"]) + 1):

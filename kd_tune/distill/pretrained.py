@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kd_tune.distill.checkpoint import is_pack_state, model_from_state
-from kd_tune.spec.models import CACHED_TEACHER
+from kd_tune.space.sections import CACHED_TEACHER
 
 
 class Exported(nn.Module):
@@ -47,7 +47,7 @@ def file_digest(path: str | Path) -> str:
 
 CACHED_WEIGHTS = CACHED_TEACHER
 CACHED_META = "meta.json"
-"""A cached teacher's files (:class:`kd_tune.sweep.teachers.TeacherCache`): the weights and logits, and beside them
+"""A cached teacher's files (:class:`kd_tune.sweep.teacher_cache.TeacherCache`): the weights and logits, and beside them
 the meta that holds their model args and vouches for them by sha256."""
 WHERE_TEACHERS_ARE = ("a finished sweep's teacher is <storage>/_teachers/<key>/teacher.pt (or that folder), or its MLflow "
                       "run's runs:/<run id>/model/teacher.pt")

@@ -1,7 +1,7 @@
 """The teacher: trained once per spec (its logits computed once), named by a key of everything that determines it.
 
 The key hashes the dataset spec, the teacher spec and a fingerprint of the data, so a cache (the sweep layer's
-:class:`~kd_tune.sweep.teachers.TeacherCache`) can reuse a teacher for every later sweep with the same spec and
+:class:`~kd_tune.sweep.teacher_cache.TeacherCache`) can reuse a teacher for every later sweep with the same spec and
 train a new one on any change. Plain PyTorch, like the rest of the training layer.
 """
 
@@ -21,8 +21,8 @@ from kd_tune.distill.epochs import EpochMetrics
 from kd_tune.distill.metrics import Evaluation
 from kd_tune.distill.models import build, model_args
 from kd_tune.distill.train import TensorData, make_optimizer, predict_logits, train
-from kd_tune.spec.models import TeacherSpec
-from kd_tune.spec.schema import DatasetSpec
+from kd_tune.space.schema import DatasetSpec
+from kd_tune.space.sections import TeacherSpec
 
 CACHE_FORMAT = 2
 """Bumped whenever what a cached teacher holds changes (2: its model args)."""

@@ -17,6 +17,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from kd_tune.errors import UsageError
+from kd_tune.report.best_alpha import best_alpha, models_markdown, pareto
+from kd_tune.report.best_alpha_figures import fig_accuracy_vs_alpha_by_model, fig_best_alpha, fig_pareto, has_model_axes
 from kd_tune.report.figures import (
     fig_accuracy_vs_alpha,
     fig_confusion,
@@ -28,9 +30,7 @@ from kd_tune.report.figures import (
     fig_search_alpha_temperature,
     fig_search_best_so_far,
 )
-from kd_tune.report.model_figures import fig_accuracy_vs_alpha_by_model, fig_best_alpha, fig_pareto, has_model_axes
-from kd_tune.report.models import best_alpha, models_markdown, pareto
-from kd_tune.report.runs import load_runs, selectable
+from kd_tune.report.run_table import load_runs, selectable
 from kd_tune.report.stats import Best, Protocol, best_config, gains_over_scratch, protocol_of, summarize
 from kd_tune.report.tables import markdown_table
 
@@ -49,7 +49,7 @@ class Report:
     search: str = ""
     """For a search: its trials, how many the scheduler stopped, the student epochs it used."""
     models: str = ""
-    """For a sweep over students or teachers: the best alpha per model and the Pareto table (:mod:`kd_tune.report.models`)."""
+    """For a sweep over students or teachers: the best alpha per model and the Pareto table (:mod:`kd_tune.report.best_alpha`)."""
 
     def markdown(self) -> str:
         lines = [f"# Sweep {self.name!r}", "", self.protocol.describe(), ""]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from mlflow.tracking import MlflowClient
 
 from kd_tune.errors import first_line
-from kd_tune.report.runs import load_runs, selectable
+from kd_tune.report.run_table import load_runs, selectable
 from kd_tune.report.stats import Best, best_config, gains_over_scratch, protocol_of, summarize
 from kd_tune.tracking.tags import TAG_PREPROCESSING, TAG_SELECTED_ON, best_tag
 

@@ -1,4 +1,4 @@
-"""Markdown tables, the one helper that :mod:`kd_tune.report.report` and :mod:`kd_tune.report.models` share: a leaf
+"""Markdown tables, the one helper that :mod:`kd_tune.report.report` and :mod:`kd_tune.report.best_alpha` share: a leaf
 (pandas only), so neither of them imports the other back."""
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from ray.tune.experiment import Trial
 from ray.tune.stopper import Stopper
 
 from kd_tune.distill.checkpoint import read_checkpoint
-from kd_tune.spec.trial_report import TrialReport
-from kd_tune.spec.trials import TrialConfig
+from kd_tune.space.trial_report import TrialReport
+from kd_tune.space.trials import TrialConfig
 from kd_tune.tracking.datasets import DataInput
 from kd_tune.tracking.outbox import Outbox
 from kd_tune.tracking.recorder import RunRecorder

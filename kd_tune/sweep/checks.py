@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from kd_tune.data.registry import REGISTRY
 from kd_tune.errors import SpaceError, first_line
-from kd_tune.spec.models import PRETRAINED_ALLOWED, ModelSpec, is_model_uri
-from kd_tune.spec.schema import SweepSpec
+from kd_tune.space.schema import SweepSpec
+from kd_tune.space.sections import PRETRAINED_ALLOWED, ModelSpec, is_model_uri
 
 
 def data_shape(spec: SweepSpec, source: str = "") -> tuple[tuple[int, int, int], int]:
@@ -73,7 +73,7 @@ def check_models(spec: SweepSpec, source: str, tracking_uri: str) -> None:
             continue
         try:
             if is_model_uri(teacher.source):
-                from kd_tune.tracking.pretrained import fetch
+                from kd_tune.tracking.model_uri import fetch
 
                 model, _ = load_model(fetch(teacher.source, tracking_uri))
             else:

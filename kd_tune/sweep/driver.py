@@ -3,7 +3,7 @@ restored), and the end (tracking flushed, runs closed, results, the summary on t
 
 The MLflow store and experiment are created by the driver before any trial runs (a fresh sqlite
 store raced on first concurrent use); the teacher's logits are put in Ray's object store once, and
-every trial reads them from there. :mod:`kd_tune.sweep.run` checks everything first and calls in here.
+every trial reads them from there. :mod:`kd_tune.sweep.start` checks everything first and calls in here.
 """
 
 from __future__ import annotations
@@ -29,27 +29,35 @@ from kd_tune.distill.pretrained import portable_bytes
 from kd_tune.distill.teacher import Teacher, ensemble_logits, log_teacher_summary
 from kd_tune.errors import disk_full_cause
 from kd_tune.report.summary import summarize_on_parent
-from kd_tune.spec.models import is_model_uri
-from kd_tune.spec.options import SweepOptions
-from kd_tune.spec.parse import space_to_yaml
-from kd_tune.spec.schema import SweepSpec
-from kd_tune.spec.trials import PACK, PARAM_COLUMNS, POINT
+from kd_tune.space.options import SweepOptions
+from kd_tune.space.parse import space_to_yaml
+from kd_tune.space.schema import SweepSpec
+from kd_tune.space.sections import is_model_uri
+from kd_tune.space.trials import PACK, PARAM_COLUMNS, POINT
 from kd_tune.sweep import hooks, search
 from kd_tune.sweep.callback import MlflowTrackingCallback, open_outbox, outbox_of
 from kd_tune.sweep.checks import run_params
-from kd_tune.sweep.cluster import driver_is_the_only_node, teacher_cpus
-from kd_tune.sweep.folder import SPACE_FILE, SweepRecord, claim_driver, release_driver, resume_command, save_tracking_inputs, sweep_path
+from kd_tune.sweep.cluster.connect import driver_is_the_only_node, teacher_cpus
 from kd_tune.sweep.names import trial_dirname, trial_name
 from kd_tune.sweep.results import SweepOutcome, results_table
-from kd_tune.sweep.storage import Storage
-from kd_tune.sweep.sync import recorder_for, replay
-from kd_tune.sweep.teachers import get_teachers
+from kd_tune.sweep.state.storage import Storage
+from kd_tune.sweep.state.sweep_files import (
+    SPACE_FILE,
+    SweepRecord,
+    claim_driver,
+    release_driver,
+    resume_command,
+    save_tracking_inputs,
+    sweep_path,
+)
+from kd_tune.sweep.state.sync import recorder_for, replay
+from kd_tune.sweep.state.tune_state import can_restore
+from kd_tune.sweep.teacher_cache import get_teachers
 from kd_tune.sweep.trainable import TrialBundle, kd_trainable
-from kd_tune.sweep.tune_state import can_restore
 from kd_tune.tracking.datasets import DataInput, dataset_inputs, log_sweep_inputs
-from kd_tune.tracking.models import input_example
+from kd_tune.tracking.logged_models import input_example
+from kd_tune.tracking.model_uri import fetch
 from kd_tune.tracking.outbox import Backlog
-from kd_tune.tracking.pretrained import fetch
 from kd_tune.tracking.runs import (
     close_running_runs,
     complete_parent_run,
@@ -156,7 +164,7 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         # torch's compiler stack; benchmarks/RESULTS.md, session 7), and a store that is away then no longer keeps the trials from training.
         open_outbox(spec.name, record.tracking_uri).put(teachers.record, TEACHERS_RECORD)
         # Everything made so far (the modules, the data, the teachers' logits) lives until the sweep ends:
-        # take it out of the collector's walks, then let the collector run again (kd_tune.sweep.run paused it).
+        # take it out of the collector's walks, then let the collector run again (kd_tune.sweep.start paused it).
         gc.freeze()
         gc.enable()
         try:
@@ -231,8 +239,8 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
 
     ``inputs``: the students' datasets per label-noise level (:func:`~kd_tune.tracking.datasets.dataset_inputs`,
     computed once by the caller); a clean teacher's labels, when no student sees them, are fingerprinted here.
-    ``example``: the logged models' input example (:func:`~kd_tune.tracking.models.input_example`).
-    ``in_driver``: this machine is the Ray cluster's one node (:func:`~kd_tune.sweep.cluster.driver_is_the_only_node`):
+    ``example``: the logged models' input example (:func:`~kd_tune.tracking.logged_models.input_example`).
+    ``in_driver``: this machine is the Ray cluster's one node (:func:`~kd_tune.sweep.cluster.connect.driver_is_the_only_node`):
     CPU teachers train here (:func:`get_teachers`)."""
     node_cpus = teacher_cpus(spec.resources, log)
     inputs = dict(inputs)

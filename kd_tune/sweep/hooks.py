@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kd_tune.sweep.storage import Storage
+from kd_tune.sweep.state.storage import Storage
 
 FAULT_ENV = "KD_TUNE_TEST_FAULT"
 GATE_ENV = "KD_TUNE_TEST_GATE"

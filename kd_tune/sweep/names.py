@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kd_tune.spec import trials
+from kd_tune.space import trials
 
 
 def trial_name(trial: Any) -> str:
@@ -21,4 +21,4 @@ def trial_dirname(trial: Any) -> str:
 
     Tune pickles both name functions into its experiment state, and whatever reads that state back
     (``kd-tune status``, ``Tuner.restore``) imports their module: here, not beside torch and MLflow."""
-    return trials.trial_dirname(trial.config, str(trial.trial_id))
+    return trials.trial_folder_name(trial.config, str(trial.trial_id))

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from kd_tune.distill.checkpoint import read_checkpoint, trial_results
-from kd_tune.spec.parse import load_space_text
-from kd_tune.spec.trial_report import TrialReport
-from kd_tune.spec.trials import TrialConfig
-from kd_tune.sweep.folder import SPACE_FILE, live_driver, resume_command
-from kd_tune.sweep.storage import Storage
-from kd_tune.sweep.tune_state import require_sweep
+from kd_tune.space.parse import load_space_text
+from kd_tune.space.trial_report import TrialReport
+from kd_tune.space.trials import TrialConfig
+from kd_tune.sweep.state.storage import Storage
+from kd_tune.sweep.state.sweep_files import SPACE_FILE, live_driver, resume_command
+from kd_tune.sweep.state.tune_state import require_sweep
 
 if TYPE_CHECKING:
     from ray import tune

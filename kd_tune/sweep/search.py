@@ -28,9 +28,9 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from kd_tune.spec.schema import Axis, Range, SweepSpec
-from kd_tune.spec.trial_report import TrialReport
-from kd_tune.spec.trials import POINT, TrialConfig, encode_point
+from kd_tune.space.schema import Axis, Range, SweepSpec
+from kd_tune.space.trial_report import TrialReport
+from kd_tune.space.trials import POINT, TrialConfig, encode_point
 
 MODE = "max"
 
@@ -43,7 +43,7 @@ def domain(axis: Axis | tuple[int, ...] | tuple[str, ...]) -> Any:
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
-    """The searched students' trial config: a :class:`~kd_tune.spec.trials.TrialPoint` under ``point``, as a grid trial's."""
+    """The searched students' trial config: a :class:`~kd_tune.space.trials.TrialPoint` under ``point``, as a grid trial's."""
     g = spec.grid
     return {POINT: {"role": "student", "alpha": domain(g.alpha), "temperature": domain(g.temperature), "epochs": domain(g.epochs),
                     "seed": domain(g.seed), "label_noise": spec.dataset.label_noise,

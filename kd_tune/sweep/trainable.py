@@ -4,10 +4,10 @@ It reads like Ray's function-trainable checkpointing example: restore from the n
 reporting every epoch with ``tune.report`` and a checkpoint. The data and the teacher's logits arrive through
 Ray's object store (``tune.with_parameters``), put there once by the driver: no trial loads files or runs the
 teacher. A restarted trial continues from the newest complete checkpoint, which after a SIGKILLed driver can be
-newer than the one Ray's experiment state remembers (:func:`~kd_tune.sweep.trial_state.restore_state`).
+newer than the one Ray's experiment state remembers (:func:`~kd_tune.sweep.state.trial_state.restore_state`).
 
 A trial trains one student (config ``{"point": ...}``) or a pack of them as one model (``{"pack": [...]}``):
-see :mod:`kd_tune.spec.trials` for the config's codec and :mod:`kd_tune.spec.trial_report` for the reports'. Both
+see :mod:`kd_tune.space.trials` for the config's codec and :mod:`kd_tune.space.trial_report` for the reports'. Both
 kinds restore, replay and report through one path (:class:`_Trial`); only the model, its step and its checkpoint
 format differ.
 """
@@ -36,13 +36,13 @@ from kd_tune.distill.pack_train import Member, PackData, train_pack
 from kd_tune.distill.packed import channels_last_on, member_state_dict, pack_from_state_dicts
 from kd_tune.distill.train import TensorData, make_optimizer, train
 from kd_tune.errors import DivergedError
-from kd_tune.spec.models import StudentSpec
-from kd_tune.spec.trial_report import StudentEpoch, TrialReport
-from kd_tune.spec.trials import TrialConfig, TrialPoint, trial_dirname
-from kd_tune.sweep.cluster import assigned_device, assigned_threads
+from kd_tune.space.sections import StudentSpec
+from kd_tune.space.trial_report import StudentEpoch, TrialReport
+from kd_tune.space.trials import TrialConfig, TrialPoint, trial_folder_name
+from kd_tune.sweep.cluster.connect import assigned_device, assigned_threads
 from kd_tune.sweep.hooks import NO_HOOKS, TrialHooks
-from kd_tune.sweep.storage import Storage
-from kd_tune.sweep.trial_state import restore_state
+from kd_tune.sweep.state.storage import Storage
+from kd_tune.sweep.state.trial_state import restore_state
 
 
 @dataclass(frozen=True)
@@ -126,10 +126,10 @@ class _Trial:
 
 def _start(config: Mapping[str, Any], trial: TrialConfig, bundle: TrialBundle, data: TensorData | PackData) -> _Trial:
     """The attempt's device and threads, and its restore: the newest complete checkpoint, which after a SIGKILLed
-    driver can be newer than the one Ray's experiment state remembers (:func:`~kd_tune.sweep.trial_state.restore_state`)."""
+    driver can be newer than the one Ray's experiment state remembers (:func:`~kd_tune.sweep.state.trial_state.restore_state`)."""
     # Ray logs a line per persisted checkpoint, i.e. per epoch per trial: too much to read.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    folder = f"{bundle.sweep}/{trial_dirname(config, tune.get_context().get_trial_id())}"
+    folder = f"{bundle.sweep}/{trial_folder_name(config, tune.get_context().get_trial_id())}"
     state, known_epoch = restore_state(bundle.storage, folder)
     run = _Trial(trial.label, folder, data.train_x.device, bundle, state, known_epoch)
     # Where this attempt runs (the tracking tags the MLflow run with it; node_ip and hostname come from Ray) and what it
@@ -195,7 +195,7 @@ def _train_one(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) 
 
 def _train_pack(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) -> None:
     """A pack trial: its members trained as one packed model. Each epoch is ONE report (the members' parts,
-    :meth:`~kd_tune.spec.trial_report.TrialReport.pack`) with ONE checkpoint
+    :meth:`~kd_tune.space.trial_report.TrialReport.pack`) with ONE checkpoint
     (:func:`~kd_tune.distill.checkpoint.save_pack_checkpoint`). A member whose loss goes NaN or infinite is reported
     once as diverged and dropped; the others go on."""
     points = list(trial.points)

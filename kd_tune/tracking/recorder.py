@@ -20,10 +20,10 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.distill.checkpoint import is_pack_state, save_model_file
 from kd_tune.errors import first_line
-from kd_tune.spec.trial_report import StudentEpoch, TrialReport
-from kd_tune.spec.trials import TrialConfig, TrialPoint
+from kd_tune.space.trial_report import StudentEpoch, TrialReport
+from kd_tune.space.trials import TrialConfig, TrialPoint
 from kd_tune.tracking.datasets import DataInput, log_dataset_inputs
-from kd_tune.tracking.models import log_model_once
+from kd_tune.tracking.logged_models import log_model_once
 from kd_tune.tracking.runs import find_run, log_metrics, params_batch
 from kd_tune.tracking.tags import (
     CONFUSION_ARTIFACT,

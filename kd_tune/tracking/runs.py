@@ -19,10 +19,10 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.distill.checkpoint import save_model_file
 from kd_tune.distill.teacher import Teacher
-from kd_tune.spec.models import section_params
-from kd_tune.spec.schema import SweepSpec
+from kd_tune.space.schema import SweepSpec
+from kd_tune.space.sections import section_params
 from kd_tune.tracking.datasets import DataInput, log_dataset_inputs
-from kd_tune.tracking.models import delete_run_models, find_model, log_model_once
+from kd_tune.tracking.logged_models import delete_run_models, find_model, log_model_once
 from kd_tune.tracking.tags import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,

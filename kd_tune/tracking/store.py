@@ -24,7 +24,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
     """The given URI, else ``$MLFLOW_TRACKING_URI``, else MLflow's default store (``mlflow.get_tracking_uri()``).
 
     MLflow is imported (0.8 s) only for its default: a given URI is used as it is, as MLflow would. Code
-    that uses MLflow's fluent API sets the URI itself (see :func:`kd_tune.tracking.models.using_tracking_uri`).
+    that uses MLflow's fluent API sets the URI itself (see :func:`kd_tune.tracking.logged_models.using_tracking_uri`).
     """
     if uri:
         return uri

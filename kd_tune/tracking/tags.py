@@ -7,7 +7,7 @@ record that older sweeps cannot be matched with.
 
 from __future__ import annotations
 
-from kd_tune.spec.trial_report import REPORTED_METRICS
+from kd_tune.space.trial_report import REPORTED_METRICS
 
 # --- finding runs ------------------------------------------------------------------------------
 TAG_SWEEP = "kd_tune.sweep"

@@ -26,15 +26,15 @@ from kd_tune.data.split import DataSplit
 from kd_tune.distill.pretrained import CACHED_META, CACHED_WEIGHTS, file_digest, load_model, portable_bytes
 from kd_tune.distill.teacher import CACHE_FORMAT, Teacher, pretrained_key, teacher_from_model, teacher_key, train_teacher
 from kd_tune.errors import first_line
-from kd_tune.spec.models import TeacherSpec
-from kd_tune.spec.schema import SweepSpec
-from kd_tune.sweep.storage import Storage
+from kd_tune.space.schema import SweepSpec
+from kd_tune.space.sections import TeacherSpec
+from kd_tune.sweep.state.storage import Storage
 
 CACHE_FOLDER = "_teachers"  # beside the sweeps in the storage; sweep names cannot start with '_'
 
 
 class TeacherCache:
-    """``<storage>/_teachers/<key>/{teacher.pt, meta.json}`` on any :class:`~kd_tune.sweep.storage.Storage`.
+    """``<storage>/_teachers/<key>/{teacher.pt, meta.json}`` on any :class:`~kd_tune.sweep.state.storage.Storage`.
 
     ``meta.json`` is written last and holds the sha256 of ``teacher.pt`` and the model args: an entry is complete when
     its meta is there and the weights match it. Each file is written atomically, so a kill at any
@@ -89,7 +89,7 @@ class TeacherCache:
 
 def _train_task(split: DataSplit, spec: TeacherSpec, key: str, verbose: bool) -> Teacher:
     """The teacher's Ray task: as many threads as the CPUs it was given, on its GPU if it has one."""
-    from kd_tune.sweep.cluster import assigned_device, assigned_threads
+    from kd_tune.sweep.cluster.connect import assigned_device, assigned_threads
 
     torch.set_num_threads(assigned_threads())
     return train_teacher(split, spec, key, assigned_device(), log=(lambda s: print(s, flush=True)) if verbose else (lambda s: None))
@@ -97,7 +97,7 @@ def _train_task(split: DataSplit, spec: TeacherSpec, key: str, verbose: bool) ->
 
 def _logits_task(blob: bytes, suffix: str, split: DataSplit, key: str, source: str) -> Teacher:
     """A pre-trained teacher's Ray task: its logits on the sweep's images, on the node's GPU if it has one."""
-    from kd_tune.sweep.cluster import assigned_device, assigned_threads
+    from kd_tune.sweep.cluster.connect import assigned_device, assigned_threads
 
     torch.set_num_threads(assigned_threads())
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kd_tune.errors import FlagError, UsageError
-from kd_tune.spec.options import SweepOptions, apply_overrides
-from kd_tune.spec.parse import load_space, load_space_text
-from kd_tune.spec.schema import SweepSpec
+from kd_tune.space.options import SweepOptions, apply_overrides
+from kd_tune.space.parse import load_space, load_space_text
+from kd_tune.space.schema import SweepSpec
 from kd_tune.sweep.checks import check_models
-from kd_tune.sweep.cluster import check_local_fits, check_reachable, check_shared, cluster_address, connect_ray, shutdown_ray
-from kd_tune.sweep.folder import SPACE_FILE, SweepRecord, refuse_second_driver, resume_command, sweep_path
-from kd_tune.sweep.storage import Storage, check_writable
-from kd_tune.sweep.tune_state import can_restore, require_sweep, torn_tune_states
+from kd_tune.sweep.cluster.connect import check_local_fits, check_reachable, check_shared, cluster_address, connect_ray, shutdown_ray
+from kd_tune.sweep.state.storage import Storage, check_writable
+from kd_tune.sweep.state.sweep_files import SPACE_FILE, SweepRecord, refuse_second_driver, resume_command, sweep_path
+from kd_tune.sweep.state.tune_state import can_restore, require_sweep, torn_tune_states
 from kd_tune.tracking.store import check_tracking_store, configure_client_retries, resolve_tracking_uri
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from kd_tune.errors import FlagError
 
 if TYPE_CHECKING:
-    from kd_tune.spec.schema import SweepSpec
+    from kd_tune.space.schema import SweepSpec
 
 
 def help_text(text: str) -> dict[str, str]:
@@ -103,7 +103,7 @@ def apply_overrides(spec: SweepSpec, opts: SweepOptions) -> SweepSpec:
 
     Raises :class:`FlagError` for a flag value that is out of range.
     """
-    from kd_tune.spec.schema import MAX_PACK, NAME_ALLOWED, is_valid_name  # not at import: the parser is built from this module
+    from kd_tune.space.schema import MAX_PACK, NAME_ALLOWED, is_valid_name  # not at import: the parser is built from this module
     res = spec.resources
     if opts.cpus_per_trial is not None:
         if not opts.cpus_per_trial > 0:

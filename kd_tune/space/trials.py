@@ -4,7 +4,7 @@
 hands the trainable: ``{"point": {...}}`` for one student, ``{"pack": [{...}, ...]}`` for a pack of students
 trained as one model. The driver encodes it (:func:`encode_point`, :func:`encode_pack`); everything else decodes it
 with :meth:`TrialConfig.decode`: the trainable, the tracking, the results, ``sync``, the search's scheduler. Trial
-folder names are made here too (:func:`trial_dirname`), so that the trial (which writes there), Tune (which names
+folder names are made here too (:func:`trial_folder_name`), so that the trial (which writes there), Tune (which names
 the folder) and ``sync`` (which reads it back) cannot disagree.
 
 Plain Python: Tune pickles :mod:`kd_tune.sweep.names`' functions, which import this module, into its experiment
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kd_tune.spec.trial_report import TrialReport
+from kd_tune.space.trial_report import TrialReport
 
 POINT = "point"
 """The key of a one-student trial's config."""
@@ -152,6 +152,6 @@ PARAM_COLUMNS = {f"{POINT}/role": "role", f"{POINT}/alpha": "alpha", f"{POINT}/t
 """A one-student trial's values as Tune's progress table names them (it flattens the config's keys with ``/``)."""
 
 
-def trial_dirname(config: Mapping[str, Any], trial_id: str) -> str:
+def trial_folder_name(config: Mapping[str, Any], trial_id: str) -> str:
     """A trial's folder in its sweep's folder: readable, and computable inside the trial from its config and id."""
     return f"{TrialConfig.decode(config).label}_{trial_id}"

@@ -10,7 +10,7 @@ NFS folder, one PUT on an object store (an object appears whole or not at all).
 A storage the driver cannot write to is refused before anything starts (:func:`check_writable`).
 On a multi-node cluster a folder that only the driver's machine sees, or a bucket some node has
 no credentials for, would fail at the first checkpoint a remote trial persists;
-:func:`kd_tune.sweep.cluster.check_shared` finds that out up front by asking every node to read a probe file.
+:func:`kd_tune.sweep.cluster.connect.check_shared` finds that out up front by asking every node to read a probe file.
 """
 
 from __future__ import annotations

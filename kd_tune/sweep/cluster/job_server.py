@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_tune.errors import FlagError, KdTuneError, UsageError, first_line
-from kd_tune.sweep.ray_token import WANTS_TOKEN, TokenError, find_token, token_refused, token_required
+from kd_tune.sweep.cluster.ray_token import WANTS_TOKEN, TokenError, find_token, token_refused, token_required
 
 JOB_SERVER_ALLOWED = ("the job server's http://HOST:PORT, the head's dashboard port (8265 by default), e.g. http://127.0.0.1:8265 "
                       "while `ray dashboard cluster.yaml` runs")
@@ -112,7 +112,7 @@ class JobServer:
         if working_dir:
             runtime_env["working_dir"] = working_dir
         if ship_code:
-            runtime_env["py_modules"] = [str(Path(__file__).resolve().parents[1])]  # the kd_tune package (this file is kd_tune/sweep/job_server.py)
+            runtime_env["py_modules"] = [str(Path(__file__).resolve().parents[1])]  # the kd_tune package (this file is kd_tune/sweep/cluster/job_server.py)
         if working_dir or ship_code:
             runtime_env["excludes"] = ["__pycache__/"]
         metadata = {"job_name": f"kd-tune {argv[0]} {name}", META_SWEEP: name, META_SHIP: str(ship_code).lower(), META_COMMAND: argv[0], **metadata}
@@ -139,9 +139,9 @@ def _address(address: str | None, env: Sequence[str]) -> tuple[str, str]:
 def connect(address: str | None, env: Sequence[str] = SUBMIT_ADDRESS_ENV) -> JobServer:
     """The job server at ``address`` (else at the first of the ``env`` variables that is set).
 
-    A job server with Ray's token authentication on gets the cluster's token (:mod:`kd_tune.sweep.ray_token`),
+    A job server with Ray's token authentication on gets the cluster's token (:mod:`kd_tune.sweep.cluster.ray_token`),
     one without it none. Raises :class:`FlagError` for an address that is not http(s):// or where no job server
-    answers within a few seconds (Ray's client would retry for minutes), :class:`~kd_tune.sweep.ray_token.TokenError`
+    answers within a few seconds (Ray's client would retry for minutes), :class:`~kd_tune.sweep.cluster.ray_token.TokenError`
     when the server wants a token that cannot be found or that it refuses, :class:`KdTuneError` when Ray's job client
     is not installed or the server refuses it.
     """

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from kd_tune.tracking.models import using_tracking_uri
+from kd_tune.tracking.logged_models import using_tracking_uri
 
 PT2 = Path("data") / "model.pt2"
 """Where MLflow 3 keeps a PyTorch model's ``torch.export`` archive inside the model's folder."""

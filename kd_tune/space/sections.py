@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from kd_tune.spec.architectures import FAMILIES, is_factory, packs
+from kd_tune.space.architectures import FAMILIES, is_factory, packs
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """An architecture and its arguments (:mod:`kd_tune.spec.architectures`; the network itself is built by
+    """An architecture and its arguments (:mod:`kd_tune.space.architectures`; the network itself is built by
     ``kd_tune.distill.models``). In YAML the arguments stand beside ``arch`` in the model's section (``arch: mlp,
     hidden: [800, 800]``); a user's own factory (``arch: "package.module:function"``) takes them under ``args``."""
 
@@ -55,7 +55,7 @@ PRETRAINED_ALLOWED = ("a kd-tune model or checkpoint file (student.pt, teacher.p
                       "(<storage>/_teachers/<key>/teacher.pt, or that folder), a torch.export file (.pt2) or an MLflow model URI "
                       "(models:/..., runs:/...)")
 CACHED_TEACHER = "teacher.pt"
-"""The weights file in a cached teacher's folder (``kd_tune.sweep.teachers.TeacherCache``)."""
+"""The weights file in a cached teacher's folder (``kd_tune.sweep.teacher_cache.TeacherCache``)."""
 
 
 def is_model_uri(source: str) -> bool:

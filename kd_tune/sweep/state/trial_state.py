@@ -9,8 +9,8 @@ from typing import Any
 from ray import tune
 
 from kd_tune.distill.checkpoint import STATE_FILE, read_checkpoint, require_epoch
-from kd_tune.sweep.storage import Storage
-from kd_tune.sweep.tune_state import LOST_CHECKPOINT_FILE
+from kd_tune.sweep.state.storage import Storage
+from kd_tune.sweep.state.tune_state import LOST_CHECKPOINT_FILE
 
 
 def persisted_states(storage: Storage, trial_dir: str) -> dict[int, dict[str, Any]]:
@@ -53,7 +53,7 @@ def restore_state(storage: Storage, trial_dir: str) -> tuple[dict[str, Any] | No
 
 
 def lost_checkpoint_epoch(folder: Path) -> int:
-    """The epoch Ray knew for a checkpoint Tune had deleted (a stand-in, :func:`kd_tune.sweep.tune_state.restore_lost_checkpoints`),
+    """The epoch Ray knew for a checkpoint Tune had deleted (a stand-in, :func:`kd_tune.sweep.state.tune_state.restore_lost_checkpoints`),
     else 0 (an incomplete checkpoint: nothing known)."""
     try:
         return int(json.loads((folder / LOST_CHECKPOINT_FILE).read_text())["known_epoch"] or 0)

@@ -1,5 +1,5 @@
 """The one codec of what a trial reports to Ray Tune each epoch (:class:`TrialReport`), beside the one of its config
-(:mod:`kd_tune.spec.trials`).
+(:mod:`kd_tune.space.trials`).
 
 The trainable encodes (:meth:`TrialReport.encode`); everything that reads a result back decodes it
 (:meth:`TrialReport.decode`): the tracking callback and recorder, the results table and ``kd-tune status``, ``sync``,

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from kd_tune.distill.checkpoint import trial_results
-from kd_tune.spec.parse import load_space_text
-from kd_tune.spec.schema import SweepSpec
-from kd_tune.spec.trial_report import TrialReport
-from kd_tune.spec.trials import TrialConfig
+from kd_tune.space.parse import load_space_text
+from kd_tune.space.schema import SweepSpec
+from kd_tune.space.trial_report import TrialReport
+from kd_tune.space.trials import TrialConfig
 from kd_tune.sweep.callback import error_summary
 from kd_tune.sweep.checks import run_params
-from kd_tune.sweep.folder import (
+from kd_tune.sweep.names import trial_dirname
+from kd_tune.sweep.state.storage import Storage
+from kd_tune.sweep.state.sweep_files import (
     SPACE_FILE,
     SweepRecord,
     claim_driver,
@@ -30,10 +32,8 @@ from kd_tune.sweep.folder import (
     release_driver,
     resume_command,
 )
-from kd_tune.sweep.names import trial_dirname
-from kd_tune.sweep.storage import Storage
-from kd_tune.sweep.trial_state import persisted_states
-from kd_tune.sweep.tune_state import require_sweep
+from kd_tune.sweep.state.trial_state import persisted_states
+from kd_tune.sweep.state.tune_state import require_sweep
 from kd_tune.tracking.recorder import RunRecorder
 from kd_tune.tracking.runs import close_running_runs
 from kd_tune.tracking.store import check_tracking_store, configure_client_retries, open_store

@@ -13,9 +13,9 @@ from typing import Any
 
 from kd_tune.errors import UsageError
 from kd_tune.files import atomic_write_bytes
-from kd_tune.spec.schema import is_valid_name
-from kd_tune.sweep.folder import SweepRecord, live_driver, sweep_path
-from kd_tune.sweep.storage import Storage
+from kd_tune.space.schema import is_valid_name
+from kd_tune.sweep.state.storage import Storage
+from kd_tune.sweep.state.sweep_files import SweepRecord, live_driver, sweep_path
 
 EXPERIMENT_STATES = "experiment_state-*.json"  # Ray Tune's experiment state files (TuneController.CKPT_FILE_TMPL)
 # Tune's other driver-side state, pickled (the CKPT_FILE_TMPL of BasicVariantGenerator, SearchGenerator, Searcher, CallbackList)
@@ -104,7 +104,7 @@ def restore_lost_checkpoints(sweep_folder: Path, state: Any) -> list[Path]:
     (seen once in this project's kill tests). Each missing folder is made again, holding only
     :data:`LOST_CHECKPOINT_FILE` with the epoch of the trial's last result that Ray knows (for the checkpoint
     the trial restores from). The trial then starts from its newest complete checkpoint on disk
-    (:func:`kd_tune.sweep.trial_state.restore_state`) and reports again the epochs Ray has not seen. ``state``: the parsed
+    (:func:`kd_tune.sweep.state.trial_state.restore_state`) and reports again the epochs Ray has not seen. ``state``: the parsed
     experiment state file of ``sweep_folder``."""
     trials = state.get("trial_data") if isinstance(state, dict) else None
     made = []

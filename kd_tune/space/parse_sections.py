@@ -8,9 +8,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kd_tune.spec.architectures import ALLOWED as ARCH_ALLOWED
-from kd_tune.spec.architectures import FAMILIES, ArgError, is_factory
-from kd_tune.spec.models import (
+from kd_tune.space.architectures import ALLOWED as ARCH_ALLOWED
+from kd_tune.space.architectures import FAMILIES, ArgError, is_factory
+from kd_tune.space.reader import Reader, T
+from kd_tune.space.sections import (
     AUGMENTATIONS,
     CACHED_TEACHER,
     PRECISIONS,
@@ -20,7 +21,6 @@ from kd_tune.spec.models import (
     TeacherSpec,
     is_model_uri,
 )
-from kd_tune.spec.reader import Reader, T
 
 TRAINED_TEACHER_KEYS = ("epochs", "lr", "batch_size", "seed", "ensemble", "clean", "augment", "augment_pad")
 STUDENT_KEYS = ("lr", "batch_size", "precision", "augment", "augment_pad")

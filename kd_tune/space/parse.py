@@ -1,4 +1,4 @@
-"""Search spaces: a YAML file in ``search_spaces/`` read and validated into a :class:`~kd_tune.spec.schema.SweepSpec`.
+"""Search spaces: a YAML file in ``search_spaces/`` read and validated into a :class:`~kd_tune.space.schema.SweepSpec`.
 
 Everything is validated before anything starts: a bad value raises :class:`~kd_tune.errors.SpaceError` naming the
 file, the key, the value and what is allowed. See ``search_spaces/smoke.yaml`` for a commented example of every key.
@@ -16,10 +16,9 @@ import yaml
 
 from kd_tune.data.registry import REGISTRY
 from kd_tune.errors import SpaceError, first_line
-from kd_tune.spec.models import StudentSpec, TeacherSpec
-from kd_tune.spec.parse_models import read_student, read_teacher, read_variants
-from kd_tune.spec.reader import Reader
-from kd_tune.spec.schema import (
+from kd_tune.space.parse_sections import read_student, read_teacher, read_variants
+from kd_tune.space.reader import Reader
+from kd_tune.space.schema import (
     ALGORITHMS,
     BASELINES,
     MAX_PACK,
@@ -36,6 +35,7 @@ from kd_tune.spec.schema import (
     SweepSpec,
     is_valid_name,
 )
+from kd_tune.space.sections import StudentSpec, TeacherSpec
 
 
 def parse_space(data: object, source: str) -> SweepSpec:

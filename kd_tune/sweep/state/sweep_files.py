@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kd_tune.errors import FlagError, UsageError
-from kd_tune.spec.schema import NAME_ALLOWED, is_valid_name
-from kd_tune.sweep.storage import Storage, resolve_storage
+from kd_tune.space.schema import NAME_ALLOWED, is_valid_name
+from kd_tune.sweep.state.storage import Storage, resolve_storage
 
 SPACE_FILE = "kd_tune_space.yaml"  # the validated spec, kept beside Ray's experiment state
 SWEEP_FILE = "kd_tune_sweep.json"  # where the sweep is tracked (MLflow URI, experiment, parent run)

@@ -1,7 +1,7 @@
 """What a sweep is: the typed, frozen config objects a search-space file is read into, and the sweep's plan.
 
 A :class:`SweepSpec` knows its grid points, the trials that serve them (epoch sharing), how they pack and what
-they cost; :mod:`kd_tune.spec.parse` makes one from YAML (validating every key). Plain Python: validating a space
+they cost; :mod:`kd_tune.space.parse` makes one from YAML (validating every key). Plain Python: validating a space
 or printing ``--help`` imports neither torch, Ray nor MLflow.
 """
 
@@ -12,8 +12,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kd_tune.spec.models import StudentSpec, TeacherSpec, section_params
-from kd_tune.spec.trials import TrialPoint, encode_pack, encode_point
+from kd_tune.space.sections import StudentSpec, TeacherSpec, section_params
+from kd_tune.space.trials import TrialPoint, encode_pack, encode_point
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 NAME_ALLOWED = "1-100 letters, digits, '_', '.', '-', starting with a letter or digit (no path separators)"

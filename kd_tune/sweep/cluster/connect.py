@@ -18,9 +18,9 @@ from typing import Any
 import ray
 
 from kd_tune.errors import FlagError, UsageError, first_line
-from kd_tune.spec.schema import ResourcesSpec
-from kd_tune.sweep.storage import ALLOWED as STORAGE_ALLOWED
-from kd_tune.sweep.storage import Storage, filesystem_type, is_network_fs, probe_file
+from kd_tune.space.schema import ResourcesSpec
+from kd_tune.sweep.state.storage import ALLOWED as STORAGE_ALLOWED
+from kd_tune.sweep.state.storage import Storage, filesystem_type, is_network_fs, probe_file
 
 ADDRESS_ALLOWED = "'auto' on a node of a running cluster (ray up / ray start), or the head's HOST:PORT (GCS port, 6379 by default)"
 

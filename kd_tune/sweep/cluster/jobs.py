@@ -1,5 +1,5 @@
 """Sweeps as Ray jobs: submitted from a laptop to a cluster's job server, then listed, followed, stopped and
-resumed by the sweep's name (the job server itself, and how to reach it, is :mod:`kd_tune.sweep.job_server`).
+resumed by the sweep's name (the job server itself, and how to reach it, is :mod:`kd_tune.sweep.cluster.job_server`).
 
 Why jobs: a driver started over SSH (``ray exec``) dies with the session; a job's driver runs on the head node
 under Ray's job supervisor whatever happens to the laptop, and the job server keeps its status and logs. A job is
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from kd_tune.errors import FlagError, KdTuneError, UsageError, first_line
-from kd_tune.spec.options import SubmitOptions, SweepOptions, apply_overrides
-from kd_tune.spec.schema import NAME_ALLOWED, is_valid_name
-from kd_tune.sweep.job_server import (
+from kd_tune.space.options import SubmitOptions, SweepOptions, apply_overrides
+from kd_tune.space.schema import NAME_ALLOWED, is_valid_name
+from kd_tune.sweep.cluster.job_server import (
     LIVE,
     META_DATA_DIR,
     META_SHIP,
@@ -106,15 +106,15 @@ class SeenFromHere:
 
     readable: bool
     restorable: bool = False
-    record: Any = None  # kd_tune.sweep.folder.SweepRecord
-    root: Any = None  # kd_tune.sweep.storage.Storage, where readable
+    record: Any = None  # kd_tune.sweep.state.sweep_files.SweepRecord
+    root: Any = None  # kd_tune.sweep.state.storage.Storage, where readable
 
 
 def seen_from_here(storage: str, name: str) -> SeenFromHere:
     try:
-        from kd_tune.sweep.folder import SweepRecord
-        from kd_tune.sweep.storage import resolve_storage
-        from kd_tune.sweep.tune_state import can_restore
+        from kd_tune.sweep.state.storage import resolve_storage
+        from kd_tune.sweep.state.sweep_files import SweepRecord
+        from kd_tune.sweep.state.tune_state import can_restore
 
         root = resolve_storage(storage)
         if not root.exists():
@@ -159,7 +159,7 @@ def submit_sweep(space: Path, opts: SubmitOptions) -> Submitted:
     :class:`UsageError` when the sweep has a live job or already exists (without ``--resume``), and what
     :func:`connect` raises.
     """
-    from kd_tune.spec.parse import load_space
+    from kd_tune.space.parse import load_space
 
     sweep_opts = opts.as_sweep_options()
     spec = apply_overrides(load_space(space), sweep_opts)
@@ -200,7 +200,7 @@ def submit_resume(name: str, opts: SweepOptions, ship_code: bool = False) -> Sub
     server.refuse_live(name, jobs)
     seen = seen_from_here(storage, name)
     if seen.readable and not seen.restorable:
-        from kd_tune.sweep.tune_state import require_sweep
+        from kd_tune.sweep.state.tune_state import require_sweep
 
         require_sweep(seen.root, name, " (start one with kd-tune submit)")  # raises, naming the sweeps there
     record = seen.record
