@@ -26,7 +26,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "sweep": ({"core", "space", "data", "distill", "tracking", "report", "sweep"}, set()),
     "cli": ({"core", "space", "data", "distill", "tracking", "report", "sweep", "cli"}, set()),
 }
-CORE = {"errors", "files"}
+CORE = {"errors", "files", "process"}
 
 
 def _layer(module: str) -> str:

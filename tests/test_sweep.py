@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kd_tune.cli.app import main
+from kd_tune.process import QUIET_LOGGERS
 from kd_tune.space.options import SweepOptions
 from kd_tune.sweep.start import run_sweep
 from kd_tune.sweep.state.storage import resolve_storage
@@ -106,6 +108,9 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
     teacher_entries = list((storage / CACHE_FOLDER).iterdir())
     assert len(teacher_entries) == 1
     messages: list[str] = []
+    # What the sweep changes in this process is put back when it returns (kd_tune.process): its environment,
+    # library loggers' levels and the collector (a notebook's process, a second sweep in it, start from the same state).
+    environ, levels = dict(os.environ), {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     outcome = run_sweep(
         write_space(tiny_space(name="tiny2", grid={"alpha": [0.5], "epochs": [1]}, baselines=["scratch"]), "tiny2.yaml"),
         resolve_storage(str(storage)), SweepOptions(data_dir=str(FIXTURE_DATA), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", quiet=True),
@@ -114,6 +119,7 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
     assert outcome.ok and outcome.total == 2
     # The start-up's pause of the garbage collector and the fit's freeze are undone when run_sweep returns.
     assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert dict(os.environ) == environ and {name: logging.getLogger(name).level for name in QUIET_LOGGERS} == levels
     assert any("from the cache" in m for m in messages) and not any("training" in m for m in messages)
     assert list((storage / CACHE_FOLDER).iterdir()) == teacher_entries
     runs2 = _runs_by_role(client, "tiny2")

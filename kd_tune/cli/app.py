@@ -10,7 +10,6 @@ need), so ``--help`` and ``plan`` answer at once.
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
 import os
 import signal
@@ -24,6 +23,7 @@ from typing import Any, NoReturn
 from kd_tune.cli import args as a
 from kd_tune.cli import commands
 from kd_tune.errors import KdTuneError, UsageError
+from kd_tune.process import fast_exit
 
 
 @dataclass(frozen=True)
@@ -165,52 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore_signals()
 
 
-EXIT_GRACE_S = 15.0
-"""How long threads that are not daemons may take to end after a subcommand returned, before the exit goes ahead."""
-
-
-def _shutdown_threads(code: int, grace: float = EXIT_GRACE_S) -> None:
-    """What Python itself does first at exit (``threading._shutdown``): run the hooks registered with
-    ``threading._register_atexit`` (a ``concurrent.futures`` pool tells its workers to stop there: MLflow's artifact
-    downloads start such pools), then wait for every thread that is not a daemon.
-
-    Joining those threads before their hooks ran waited forever (issue 35: a ``runs:/`` teacher's download pool).
-    A thread that still does not end (a user's factory may start one) gets ``grace`` seconds: then a watchdog says
-    which threads were left and exits anyway, since everything kd-tune wrote is closed by now."""
-
-    def give_up() -> None:
-        left = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
-        print(f"kd-tune: exiting after {grace:g} s with threads still running: {', '.join(left)}", file=sys.stderr, flush=True)
-        os._exit(code)
-
-    watchdog = threading.Timer(grace, give_up)
-    watchdog.daemon = True
-    watchdog.start()
-    shutdown = getattr(threading, "_shutdown", None)  # CPython's own exit step, 3.10 to 3.13
-    if shutdown is not None:
-        shutdown()
-    else:  # pragma: no cover - another Python: join what is left (the hooks are then the threads' own business)
-        for thread in threading.enumerate():
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
-    watchdog.cancel()
-
-
 def run() -> NoReturn:
-    """The ``kd-tune`` command: :func:`main`, then Python's own exit steps in Python's order, but without its
-    module teardown.
-
-    Why: once a subcommand has returned, everything it wrote is closed (MLflow runs ended, Ray shut down, files
-    replaced atomically), yet tearing down the torch, Ray and MLflow modules it imported costs seconds on a 2-core
-    machine (benchmarks/RESULTS.md, "the fast exit"). The threading shutdown runs first (:func:`_shutdown_threads`),
-    then the exit handlers (logging, MLflow's temporary folders), as at a normal exit.
-    """
-    code = main()
-    _shutdown_threads(code)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # the reader went away, or the stream is closed: nothing left to say
-            pass
-    os._exit(code)
+    """The ``kd-tune`` command: :func:`main`, then :func:`kd_tune.process.fast_exit` (Python's exit steps without its
+    module teardown, which costs seconds once torch, Ray and MLflow are loaded)."""
+    fast_exit(main())

@@ -27,6 +27,7 @@ from kd_tune.cli.args import (
     UiArgs,
 )
 from kd_tune.errors import DiskFullError, FlagError, TrackingUnavailableError, UsageError, condensed_disk_full_logs, first_line
+from kd_tune.process import CLIENT_RETRIES, QUIET_DOWNLOADS, QUIET_LOGGERS, environment, logger_levels
 
 if TYPE_CHECKING:
     from kd_tune.sweep.results import SweepOutcome
@@ -151,7 +152,8 @@ def sync(args: SweepNameArgs) -> int:
     Safe to repeat: what the store has is not written again. Exit 0 once the record holds every trial's checkpoints."""
     from kd_tune.sweep.state.sync import sync_sweep
 
-    with condensed_disk_full_logs():  # a full store: MLflow's tracebacks of it one line each (main() ends with the cause)
+    # A full store: MLflow's tracebacks of it one line each (main() ends with the cause); the client's short retries.
+    with condensed_disk_full_logs(), environment(CLIENT_RETRIES), logger_levels(QUIET_LOGGERS):
         print("\n".join(sync_sweep(args.name, _storage(args.storage)).lines()))
     return 0
 
@@ -160,20 +162,19 @@ def report(args: ReportArgs) -> int:
     """Tables and figures of a sweep from its MLflow runs; also logged on the sweep's parent run."""
     from kd_tune.report.report import make_report
     from kd_tune.sweep.state.sweep_files import SweepRecord, sweep_path
-    from kd_tune.tracking.store import check_tracking_store, configure_client_retries, open_store, resolve_tracking_uri
+    from kd_tune.tracking.store import check_tracking_store, open_store, resolve_tracking_uri
 
     root = _storage(args.storage)
     sweep_path(root, args.name)
     uri = resolve_tracking_uri(args.tracking_uri)
     if args.tracking_uri is None and SweepRecord.exists(root, args.name):
         uri = SweepRecord.load(root, args.name).tracking_uri  # where that sweep logged, whatever the defaults now
-    configure_client_retries()
-    check_tracking_store(uri, "no report was made")
-    open_store(uri)  # the report's own clients find the store made (safely, if several commands start at once)
     # The report downloads one small JSON (the best run's confusion matrix): MLflow's progress bar for it is only
     # noise between the command and its tables (a user's own setting wins).
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    rep = make_report(args.name, uri, Path(args.out) if args.out else Path("reports") / args.name)
+    with environment({**CLIENT_RETRIES, **QUIET_DOWNLOADS}), logger_levels(QUIET_LOGGERS):
+        check_tracking_store(uri, "no report was made")
+        open_store(uri)  # the report's own clients find the store made (safely, if several commands start at once)
+        rep = make_report(args.name, uri, Path(args.out) if args.out else Path("reports") / args.name)
     print(rep.markdown())
     print("files (also on the sweep's parent run in MLflow, under report/):")
     for f in rep.files:

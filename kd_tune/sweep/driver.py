@@ -8,11 +8,8 @@ every trial reads them from there. :mod:`kd_tune.sweep.start` checks everything 
 
 from __future__ import annotations
 
-import gc
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from kd_tune.distill.online import TeacherNet
 from kd_tune.distill.pretrained import portable_bytes
 from kd_tune.distill.teacher import Teacher, ensemble_logits, log_teacher_summary
 from kd_tune.errors import disk_full_cause
+from kd_tune.process import Startup
 from kd_tune.report.summary import summarize_on_parent
 from kd_tune.space.options import SweepOptions
 from kd_tune.space.parse import space_to_yaml
@@ -117,10 +115,10 @@ class _Teachers:
     accuracy; safe to call again after it failed half-way (what the store has is not written twice)."""
 
 
-def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded, log: Log, *, started: float, wait: float) -> SweepOutcome:
-    """Run the sweep on the Ray this process is connected to; ``wait``: seconds the end waits for tracking (``--tracking-wait``)."""
-    # With a tracking server MLflow prints two "View run at" lines per run it ends: hundreds in a sweep.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded, log: Log, *, started: float, wait: float,
+          startup: Startup) -> SweepOutcome:
+    """Run the sweep on the Ray this process is connected to; ``wait``: seconds the end waits for tracking (``--tracking-wait``);
+    ``startup``: the collector paused during the start-up (:func:`kd_tune.process.sweep_process`), running again once the trials start."""
     data_dir = Path(spec.dataset.path) if spec.dataset.path else Path(opts.data_dir) if opts.data_dir else None  # where the images came from
     split, labels = loaded.split, loaded.labels
     if loaded.client is not None and loaded.record is not None:
@@ -164,12 +162,10 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
         # torch's compiler stack; benchmarks/RESULTS.md, session 7), and a store that is away then no longer keeps the trials from training.
         open_outbox(spec.name, record.tracking_uri).put(teachers.record, TEACHERS_RECORD)
         # Everything made so far (the modules, the data, the teachers' logits) lives until the sweep ends:
-        # take it out of the collector's walks, then let the collector run again (kd_tune.sweep.start paused it).
-        gc.freeze()
-        gc.enable()
+        # take it out of the collector's walks, then let the collector run again.
+        startup.trials_start()
         try:
-            with only_named_loggers():
-                grid = tuner.fit()
+            grid = tuner.fit()
             if full := next((e for e in grid.errors if disk_full_cause(e)), None):
                 raise full  # trials failed on a full disk: the CLI says which, and how to go on, rather than "errored"
         except BaseException:
@@ -312,10 +308,7 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
     with it, so a restored sweep logs them as the first driver did."""
     path, fs = sweep_path(storage, spec.name), storage.ray_filesystem
     trainable = tune.with_resources(tune.with_parameters(kd_trainable, bundle=bundle), {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    if spec.is_search:
-        search.allow_results_without_metric()
     if restoring:
-        classic_output()  # the restored run config's reporter is the classic table: the engine must be too
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     save_tracking_inputs(storage, spec.name, inputs, example)  # what kd-tune sync needs to make a run
     tracking = MlflowTrackingCallback(tracking_uri=record.tracking_uri, experiment_id=record.experiment_id,
@@ -338,7 +331,7 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
             storage_filesystem=fs,
             # Tune's result files (its analysis and our results table read them), but not its TensorBoard
             # files: MLflow is the tracking here, and a TensorBoard writer per trial costs the driver CPU
-            # that the trials need (see only_named_loggers()).
+            # that the trials need (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS in kd_tune.process.SWEEP_ENVIRONMENT).
             callbacks=[tracking, CSVLoggerCallback(), JsonLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             # A crashed trial, or one whose node died, restarts from its last checkpoint on any live node.
@@ -349,35 +342,9 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
     )
 
 
-_NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-
-
-@contextmanager
-def only_named_loggers() -> Iterator[None]:
-    """Tune adds no loggers of its own (its TensorBoard writer above all): the run config names the CSV and JSON ones,
-    what Tune's analysis and the results table read (a user's own setting of the variable wins)."""
-    if os.environ.get(_NO_AUTO_LOGGERS) is not None:
-        yield
-        return
-    os.environ[_NO_AUTO_LOGGERS] = "1"
-    try:
-        yield
-    finally:
-        del os.environ[_NO_AUTO_LOGGERS]
-
-
-def classic_output() -> None:
-    """Tune's classic output engine, the one :func:`progress_reporter`'s table needs (a fresh sweep and a resumed one alike)."""
-    # The newer output engine shows the whole grid point as one truncated dict; the classic one can
-    # name the columns. RAY_AIR_NEW_OUTPUT=1 in the environment still selects the newer one.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # A checkpoint per epoch of short epochs is by design here, not the misuse Tune warns about.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-
-
 def progress_reporter() -> tune.ProgressReporter:
-    """Ray's classic table, every 30 s: trials done / running / pending, with their grid point and epoch."""
-    classic_output()
+    """Ray's classic table, every 30 s: trials done / running / pending, with their grid point and epoch (the classic
+    output engine: ``RAY_AIR_NEW_OUTPUT=0`` in :data:`kd_tune.process.SWEEP_ENVIRONMENT`)."""
     return tune.CLIReporter(
         parameter_columns=PARAM_COLUMNS,
         metric_columns={"epoch": "epoch", "test_acc": "test acc", "train_loss": "train loss"},

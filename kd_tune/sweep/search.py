@@ -19,7 +19,6 @@ students only (:class:`StudentsASHA`): a baseline is never compared with them, n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,11 +84,6 @@ def tune_config(spec: SweepSpec, **kw: Any) -> tune.TuneConfig:
     searcher = make_searcher(spec)
     return tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(spec), num_samples=len(searcher.baselines) + spec.search.num_samples,
                            **kw)
-
-
-def allow_results_without_metric() -> None:
-    """A diverged trial's last result has no accuracy; Tune would stop the sweep over it (strict metric checking)."""
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
 def is_baseline(config: Mapping[str, Any]) -> bool:

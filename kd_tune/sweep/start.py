@@ -7,7 +7,6 @@ the heavy modules load on a thread beside Ray's start, which is mostly waiting f
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kd_tune.errors import FlagError, UsageError
+from kd_tune.process import sweep_process
 from kd_tune.space.options import SweepOptions, apply_overrides
 from kd_tune.space.parse import load_space, load_space_text
 from kd_tune.space.schema import SweepSpec
@@ -24,7 +24,7 @@ from kd_tune.sweep.cluster.connect import check_local_fits, check_reachable, che
 from kd_tune.sweep.state.storage import Storage, check_writable
 from kd_tune.sweep.state.sweep_files import SPACE_FILE, SweepRecord, refuse_second_driver, resume_command, sweep_path
 from kd_tune.sweep.state.tune_state import can_restore, require_sweep, torn_tune_states
-from kd_tune.tracking.store import check_tracking_store, configure_client_retries, resolve_tracking_uri
+from kd_tune.tracking.store import check_tracking_store, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from kd_tune.sweep.driver import Loaded
@@ -86,23 +86,15 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
         check_local_fits(spec.resources)
     refuse_second_driver(storage, spec.name)
     check_writable(storage)
-    configure_client_retries()
-    tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
-    check_tracking_store(tracking_uri, "nothing started")
-    check_models(spec, source, tracking_uri)  # a user's factory, a pre-trained teacher: built and checked once, here
-    # Starting Ray is mostly waiting for its processes to come up (benchmarks/RESULTS.md, session 7: "a sweep's
-    # start and end"): import the driver and read the data meanwhile. The MLflow record is opened then too when Ray
-    # is started here; joining a cluster can still fail on a bad --address, which must leave nothing written.
-    if address:
-        check_reachable(address)  # a bad --address is said at once, not after the data has loaded
-    # The start-up below imports torch, Ray Tune and MLflow: ~700,000 objects that live as long as the process.
-    # Python's collector, run on the heap's growth, walks them all again and again meanwhile (RESULTS.md, session
-    # 7, counts the full collections and their seconds) while one core does all the work. None of it is garbage:
-    # collect nothing until the driver starts the trials, where it freezes them out of every later
-    # collection and turns the collector back on (kd_tune.sweep.driver.drive); all as before once the sweep ends.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with sweep_process() as startup:  # environment, loggers, the collector: each put back when the sweep ends
+        tracking_uri = record.tracking_uri if record else resolve_tracking_uri(opts.tracking_uri)
+        check_tracking_store(tracking_uri, "nothing started")
+        check_models(spec, source, tracking_uri)  # a user's factory, a pre-trained teacher: built and checked once, here
+        # Starting Ray is mostly waiting for its processes to come up (benchmarks/RESULTS.md, session 7: "a sweep's
+        # start and end"): import the driver and read the data meanwhile. The MLflow record is opened then too when Ray
+        # is started here; joining a cluster can still fail on a bad --address, which must leave nothing written.
+        if address:
+            check_reachable(address)  # a bad --address is said at once, not after the data has loaded
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-tune-load") as pool:
             loading = pool.submit(_load, spec, storage, opts, record, log, open_record=not address)
             started_ray = connect_ray(address)
@@ -113,14 +105,10 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
                 loaded = loading.result()
                 from kd_tune.sweep.driver import drive  # imported by the loading thread by now
 
-                return drive(spec, storage, opts, loaded, log, started=started, wait=wait)
+                return drive(spec, storage, opts, loaded, log, started=started, wait=wait, startup=startup)
             finally:
                 if started_ray:
                     shutdown_ray()
-    finally:
-        gc.unfreeze()  # a later sweep in this process (a notebook, the tests) may collect this one's leftovers
-        if collecting:
-            gc.enable()
 
 
 def _load(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, *, open_record: bool) -> Loaded:

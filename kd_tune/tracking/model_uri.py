@@ -7,10 +7,10 @@ A PyTorch model MLflow saved as a pickle is refused, not loaded: unpickling it c
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
+from kd_tune.process import QUIET_DOWNLOADS, environment
 from kd_tune.tracking.logged_models import using_tracking_uri
 
 PT2 = Path("data") / "model.pt2"
@@ -25,10 +25,9 @@ def fetch(uri: str, tracking_uri: str, into: Path | None = None) -> Path:
     Raises ValueError saying what was found instead (nothing at that URI, a pickled model, no model file)."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one model: its bar is noise in the sweep's log
     folder = into or Path(tempfile.mkdtemp(prefix="kd-tune-teacher-"))
     try:
-        with using_tracking_uri(tracking_uri):
+        with using_tracking_uri(tracking_uri), environment(QUIET_DOWNLOADS):  # one model: its bar is noise in the sweep's log
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder)))
     except Exception as e:  # noqa: BLE001 - MLflow's errors for a URI it cannot resolve vary by store and scheme
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

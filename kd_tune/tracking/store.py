@@ -6,7 +6,6 @@ its store before Ray starts, while the heavy modules load on a thread beside Ray
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -33,20 +32,6 @@ def resolve_tracking_uri(uri: str | None) -> str:
     import mlflow
 
     return str(mlflow.get_tracking_uri())
-
-
-# The MLflow client retries a failed request inside the call, for about 4 minutes by default. kd-tune's
-# own outbox retries tracking writes without blocking training, so the client should give up fast and
-# leave the waiting to it (a user's own setting of these variables wins).
-CLIENT_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
-def configure_client_retries() -> None:
-    """Short client-side retries for this process's MLflow requests (see ``CLIENT_RETRY_DEFAULTS``); urllib3's
-    line per failed attempt is silenced (kd-tune says once that the store is away, and when it is back)."""
-    for k, v in CLIENT_RETRY_DEFAULTS.items():
-        os.environ.setdefault(k, v)
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def check_tracking_store(uri: str, doing: str) -> None:

@@ -36,7 +36,7 @@ from kd_tune.sweep.state.trial_state import persisted_states
 from kd_tune.sweep.state.tune_state import require_sweep
 from kd_tune.tracking.recorder import RunRecorder
 from kd_tune.tracking.runs import close_running_runs
-from kd_tune.tracking.store import check_tracking_store, configure_client_retries, open_store
+from kd_tune.tracking.store import check_tracking_store, open_store
 
 Log = Callable[[str], None]
 
@@ -123,7 +123,6 @@ def sync_sweep(name: str, root: Storage, log: Log = print) -> SyncOutcome:
     refuse_second_driver(root, name)
     record = SweepRecord.load(root, name)
     spec = load_space_text(root.read_text(name, SPACE_FILE), root.show(name, SPACE_FILE))
-    configure_client_retries()
     check_tracking_store(record.tracking_uri, "nothing was written (kd-tune sync writes it once the store is back)")
     client = open_store(record.tracking_uri)
     trials = tune.ExperimentAnalysis(path, storage_filesystem=root.ray_filesystem).trials
