@@ -17,7 +17,10 @@ from typing import Any
 
 import pytest
 
+from kd_tune.sweep.hooks import GATE_ENV
+
 from .conftest import FIXTURE_DATA, tiny_space
+from .helpers import process_state
 from .servers import RAY_ENV, MlflowServer, RayCluster, S3Server, listening_addresses
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.slow]
@@ -89,6 +92,21 @@ def _trial_runs(server: MlflowServer, experiment_id: str) -> list[dict[str, Any]
     return [r for r in runs if _tags(r).get("kd_tune.role") in ("student", "scratch")]
 
 
+def _held_before_its_end(gate: Path, label: str, timeout: float = 120) -> int | None:
+    """Holds every trial at the gate until ``label`` waits there: the process id of its trial if the epoch it reported
+    last is before its end (a kill now interrupts its training), else None, with the trials let go again."""
+    gate.touch()
+    held, deadline = Path(f"{gate}.{label}"), time.monotonic() + timeout
+    while not held.exists():
+        assert time.monotonic() < deadline, f"{label} never reached the gate"
+        time.sleep(0.05)  # polling a condition against a deadline
+    epoch, pid = map(int, held.read_text().split())
+    if epoch < EPOCHS:
+        return pid
+    gate.unlink()
+    return None
+
+
 def _step(run: dict[str, Any]) -> int:
     return max((int(m["step"]) for m in run["data"].get("metrics", []) if m["key"] == "test_acc"), default=0)
 
@@ -110,6 +128,7 @@ def test_sweep_on_both_nodes_tracked_by_mlflow_server_survives_losing_one(
     storage = str(tmp_path / "shared") if kind == "folder" else request.getfixturevalue("s3").uri(f"sweeps-{tmp_path.name}")
     if not cluster.worker_alive():
         cluster.start_worker()  # the previous case killed it
+    gate = tmp_path / "gate"  # while it exists, trials wait after each epoch (kd_tune.sweep.hooks); both nodes see it
     with MlflowServer(tmp_path / "mlflow") as server:
         assert listening_addresses(server.port) == {"127.0.0.1"}
         log = tmp_path / "driver.log"
@@ -117,12 +136,13 @@ def test_sweep_on_both_nodes_tracked_by_mlflow_server_survives_losing_one(
             driver = subprocess.Popen(
                 [sys.executable, "-m", "kd_tune.cli", "sweep", str(write_space(SPACE)), "--address", cluster.address,
                  "--storage", storage, "--tracking-uri", server.url],
-                cwd=tmp_path, env={**_env(), **cluster.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=tmp_path, env={**_env(), **cluster.env, GATE_ENV: str(gate)}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
-            # Kill the worker node once it has finished one trial and is in the middle of another
-            # (watched through the tracking server: node tags and the latest logged epoch).
-            deadline, victim, experiment, runs = time.monotonic() + 300, None, None, []
+            # Kill the worker node once it has finished one trial and is in the middle of another (watched through the
+            # tracking server: node tags and the latest logged epoch; then, the trials held at the gate, what the
+            # candidate has really trained: the tracking can lag behind a trial that has already reached its last epoch).
+            deadline, victim, experiment, runs, at_end, pid = time.monotonic() + 300, None, None, [], set(), None
             while victim is None:
                 assert driver.poll() is None, (f"the sweep ended before the kill point; worker {cluster.worker_id}, runs: "
                                                f"{[(_tags(r).get('kd_tune.nodes'), r['info']['status'], _step(r)) for r in runs]}")
@@ -132,12 +152,21 @@ def test_sweep_on_both_nodes_tracked_by_mlflow_server_survives_losing_one(
                 runs = [r for r in _trial_runs(server, experiment) if _tags(r).get("kd_tune.node_id") == cluster.worker_id] if experiment else []
                 assert time.monotonic() < deadline, f"no kill point reached: {[(_tags(r)['kd_tune.trial'], _step(r)) for r in runs]}"
                 done = [r for r in runs if r["info"]["status"] == "FINISHED"]
-                running = [r for r in runs if r["info"]["status"] == "RUNNING" and 1 <= _step(r) < EPOCHS]
+                running = [r for r in runs if r["info"]["status"] == "RUNNING" and 1 <= _step(r) < EPOCHS and _tags(r)["kd_tune.trial"] not in at_end]
                 if done and running:
-                    victim = _tags(running[0])["kd_tune.trial"]
-                else:
+                    label = _tags(running[0])["kd_tune.trial"]
+                    pid = _held_before_its_end(gate, label)
+                    victim, at_end = (label, at_end) if pid else (None, at_end | {label})
+                if victim is None:
                     time.sleep(0.1)  # polling a condition against a deadline
             cluster.kill_worker_raylet()
+            # Its trial's process ends with its node (it would otherwise train on once let go); then the others go on,
+            # and the victim's retry on the head trains its epochs left.
+            deadline = time.monotonic() + 60
+            while Path(f"/proc/{pid}").exists() and "Z" not in process_state(pid):
+                assert time.monotonic() < deadline, f"the victim's trial (pid {pid}) outlived its node"
+                time.sleep(0.05)  # polling a condition against a deadline
+            gate.unlink()
             assert driver.wait(timeout=300) == 0, log.read_text()[-4000:]
         finally:
             if driver.poll() is None:

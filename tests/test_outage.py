@@ -48,6 +48,15 @@ def logged_steps(client: MlflowClient) -> int:
     return max((m.step for r in runs for m in client.get_metric_history(r.info.run_id, "test_acc")), default=0)
 
 
+def ended_at_3(client: MlflowClient) -> int:
+    """How many epochs-3 grid points the store has ended (FINISHED, with the model the outbox shipped after outage 1)."""
+    exp = client.get_experiment_by_name("study")
+    if exp is None:
+        return 0
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`kd_tune.epochs` = '3' and attributes.status = 'FINISHED'")
+    return len(runs)
+
+
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,14 +91,17 @@ def test_training_goes_on_through_outages_and_the_record_completes(write_space: 
         server.stop()  # outage 1: the sweep must go on and catch up by itself
         at_kill = newest(sweep.progress())
         gate.unlink()
-        sweep.wait_until(proc, lambda p, base: newest(p) >= at_kill + 3)  # trials trained 3 more epochs meanwhile
+        # Trials trained 3 more epochs meanwhile, and each passed epoch 3, so both epochs-3 grid points ended (with their
+        # models) during this outage: outage 2 lasts past the sweep's end, and by then Tune has deleted the epoch-3
+        # checkpoints (it keeps two), so a grid point ending during outage 2 would have no model for sync to log.
+        sweep.wait_until(proc, lambda p, base: newest(p) >= at_kill + 3 and len(p) == 2 and all(max(e, default=0) >= 3 for e in p.values()))
         gate.touch()  # hold the trials, so that the sweep cannot end while the server restarts (seconds)
         server = restart(server)
         at_restart = newest(sweep.progress())
 
         def caught_up() -> bool:
             assert proc.poll() is None, f"the sweep ended before catching up: {proc.stdout.read() if proc.stdout else ''}"
-            return logged_steps(sweep.client) >= at_restart
+            return logged_steps(sweep.client) >= at_restart and ended_at_3(sweep.client) == 2
 
         wait_for(caught_up, "the sweep catching up while it runs")
         server.stop()  # outage 2 lasts past the sweep's end: it must end all the same, with exit 3 and the command

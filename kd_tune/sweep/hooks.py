@@ -10,7 +10,9 @@ with it. The tests drive Ray Tune's retries, errored trials, divergence and paus
   reported epoch; a marker file in the trial's folder remembers that it happened, across processes and nodes) and
   ``nan`` (the student's initial weights are NaN, so its loss diverges at epoch 1: alone, in a pack);
 - ``KD_TUNE_TEST_GATE=<path>``: every trial waits after each epoch while that file exists (a test pauses
-  training at a moment of its choosing, e.g. to restart a server before the sweep can end).
+  training at a moment of its choosing, e.g. to restart a server before the sweep can end); while it waits, the file
+  ``<path>.<trial label>`` holds the epoch it reported last (what it has really trained, whatever the tracking shows)
+  and the trial's process id.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from kd_tune.files import atomic_write_bytes
 from kd_tune.sweep.state.storage import Storage
 
 FAULT_ENV = "KD_TUNE_TEST_FAULT"
@@ -38,8 +42,8 @@ class TrialHooks:
     def before_training(self, label: str, trial_dir: str) -> None:
         """Trial ``label`` (its folder ``trial_dir`` relative to the storage root) is about to train."""
 
-    def after_epoch(self, label: str, trial_dir: str) -> None:
-        """Trial ``label`` has reported an epoch, with its checkpoint."""
+    def after_epoch(self, label: str, trial_dir: str, epoch: int) -> None:
+        """Trial ``label`` has reported epoch ``epoch``, with its checkpoint."""
 
 
 NO_HOOKS = TrialHooks()
@@ -67,11 +71,19 @@ class FaultInjection(TrialHooks):
         if self.modes.get(label) == "always":
             self._crash(label, trial_dir)
 
-    def after_epoch(self, label: str, trial_dir: str) -> None:
+    def after_epoch(self, label: str, trial_dir: str, epoch: int) -> None:
         if self.modes.get(label) == "once" and not self.storage.exists(self._marker(trial_dir)):
             self._crash(label, trial_dir)
-        while self.gate and os.path.exists(self.gate):
-            time.sleep(0.05)  # held by a test until it removes the file
+        if not (self.gate and os.path.exists(self.gate)):
+            return
+        held = f"{self.gate}.{label}"
+        # The test reads which epoch each held trial reported last, and which process holds it.
+        atomic_write_bytes(Path(held), f"{epoch} {os.getpid()}".encode())
+        try:
+            while os.path.exists(self.gate):
+                time.sleep(0.05)  # held by a test until it removes the file
+        finally:
+            os.remove(held)
 
     @staticmethod
     def _marker(trial_dir: str) -> str:

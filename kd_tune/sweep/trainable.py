@@ -121,7 +121,7 @@ class _Trial:
         with tempfile.TemporaryDirectory() as folder:
             save(Path(folder))
             tune.report(self.where(report).encode(), checkpoint=tune.Checkpoint.from_directory(folder))
-        self.bundle.hooks.after_epoch(self.label, self.folder)
+        self.bundle.hooks.after_epoch(self.label, self.folder, report.epoch)
 
 
 def _start(config: Mapping[str, Any], trial: TrialConfig, bundle: TrialBundle, data: TensorData | PackData) -> _Trial:
