@@ -8,8 +8,8 @@
 #   1. study: the study's pack of 12 students against one unpacked student, whole epochs with evaluation, on
 #      55,000 images: how long the study's 1,000 pack epochs take (the goal: <= 15 min of training).
 #   2. packs: K = 1, 16, 64 in every layout and arithmetic, with fused Adam and with the step captured as a CUDA
-#      graph: whether either is worth building into kd_tune.packed.train_pack for CUDA.
-#   3. eval: the evaluation's chunk size on the GPU (kd_tune.train.EVAL_BATCH = 2,048 today).
+#      graph: whether either is worth building into kd_tune.distill.pack_train.train_pack for CUDA.
+#   3. eval: the evaluation's chunk size on the GPU (kd_tune.distill.train.EVAL_BATCH = 2,048 today).
 #   4. adam: kd-tune's Adam against torch.optim.Adam on the GPU (foreach kernels): identical weights and state.
 #
 # Each part's output goes to stdout and to $OUT/gpu_<part>.txt ($OUT: the device tool's folder, else here).
