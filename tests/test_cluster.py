@@ -92,21 +92,6 @@ def _trial_runs(server: MlflowServer, experiment_id: str) -> list[dict[str, Any]
     return [r for r in runs if _tags(r).get("kd_tune.role") in ("student", "scratch")]
 
 
-def _held_before_its_end(gate: Path, label: str, timeout: float = 120) -> int | None:
-    """Holds every trial at the gate until ``label`` waits there: the process id of its trial if the epoch it reported
-    last is before its end (a kill now interrupts its training), else None, with the trials let go again."""
-    gate.touch()
-    held, deadline = Path(f"{gate}.{label}"), time.monotonic() + timeout
-    while not held.exists():
-        assert time.monotonic() < deadline, f"{label} never reached the gate"
-        time.sleep(0.05)  # polling a condition against a deadline
-    epoch, pid = map(int, held.read_text().split())
-    if epoch < EPOCHS:
-        return pid
-    gate.unlink()
-    return None
-
-
 def _step(run: dict[str, Any]) -> int:
     return max((int(m["step"]) for m in run["data"].get("metrics", []) if m["key"] == "test_acc"), default=0)
 
@@ -129,6 +114,7 @@ def test_sweep_on_both_nodes_tracked_by_mlflow_server_survives_losing_one(
     if not cluster.worker_alive():
         cluster.start_worker()  # the previous case killed it
     gate = tmp_path / "gate"  # while it exists, trials wait after each epoch (kd_tune.sweep.hooks); both nodes see it
+    gate.touch()
     with MlflowServer(tmp_path / "mlflow") as server:
         assert listening_addresses(server.port) == {"127.0.0.1"}
         log = tmp_path / "driver.log"
@@ -139,10 +125,10 @@ def test_sweep_on_both_nodes_tracked_by_mlflow_server_survives_losing_one(
                 cwd=tmp_path, env={**_env(), **cluster.env, GATE_ENV: str(gate)}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
-            # Kill the worker node once it has finished one trial and is in the middle of another (watched through the
-            # tracking server: node tags and the latest logged epoch; then, the trials held at the gate, what the
-            # candidate has really trained: the tracking can lag behind a trial that has already reached its last epoch).
-            deadline, victim, experiment, runs, at_end, pid = time.monotonic() + 300, None, None, [], set(), None
+            # Kill the worker node while one of its trials is mid-way. Every trial waits at the gate after each epoch, so
+            # the victim is taken from what it really reported (the tracking can lag behind a trial that has already
+            # trained to its end), and nothing finishes before the kill: which node gets which trial is Ray's choice.
+            deadline, victim, experiment, runs, pid = time.monotonic() + 300, None, None, [], 0
             while victim is None:
                 assert driver.poll() is None, (f"the sweep ended before the kill point; worker {cluster.worker_id}, runs: "
                                                f"{[(_tags(r).get('kd_tune.nodes'), r['info']['status'], _step(r)) for r in runs]}")
@@ -151,12 +137,12 @@ def test_sweep_on_both_nodes_tracked_by_mlflow_server_survives_losing_one(
                     experiment = found[0]["experiment_id"] if found else None
                 runs = [r for r in _trial_runs(server, experiment) if _tags(r).get("kd_tune.node_id") == cluster.worker_id] if experiment else []
                 assert time.monotonic() < deadline, f"no kill point reached: {[(_tags(r)['kd_tune.trial'], _step(r)) for r in runs]}"
-                done = [r for r in runs if r["info"]["status"] == "FINISHED"]
-                running = [r for r in runs if r["info"]["status"] == "RUNNING" and 1 <= _step(r) < EPOCHS and _tags(r)["kd_tune.trial"] not in at_end]
-                if done and running:
-                    label = _tags(running[0])["kd_tune.trial"]
-                    pid = _held_before_its_end(gate, label)
-                    victim, at_end = (label, at_end) if pid else (None, at_end | {label})
+                for r in runs:  # a trial on the worker, held after an epoch before its last (what the hook wrote)
+                    held = Path(f"{gate}.{_tags(r)['kd_tune.trial']}")
+                    epoch, pid = map(int, held.read_text().split()) if held.exists() else (EPOCHS, 0)
+                    if epoch < EPOCHS:
+                        victim = _tags(r)["kd_tune.trial"]
+                        break
                 if victim is None:
                     time.sleep(0.1)  # polling a condition against a deadline
             cluster.kill_worker_raylet()
