@@ -11,8 +11,10 @@ import pytest
 
 from .helpers import EPOCHS, SINGLE, SPACE, Sweep, check_record, finished, kill_tree, process_state, process_tree, reference_metrics
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Marked per test: the unknown-sweep test needs neither Ray nor a server (it stays in `-m "not integration"`).
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_kills_at_several_moments_then_resume(write_space: Callable[..., Path], tmp_path: Path, teachers: Path) -> None:
     sweep = Sweep(tmp_path, write_space(SPACE), teachers)
     untouched: dict[str, float] = {}
@@ -64,6 +66,8 @@ def test_kills_at_several_moments_then_resume(write_space: Callable[..., Path], 
             assert r.data.metrics[metric] == pytest.approx(ref[r.info.run_name][metric], rel=1e-6, abs=1e-7), (r.info.run_name, metric)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_sigint_then_resume(write_space: Callable[..., Path], tmp_path: Path, teachers: Path) -> None:
     sweep = Sweep(tmp_path, write_space(SPACE), teachers)
     proc = sweep.start("sweep", str(sweep.space))
@@ -84,6 +88,8 @@ def test_sigint_then_resume(write_space: Callable[..., Path], tmp_path: Path, te
     check_record(sweep, {}, 8)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_trial_faults_retry_then_error(write_space: Callable[..., Path], tmp_path: Path, teachers: Path) -> None:
     space = {**SINGLE, "student": {"widths": [4, 8], "lr": 0.003, "batch_size": 64}, "max_failures": 1}
     sweep = Sweep(tmp_path, write_space(space), teachers)
