@@ -115,6 +115,14 @@ class Startup:
 
 
 @contextmanager
+def tracking_client() -> Iterator[None]:
+    """A command's MLflow client settings for the block (:data:`CLIENT_RETRIES`, :data:`QUIET_DOWNLOADS`,
+    :data:`QUIET_LOGGERS`: ``kd-tune report`` and ``sync``), put back after it; a sweep has them in :func:`sweep_process`."""
+    with environment({**CLIENT_RETRIES, **QUIET_DOWNLOADS}), logger_levels(QUIET_LOGGERS):
+        yield
+
+
+@contextmanager
 def sweep_process() -> Iterator[Startup]:
     """Everything a sweep's driver changes in its process (:data:`SWEEP_ENVIRONMENT`, :data:`QUIET_LOGGERS`, the
     collector: :class:`Startup`), for the block, and put back after it, with whatever the libraries set in the

@@ -17,6 +17,7 @@ from kd_tune.data import split as data_split
 from kd_tune.distill.checkpoint import STATE_FILE
 from kd_tune.distill.teacher import teacher_key, train_teacher
 from kd_tune.errors import UsageError
+from kd_tune.process import environment_kept
 from kd_tune.space.options import SweepOptions
 from kd_tune.space.schema import DatasetSpec
 from kd_tune.space.sections import TeacherSpec, model_spec
@@ -33,16 +34,11 @@ from .servers import S3Server
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server = S3Server(tmp_path_factory.mktemp("s3"))
-    saved = {k: os.environ.get(k) for k in S3Server.CREDENTIALS}
-    os.environ.update(S3Server.CREDENTIALS)  # read by pyarrow here and by the Ray workers this process starts
     try:
-        yield server
+        with environment_kept():
+            os.environ.update(S3Server.CREDENTIALS)  # read by pyarrow here and by the Ray workers this process starts
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 

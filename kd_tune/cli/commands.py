@@ -27,7 +27,7 @@ from kd_tune.cli.args import (
     UiArgs,
 )
 from kd_tune.errors import DiskFullError, FlagError, TrackingUnavailableError, UsageError, condensed_disk_full_logs, first_line
-from kd_tune.process import CLIENT_RETRIES, QUIET_DOWNLOADS, QUIET_LOGGERS, environment, logger_levels
+from kd_tune.process import tracking_client
 
 if TYPE_CHECKING:
     from kd_tune.sweep.results import SweepOutcome
@@ -153,7 +153,7 @@ def sync(args: SweepNameArgs) -> int:
     from kd_tune.sweep.state.sync import sync_sweep
 
     # A full store: MLflow's tracebacks of it one line each (main() ends with the cause); the client's short retries.
-    with condensed_disk_full_logs(), environment(CLIENT_RETRIES), logger_levels(QUIET_LOGGERS):
+    with condensed_disk_full_logs(), tracking_client():
         print("\n".join(sync_sweep(args.name, _storage(args.storage)).lines()))
     return 0
 
@@ -171,7 +171,7 @@ def report(args: ReportArgs) -> int:
         uri = SweepRecord.load(root, args.name).tracking_uri  # where that sweep logged, whatever the defaults now
     # The report downloads one small JSON (the best run's confusion matrix): MLflow's progress bar for it is only
     # noise between the command and its tables (a user's own setting wins).
-    with environment({**CLIENT_RETRIES, **QUIET_DOWNLOADS}), logger_levels(QUIET_LOGGERS):
+    with tracking_client():
         check_tracking_store(uri, "no report was made")
         open_store(uri)  # the report's own clients find the store made (safely, if several commands start at once)
         rep = make_report(args.name, uri, Path(args.out) if args.out else Path("reports") / args.name)

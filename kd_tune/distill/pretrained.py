@@ -45,9 +45,8 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-CACHED_WEIGHTS = CACHED_TEACHER
 CACHED_META = "meta.json"
-"""A cached teacher's files (:class:`kd_tune.sweep.teacher_cache.TeacherCache`): the weights and logits, and beside them
+"""Beside a cached teacher's weights and logits (``CACHED_TEACHER``, :class:`kd_tune.sweep.teacher_cache.TeacherCache`):
 the meta that holds their model args and vouches for them by sha256."""
 WHERE_TEACHERS_ARE = ("a finished sweep's teacher is <storage>/_teachers/<key>/teacher.pt (or that folder), or its MLflow "
                       "run's runs:/<run id>/model/teacher.pt")
@@ -56,18 +55,19 @@ WHERE_TEACHERS_ARE = ("a finished sweep's teacher is <storage>/_teachers/<key>/t
 def model_file(path: str | Path) -> Path:
     """The file to read for ``path``: a cached teacher's folder means its ``teacher.pt``."""
     path = Path(path)
-    return path / CACHED_WEIGHTS if path.is_dir() else path
+    return path / CACHED_TEACHER if path.is_dir() else path
 
 
-def _cached_teacher(path: Path, blob: dict[str, Any]) -> dict[str, Any]:
-    """A cached teacher's weights with the model args of its ``meta.json`` (a model file's ``model_args`` and ``model``)."""
+def _cached_teacher(path: Path, blob: dict[str, Any], raw: bytes) -> dict[str, Any]:
+    """A cached teacher's weights with the model args of its ``meta.json`` (a model file's ``model_args`` and ``model``);
+    ``raw``: the file's bytes, whose sha256 the meta must hold."""
     meta_path = path.parent / CACHED_META
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         raise ValueError(f"a kd-tune teacher cache file without a readable {CACHED_META} beside it (keep the folder "
-                         f"_teachers/<key>/ whole, and pass it or its {CACHED_WEIGHTS})") from None
-    if meta.get("sha256") != file_digest(path):
+                         f"_teachers/<key>/ whole, and pass it or its {CACHED_TEACHER})") from None
+    if meta.get("sha256") != hashlib.sha256(raw).hexdigest():
         raise ValueError(f"a kd-tune teacher cache file that its {CACHED_META} does not vouch for (sha256 differs: a changed or truncated copy)")
     if not isinstance(meta.get("model_args"), dict):
         source = meta.get("source")
@@ -87,7 +87,7 @@ def portable_bytes(path: str | Path) -> bytes:
     if not _is_cache_blob(blob):
         return raw
     buf = io.BytesIO()
-    torch.save(_cached_teacher(path, blob), buf)
+    torch.save(_cached_teacher(path, blob, raw), buf)
     return buf.getvalue()
 
 
@@ -106,14 +106,15 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any] | None]:
             raise ValueError(f"not a torch.export archive ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
         return Exported(program.module()), None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        raw = path.read_bytes()
+        blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickled code (refused by weights_only), a truncated file, not a torch file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"not a weights-only torch file ({first[:200]})") from None
     if is_pack_state(blob):
         raise ValueError("a pack's checkpoint holds several students: name one of them (its MLflow run's model/student.pt)")
     if _is_cache_blob(blob):
-        blob = _cached_teacher(path, blob)
+        blob = _cached_teacher(path, blob, raw)
     if not isinstance(blob, dict) or not isinstance(blob.get("model_args"), dict) or "model" not in blob:
         raise ValueError(f"not a kd-tune model file or checkpoint (no model_args beside the weights); {WHERE_TEACHERS_ARE}")
     try:

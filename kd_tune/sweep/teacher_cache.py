@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from kd_tune.data.split import DataSplit
-from kd_tune.distill.pretrained import CACHED_META, CACHED_WEIGHTS, file_digest, load_model, portable_bytes
+from kd_tune.distill.pretrained import CACHED_META, file_digest, load_model, portable_bytes
 from kd_tune.distill.teacher import CACHE_FORMAT, Teacher, pretrained_key, teacher_from_model, teacher_key, train_teacher
 from kd_tune.errors import first_line
 from kd_tune.space.schema import SweepSpec
-from kd_tune.space.sections import TeacherSpec
+from kd_tune.space.sections import CACHED_TEACHER, TeacherSpec
 from kd_tune.sweep.state.storage import Storage
 
 CACHE_FOLDER = "_teachers"  # beside the sweeps in the storage; sweep names cannot start with '_'
@@ -60,7 +60,7 @@ class TeacherCache:
             meta = json.loads(self.storage.read_text(CACHE_FOLDER, key, CACHED_META))
             if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
                 raise ValueError("format or key mismatch")
-            raw = self.storage.read_bytes(CACHE_FOLDER, key, CACHED_WEIGHTS)
+            raw = self.storage.read_bytes(CACHE_FOLDER, key, CACHED_TEACHER)
             if hashlib.sha256(raw).hexdigest() != meta["sha256"]:
                 raise ValueError("sha256 mismatch (truncated or corrupt file)")
             blob: dict[str, Any] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -82,7 +82,7 @@ class TeacherCache:
             "format": CACHE_FORMAT, "key": teacher.key, "spec": spec, "model_args": teacher.model_args, "sha256": hashlib.sha256(raw).hexdigest(),
             "test_acc": teacher.test_acc, "history": teacher.history, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": teacher.source,
         }
-        self.storage.write_bytes(raw, CACHE_FOLDER, teacher.key, CACHED_WEIGHTS)
+        self.storage.write_bytes(raw, CACHE_FOLDER, teacher.key, CACHED_TEACHER)
         self.storage.write_text(json.dumps(meta, indent=2), CACHE_FOLDER, teacher.key, CACHED_META)
         return self.path(teacher.key)
 

@@ -97,7 +97,9 @@ class _Trial:
     """The newest complete checkpoint's state (None: a fresh start)."""
     known_epoch: int = 0
     """The epoch Ray's experiment state knows the trial reached."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Where this attempt runs (the tracking tags the MLflow run with it; node_ip and hostname come from Ray) and what
+    it trains and selects on: a check that held-out images never reach training."""
 
     @property
     def start(self) -> int:
@@ -131,12 +133,10 @@ def _start(config: Mapping[str, Any], trial: TrialConfig, bundle: TrialBundle, d
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     folder = f"{bundle.sweep}/{trial_folder_name(config, tune.get_context().get_trial_id())}"
     state, known_epoch = restore_state(bundle.storage, folder)
-    run = _Trial(trial.label, folder, data.train_x.device, bundle, state, known_epoch)
-    # Where this attempt runs (the tracking tags the MLflow run with it; node_ip and hostname come from Ray) and what it
-    # trains and selects on: a check that held-out images never reach training.
-    run.extra.update({"device": str(run.device), "node_id": ray.get_runtime_context().get_node_id(), "resumed_from": run.start,
-                      "train_images": int(data.train_x.shape[0]), "val_images": 0 if data.val_x is None else int(data.val_x.shape[0])})
-    return run
+    device = data.train_x.device
+    extra = {"device": str(device), "node_id": ray.get_runtime_context().get_node_id(), "resumed_from": 0 if state is None else int(state["epoch"]),
+             "train_images": int(data.train_x.shape[0]), "val_images": 0 if data.val_x is None else int(data.val_x.shape[0])}
+    return _Trial(trial.label, folder, device, bundle, state, known_epoch, extra)
 
 
 def _device() -> torch.device:
@@ -181,7 +181,7 @@ def _train_one(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) 
 
     def on_epoch(m: EpochMetrics, ev: Evaluation) -> None:
         history.append(m.as_dict())
-        run.report(TrialReport.one(StudentEpoch.of(m.as_dict())),
+        run.report(TrialReport.one(StudentEpoch.of(history[-1])),
                    lambda folder: save_checkpoint(folder, margs, model, optimizer, history, ev.confusion))
 
     try:
