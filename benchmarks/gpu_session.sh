@@ -11,11 +11,14 @@
 #      graph: whether either is worth building into kd_tune.distill.pack_train.train_pack for CUDA.
 #   3. eval: the evaluation's chunk size on the GPU (kd_tune.distill.train.EVAL_BATCH = 2,048 today).
 #   4. adam: kd-tune's Adam against torch.optim.Adam on the GPU (foreach kernels): identical weights and state.
+#   5. methods: each distillation method's epoch (kd's divergences and logit standardization, DKD, DIST) against a KD
+#      epoch, cached logits, one student and a pack of 64 (issue 37's goal: each <= 1.05x KD).
 #
 # Each part's output goes to stdout and to $OUT/gpu_<part>.txt ($OUT: the device tool's folder, else here).
 # DEVICE=cpu with tiny sizes is a dry run of this script on any machine (no CUDA graphs there):
 #   DEVICE=cpu STUDY_ARGS="--images 2000 --repeats 1" PACK_ARGS="--sizes 2 --images 256 --repeats 1" \
-#     EVAL_ARGS="--images 512 --repeats 1" bash benchmarks/gpu_session.sh
+#     EVAL_ARGS="--images 512 --repeats 1" METHOD_ARGS="--images 512 --pack-images 256 --pack 2 --rounds 1 --pack-rounds 1 \
+#     --loss-rounds 1 --loss-reps 2" bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-.}
@@ -40,3 +43,5 @@ part packs 210 python benchmarks/pack_bench.py --device "$device" --nchw $graphs
 part adam 30 python benchmarks/adam_check.py --device "$device"
 # shellcheck disable=SC2086
 part eval 90 python benchmarks/eval_bench.py --device "$device" --chunks 512,2048,8192,32768 ${EVAL_ARGS:-}
+# shellcheck disable=SC2086
+part methods 150 python benchmarks/method_bench.py --device "$device" --pack 64 --rounds 5 --pack-rounds 3 ${METHOD_ARGS:-}

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_tune.distill.losses import kd_loss, kd_loss_terms
+from kd_tune.distill.losses import LOSSES, get_loss, kd_loss, kd_loss_terms
+from kd_tune.space.methods import METHODS
 
 STUDENT = [[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]]
 TEACHER = [[3.0, 0.5, -0.5], [0.0, 4.0, 1.0]]
@@ -82,3 +85,19 @@ def test_gradient_flows_to_student_only() -> None:
     kd_loss(s, t.detach(), torch.zeros(4, dtype=torch.long), 0.5, 3.0).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
+
+
+def test_the_registry_names_the_methods_and_their_knobs() -> None:
+    """kd_tune.space.methods (what a search space may say) and the loss registry (what trains) name the same methods,
+    and each registered function takes every knob of its method as a keyword, defaulting to the method's default (so a
+    knob a trial leaves out means the same in both). The methods' losses themselves: tests/test_losses_methods.py."""
+    assert set(LOSSES) == set(METHODS)
+    for name, method in METHODS.items():
+        loss = get_loss(name)
+        for fn in (loss.terms, loss.pack_terms):
+            assert fn is not None
+            params = inspect.signature(fn).parameters
+            for knob in method.knobs:
+                assert knob.name in params, f"{name}: {fn.__name__} has no knob {knob.name}"
+                assert params[knob.name].default == knob.default, f"{name}: {fn.__name__}'s {knob.name} defaults to {params[knob.name].default}"
+            assert {"epoch", "has_teacher"} <= set(params)

@@ -40,7 +40,7 @@ def test_the_teacher_scores_the_very_batch_the_student_trains_on() -> None:
     seen: list[torch.Tensor] = []
     used: list[torch.Tensor] = []
 
-    def recording(student: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, alpha: float, t: float) -> KDLossTerms:
+    def recording(student: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, alpha: float, t: float, epoch: int) -> KDLossTerms:
         assert teacher_logits is not None
         used.append(teacher_logits.detach().clone())
         return kd_loss_terms(student, teacher_logits, labels, alpha, t)
@@ -51,7 +51,7 @@ def test_the_teacher_scores_the_very_batch_the_student_trains_on() -> None:
         student.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()) if student.training else None)
         data = TensorData(x, y, x[:16], y[:16], teacher_test=teacher(x[:16]), online_teacher=teacher)
         train(student, make_optimizer(student, 1e-3), data, epochs=2, batch_size=16, seed=3, alpha=0.5, temperature=4.0,
-              augment=SHIFT, loss="test_recording")
+              augment=SHIFT, method="test_recording")
     finally:
         del LOSSES["test_recording"]
     assert len(seen) == len(used) == 8  # 2 epochs of 4 batches

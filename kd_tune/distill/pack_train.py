@@ -1,7 +1,7 @@
 """Training a pack: K students of one packed model (:mod:`kd_tune.distill.packed`) as ``kd_tune.distill.train.train``
-trains one, each with its own seed, alpha, temperature, labels and teacher; a member that diverges is masked out
-alone. The pack's step and evaluation, run by the one epoch loop (:func:`kd_tune.distill.epochs.run_epochs`) that
-also trains one student. Plain PyTorch."""
+trains one, each with its own seed, alpha, temperature, labels, teacher, distillation method and knobs; a member that
+diverges is masked out alone. The pack's step and evaluation, run by the one epoch loop
+(:func:`kd_tune.distill.epochs.run_epochs`) that also trains one student. Plain PyTorch."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from torch import nn
 
 from kd_tune.distill.augment import NO_AUGMENT, Augment, epoch_generator
 from kd_tune.distill.epochs import EpochMetrics, TrainResult, check_augment, run_epochs
-from kd_tune.distill.losses import DEFAULT_LOSS, get_loss
+from kd_tune.distill.losses import KDLossTerms, TermsFn, get_loss
 from kd_tune.distill.metrics import Evaluation, evaluations, validations
 from kd_tune.distill.online import OnlineTeacher
 from kd_tune.distill.optim import Optimizer
 from kd_tune.distill.packed import member_model, pack_size
 from kd_tune.distill.train import TensorData, epoch_order, eval_batch, predict_logits, step_precision
 from kd_tune.errors import DivergedError
+from kd_tune.space.methods import METHODS, canonical_knobs
 
 EVAL_STUDENT_IMAGES = 32768
 """Images times members per evaluation forward of a pack: bounds its activations (the 16/32 student's first
@@ -42,6 +43,20 @@ class Member:
     """Row of ``PackData.teacher_train`` to distill from; None trains on hard labels alone (scratch)."""
     teacher_test: int | None = None
     """Row of ``PackData.teacher_test`` for the teacher-agreement metric; None reports no agreement."""
+    method: str = "kd"
+    """The registered loss it trains with (:mod:`kd_tune.distill.losses`; one of ``kd_tune.space.methods.METHODS``)."""
+    knobs: tuple[tuple[str, Any], ...] = ()
+    """Its method's knobs (``kd_tune.space.methods.Knobs``); those it does not give take the method's defaults."""
+
+    def full_knobs(self) -> tuple[tuple[str, Any], ...]:
+        """Every knob of its method that applies, defaults filled in (``canonical_knobs``; a loss registered outside
+        ``METHODS``: the knobs as given). Raises ValueError for a knob its method does not have."""
+        if self.method not in METHODS:
+            return self.knobs
+        names = METHODS[self.method].knob_names
+        if unknown := sorted(set(dict(self.knobs)) - set(names)):
+            raise ValueError(f"method {self.method} has no knob {', '.join(unknown)}; its knobs: {', '.join(names)}")
+        return canonical_knobs(self.method, self.knobs)
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,55 @@ def _check(model: nn.Module, data: PackData, members: Sequence[Member]) -> int:
     return epochs.pop()
 
 
+@dataclass(frozen=True)
+class LossGroup:
+    """Members of a pack that one call of a loss's pack form serves: one method, the same categorical knobs (those are
+    plain values of the call), each member's alpha, temperature, teacher flag and numeric knobs a [K_g] tensor."""
+
+    pack_terms: TermsFn
+    rows: torch.Tensor | None
+    """The members' indices [K_g]; None: every member of the pack, in order (the logits go in as they are, no gather)."""
+    alpha: torch.Tensor
+    temperature: torch.Tensor
+    has_teacher: torch.Tensor
+    knobs: dict[str, Any]
+
+    def terms(self, logits: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, epoch: int) -> KDLossTerms:
+        """The group's terms [K_g] from the whole pack's logits [K, B, C], teacher logits and labels."""
+        if self.rows is not None:
+            logits, labels = logits[self.rows], labels[self.rows]
+            teacher = None if teacher is None else teacher[self.rows]
+        return self.pack_terms(logits, teacher, labels, self.alpha, self.temperature, has_teacher=self.has_teacher, epoch=epoch, **self.knobs)
+
+
+def loss_groups(members: Sequence[Member], device: torch.device) -> tuple[list[LossGroup], torch.Tensor | None]:
+    """The pack's members grouped by method and categorical knobs (str or bool values), in order of first appearance,
+    and the permutation that puts the groups' concatenated [K] terms back in member order (None for one group: they
+    are in order already). Built once per epoch: a step only indexes."""
+    full = [dict(m.full_knobs()) for m in members]
+    keyed: dict[tuple[str, tuple[tuple[str, Any], ...], tuple[str, ...]], list[int]] = {}
+    for i, (m, knobs) in enumerate(zip(members, full, strict=True)):
+        categorical = tuple((n, v) for n, v in knobs.items() if isinstance(v, (str, bool)))
+        numeric = tuple(n for n, v in knobs.items() if not isinstance(v, (str, bool)))
+        keyed.setdefault((m.method, categorical, numeric), []).append(i)
+    groups = []
+    for (method, categorical, numeric), rows in keyed.items():
+        pack_terms = get_loss(method).pack_terms  # ValueError naming the registered ones
+        if pack_terms is None:
+            raise ValueError(f"loss {method!r} has no pack form: its students train one per trial")
+        group = [members[i] for i in rows]
+        groups.append(LossGroup(
+            pack_terms, None if len(keyed) == 1 else torch.tensor(rows, device=device),
+            alpha=torch.tensor([m.alpha for m in group], device=device),
+            temperature=torch.tensor([m.temperature for m in group], device=device),
+            has_teacher=torch.tensor([m.teacher is not None for m in group], device=device),
+            knobs=dict(categorical) | {n: torch.tensor([float(full[i][n]) for i in rows], device=device) for n in numeric},
+        ))
+    if len(groups) == 1:
+        return groups, None
+    return groups, torch.argsort(torch.tensor([i for rows in keyed.values() for i in rows], device=device))
+
+
 def pack_epoch(
     model: nn.Module,
     optimizer: Optimizer,
@@ -154,26 +218,22 @@ def pack_epoch(
     batch_size: int,
     active: torch.Tensor | None = None,
     precision: str = "float32",
-    loss: str = DEFAULT_LOSS,
     augment: Augment = NO_AUGMENT,
 ) -> torch.Tensor:
     """Train the pack for epoch ``epoch`` (1-based); returns each member's summed (total, hard, distill) losses [K, 3], on the device.
 
     ``active`` [K] bool masks members out of the objective (a diverged member's NaN then reaches nothing).
-    ``precision``: the forward's arithmetic, as in ``kd_tune.distill.train.train``; ``loss``: a registered loss with a pack form.
+    ``precision``: the forward's arithmetic, as in ``kd_tune.distill.train.train``. Each member's loss is its ``method``
+    with its ``knobs`` (a loss with a pack form), one call per group of members that share a method and its categorical
+    knobs (:func:`loss_groups`).
     ``augment``: each data order's batch augmented with its own draws (those of (seed, epoch), as a member alone would
     draw them), then scored by each live teacher its members learn from: once per (data order, teacher) and step, however
     many members share them.
     """
     check_augment(augment, data.teacher_train)
-    pack_terms = get_loss(loss).pack_terms
-    if pack_terms is None:
-        raise ValueError(f"loss {loss!r} has no pack form: its students train one per trial")
     device = data.train_x.device
     k, n = len(members), data.train_x.shape[0]
-    alpha = torch.tensor([m.alpha for m in members], device=device)
-    temperature = torch.tensor([m.temperature for m in members], device=device)
-    has_teacher = torch.tensor([m.teacher is not None for m in members], device=device)
+    groups, order = loss_groups(members, device)
     label_rows = torch.tensor([m.labels for m in members], device=device)[:, None]
     teacher_rows = torch.tensor([m.teacher or 0 for m in members], device=device)[:, None]
     use_teacher = data.teacher_train is not None and any(m.teacher is not None for m in members)
@@ -201,7 +261,7 @@ def pack_epoch(
             teacher = _live_logits(data, members, batches, slot) if live else None
         with step_precision(device, precision):
             logits = model(x)
-        terms = pack_terms(logits.float(), teacher, data.train_labels[label_rows, idx], alpha, temperature, has_teacher)
+        terms = _member_terms(groups, order, logits.float(), teacher, data.train_labels[label_rows, idx], epoch)
         optimizer.zero_grad(set_to_none=True)
         torch.where(active, terms.total, 0.0).sum().backward()
         optimizer.step()
@@ -209,9 +269,20 @@ def pack_epoch(
     return sums
 
 
+def _member_terms(groups: list[LossGroup], order: torch.Tensor | None, logits: torch.Tensor, teacher: torch.Tensor | None,
+                  labels: torch.Tensor, epoch: int) -> KDLossTerms:
+    """Each member's terms [K]: one loss call per group, the groups' terms put back in member order by indexing (so
+    autograd takes each member's gradient back to its own logits). One group (every pack of a single method and
+    categorical knobs) is one call on the whole tensors, no gather: the same arithmetic as before methods were mixed."""
+    if order is None:
+        return groups[0].terms(logits, teacher, labels, epoch)
+    parts = [g.terms(logits, teacher, labels, epoch) for g in groups]
+    return KDLossTerms(*(torch.cat(column)[order] for column in zip(*parts, strict=True)))
+
+
 def _live_logits(data: PackData, members: Sequence[Member], batches: list[torch.Tensor], slot: dict[int, int]) -> torch.Tensor:
     """[K, B, classes]: each member's live teacher's logits on its data order's batch; zeros for a member without one
-    (``pack_loss_terms`` ignores its row). Each (data order, teacher) pair is scored once."""
+    (every loss's pack form ignores its row). Each (data order, teacher) pair is scored once."""
     assert data.online_teachers is not None
     scored: dict[tuple[int, int], torch.Tensor] = {}
     for m in members:
@@ -235,13 +306,12 @@ def train_pack(
     on_diverged: Callable[[int, DivergedError], None] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     precision: str = "float32",
-    loss: str = DEFAULT_LOSS,
     margs: Mapping[str, Any] | None = None,
     augment: Augment = NO_AUGMENT,
 ) -> TrainResult:
     """``kd_tune.distill.train.train`` for K members at once, from the end of epoch ``start_epoch`` to the members' ``epochs``.
 
-    Member k trains with seed, alpha, temperature and data rows ``members[k]``, from the weights it
+    Member k trains with seed, alpha, temperature, method, knobs and data rows ``members[k]``, from the weights it
     has in ``model``; ``optimizer`` is e.g. ``kd_tune.distill.train.make_optimizer(model, lr)``. The callbacks,
     ``exclude`` and ``epoch_seconds`` are :func:`kd_tune.distill.epochs.run_epochs`'s; a member that diverges is
     masked out and the others go on.
@@ -249,7 +319,7 @@ def train_pack(
     epochs = _check(model, data, members)
 
     def step(epoch: int, active: torch.Tensor) -> torch.Tensor:
-        return pack_epoch(model, optimizer, data, members, epoch, batch_size, active, precision, loss, augment)
+        return pack_epoch(model, optimizer, data, members, epoch, batch_size, active, precision, augment)
 
     def evaluated(which: Sequence[int]) -> dict[int, tuple[Evaluation, tuple[float | None, float | None]]]:
         return evaluate_pack(model, data, members, which, margs=margs)

@@ -13,9 +13,10 @@ the same numbers as an uninterrupted k-epoch run (on the CPU).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -149,15 +150,18 @@ def train_epoch(
     alpha: float = 1.0,
     temperature: float = 1.0,
     precision: str = "float32",
-    loss: str = DEFAULT_LOSS,
+    method: str = DEFAULT_LOSS,
+    knobs: Mapping[str, Any] | tuple[tuple[str, Any], ...] = (),
     augment: Augment = NO_AUGMENT,
 ) -> torch.Tensor:
     """Train for epoch ``epoch`` (1-based, its order :func:`epoch_order`); returns the summed (total, hard, distill)
     losses [3], on the device (``kd_tune.distill.pack_train.pack_epoch`` is its twin for a pack). ``augment``: what each
     batch goes through first (its draws a function of (seed, epoch) alone); then the teacher, if any, must be live
-    (``data.online_teacher``, which scores the augmented batch): cached logits are of the plain images."""
+    (``data.online_teacher``, which scores the augmented batch): cached logits are of the plain images. ``method`` and
+    ``knobs``: the registered loss and its keyword arguments (as :func:`train`)."""
     check_augment(augment, data.teacher_train)
-    loss_terms = get_loss(loss).terms
+    loss_terms = get_loss(method).terms
+    kwargs = dict(knobs)
     n = data.train_x.shape[0]
     order = epoch_order(n, seed, epoch).to(data.train_x.device)
     draws = epoch_generator(seed, epoch) if augment.active else None
@@ -169,7 +173,7 @@ def train_epoch(
         with step_precision(data.train_x.device, precision):
             logits = model(x)
         teacher = data.online_teacher(x) if data.online_teacher is not None else None if data.teacher_train is None else data.teacher_train[idx]
-        terms = loss_terms(logits.float(), teacher, data.train_y[idx], alpha, temperature)
+        terms = loss_terms(logits.float(), teacher, data.train_y[idx], alpha, temperature, epoch=epoch, **kwargs)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         optimizer.step()
@@ -190,19 +194,22 @@ def train(
     start_epoch: int = 0,
     on_epoch: Callable[[EpochMetrics, Evaluation], None] | None = None,
     precision: str = "float32",
-    loss: str = DEFAULT_LOSS,
+    method: str = DEFAULT_LOSS,
+    knobs: Mapping[str, Any] | tuple[tuple[str, Any], ...] = (),
     augment: Augment = NO_AUGMENT,
 ) -> list[EpochMetrics]:
     """Train from the end of epoch ``start_epoch`` to the end of epoch ``epochs``.
 
-    With ``data.teacher_train`` the loss is the registered ``loss`` (:mod:`kd_tune.distill.losses`; by default
-    Hinton's, :func:`~kd_tune.distill.losses.kd_loss_terms`); without it, cross-entropy on the labels. ``on_epoch`` sees each epoch's metrics (and may checkpoint).
+    With ``data.teacher_train`` the loss is the registered ``method`` (:mod:`kd_tune.distill.losses`; by default
+    Hinton's, :func:`~kd_tune.distill.losses.kd_loss_terms`) with ``knobs`` as its keyword arguments (a method's knobs,
+    ``kd_tune.space.methods.Knobs`` or a mapping; those not given take the loss's defaults, which are the method's);
+    without it, the loss with a zero distillation term (kd's: cross-entropy on the labels). ``on_epoch`` sees each epoch's metrics (and may checkpoint).
     ``precision``: the forward's arithmetic (:func:`step_precision`); evaluation is always float32.
     Raises :class:`DivergedError` naming the epoch when the loss is NaN or infinite.
     """
 
     def step(epoch: int, active: torch.Tensor) -> torch.Tensor:
-        return train_epoch(model, optimizer, data, epoch, batch_size, seed, alpha, temperature, precision, loss, augment)[None]
+        return train_epoch(model, optimizer, data, epoch, batch_size, seed, alpha, temperature, precision, method, knobs, augment)[None]
 
     def evaluated(which: Sequence[int]) -> dict[int, tuple[Evaluation, tuple[float | None, float | None]]]:
         return {0: (evaluate(model, data), validate(model, data))} if which else {}

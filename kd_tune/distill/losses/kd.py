@@ -1,27 +1,15 @@
-"""Distillation losses by name: small pure functions, each with its formula and citation, in a registry.
-
-A loss gives the batch means of its hard-label term, its distillation term and their weighted total
-(:class:`KDLossTerms`) for one student (``terms``) and, where it can, for each member of a pack at once
-(``pack_terms``, shapes [K]). The training loops look a loss up by name (:func:`get_loss`); a new loss is one
-function (or two) and a :func:`register_loss` call.
-"""
+"""Hinton's knowledge distillation (``kd``), with the divergence between the softened distributions and logit
+standardization as its knobs. Its defaults (forward KL, no standardization) are Hinton's loss, computed by the very
+code it always was (bit for bit)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-
-class KDLossTerms(NamedTuple):
-    """The batch means of the hard-label loss, the distillation loss and their weighted total."""
-
-    hard: torch.Tensor
-    distill: torch.Tensor
-    total: torch.Tensor
+from kd_tune.distill.losses.common import Knob, per_member
+from kd_tune.distill.losses.divergences import divergence_rows
+from kd_tune.distill.losses.registry import KDLossTerms, register_loss
 
 
 def kd_loss_terms(
@@ -30,6 +18,12 @@ def kd_loss_terms(
     labels: torch.Tensor,
     alpha: float,
     temperature: float,
+    *,
+    epoch: int = 1,
+    divergence: str = "forward_kl",
+    skew: float = 0.1,
+    standardize: bool = False,
+    has_teacher: bool | None = None,
 ) -> KDLossTerms:
     r"""Hinton et al. (2015), "Distilling the Knowledge in a Neural Network", arXiv:1503.02531:
 
@@ -40,15 +34,22 @@ def kd_loss_terms(
     factor keeps the soft term's gradients on the same scale as the hard term's whatever T is
     (the soft gradients shrink as 1/T^2). Both terms are means over the batch; KL uses log-space
     targets so that a confident teacher (probabilities that underflow) gives no NaN.
-    With ``teacher_logits=None`` the distillation term is zero (the scratch baseline).
+    With ``teacher_logits=None`` (or ``has_teacher`` False) the distillation term is zero (the scratch baseline).
+
+    Knobs (``kd_tune.space.methods.METHODS["kd"]``): ``divergence`` replaces the KL (:func:`~kd_tune.distill.losses.divergences.divergence_rows`: forward_kl,
+    Hinton's and the default; reverse_kl, MiniLLM's (Gu et al., ICLR 2024); js; skew_kl and skew_reverse_kl with skew
+    ``skew``, DistiLLM's (Ko et al., ICML 2024; default 0.1)), always times T^2; ``standardize`` z-scores both logits
+    before the temperature (Sun et al., CVPR 2024; default off). ``epoch``: unused (every loss takes it).
     """
     hard = F.cross_entropy(student_logits, labels)
-    if teacher_logits is None:
+    if teacher_logits is None or has_teacher is False:
         distill = torch.zeros((), dtype=hard.dtype, device=hard.device)
-    else:
+    elif divergence == "forward_kl" and not standardize:  # Hinton's loss, exactly as it always was computed
         log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
         log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
         distill = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+    else:
+        distill = divergence_rows(student_logits, teacher_logits, temperature, divergence, skew, standardize).mean() * temperature**2
     if alpha == 1.0:
         total = hard  # exactly scratch training: no 0 * distill term that could carry a NaN
     else:
@@ -74,6 +75,11 @@ def pack_loss_terms(
     alpha: torch.Tensor,
     temperature: torch.Tensor,
     has_teacher: torch.Tensor | None = None,
+    *,
+    epoch: int = 1,
+    divergence: str = "forward_kl",
+    skew: Knob = 0.1,
+    standardize: bool = False,
 ) -> KDLossTerms:
     r"""``kd_loss_terms`` for each member of a pack: terms of shape [K], each its member's batch mean.
 
@@ -84,9 +90,10 @@ def pack_loss_terms(
         distill_k = \frac{T_k^2}{B} \sum_b KL(softmax(t_{kb} / T_k) \,\|\, softmax(z_{kb} / T_k)) \\
         total_k = hard_k \text{ if } \alpha_k = 1, \text{ else } \alpha_k \, hard_k + (1 - \alpha_k) \, distill_k
 
-    with KL on log-space targets. A member without a teacher (``has_teacher`` False; all of them when
+    with KL on log-space targets (or the divergence ``divergence``, skew ``skew`` [K], ``standardize``: as in
+    :func:`kd_loss_terms`). A member without a teacher (``has_teacher`` False; all of them when
     ``teacher_logits`` is None) has distill_k = 0 exactly, whatever its row of ``teacher_logits`` holds.
-    Shapes: logits [K, B, classes], labels [K, B], alpha / temperature / has_teacher [K].
+    Shapes: logits [K, B, classes], labels [K, B], alpha / temperature / has_teacher / skew [K].
     Train on ``total.sum()``: members share no parameter, so each one's gradient is its own.
     """
     k, b, classes = student_logits.shape
@@ -101,45 +108,14 @@ def pack_loss_terms(
         z = torch.where(used, student_logits, student_logits.detach())
         t = torch.where(has[:, None, None], teacher_logits, 0.0)
         temp = temperature[:, None, None]
-        kl = F.kl_div(F.log_softmax(z / temp, dim=-1), F.log_softmax(t / temp, dim=-1), reduction="none", log_target=True)
-        distill = torch.where(has, kl.sum(-1).mean(1) * temperature**2, 0.0)
+        if divergence == "forward_kl" and not standardize:  # Hinton's loss, exactly as it always was computed
+            kl = F.kl_div(F.log_softmax(z / temp, dim=-1), F.log_softmax(t / temp, dim=-1), reduction="none", log_target=True)
+            rows = kl.sum(-1)
+        else:
+            rows = divergence_rows(z, t, temp, divergence, per_member(skew, 2), standardize)
+        distill = torch.where(has, rows.mean(1) * temperature**2, 0.0)
     total = torch.where(alpha == 1, hard, alpha * hard + (1 - alpha) * distill)
     return KDLossTerms(hard, distill, total)
-
-
-TermsFn = Callable[..., KDLossTerms]
-"""``(student_logits, teacher_logits or None, labels, alpha, temperature) -> KDLossTerms``."""
-
-
-@dataclass(frozen=True)
-class Loss:
-    """A registered loss: its one-student form and, if it has one, its pack form (every member at once)."""
-
-    name: str
-    terms: TermsFn
-    pack_terms: TermsFn | None = None
-    """``(logits [K, B, C], teacher [K, B, C] or None, labels [K, B], alpha [K], temperature [K], has_teacher [K] or None)``;
-    None: students trained with this loss do not pack."""
-
-
-LOSSES: dict[str, Loss] = {}
-DEFAULT_LOSS = "kd"
-
-
-def register_loss(name: str, terms: TermsFn, pack_terms: TermsFn | None = None) -> Loss:
-    """Add a loss to the registry under ``name``."""
-    if name in LOSSES:
-        raise ValueError(f"loss {name!r} is registered twice")
-    LOSSES[name] = Loss(name, terms, pack_terms)
-    return LOSSES[name]
-
-
-def get_loss(name: str = DEFAULT_LOSS) -> Loss:
-    """The registered loss ``name``; raises ValueError naming the registered ones."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"loss {name!r} is not registered; allowed: {', '.join(sorted(LOSSES))}") from None
 
 
 register_loss("kd", kd_loss_terms, pack_loss_terms)  # Hinton et al. (2015)
