@@ -179,8 +179,9 @@ def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Pat
     from kd_tune.sweep.teacher_cache import TeacherCache
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Two entries of one ensemble: the plain mean, and weights that keep the first member alone (the weights as an axis).
     space = write_space(tiny_space(name="ens", teacher={"widths": [8, 16], "epochs": 1, "lr": 0.003, "batch_size": 64, "ensemble": 2},
-                                   grid={"alpha": [0.5], "epochs": [1]}))
+                                   grid={"alpha": [0.5], "epochs": [1], "teacher": {"mean": {}, "first": {"ensemble_weights": [1.0, 0.0]}}}))
     outcome = run_sweep(space, resolve_storage(str(tmp_path / "store")), SweepOptions(data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True),
                         log=lambda s: None)
     assert outcome.ok
@@ -188,12 +189,20 @@ def test_teacher_ensemble_averages_cached_members(write_space: Callable[..., Pat
     split = data.prepare("mnist", 1000, 0.0, 0, FIXTURE_DATA, val_size=100)
     cache = TeacherCache(resolve_storage(str(tmp_path / "store")))
     members = [cache.load(teacher_key(spec.dataset, m, split)) for m in spec.teacher.members()]
-    assert all(m is not None for m in members) and len(cache.keys()) == 2  # each member cached on its own
+    # Each member cached on its own, once for both entries (the weights are no part of a member).
+    assert all(m is not None for m in members) and len(cache.keys()) == 2
     avg = torch.stack([m.test_logits for m in members if m is not None]).mean(0)
     assert outcome.teacher_acc == pytest.approx((avg.argmax(1) == split.test_y).float().mean().item())
-    runs = _runs_by_role(MlflowClient(uri), "ens")
-    assert sorted(r.info.run_name for r in runs["teacher"]) == ["teacher-0", "teacher-1"]
-    assert sorted(r.data.params["teacher.seed"] for r in runs["teacher"]) == ["0", "1"]
+    client = MlflowClient(uri)
+    runs = _runs_by_role(client, "ens")
+    assert sorted(r.info.run_name for r in runs["teacher"]) == ["teacher-first-0", "teacher-first-1", "teacher-mean-0", "teacher-mean-1"]
+    assert sorted(r.data.params["teacher.seed"] for r in runs["teacher"]) == ["0", "0", "1", "1"]
+    parent = client.get_run(runs["student"][0].data.tags[TAG_PARENT]).data.metrics
+    first = members[0]
+    assert first is not None
+    assert parent["teacher_test_acc_first"] == pytest.approx((first.test_logits.argmax(1) == split.test_y).float().mean().item())
+    assert parent["teacher_test_acc_mean"] == pytest.approx(outcome.teacher_acc)
+    assert sorted(r.data.params["teacher.ensemble_weights"] for r in runs["student"]) == ["[1.0, 0.0]", "[]"]
 
 
 @pytest.mark.integration
@@ -258,3 +267,55 @@ def test_the_embedded_ray_is_the_drivers_only_node(shared_ray: None, monkeypatch
     assert not driver_is_the_only_node("127.0.0.1:6379")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert not driver_is_the_only_node(None)
+
+
+@pytest.mark.integration
+def test_method_axis_sweep_trains_each_method_in_one_mixed_pack(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
+    """grid.method in a real sweep: kd, DKD at two betas, DIST and standardized kd packed with the scratch baseline
+    into one trial; every grid point is a run whose params and name carry its method and knobs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    grid = {"alpha": [0.5], "temperature": [3.0], "epochs": [1, 2], "seed": [0],
+            "method": ["kd", {"method": "dkd", "alpha": 1.0, "nckd_weight": [2.0, 8.0], "warmup": 1}, {"method": "dist", "alpha": 1.0},
+                       {"method": "kd", "standardize": True}]}
+    space = write_space(tiny_space(name="methods", grid=grid, baselines=["scratch"], resources={"cpu": 1, "gpu": 0, "pack": 8}))
+    outcome = run_sweep(space, resolve_storage(str(tmp_path / "store")), SweepOptions(data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True),
+                        log=lambda s: None)
+    assert outcome.ok and outcome.total == 12
+    assert sorted(outcome.table["method"].tolist()) == ["dist"] * 2 + ["dkd"] * 4 + ["kd"] * 6
+    runs = _runs_by_role(MlflowClient(uri), "methods")
+    by_name = {r.info.run_name: r for r in runs["student"] + runs["scratch"]}
+    assert set(by_name) == {f"{p}-e{e}-s0" for e in (1, 2) for p in ("a0.5-T3", "dkd-nw2-wu1-a1-T3", "dkd-wu1-a1-T3", "dist-a1-T3", "kd-ls-a0.5-T3")} | {
+        "scratch-e1-s0", "scratch-e2-s0"}
+    assert len(runs["student"]) + len(runs["scratch"]) == 12  # one run per grid point, none twice
+    dkd = by_name["dkd-nw2-wu1-a1-T3-e1-s0"].data.params
+    assert (dkd["method"], dkd["nckd_weight"], dkd["tckd_weight"], dkd["warmup"], dkd["standardize"]) == ("dkd", "2.0", "1.0", "1", "False")
+    kd = by_name["a0.5-T3-e1-s0"].data.params
+    assert (kd["method"], kd["divergence"], kd["standardize"]) == ("kd", "forward_kl", "False") and "nckd_weight" not in kd
+    assert by_name["kd-ls-a0.5-T3-e1-s0"].data.params["standardize"] == "True"
+    # Each member trained with its own loss: DKD's distillation term scales with its beta, and no two methods agree.
+    distill = {name: r.data.metrics["train_distill_loss"] for name, r in by_name.items() if name.endswith("-e1-s0") and "scratch" not in name}
+    assert len(set(distill.values())) == len(distill)
+    assert distill["dkd-wu1-a1-T3-e1-s0"] > distill["dkd-nw2-wu1-a1-T3-e1-s0"]
+    assert by_name["scratch-e1-s0"].data.metrics["train_distill_loss"] == 0.0
+
+
+@pytest.mark.integration
+def test_method_search_samples_each_methods_knobs(write_space: Callable[..., Path], tmp_path: Path, shared_ray: None) -> None:
+    """A search over methods through Ray Tune's OptunaSearch: DKD's beta is sampled for DKD trials alone."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    grid = {"alpha": {"low": 0.0, "high": 1.0}, "temperature": [3.0], "epochs": [1], "seed": [0],
+            "method": ["kd", {"method": "dkd", "alpha": 1.0, "nckd_weight": {"low": 1.0, "high": 8.0}}]}
+    space = write_space(tiny_space(name="msearch", grid=grid, search={"algorithm": "random", "num_samples": 6, "max_concurrent": 2, "seed": 1}))
+    outcome = run_sweep(space, resolve_storage(str(tmp_path / "store")), SweepOptions(data_dir=str(FIXTURE_DATA), tracking_uri=uri, quiet=True),
+                        log=lambda s: None)
+    assert outcome.ok
+    students = _runs_by_role(MlflowClient(uri), "msearch")["student"]
+    assert len(students) == 6
+    methods = [r.data.params["method"] for r in students]
+    assert set(methods) == {"kd", "dkd"}, methods  # seeded: this seed samples both
+    for r in students:
+        p = r.data.params
+        if p["method"] == "dkd":
+            assert float(p["alpha"]) == 1.0 and 1.0 <= float(p["nckd_weight"]) <= 8.0 and r.info.run_name.startswith("dkd-")
+        else:
+            assert "nckd_weight" not in p and p["divergence"] == "forward_kl"

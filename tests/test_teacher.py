@@ -116,3 +116,30 @@ def test_a_cpu_teacher_on_the_embedded_ray_trains_in_the_driver(tmp_path: Path, 
     assert got.key == key and torch.equal(got.train_logits, want.train_logits) and torch.equal(got.test_logits, want.test_logits)
     assert any(m.startswith("teacher epoch 1/1") for m in messages) and any("cached in" in m for m in messages)
     assert TeacherCache(resolve_storage(str(tmp_path / "store"))).load(key) is not None
+
+
+def test_weighted_ensemble_averages_logits_by_weight(split: data_split.DataSplit, teacher: Teacher) -> None:
+    """An ensemble's members weighted as ``teacher.ensemble_weights`` says: cached logits and a live teacher alike."""
+    from kd_tune.distill.online import OnlineTeacher
+    from kd_tune.distill.teacher import ensemble_logits
+    from kd_tune.space.parse import parse_space
+
+    from .conftest import tiny_space
+
+    other = replace(teacher, train_logits=teacher.train_logits * -2.0 + 1.0, test_logits=teacher.test_logits * -2.0 + 1.0)
+    train, test, acc = ensemble_logits([teacher, other], split.test_y, (0.75, 0.25))
+    # 0.75 z + 0.25 (-2 z + 1) = 0.25 z + 0.25, worked out by hand.
+    torch.testing.assert_close(train, 0.25 * teacher.train_logits + 0.25)
+    assert acc == pytest.approx(((0.25 * teacher.test_logits + 0.25).argmax(1) == split.test_y).float().mean().item())
+    assert torch.equal(ensemble_logits([teacher, other], split.test_y)[1], torch.stack([teacher.test_logits, other.test_logits]).mean(0))
+
+    nets = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)]
+    x = torch.randn(5, 3)
+    live = OnlineTeacher(nets, (0.9, 0.1))(x)
+    torch.testing.assert_close(live, 0.9 * nets[0](x) + 0.1 * nets[1](x))
+
+    spec = parse_space(tiny_space(teacher={"widths": [8, 16], "epochs": 1, "ensemble": 3, "ensemble_weights": [2, 1, 1]}), "x.yaml")
+    assert spec.teacher.weights() == (0.5, 0.25, 0.25)
+    assert [m.ensemble_weights for m in spec.teacher.members()] == [(), (), ()]  # the members are the unweighted networks
+    with pytest.raises(Exception, match=r"key 'teacher.ensemble_weights': bad value \[1, 1\]; allowed: 3 numbers >= 0"):
+        parse_space(tiny_space(teacher={"widths": [8, 16], "epochs": 1, "ensemble": 3, "ensemble_weights": [1, 1]}), "x.yaml")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from kd_tune.cli.args import PlanArgs
+from kd_tune.space.methods import METHODS
 from kd_tune.space.options import SweepOptions, apply_overrides
 from kd_tune.space.parse import load_space
 from kd_tune.space.schema import SweepSpec
@@ -31,7 +32,7 @@ def show_plan(args: PlanArgs) -> int:
         trials = f"{n} {'packed ' if spec.packed else ''}trial{'' if n == 1 else 's'}" + (f" of up to {spec.resources.pack_size} students" if spec.packed else "")
         print(f"{space}: sweep {spec.name!r}, {len(spec.grid_points())} grid points, {trials} "
               f"(epoch sharing {'on' if spec.share_epochs else 'off'}{f'; {precision}' if precision else ''})")
-    for line in model_lines(spec):
+    for line in model_lines(spec) + method_lines(spec):
         print(line)
     if spec.packed:
         packs = spec.packs()
@@ -75,4 +76,16 @@ def model_lines(spec: SweepSpec) -> list[str]:
     for name in spec.unpacked_students():
         arch = spec.students()[name].arch
         lines.append(f"note: students of {arch}{f' (grid.student.{name})' if name else ''} do not pack: one per trial")
+    return lines
+
+
+def method_lines(spec: SweepSpec) -> list[str]:
+    """The ``grid.method`` axis of a grid: each method, how many grid points it has and how it weights its distillation."""
+    if not spec.grid.method or spec.is_search:
+        return []
+    points = [p for p in spec.grid_points() if p.role == "student"]
+    lines = ["methods (each point's knobs are in its label; left out: the method's defaults):"]
+    for name in dict.fromkeys(p.variant for p in points):
+        mine = [p for p in points if p.variant == name]
+        lines.append(f"  {name}: {len(mine)} grid point{'' if len(mine) == 1 else 's'}; distillation weighted by {METHODS[mine[0].method].distill_weight}")
     return lines

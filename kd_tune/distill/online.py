@@ -25,10 +25,14 @@ from kd_tune.distill.models import build
 class OnlineTeacher:
     """The teacher networks of one ``grid.teacher`` entry (one, or an ensemble), ready to score batches."""
 
-    def __init__(self, models: Sequence[nn.Module]) -> None:
+    def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] = ()) -> None:
         if not models:
             raise ValueError("an online teacher needs at least one network")
+        if weights and len(weights) != len(models):
+            raise ValueError(f"{len(weights)} weights for an ensemble of {len(models)}")
         self.models = [m.eval() for m in models]
+        self.weights = tuple(weights)
+        """Each network's weight in the logit average (summing to 1), as the cached ensemble's; empty: the plain mean."""
         self.forwards = 0
         """Batches scored so far (one per call, whatever the ensemble's size)."""
 
@@ -38,10 +42,14 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, classes] of the images ``x`` [B, C, H, W] (float32; an ensemble's mean)."""
+        """Logits [B, classes] of the images ``x`` [B, C, H, W] (float32; an ensemble's (weighted) mean)."""
         self.forwards += 1
         logits = [m(x).float() for m in self.models]
-        return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
+        if len(logits) == 1:
+            return logits[0]
+        if not self.weights:
+            return torch.stack(logits).mean(0)
+        return sum((w * z for w, z in zip(self.weights, logits, strict=True)), torch.zeros_like(logits[0]))
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,6 @@ class TeacherNet:
             return load_model(path)[0]
 
 
-def online_teacher(nets: Sequence[TeacherNet], device: torch.device | str) -> OnlineTeacher:
-    """The live teacher of these networks (one, or an ensemble) on ``device``."""
-    return OnlineTeacher([net.network() for net in nets]).to(device)
+def online_teacher(nets: Sequence[TeacherNet], device: torch.device | str, weights: Sequence[float] = ()) -> OnlineTeacher:
+    """The live teacher of these networks (one, or an ensemble weighted by ``weights``) on ``device``."""
+    return OnlineTeacher([net.network() for net in nets], weights).to(device)

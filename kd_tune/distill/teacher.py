@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -75,10 +75,17 @@ def train_teacher(
     return Teacher(key, margs, state, train_logits, test_logits, history[-1].test_acc, [m.as_dict() for m in history])
 
 
-def ensemble_logits(teachers: list[Teacher], test_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Train and test logits averaged over the members, and the test accuracy of that average."""
-    train = torch.stack([t.train_logits for t in teachers]).mean(dim=0)
-    test = torch.stack([t.test_logits for t in teachers]).mean(dim=0)
+def ensemble_logits(teachers: list[Teacher], test_y: torch.Tensor, weights: Sequence[float] = ()) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Train and test logits averaged over the members (weighted by ``weights``, which sum to 1; empty: the plain mean),
+    and the test accuracy of that average."""
+    def average(logits: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(logits)
+        if not weights:
+            return stacked.mean(dim=0)
+        return (stacked * torch.tensor(weights, dtype=stacked.dtype)[:, None, None]).sum(dim=0)
+
+    train = average([t.train_logits for t in teachers])
+    test = average([t.test_logits for t in teachers])
     return train, test, (test.argmax(dim=1) == test_y).float().mean().item()
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from kd_tune.data.registry import REGISTRY
 from kd_tune.errors import SpaceError, first_line
+from kd_tune.space.parse_methods import read_methods
 from kd_tune.space.parse_sections import read_student, read_teacher, read_variants
 from kd_tune.space.reader import Reader
 from kd_tune.space.schema import (
@@ -28,6 +29,7 @@ from kd_tune.space.schema import (
     Axis,
     DatasetSpec,
     GridSpec,
+    MethodEntry,
     Range,
     ResourcesSpec,
     SchedulerSpec,
@@ -36,6 +38,7 @@ from kd_tune.space.schema import (
     is_valid_name,
 )
 from kd_tune.space.sections import StudentSpec, TeacherSpec
+from kd_tune.space.trials import TrialPoint
 
 
 def parse_space(data: object, source: str) -> SweepSpec:
@@ -58,7 +61,7 @@ def parse_space(data: object, source: str) -> SweepSpec:
     student = read_student(r, "student", top.get("student"))
 
     search = _search(r, top, dataset)
-    g = r.section(top, "grid", ("alpha", "temperature", "epochs", "seed", "label_noise", "student", "teacher"), required=("alpha",))
+    g = r.section(top, "grid", ("alpha", "temperature", "epochs", "seed", "label_noise", "student", "teacher", "method"))
     students = read_variants(r, "grid.student", g.get("student"), top["student"], read_student)
     teachers = read_variants(r, "grid.teacher", g.get("teacher"), top["teacher"], read_teacher)
     noise_axis: tuple[float, ...] = ()
@@ -69,20 +72,33 @@ def parse_space(data: object, source: str) -> SweepSpec:
         if search.is_search:
             raise r.fail("grid.label_noise", g["label_noise"], f"no label-noise axis with search.algorithm {search.algorithm} "
                                                                "(dataset.label_noise gives every trial one level; an axis needs algorithm grid)")
+
+    def alpha(k: str, v: object, lo_open: bool = False) -> float:
+        return r.number(k, v, 0.0, 1.0, lo_open=lo_open)
+
+    def temperature(k: str, v: object, lo_open: bool = True) -> float:
+        return r.number(k, v, 0.0, math.inf, lo_open=True)
+
+    def axis(k: str, v: object, read: Callable[..., float]) -> Axis:
+        return _axis(r, k, v, search, read)
+
+    methods = read_methods(r, g.get("method"), search, axis, alpha, temperature)
+    if "alpha" not in g and not (methods and all(m.alpha is not None for m in methods)):
+        raise r.fail("grid.alpha", "<missing>", "this key is required (unless every grid.method entry sets its own alpha)")
     grid = GridSpec(
-        alpha=_axis(r, "grid.alpha", g["alpha"], search, lambda k, v, lo_open=False: r.number(k, v, 0.0, 1.0, lo_open=lo_open)),
-        temperature=_axis(r, "grid.temperature", g.get("temperature", [3.0]), search,
-                          lambda k, v, lo_open=True: r.number(k, v, 0.0, math.inf, lo_open=True)),
+        alpha=axis("grid.alpha", g["alpha"], alpha) if "alpha" in g else (),
+        temperature=axis("grid.temperature", g.get("temperature", [3.0]), temperature),
         epochs=r.items("grid.epochs", g.get("epochs", [1]), lambda k, v: r.integer(k, v, 1)),
         seed=r.items("grid.seed", g.get("seed", [0]), lambda k, v: r.integer(k, v, 0)),
         label_noise=noise_axis,
         student=tuple(name for name, _ in students),
         teacher=tuple(name for name, _ in teachers),
+        method=methods,
     )
-    if search.is_search and not any(isinstance(v, Range) or len(v) > 1 for v in (grid.alpha, grid.temperature, grid.epochs, grid.seed,
-                                                                               grid.student, grid.teacher)):
+    if search.is_search and not _searches_something(grid):
         raise r.fail("grid", g, f"with search.algorithm {search.algorithm}, at least one of grid.alpha, grid.temperature "
-                                "(a range {low, high} or several values), grid.epochs or grid.seed (several values) to search over")
+                                "(a range {low, high} or several values), grid.epochs or grid.seed (several values), or several "
+                                "grid.method entries or knob values to search over")
     scheduler = _scheduler(r, top, search, grid)
 
     baselines_raw = top.get("baselines", [])
@@ -103,8 +119,40 @@ def parse_space(data: object, source: str) -> SweepSpec:
     share = top.get("share_epochs", True)
     if not isinstance(share, bool):
         raise r.fail("share_epochs", share, "true or false")
-    return SweepSpec(name, dataset, teacher, student, grid, baselines, resources, max_failures, share, search, scheduler,
+    spec = SweepSpec(name, dataset, teacher, student, grid, baselines, resources, max_failures, share, search, scheduler,
                      student_variants=students, teacher_variants=teachers)
+    _check_distinct(r, spec, g.get("method"))
+    return spec
+
+
+def _searches_something(grid: GridSpec) -> bool:
+    """Whether a search has anything to choose: an axis with a range or several values, several methods or knob values."""
+    def varies(axis: object) -> bool:
+        return isinstance(axis, Range) or (isinstance(axis, tuple) and len(axis) > 1)
+
+    methods = grid.methods()
+    return (len(methods) > 1 or any(varies(v) for m in methods for _, v in m.knobs)
+            or any(varies(a) for m in methods for a in m.axes(grid)) or any(varies(a) for a in (grid.epochs, grid.seed, grid.student, grid.teacher)))
+
+
+def _check_distinct(r: Reader, spec: SweepSpec, raw_methods: object) -> None:
+    """Two ``grid.method`` entries that give the same trial would train it twice (and share its runs): refused."""
+    if not raw_methods:
+        return
+    if spec.is_search:
+        entries = spec.grid.method
+        for i, entry in enumerate(entries):
+            if entry in entries[:i]:
+                raise r.fail(f"grid.method[{i}]", raw_methods[i], f"an entry unlike grid.method[{entries.index(entry)}]")  # type: ignore[index]
+        return
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(spec.grid.method):
+        for a, t, knobs in entry.points(spec.grid):
+            label = TrialPoint("student", a, t, 1, 0, method=entry.method, knobs=knobs).label
+            if label in seen:
+                raise r.fail(f"grid.method[{i}]", raw_methods[i], f"an entry whose trials are its own: grid.method[{seen[label]}] also "  # type: ignore[index]
+                                                                 f"gives {label.removesuffix('-e1-s0')}")
+            seen[label] = i
 
 
 def _dataset(r: Reader, top: Mapping[str, Any]) -> DatasetSpec:
@@ -255,9 +303,23 @@ def _section_yaml(spec: StudentSpec | TeacherSpec) -> dict[str, Any]:
         return {"from": spec.source}
     data = _plain(asdict(spec))
     data.pop("source", None)
+    if not data.get("ensemble_weights", True):
+        del data["ensemble_weights"]  # equal weights: the key left out, as a user leaves it
     model = data.pop("model")
     args = dict(spec.model.kwargs())
     return {"arch": model["arch"], **({"args": args} if spec.model.is_factory else args), **data}
+
+
+def _method_yaml(entry: MethodEntry) -> dict[str, Any]:
+    """A ``grid.method`` entry as YAML reads it back."""
+    def axis(v: object) -> Any:
+        return asdict(v) if isinstance(v, Range) else _plain(v)
+
+    out: dict[str, Any] = {"method": entry.method}
+    for key in ("alpha", "temperature"):
+        if getattr(entry, key) is not None:
+            out[key] = axis(getattr(entry, key))
+    return out | {name: axis(values) for name, values in entry.knobs}
 
 
 def space_to_yaml(spec: SweepSpec) -> str:
@@ -274,6 +336,11 @@ def space_to_yaml(spec: SweepSpec) -> str:
             data["grid"][axis] = {name: _section_yaml(v) for name, v in variants}
     if not data["grid"]["label_noise"]:
         del data["grid"]["label_noise"]  # no noise axis: dataset.label_noise holds the one value
+    del data["grid"]["method"]
+    if spec.grid.method:
+        data["grid"]["method"] = [_method_yaml(m) for m in spec.grid.method]
+    if not spec.grid.alpha:
+        del data["grid"]["alpha"]  # every method entry has its own
     if not spec.is_search:
         data["search"] = {"algorithm": "grid"}  # the other keys belong to a search only
     if data["scheduler"] is None:

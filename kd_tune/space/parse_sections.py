@@ -3,6 +3,7 @@ file or an MLflow model) and the ``grid.student`` / ``grid.teacher`` axes, names
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ from kd_tune.space.sections import (
     is_model_uri,
 )
 
-TRAINED_TEACHER_KEYS = ("epochs", "lr", "batch_size", "seed", "ensemble", "clean", "augment", "augment_pad")
+TRAINED_TEACHER_KEYS = ("epochs", "lr", "batch_size", "seed", "ensemble", "ensemble_weights", "clean", "augment", "augment_pad")
 STUDENT_KEYS = ("lr", "batch_size", "precision", "augment", "augment_pad")
 VARIANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]{0,39}$")
 VARIANT_ALLOWED = "1-40 letters, digits, '_' or '.', starting with a letter or digit (it names the grid point's runs)"
@@ -82,13 +83,21 @@ def read_teacher(r: Reader, key: str, raw: object) -> TeacherSpec:
     if not isinstance(clean, bool):
         raise r.fail(f"{key}.clean", clean, "true or false")
     augment = r.choice(f"{key}.augment", t.get("augment", "none"), AUGMENTATIONS)
+    ensemble = r.integer(f"{key}.ensemble", t.get("ensemble", 1), 1, 16)
+    weights: tuple[float, ...] = ()
+    if t.get("ensemble_weights") is not None:
+        weights = r.items(f"{key}.ensemble_weights", t["ensemble_weights"], lambda k, v: r.number(k, v, 0.0, math.inf), unique=False)
+        if len(weights) != ensemble or not sum(weights) > 0:
+            raise r.fail(f"{key}.ensemble_weights", t["ensemble_weights"], f"{ensemble} numbers >= 0 (one per member of {key}.ensemble = "
+                                                                          f"{ensemble}), not all 0")
     return TeacherSpec(
         model,
         epochs=r.integer(f"{key}.epochs", t["epochs"], 1),
         lr=r.number(f"{key}.lr", t.get("lr", 1e-3), 0.0, 10.0, lo_open=True),
         batch_size=r.integer(f"{key}.batch_size", t.get("batch_size", 128), 1),
         seed=r.integer(f"{key}.seed", t.get("seed", 0), 0),
-        ensemble=r.integer(f"{key}.ensemble", t.get("ensemble", 1), 1, 16),
+        ensemble=ensemble,
+        ensemble_weights=weights,
         clean=clean,
         augment=augment,
         augment_pad=r.integer(f"{key}.augment_pad", t.get("augment_pad", r.default_pad), 1, 16),

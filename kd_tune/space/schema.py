@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kd_tune.space.methods import DEFAULT_METHOD, Knobs, canonical_knobs
 from kd_tune.space.sections import StudentSpec, TeacherSpec, section_params
 from kd_tune.space.trials import TrialPoint, encode_pack, encode_point
 
@@ -75,6 +76,37 @@ class Range:
 
 Axis = tuple[float, ...] | Range
 """A grid axis: listed values (a categorical choice in a search) or, for a search only, a range."""
+KnobAxis = tuple[Any, ...] | Range
+"""A knob's values in a ``grid.method`` entry: listed (numbers, true / false or a categorical knob's names) or a range."""
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One entry of the ``grid.method`` axis: a method, the axes of its knobs (those it leaves out keep their
+    defaults), and its own alpha and T axes where it sets them (else the grid's)."""
+
+    method: str = DEFAULT_METHOD
+    knobs: tuple[tuple[str, KnobAxis], ...] = ()
+    alpha: Axis | None = None
+    temperature: Axis | None = None
+
+    def axes(self, grid: GridSpec) -> tuple[Axis, Axis]:
+        """The entry's (alpha, temperature) axes: its own, else the grid's."""
+        return (self.alpha if self.alpha is not None else grid.alpha, self.temperature if self.temperature is not None else grid.temperature)
+
+    def points(self, grid: GridSpec) -> list[tuple[float, float, Knobs]]:
+        """Every (alpha, T, knobs) of a grid's entry, in order: alpha, then T, then the knobs as listed (a knob that
+        does not apply given the others, e.g. ``skew`` with forward_kl, is dropped, and the combinations it would
+        repeat with it)."""
+        alpha, temperature = self.axes(grid)
+        names = [name for name, _ in self.knobs]
+        combos = list(dict.fromkeys(canonical_knobs(self.method, dict(zip(names, values, strict=True)))
+                                    for values in itertools.product(*(_listed(v) for _, v in self.knobs))))
+        return [(a, t, k) for a, t, k in itertools.product(_listed(alpha), _listed(temperature), combos)]
+
+    @property
+    def is_default(self) -> bool:
+        return self.method == DEFAULT_METHOD and not self.knobs and self.alpha is None and self.temperature is None
 
 
 @dataclass(frozen=True)
@@ -95,6 +127,13 @@ class GridSpec:
     """Names of the students of the ``grid.student`` axis (empty: the ``student`` section alone)."""
     teacher: tuple[str, ...] = ()
     """Names of the teachers of the ``grid.teacher`` axis (empty: the ``teacher`` section alone)."""
+    method: tuple[MethodEntry, ...] = ()
+    """The ``grid.method`` axis: each entry a method with its knobs' axes (empty: ``kd`` with its defaults, on the
+    grid's alpha and T)."""
+
+    def methods(self) -> tuple[MethodEntry, ...]:
+        """The method axis' entries (``kd`` with its defaults where there is no axis)."""
+        return self.method or (MethodEntry(),)
 
 
 @dataclass(frozen=True)
@@ -197,10 +236,11 @@ class SweepSpec:
         A search has no grid of students (Ray Tune samples them): its points are the baselines alone."""
         g = self.grid
         students, teachers = list(self.students()), list(self.teachers())
-        points = [] if self.is_search else [
-            TrialPoint("student", a, t, e, s, label_noise=n, student=st, teacher=te)
-            for n, te, st, a, t, s, e in itertools.product(self.noise_levels(), teachers, students, _listed(g.alpha), _listed(g.temperature),
-                                                           g.seed, sorted(g.epochs))
+        methods = [] if self.is_search else [(m.method, point) for m in g.methods() for point in m.points(g)]
+        points = [
+            TrialPoint("student", a, t, e, s, label_noise=n, student=st, teacher=te, method=method, knobs=knobs)
+            for n, te, st, (method, (a, t, knobs)), s, e in itertools.product(self.noise_levels(), teachers, students, methods, g.seed,
+                                                                              sorted(g.epochs))
         ]
         if "scratch" in self.baselines:
             # Training on hard labels alone ignores the teacher and the temperature.
@@ -215,15 +255,15 @@ class SweepSpec:
             return points
         groups: dict[tuple[Any, ...], list[int]] = {}
         for p in points:
-            groups.setdefault((p.role, p.alpha, p.temperature, p.seed, p.label_noise, p.student, p.teacher), []).append(p.epochs)
-        return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es)), n, st, te) for (r, a, t, s, n, st, te), es in groups.items()]
+            groups.setdefault((p.role, p.alpha, p.temperature, p.seed, p.label_noise, p.student, p.teacher, p.method, p.knobs), []).append(p.epochs)
+        return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es)), n, st, te, m, k) for (r, a, t, s, n, st, te, m, k), es in groups.items()]
 
     def packs(self) -> list[tuple[TrialPoint, ...]]:
         """The Ray trials of a grid: the trials of :meth:`trials` in grid order, grouped into packs of up to
         ``resources.pack`` members that train the same number of epochs (a pack trains its members for the same
         epochs, each reporting its own milestones). A pack holds students of one ``grid.student`` entry (one
-        architecture, one optimizer's settings); students of an architecture that does not pack, a search's baselines
-        and pack 1 give one trial each."""
+        architecture, one optimizer's settings), whatever their methods (a pack computes each member's own loss);
+        students of an architecture that does not pack, a search's baselines and pack 1 give one trial each."""
         students = self.students()
         groups: dict[tuple[int, str], list[TrialPoint]] = {}
         for t in self.trials():
@@ -253,12 +293,13 @@ class SweepSpec:
         return [encode_pack(members) for members in self.packs()]
 
     def repeated_trainings(self) -> list[list[TrialPoint]]:
-        """Groups of two or more trials that train the same weights. alpha weighs the hard labels, so at 1 the
-        teacher's term is weighted 0: the distilled trials of alpha 1 (whatever their temperature) and the
-        scratch baseline of the same seed, label noise and epochs train, bit for bit, one student."""
+        """Groups of two or more trials that train the same weights. alpha weighs the hard labels, so at 1 ``kd``'s
+        teacher term is weighted 0: the ``kd`` trials of alpha 1 (whatever their temperature and divergence) and the
+        scratch baseline of the same seed, label noise and epochs train, bit for bit, one student. (Other methods
+        weight their distillation terms with their own knobs: alpha 1 still distills.)"""
         groups: dict[tuple[Any, ...], list[TrialPoint]] = {}
         for t in self.trials():
-            if t.alpha == 1.0:
+            if t.alpha == 1.0 and t.method == DEFAULT_METHOD:
                 groups.setdefault((t.seed, t.label_noise, t.milestones, t.student), []).append(t)
         return [g for g in groups.values() if len(g) > 1]
 

@@ -93,6 +93,10 @@ class TeacherSpec(_Modelled):
     seed: int = 0
     ensemble: int = 1
     """Number of teachers (seeds seed, seed + 1, ...) whose logits are averaged; each is cached on its own."""
+    ensemble_weights: tuple[float, ...] = ()
+    """Each member's weight in the ensemble's logit average (normalized to sum 1); empty: equal weights. The members
+    are the same networks whatever their weights (cached once), so ``grid.teacher`` entries that differ only here
+    make the weights an axis of the sweep."""
     clean: bool = False
     """Train the teacher on the clean labels even when the students see noisy ones (label noise)."""
     augment: str = "none"
@@ -108,7 +112,12 @@ class TeacherSpec(_Modelled):
         """One single-teacher spec per member of the ensemble."""
         # `clean` only chooses which labels a member learns from (the sweep passes those in), so it
         # is no part of a member's identity: the clean teacher is the noise-free one, cached once.
-        return [replace(self, seed=self.seed + i, ensemble=1, clean=False) for i in range(self.ensemble)]
+        return [replace(self, seed=self.seed + i, ensemble=1, clean=False, ensemble_weights=()) for i in range(self.ensemble)]
+
+    def weights(self) -> tuple[float, ...]:
+        """The members' weights in the logit average, normalized to sum 1 (equal without ``ensemble_weights``)."""
+        raw = self.ensemble_weights or (1.0,) * self.ensemble
+        return tuple(w / sum(raw) for w in raw)
 
 
 @dataclass(frozen=True)

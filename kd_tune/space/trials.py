@@ -14,9 +14,10 @@ state; reading that state back must not import torch, Ray or MLflow.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from kd_tune.space.methods import DEFAULT_METHOD, Knobs, canonical_knobs, method_label, variant
 from kd_tune.space.trial_report import TrialReport
 
 POINT = "point"
@@ -44,26 +45,36 @@ class TrialPoint:
     """The ``grid.student`` entry it trains ("": the ``student`` section, without that axis)."""
     teacher: str = ""
     """The ``grid.teacher`` entry it learns from ("": the ``teacher`` section, without that axis; always for scratch)."""
+    method: str = DEFAULT_METHOD
+    """The distillation method (:data:`kd_tune.space.methods.METHODS`); scratch baselines are ``kd``'s (alpha 1, no teacher)."""
+    knobs: Knobs = ()
+    """The method's knobs, every one that applies (:func:`~kd_tune.space.methods.canonical_knobs`: left out, the defaults)."""
 
     def __post_init__(self) -> None:
         if not self.milestones:
             object.__setattr__(self, "milestones", (self.epochs,))
+        object.__setattr__(self, "knobs", canonical_knobs(self.method, self.knobs))
 
     def as_config(self) -> dict[str, Any]:
         """The point as plain values (what Tune stores under ``point``, or as a member of ``pack``)."""
-        return {**asdict(self), "milestones": list(self.milestones)}
+        return {**asdict(self), "milestones": list(self.milestones), "knobs": dict(self.knobs)}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrialPoint:
-        """From :meth:`as_config`'s dict."""
+        """From :meth:`as_config`'s dict (a config of a sweep from before methods were an axis is ``kd``'s, its defaults)."""
         fields = {k: config[k] for k in ("role", "alpha", "temperature", "epochs", "seed")}
         return cls(**fields, milestones=tuple(config.get("milestones") or ()), label_noise=float(config.get("label_noise", 0.0)),
-                   student=str(config.get("student") or ""), teacher=str(config.get("teacher") or ""))
+                   student=str(config.get("student") or ""), teacher=str(config.get("teacher") or ""),
+                   method=str(config.get("method") or DEFAULT_METHOD), knobs=tuple(dict(config.get("knobs") or {}).items()))
 
     def at(self, epochs: int) -> TrialPoint:
         """The grid point this trial serves at one of its milestones."""
-        return TrialPoint(self.role, self.alpha, self.temperature, epochs, self.seed, label_noise=self.label_noise, student=self.student,
-                          teacher=self.teacher)
+        return replace(self, epochs=epochs, milestones=(epochs,))
+
+    @property
+    def variant(self) -> str:
+        """The method as a report compares it (``kd``, ``kd+ls``, ``dkd``: :func:`kd_tune.space.methods.variant`)."""
+        return variant(self.method, self.knobs)
 
     def stopped_at(self, last_result: Mapping[str, Any]) -> int | None:
         """The epoch at which a scheduler stopped this trial early, or None: its last result ended it
@@ -74,9 +85,10 @@ class TrialPoint:
         return None
 
     def grid_config(self) -> dict[str, Any]:
-        """The grid point's own values (what a user sees as the run's params); ``student`` and ``teacher`` where those
-        are axes of the grid."""
-        return {k: v for k, v in asdict(self).items() if k != "milestones" and not (k in ("student", "teacher") and not v)}
+        """The grid point's own values (what a user sees as the run's params): its method and each of the method's knobs
+        as a param of its own; ``student`` and ``teacher`` where those are axes of the grid."""
+        own = {k: v for k, v in asdict(self).items() if k not in ("milestones", "knobs") and not (k in ("student", "teacher") and not v)}
+        return own | dict(self.knobs)
 
     @property
     def label(self) -> str:
@@ -86,7 +98,7 @@ class TrialPoint:
         models = (f"-S{self.student}" if self.student else "") + (f"-t{self.teacher}" if self.teacher else "")
         if self.role == "scratch":
             return f"scratch-e{e}-s{self.seed}{noise}{models}"
-        return f"a{self.alpha:g}-T{self.temperature:g}-e{e}-s{self.seed}{noise}{models}"
+        return f"{method_label(self.method, self.knobs)}a{self.alpha:g}-T{self.temperature:g}-e{e}-s{self.seed}{noise}{models}"
 
 
 def encode_point(point: TrialPoint) -> dict[str, Any]:

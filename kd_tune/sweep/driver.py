@@ -155,7 +155,8 @@ def drive(spec: SweepSpec, storage: Storage, opts: SweepOptions, loaded: Loaded,
             f"{spec.resources.cpu:g} CPU / {spec.resources.gpu:g} GPU each; results in {storage.show(spec.name)}")
         # Object refs do not survive a restore: the bundle is put in the object store anew each run.
         bundle = TrialBundle(split, spec.students(), labels, teachers.train, teachers.test, storage, spec.name, next(iter(spec.teachers())),
-                             hooks.from_environment(storage), teachers.nets)
+                             hooks.from_environment(storage), teachers.nets,
+                             {name: t.weights() for name, t in spec.teachers().items() if t.ensemble_weights})
         tuner = _make_tuner(spec, storage, bundle, record, restoring, opts.quiet, inputs=inputs, example=example)
         # The teachers' MLflow record is the sweep's first tracking write, shipped while the trial workers start
         # rather than before: it is seconds of one core (their models' torch.export, the first one importing
@@ -267,7 +268,8 @@ def _get_teachers(spec: SweepSpec, split: DataSplit, labels: dict[float, torch.T
                 if seen not in inputs:
                     inputs |= dataset_inputs(split, {seen: tsplit.train_y}, data_dir)
                 learned.append((name, tspec, members, seen))
-                train[name, seen], test[name, seen], accs[name, seen] = ensemble_logits(members, split.test_y)
+                train[name, seen], test[name, seen], accs[name, seen] = ensemble_logits(members, split.test_y,
+                                                                                        teacher.weights() if teacher.ensemble_weights else ())
                 log_teacher_summary(members, accs[name, seen], log)
                 if online:
                     nets[name, seen] = [_net(t, local_file) for t in members]

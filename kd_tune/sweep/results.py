@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from kd_tune.distill.checkpoint import read_checkpoint, trial_results
+from kd_tune.space.methods import METHODS
 from kd_tune.space.parse import load_space_text
 from kd_tune.space.trial_report import TrialReport
-from kd_tune.space.trials import TrialConfig
+from kd_tune.space.trials import TrialConfig, TrialPoint
 from kd_tune.sweep.state.storage import Storage
 from kd_tune.sweep.state.sweep_files import SPACE_FILE, live_driver, resume_command
 from kd_tune.sweep.state.tune_state import require_sweep
@@ -24,8 +25,8 @@ from kd_tune.sweep.state.tune_state import require_sweep
 if TYPE_CHECKING:
     from ray import tune
 
-RESULT_COLUMNS = ["role", "student", "teacher", "alpha", "temperature", "epochs", "seed", "label_noise", "status", "how", "test_acc", "test_loss",
-                  "teacher_agreement"]
+RESULT_COLUMNS = ["role", "student", "teacher", "method", "knobs", "alpha", "temperature", "epochs", "seed", "label_noise", "status", "how",
+                  "test_acc", "test_loss", "teacher_agreement"]
 STATUS_COUNTS = ("finished", "stopped early", "running", "interrupted", "pending", "paused", "errored", "diverged")
 
 
@@ -105,7 +106,7 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
                 status = ("stopped early" if stopped and at else "finished" if at else "errored" if r.error else
                           "diverged" if diverged else "unfinished")
                 rows.append({
-                    "student": "", "teacher": "", **point.at(milestone).grid_config(), "status": status, "how": how,
+                    "student": "", "teacher": "", **point.at(milestone).grid_config(), "knobs": knob_text(point), "status": status, "how": how,
                     "test_acc": at.get("test_acc"), "test_loss": at.get("test_loss"), "teacher_agreement": at.get("teacher_agreement"),
                 })
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -142,9 +143,15 @@ def _last_at(last: TrialReport, member: str | None, epoch: int) -> dict[str, Any
     return {"epoch": part.epoch, **part.metrics}
 
 
+def knob_text(point: TrialPoint) -> str:
+    """A point's knobs that are not its method's defaults, as the results table shows them (``nckd_weight=2, warmup=1``)."""
+    method = METHODS[point.method]
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.knobs if v != method.knob(k).default)
+
+
 def format_table(table: pd.DataFrame) -> str:
     shown = table.copy()
-    for axis in ("label_noise", "student", "teacher"):
+    for axis in ("label_noise", "student", "teacher", "method", "knobs"):
         if shown[axis].nunique() <= 1:
             shown = shown.drop(columns=axis)  # not an axis of this sweep
     for col in ("test_acc", "teacher_agreement", "test_loss"):

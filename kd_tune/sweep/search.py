@@ -27,9 +27,10 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
+from kd_tune.space.methods import METHODS
 from kd_tune.space.schema import Axis, Range, SweepSpec
 from kd_tune.space.trial_report import TrialReport
-from kd_tune.space.trials import POINT, TrialConfig, encode_point
+from kd_tune.space.trials import POINT, TrialConfig, TrialPoint, encode_point
 
 MODE = "max"
 
@@ -42,12 +43,58 @@ def domain(axis: Axis | tuple[int, ...] | tuple[str, ...]) -> Any:
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
-    """The searched students' trial config: a :class:`~kd_tune.space.trials.TrialPoint` under ``point``, as a grid trial's."""
+    """The searched students' trial config: a :class:`~kd_tune.space.trials.TrialPoint` under ``point``, as a grid trial's.
+    Empty with a ``grid.method`` axis: then the searcher's own :class:`MethodSpace` samples every value."""
+    if spec.grid.method:
+        return {}
     g = spec.grid
     return {POINT: {"role": "student", "alpha": domain(g.alpha), "temperature": domain(g.temperature), "epochs": domain(g.epochs),
                     "seed": domain(g.seed), "label_noise": spec.dataset.label_noise,
                     # the grid.student / grid.teacher axes, searched as categorical choices
                     "student": domain(g.student) if g.student else "", "teacher": domain(g.teacher) if g.teacher else ""}}
+
+
+class MethodSpace:
+    """Optuna's define-by-run space of a search over methods (``grid.method``): the method first, then the alpha and T
+    axes and the knobs of that method alone (conditional parameters), then the shared axes; returns the trial's config.
+
+    Parameters that every method shares keep one name (``alpha``, ``temperature``, ``epochs``, ...), so that Optuna
+    learns across methods where the axis is the same; an entry's own alpha or T and its knobs are named after the entry
+    (``dkd.nckd_weight``). A plain class, not a closure: OptunaSearch pickles it with its state for ``Tuner.restore``.
+    """
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.grid, self.label_noise = spec.grid, spec.dataset.label_noise
+        methods = [m.method for m in self.grid.method]
+        self.names = [m if methods.count(m) == 1 else f"{m}.{methods[:i + 1].count(m)}" for i, m in enumerate(methods)]
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        g = self.grid
+        name = self.names[0] if len(self.names) == 1 else trial.suggest_categorical("method", self.names)
+        entry = g.method[self.names.index(name)]
+        alpha, temperature = entry.axes(g)
+        point: dict[str, Any] = {
+            "role": "student",
+            "alpha": _suggest(trial, f"{name}.alpha" if entry.alpha is not None else "alpha", alpha),
+            "temperature": _suggest(trial, f"{name}.temperature" if entry.temperature is not None else "temperature", temperature),
+            "method": entry.method,
+            "knobs": {knob: _suggest(trial, f"{name}.{knob}", axis, integer=METHODS[entry.method].knob(knob).kind == "int")
+                      for knob, axis in entry.knobs},
+            "epochs": _suggest(trial, "epochs", g.epochs), "seed": _suggest(trial, "seed", g.seed), "label_noise": self.label_noise,
+            "student": _suggest(trial, "student", g.student) if g.student else "",
+            "teacher": _suggest(trial, "teacher", g.teacher) if g.teacher else "",
+        }
+        # A knob that does not apply given the others (skew with forward_kl) was sampled for nothing: the point drops it.
+        return {POINT: TrialPoint.from_config(point).as_config()}
+
+
+def _suggest(trial: Any, name: str, axis: Any, integer: bool = False) -> Any:
+    """One value of an axis from Optuna's trial: a range, a categorical choice, or (one value) the value itself."""
+    if isinstance(axis, Range):
+        if integer:
+            return trial.suggest_int(name, int(axis.low), int(axis.high), log=axis.log)
+        return trial.suggest_float(name, axis.low, axis.high, log=axis.log)
+    return axis[0] if len(axis) == 1 else trial.suggest_categorical(name, list(axis))
 
 
 def sampler(spec: SweepSpec) -> Any:
@@ -66,7 +113,7 @@ def make_searcher(spec: SweepSpec) -> BaselinesFirst:
     """The baselines, then ``num_samples`` students from OptunaSearch, at most ``max_concurrent`` of them unfinished."""
     from ray.tune.search.optuna import OptunaSearch  # imports optuna: only for a search
 
-    inner = OptunaSearch(metric=spec.search.metric, mode=MODE, sampler=sampler(spec))
+    inner = OptunaSearch(space=MethodSpace(spec) if spec.grid.method else None, metric=spec.search.metric, mode=MODE, sampler=sampler(spec))
     limited = ConcurrencyLimiter(inner, max_concurrent=spec.search.max_concurrent)
     return BaselinesFirst(limited, [encode_point(t) for t in spec.trials()])
 
@@ -167,7 +214,9 @@ def describe(spec: SweepSpec) -> list[str]:
     def show(axis: Axis | tuple[int, ...] | tuple[str, ...]) -> str:
         if isinstance(axis, Range):
             return axis.show()
-        values = [v if isinstance(v, str) else f"{v:g}" for v in axis]
+        values = [v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else f"{v:g}" for v in axis]
+        if not values:
+            return "(each method's own)"
         return "{" + ", ".join(values) + "}" if len(values) > 1 else values[0]
 
     how = "Optuna TPE" if s.algorithm == "optuna" else "uniform random sampling (Optuna's RandomSampler)"
@@ -175,6 +224,10 @@ def describe(spec: SweepSpec) -> list[str]:
              f"maximizing {s.metric}",
              f"  alpha {show(g.alpha)}, T {show(g.temperature)}, epochs {show(g.epochs)}, seed {show(g.seed)}"
              + (f", student {show(g.student)}" if g.student else "") + (f", teacher {show(g.teacher)}" if g.teacher else "")]
+    for entry in g.method:
+        own = [f"{k} {show(v)}" for k, v in (("alpha", entry.alpha), ("T", entry.temperature)) if v is not None]
+        knobs = [f"{k} {show(v)}" for k, v in entry.knobs]
+        lines.append(f"  method {entry.method}: " + (", ".join(own + knobs) or "its defaults") + " (sampled when this method is)")
     if spec.scheduler is None:
         lines.append("  scheduler: none (every trial trains its epochs)")
     else:

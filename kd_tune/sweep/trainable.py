@@ -69,6 +69,8 @@ class TrialBundle:
     teacher_nets: dict[tuple[str, float], list[TeacherNet]] = field(default_factory=dict)
     """The teachers' networks, per (``grid.teacher`` entry, label-noise level), for students that augment their batches:
     their teacher runs live, on each augmented batch."""
+    teacher_weights: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """The members' weights of each weighted ensemble, per ``grid.teacher`` entry (absent: equal weights)."""
 
     def student(self, point: TrialPoint) -> StudentSpec:
         return self.students[point.student]
@@ -165,7 +167,7 @@ def _train_one(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) 
     teacher_train = bundle.teacher_train_logits[teacher] if distills and not student.online else None
     data = TensorData.from_split(split, device, teacher_train, bundle.teacher_test_logits[teacher])
     if distills and student.online:  # augmented batches: the teacher scores each of them
-        data = replace(data, online_teacher=online_teacher(bundle.teacher_nets[teacher], device))
+        data = replace(data, online_teacher=online_teacher(bundle.teacher_nets[teacher], device, bundle.teacher_weights.get(teacher[0], ())))
     run = _start(config, trial, bundle, data)
     margs = bundle.model_args(point)
     model = build(margs, point.seed).to(device)
@@ -187,7 +189,7 @@ def _train_one(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) 
     try:
         train(model, optimizer, data, epochs=point.epochs, batch_size=student.batch_size, seed=point.seed, alpha=point.alpha,
               temperature=point.temperature or 1.0, start_epoch=run.start, on_epoch=on_epoch, precision=student.precision,
-              augment=Augment(student.augment, student.augment_pad))
+              method=point.method, knobs=point.knobs, augment=Augment(student.augment, student.augment_pad))
     except DivergedError as e:
         # Deterministic: a retry would diverge again. Record it and end the trial (no retries).
         run.report(TrialReport.one(StudentEpoch(e.epoch, diverged_loss=e.loss)))
@@ -255,7 +257,9 @@ def pack_inputs(bundle: TrialBundle, points: list[TrialPoint], base: TensorData)
                     test_y=base.test_y,
                     teacher_train=None if online else torch.stack([bundle.teacher_train_logits[t] for t in teachers]).to(device),
                     teacher_test=torch.stack([bundle.teacher_test_logits[t] for t in teachers]).to(device), val_x=base.val_x, val_y=base.val_y,
-                    online_teachers=[online_teacher(bundle.teacher_nets[t], device) for t in teachers] if online else None)
+                    online_teachers=[online_teacher(bundle.teacher_nets[t], device, bundle.teacher_weights.get(t[0], ())) for t in teachers]
+                    if online else None)
     members = [Member(seed=p.seed, epochs=p.epochs, alpha=p.alpha, temperature=p.temperature or 1.0, labels=row[p.label_noise],
-                      teacher=trow[bundle.teacher(p)] if p.role == "student" else None, teacher_test=trow[bundle.teacher(p)]) for p in points]
+                      teacher=trow[bundle.teacher(p)] if p.role == "student" else None, teacher_test=trow[bundle.teacher(p)],
+                      method=p.method, knobs=p.knobs) for p in points]
     return data, members
