@@ -9,7 +9,9 @@ size buys with and without distillation.
   their test accuracy against the student's size, and which of them no smaller-or-equal student beats.
 
 Ties in a selection go to the larger alpha (less distillation): a tie is no evidence for the teacher. A sweep without
-a validation split selects on test, and its tables say so in the ``selected_on`` column. Plain pandas.
+a validation split selects on test, and its tables say so in the ``selected_on`` column. A sweep over distillation
+methods keeps each method and knob setting apart (``method``, ``knobs``: :mod:`kd_tune.report.configs`): the scratch
+student stands for alpha = 1 only for ``kd``, whose alpha = 1 is hard labels alone. Plain pandas.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import math
 
 import pandas as pd
 
+from kd_tune.report.configs import learns_from_teacher, with_config_columns
 from kd_tune.report.stats import paired_interval, t_interval
 from kd_tune.report.tables import markdown_table
+from kd_tune.space.methods import DEFAULT_METHOD
 
-BEST_ALPHA_COLUMNS = ["student", "teacher", "label_noise", "epochs", "student_arch", "student_parameters", "teacher_acc", "n_seeds",
+BEST_ALPHA_COLUMNS = ["student", "teacher", "label_noise", "method", "knobs", "epochs", "student_arch", "student_parameters", "teacher_acc", "n_seeds",
                       "best_alpha_mean", "best_alpha_ci_low", "best_alpha_ci_high", "alpha", "temperature", "val_mean", "test_mean",
                       "test_ci_low", "test_ci_high", "gain", "gain_ci_low", "gain_ci_high", "gain_n", "selected_on"]
-PARETO_COLUMNS = ["student", "student_arch", "student_parameters", "kind", "teacher", "epochs", "alpha", "temperature", "n", "val_mean",
+PARETO_COLUMNS = ["student", "student_arch", "student_parameters", "kind", "teacher", "method", "knobs", "epochs", "alpha", "temperature", "n", "val_mean",
                   "test_mean", "test_ci_low", "test_ci_high", "on_front"]
 
 
@@ -42,13 +46,17 @@ def _best(rows: pd.DataFrame, metric: str, by: list[str]) -> pd.Series:
 def best_alpha(runs: pd.DataFrame, select_on: str = "validation") -> pd.DataFrame:
     """The best alpha per (student, teacher, label noise, epochs) and what it gives; see the module's docstring."""
     metric = _metric(select_on)
+    runs = with_config_columns(runs)
     done = runs[runs["status"] == "FINISHED"]
     students, scratch = done[done["role"] == "student"], done[done["role"] == "scratch"]
     rows = []
-    for (student, teacher, noise, epochs), distilled in students.groupby(["student", "teacher", "label_noise", "epochs"], sort=True):
+    keys = ["student", "teacher", "label_noise", "method", "knobs", "epochs"]
+    for (student, teacher, noise, method, knobs, epochs), distilled in students.groupby(keys, sort=True):
         base = scratch[(scratch["student"] == student) & (scratch["epochs"] == epochs) & (scratch["label_noise"] == noise)]
-        # The scratch student is the alpha = 1 candidate (hard labels alone) where the grid has no alpha 1 of its own.
-        group = distilled if (distilled["alpha"] == 1.0).any() else pd.concat([distilled, base.assign(alpha=1.0)], ignore_index=True)
+        # The scratch student is kd's alpha = 1 candidate (hard labels alone) where the grid has no alpha 1 of its own; another
+        # method's alpha = 1 still distills, so it has no such stand-in.
+        own = method != DEFAULT_METHOD or (distilled["alpha"] == 1.0).any()
+        group = distilled if own else pd.concat([distilled, base.assign(alpha=1.0)], ignore_index=True)
         ordered = group.sort_values(["alpha", "temperature"], ascending=[False, True], kind="stable")
         per_seed = ordered.loc[ordered.groupby("seed")[metric].idxmax()]  # idxmax keeps the first: the larger alpha
         a_mean, a_lo, a_hi, n = t_interval(per_seed["alpha"])
@@ -57,7 +65,7 @@ def best_alpha(runs: pd.DataFrame, select_on: str = "validation") -> pd.DataFram
                                                             | (group["temperature"].isna() & pd.isna(best["temperature"])))]
         t_mean, t_lo, t_hi, _ = t_interval(chosen["test_acc"])
         gain, g_lo, g_hi, g_n, _ = paired_interval(chosen.groupby("seed")["test_acc"].mean(), base.groupby("seed")["test_acc"].mean())
-        rows.append({"student": student, "teacher": teacher, "label_noise": noise, "epochs": int(epochs),
+        rows.append({"student": student, "teacher": teacher, "label_noise": noise, "method": method, "knobs": knobs, "epochs": int(epochs),
                      "student_arch": distilled["student_arch"].iloc[0], "student_parameters": distilled["student_parameters"].iloc[0],
                      "teacher_acc": float(distilled["teacher_acc"].iloc[0]), "n_seeds": n, "best_alpha_mean": a_mean,
                      "best_alpha_ci_low": a_lo, "best_alpha_ci_high": a_hi, "alpha": float(best["alpha"]), "temperature": float(best["temperature"]),
@@ -68,23 +76,27 @@ def best_alpha(runs: pd.DataFrame, select_on: str = "validation") -> pd.DataFram
 
 
 def pareto(runs: pd.DataFrame, select_on: str = "validation") -> pd.DataFrame:
-    """Per student: its best scratch configuration (over training lengths) and its best distilled one (alpha < 1, over
-    teachers, alphas, temperatures and lengths), each selected on validation and reported on test; ``on_front``: no
-    student of at most its size reaches a higher test accuracy of the same kind."""
+    """Per student: its best scratch configuration (over training lengths) and its best distilled one (one that learns
+    from the teacher: kd with alpha < 1, any configuration of another method; over teachers, methods and their knobs,
+    alphas, temperatures and lengths), each selected on validation and reported on test; ``on_front``: no student of at
+    most its size reaches a higher test accuracy of the same kind."""
     metric = _metric(select_on)
+    runs = with_config_columns(runs)
     done = runs[runs["status"] == "FINISHED"]
     rows = []
     for student, group in done.groupby("student", sort=True):
-        for kind, mine in (("scratch", group[group["role"] == "scratch"]), ("distilled", group[(group["role"] == "student") & (group["alpha"] < 1)])):
+        for kind, mine in (("scratch", group[group["role"] == "scratch"]), ("distilled", group[learns_from_teacher(group)])):
             if mine.empty:
                 continue
-            by = ["teacher", "epochs", "alpha", "temperature"]
+            by = ["teacher", "method", "knobs", "epochs", "alpha", "temperature"]
             best = _best(mine.assign(temperature=mine["temperature"].fillna(0.0)), metric, by)
-            chosen = mine[(mine["teacher"] == best["teacher"]) & (mine["epochs"] == best["epochs"]) & (mine["alpha"] == best["alpha"])
+            chosen = mine[(mine["teacher"] == best["teacher"]) & (mine["method"] == best["method"]) & (mine["knobs"] == best["knobs"])
+                          & (mine["epochs"] == best["epochs"]) & (mine["alpha"] == best["alpha"])
                           & (mine["temperature"].fillna(0.0) == best["temperature"])]
             t_mean, t_lo, t_hi, n = t_interval(chosen["test_acc"])
             rows.append({"student": student, "student_arch": group["student_arch"].iloc[0], "student_parameters": group["student_parameters"].iloc[0],
-                         "kind": kind, "teacher": best["teacher"] if kind == "distilled" else "", "epochs": int(best["epochs"]),
+                         "kind": kind, "teacher": best["teacher"] if kind == "distilled" else "", "method": best["method"],
+                         "knobs": best["knobs"], "epochs": int(best["epochs"]),
                          "alpha": float(best["alpha"]), "temperature": float(best["temperature"]) if kind == "distilled" else math.nan, "n": n,
                          "val_mean": float(chosen["val_acc"].mean()) if chosen["val_acc"].notna().any() else math.nan,
                          "test_mean": t_mean, "test_ci_low": t_lo, "test_ci_high": t_hi})
@@ -123,6 +135,13 @@ def models_markdown(best: pd.DataFrame, front: pd.DataFrame) -> str:
         "test acc %": [f"{_pct(m)} {_ci(lo, hi)}" for m, lo, hi in zip(front["test_mean"], front["test_ci_low"], front["test_ci_high"], strict=True)],
         "on the front": front["on_front"].map(lambda v: "yes" if v else ""),
     })
+    if best[["method", "knobs"]].drop_duplicates().shape[0] > 1:  # a sweep over methods: which one each row is
+        b.insert(3, "method", best["method"].to_numpy())
+        b.insert(4, "knobs", best["knobs"].to_numpy())
+    distilled = front["kind"] == "distilled"
+    if front.loc[distilled, ["method", "knobs"]].drop_duplicates().shape[0] > 1 or (front.loc[distilled, "method"] != DEFAULT_METHOD).any():
+        f.insert(4, "method", front["method"].where(distilled, "-").to_numpy())
+        f.insert(5, "knobs", front["knobs"].where(distilled, "-").to_numpy())
     return "\n".join([
         f"Best alpha per student, teacher and training length (each seed's alpha selected on {selected}; its mean and 95 % CI over "
         f"seeds; then the configuration selected on the seed-mean {selected} accuracy, reported on test, and its gain over the same "

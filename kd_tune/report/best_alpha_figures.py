@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from kd_tune.report.configs import CONFIG_KEYS, config_label, with_config_columns  # noqa: E402
+
 DPI = 100
 
 
@@ -26,28 +28,41 @@ def _name(name: str, what: str) -> str:
     return name or what
 
 
+def _configs(frame: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
+    """``frame``'s rows per (method, knobs), in the report's order (one group without a method axis)."""
+    return [(key, rows) for key, rows in frame.groupby(CONFIG_KEYS, sort=True)]
+
+
 def fig_accuracy_vs_alpha_by_model(summary: pd.DataFrame, out: Path) -> Path:
-    """A panel per (teacher, student): test accuracy vs alpha, a line per epochs value at the panel's best temperature
-    (on the seed-mean validation accuracy), the student's scratch baseline dashed."""
+    """A panel per (teacher, student): test accuracy vs alpha, a line per epochs value (and per method and knobs, where
+    those vary) at the panel's best temperature (on the seed-mean validation accuracy), the student's scratch baseline dashed."""
+    summary = with_config_columns(summary)
     students, scratch = summary[summary["role"] == "student"], summary[summary["role"] == "scratch"]
+    several = students[CONFIG_KEYS].drop_duplicates().shape[0] > 1
     students = students[students["label_noise"] == students["label_noise"].min()]
     teachers, names = sorted(students["teacher"].unique()), sorted(students["student"].unique())
-    fig, axes = plt.subplots(len(teachers), len(names), figsize=(4.5 * len(names), 3.5 * len(teachers)), squeeze=False, sharey=True)
+    width = 6.5 if several else 4.5  # several methods: room for a legend line per method and knob setting
+    fig, axes = plt.subplots(len(teachers), len(names), figsize=(width * len(names), 3.5 * len(teachers)), squeeze=False, sharey=True)
     for i, teacher in enumerate(teachers):
         for j, student in enumerate(names):
             ax, here = axes[i][j], students[(students["teacher"] == teacher) & (students["student"] == student)]
             if here.empty:
                 continue
             column = "val_mean" if here["val_mean"].notna().any() else "mean"
-            temp = here.groupby("temperature")[column].mean().idxmax()
-            for epochs, rows in here[here["temperature"] == temp].groupby("epochs"):
-                rows = rows.sort_values("alpha")
-                line = ax.errorbar(rows["alpha"], 100 * rows["mean"], yerr=_yerr(rows, "mean", "ci_low", "ci_high", 100), capsize=3, marker="o",
-                                   label=f"{epochs} epochs")
-                base = scratch[(scratch["student"] == student) & (scratch["epochs"] == epochs) & (scratch["label_noise"] == rows["label_noise"].min())]
-                if len(base):
-                    ax.axhline(100 * base["mean"].iloc[0], linestyle="--", color=line[0].get_color(), alpha=0.7)
-            ax.set_title(f"student {_name(student, 'student')}, teacher {_name(teacher, 'teacher')}, T {temp:g}", fontsize=9)
+            temps = []
+            for (method, knobs), mine in _configs(here):
+                temp = mine.groupby("temperature")[column].mean().idxmax()
+                temps.append(temp)
+                for epochs, rows in mine[mine["temperature"] == temp].groupby("epochs"):
+                    rows = rows.sort_values("alpha")
+                    which = f"{config_label(method, knobs)}, T {temp:g}, " if several else ""
+                    line = ax.errorbar(rows["alpha"], 100 * rows["mean"], yerr=_yerr(rows, "mean", "ci_low", "ci_high", 100), capsize=3,
+                                       marker="o", label=f"{which}{epochs} epochs")
+                    base = scratch[(scratch["student"] == student) & (scratch["epochs"] == epochs) & (scratch["label_noise"] == rows["label_noise"].min())]
+                    if len(base):
+                        ax.axhline(100 * base["mean"].iloc[0], linestyle="--", color=line[0].get_color(), alpha=0.7)
+            shown_t = "" if several else f", T {temps[0]:g}"
+            ax.set_title(f"student {_name(student, 'student')}, teacher {_name(teacher, 'teacher')}{shown_t}", fontsize=9)
             ax.set_xlabel("alpha (weight of the hard labels)")
             if j == 0:
                 ax.set_ylabel("test accuracy (%)")
@@ -62,16 +77,19 @@ def fig_accuracy_vs_alpha_by_model(summary: pd.DataFrame, out: Path) -> Path:
 
 def fig_best_alpha(table: pd.DataFrame, x: str, lines: str, out: Path, name: str) -> Path:
     """The best alpha (its mean over seeds, each seed's selected on validation, with its 95 % interval) against ``x``
-    (``teacher_acc`` or ``student_parameters``), a line per ``lines`` value (students or teachers), a panel per epochs."""
+    (``teacher_acc`` or ``student_parameters``), a line per ``lines`` value (students or teachers; and per method and knobs
+    where those vary), a panel per epochs."""
+    table = with_config_columns(table)
     table = table[table["label_noise"] == table["label_noise"].min()]
+    several = table[CONFIG_KEYS].drop_duplicates().shape[0] > 1
     epochs = sorted(table["epochs"].unique())
     fig, axes = plt.subplots(1, len(epochs), figsize=(5.5 * len(epochs), 4.0), squeeze=False, sharey=True)
     for ax, e in zip(axes[0], epochs, strict=True):
-        for key, rows in table[table["epochs"] == e].groupby(lines):
+        for (key, method, knobs), rows in table[table["epochs"] == e].groupby([lines, *CONFIG_KEYS]):
             rows = rows.sort_values(x)
             ax.errorbar(rows[x] * (100 if x == "teacher_acc" else 1), rows["best_alpha_mean"],
                         yerr=_yerr(rows, "best_alpha_mean", "best_alpha_ci_low", "best_alpha_ci_high"), capsize=3, marker="o",
-                        label=f"{lines} {_name(str(key), lines)}")
+                        label=f"{lines} {_name(str(key), lines)}" + (f", {config_label(method, knobs)}" if several else ""))
         if x == "student_parameters":
             ax.set_xscale("log")
         ax.set_xlabel("teacher test accuracy (%)" if x == "teacher_acc" else "student parameters")

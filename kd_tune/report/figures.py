@@ -15,7 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from kd_tune.report.configs import CONFIG_KEYS, DEFAULT_KNOBS, config_label, with_config_columns  # noqa: E402
 from kd_tune.report.stats import Best  # noqa: E402
+from kd_tune.space.methods import DEFAULT_METHOD  # noqa: E402
 from kd_tune.tracking.tags import CONFUSION_ARTIFACT  # noqa: E402
 
 FIGSIZE = (8.0, 5.0)
@@ -30,29 +32,55 @@ def _errorbar(ax: plt.Axes, x: pd.Series, rows: pd.DataFrame, **kw: object) -> N
     ax.errorbar(x, y, yerr=err, capsize=3, marker="o", **kw)  # type: ignore[arg-type]
 
 
+def _several(frame: pd.DataFrame) -> bool:
+    """Whether ``frame``'s students hold more than one method or knob setting (then a line per each)."""
+    return bool(frame[CONFIG_KEYS].drop_duplicates().shape[0] > 1)
+
+
+def _one_config(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The students of one method and knob setting (kd with its defaults where it is there, else the first), for a figure
+    that shows one; and what to add to its title where the sweep has several."""
+    summary = with_config_columns(summary)
+    students = summary[summary["role"] == "student"]
+    if not _several(students):
+        return summary, ""
+    default = (students["method"] == DEFAULT_METHOD) & (students["knobs"] == DEFAULT_KNOBS)
+    method, knobs = students[default].iloc[0][CONFIG_KEYS] if default.any() else students.iloc[0][CONFIG_KEYS]
+    keep = (summary["role"] != "student") | ((summary["method"] == method) & (summary["knobs"] == knobs))
+    return summary[keep], f", {config_label(method, knobs)}"
+
+
 def fig_accuracy_vs_alpha(summary: pd.DataFrame, out: Path) -> Path:
+    summary = with_config_columns(summary)
     students, scratch = summary[summary["role"] == "student"], summary[summary["role"] == "scratch"]
+    several = _several(students)
+    lines = [(e, m, k) for (m, k) in students[CONFIG_KEYS].drop_duplicates().sort_values(CONFIG_KEYS).itertuples(index=False)
+             for e in sorted(students["epochs"].dropna().unique())]
     temps = sorted(students["temperature"].dropna().unique()) or [math.nan]
     noises = sorted(students["label_noise"].unique()) or [0.0]
     panels = [(t, n) for n in noises for t in temps]  # a panel per temperature (and per label noise, if varied)
     fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE[0] * len(panels) ** 0.5 * 1.2, FIGSIZE[1]), squeeze=False, sharey=True)
     colors = plt.get_cmap("tab10")
     for ax, (temp, noise) in zip(axes[0], panels, strict=True):
-        for i, epochs in enumerate(sorted(students["epochs"].dropna().unique())):
-            here = (students["epochs"] == epochs) & (students["temperature"] == temp) & (students["label_noise"] == noise)
+        for i, (epochs, method, knobs) in enumerate(lines):
+            here = ((students["epochs"] == epochs) & (students["temperature"] == temp) & (students["label_noise"] == noise)
+                    & (students["method"] == method) & (students["knobs"] == knobs))
             rows = students[here].sort_values("alpha")
-            _errorbar(ax, rows["alpha"], rows, color=colors(i), label=f"distilled, {epochs} epoch{'s' if epochs != 1 else ''}")
+            which = config_label(method, knobs) if several else "distilled"
+            if len(rows) or not several:
+                _errorbar(ax, rows["alpha"], rows, color=colors(i % 10), label=f"{which}, {epochs} epoch{'s' if epochs != 1 else ''}")
             base = scratch[(scratch["epochs"] == epochs) & (scratch["label_noise"] == noise)]
-            if len(base):
+            if len(base) and not any(e == epochs for e, _, _ in lines[:i]):  # one scratch line per epochs value
                 b = base.iloc[0]
-                ax.axhline(100 * float(b["mean"]), color=colors(i), linestyle="--", linewidth=1, label=f"scratch, {epochs} epoch{'s' if epochs != 1 else ''}")
+                ax.axhline(100 * float(b["mean"]), color=colors(i % 10), linestyle="--", linewidth=1, label=f"scratch, {epochs} epoch{'s' if epochs != 1 else ''}")
                 if b["n"] >= 2:  # the baseline has its own uncertainty: draw its interval as a band
-                    ax.axhspan(100 * float(b["ci_low"]), 100 * float(b["ci_high"]), color=colors(i), alpha=0.12, linewidth=0)
+                    ax.axhspan(100 * float(b["ci_low"]), 100 * float(b["ci_high"]), color=colors(i % 10), alpha=0.12, linewidth=0)
         ax.set_title(f"T = {temp:g}" + (f", label noise {noise:g}" if len(noises) > 1 else ""))
         ax.set_xlabel("alpha (weight of the hard-label loss)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][-1].legend(fontsize=8, loc="best")
+    for ax in axes[0] if several else axes[0][-1:]:  # several methods: each panel has lines of its own
+        ax.legend(fontsize=8 if not several else 6, loc="best")
     n_note = "mean and 95% CI over seeds" if (summary["n"] >= 2).any() else "one seed per point"
     fig.suptitle(f"Student test accuracy vs alpha ({n_note})")
     return _save(fig, out / "accuracy_vs_alpha.png")
@@ -60,35 +88,43 @@ def fig_accuracy_vs_alpha(summary: pd.DataFrame, out: Path) -> Path:
 
 def fig_gain_vs_alpha(gains: pd.DataFrame, out: Path) -> Path | None:
     """Gain over scratch (test accuracy, points) vs alpha with its interval: a line per epochs value,
-    a panel per temperature and label noise."""
+    a panel per temperature and label noise (and a line per method and knobs, where those vary)."""
     if gains.empty:
         return None
+    gains = with_config_columns(gains)
+    several = _several(gains)
+    lines = [(e, m, k) for (m, k) in gains[CONFIG_KEYS].drop_duplicates().sort_values(CONFIG_KEYS).itertuples(index=False)
+             for e in sorted(gains["epochs"].unique())]
     temps = sorted(gains["temperature"].dropna().unique())
     noises = sorted(gains["label_noise"].unique())
     panels = [(t, n) for n in noises for t in temps]
     fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE[0] * len(panels) ** 0.5 * 1.2, FIGSIZE[1]), squeeze=False, sharey=True)
     colors = plt.get_cmap("tab10")
     for ax, (temp, noise) in zip(axes[0], panels, strict=True):
-        for i, epochs in enumerate(sorted(gains["epochs"].unique())):
-            rows = gains[(gains["epochs"] == epochs) & (gains["temperature"] == temp) & (gains["label_noise"] == noise)].sort_values("alpha")
+        for i, (epochs, method, knobs) in enumerate(lines):
+            rows = gains[(gains["epochs"] == epochs) & (gains["temperature"] == temp) & (gains["label_noise"] == noise)
+                         & (gains["method"] == method) & (gains["knobs"] == knobs)].sort_values("alpha")
             if rows.empty:
                 continue
             err = None
             if rows["ci_low"].notna().any():
                 err = [100 * (rows["gain"] - rows["ci_low"]).fillna(0), 100 * (rows["ci_high"] - rows["gain"]).fillna(0)]
-            ax.errorbar(rows["alpha"], 100 * rows["gain"], yerr=err, capsize=3, marker="o", color=colors(i),
-                        label=f"{epochs} epoch{'s' if epochs != 1 else ''} (n = {int(rows['n'].max())}, {rows['test'].iloc[0]})")
+            which = f"{config_label(method, knobs)}, " if several else ""
+            ax.errorbar(rows["alpha"], 100 * rows["gain"], yerr=err, capsize=3, marker="o", color=colors(i % 10),
+                        label=f"{which}{epochs} epoch{'s' if epochs != 1 else ''} (n = {int(rows['n'].max())}, {rows['test'].iloc[0]})")
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_title(f"T = {temp:g}" + (f", label noise {noise:g}" if len(noises) > 1 else ""))
         ax.set_xlabel("alpha (weight of the hard-label loss)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("gain over scratch (test accuracy, points)")
-    axes[0][-1].legend(fontsize=8, loc="best")
+    for ax in axes[0] if several else axes[0][-1:]:  # several methods: each panel has lines of its own
+        ax.legend(fontsize=8 if not several else 6, loc="best")
     fig.suptitle("Gain of distillation over scratch, same seeds (mean and 95% CI)")
     return _save(fig, out / "gain_vs_alpha.png")
 
 
 def fig_loss_vs_alpha(summary: pd.DataFrame, out: Path) -> Path:
+    summary, which = _one_config(summary)
     summary = summary[summary["label_noise"] == summary["label_noise"].min()]  # the cleanest labels of the sweep
     students, scratch = summary[summary["role"] == "student"], summary[summary["role"] == "scratch"]
     epochs = students["epochs"].max()
@@ -101,11 +137,12 @@ def fig_loss_vs_alpha(summary: pd.DataFrame, out: Path) -> Path:
     base = scratch[scratch["epochs"] == epochs]
     if len(base):
         ax.axhline(float(base["train_hard_loss"].iloc[0]), color="tab:green", linestyle="--", label="scratch loss (train)")
-    _finish(ax, "alpha (weight of the hard-label loss)", "loss (nats, mean per image)", f"Losses vs alpha ({epochs} epochs, T = {temp:g})")
+    _finish(ax, "alpha (weight of the hard-label loss)", "loss (nats, mean per image)", f"Losses vs alpha ({epochs} epochs, T = {temp:g}{which})")
     return _save(fig, out / "loss_vs_alpha.png")
 
 
 def fig_heatmap(summary: pd.DataFrame, out: Path) -> Path | None:
+    summary, which = _one_config(summary)
     summary = summary[summary["label_noise"] == summary["label_noise"].min()]
     students = summary[summary["role"] == "student"]
     if students["temperature"].nunique() < 2:
@@ -120,7 +157,7 @@ def fig_heatmap(summary: pd.DataFrame, out: Path) -> Path | None:
         ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white")
     ax.set_xlabel("alpha (weight of the hard-label loss)")
     ax.set_ylabel("temperature T")
-    ax.set_title(f"Mean test accuracy (%), {epochs} epochs")
+    ax.set_title(f"Mean test accuracy (%), {epochs} epochs{which}")
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
     return _save(fig, out / "heatmap_alpha_temperature.png")
 
@@ -131,7 +168,8 @@ def fig_learning_curves(client: MlflowClient, runs: pd.DataFrame, best: Best, ou
     mine = done[done["run_id"] == best.run_id]
     scratch = done[(done["role"] == "scratch") & (done["epochs"] == epochs) & (done["label_noise"] == best.label_noise)]
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    for rows, label, color in ((mine, f"best: alpha = {best.alpha:g}, T = {best.temperature:g}", "tab:orange"),
+    method = "" if best.method == DEFAULT_METHOD and best.knobs == DEFAULT_KNOBS else f"{best.variant}, "
+    for rows, label, color in ((mine, f"best: {method}alpha = {best.alpha:g}, T = {best.temperature:g}", "tab:orange"),
                                (scratch, "scratch", "tab:blue")):
         for k, (_, r) in enumerate(rows.iterrows()):
             hist = sorted((m.step, m.value) for m in client.get_metric_history(str(r["run_id"]), "test_acc"))

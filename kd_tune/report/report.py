@@ -6,6 +6,11 @@ best configuration and its paired gain over scratch training, see :mod:`kd_tune.
 figures (:mod:`kd_tune.report.figures`), and logs all of them as artifacts of the sweep's parent run.
 The best configuration is selected on the validation split and reported with its *test* accuracy;
 a sweep without a validation split selects on the test set, and the report says that this is optimistic.
+
+A sweep whose grid has a method axis (``grid.method``: kd, dkd, dist and their knobs) keeps each method and knob setting
+apart in every table, and adds a per-method section (:mod:`kd_tune.report.methods`, ``methods.csv``), a figure of accuracy
+against each method's main knob (:mod:`kd_tune.report.method_figures`) and the importance of each swept axis
+(:mod:`kd_tune.report.importance`, ``importance.csv``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from kd_tune.errors import UsageError
 from kd_tune.report.best_alpha import best_alpha, models_markdown, pareto
 from kd_tune.report.best_alpha_figures import fig_accuracy_vs_alpha_by_model, fig_best_alpha, fig_pareto, has_model_axes
+from kd_tune.report.configs import CONFIG_KEYS, DEFAULT_KNOBS, has_method_axis
 from kd_tune.report.figures import (
     fig_accuracy_vs_alpha,
     fig_confusion,
@@ -30,9 +36,13 @@ from kd_tune.report.figures import (
     fig_search_alpha_temperature,
     fig_search_best_so_far,
 )
+from kd_tune.report.importance import importance, importance_markdown, importance_table
+from kd_tune.report.method_figures import fig_accuracy_vs_main_knob
+from kd_tune.report.methods import methods_markdown, per_variant, variants
 from kd_tune.report.run_table import load_runs, selectable
 from kd_tune.report.stats import Best, Protocol, best_config, gains_over_scratch, protocol_of, summarize
 from kd_tune.report.tables import markdown_table
+from kd_tune.space.methods import DEFAULT_METHOD
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,15 @@ class Report:
     """For a search: its trials, how many the scheduler stopped, the student epochs it used."""
     models: str = ""
     """For a sweep over students or teachers: the best alpha per model and the Pareto table (:mod:`kd_tune.report.best_alpha`)."""
+    methods: str = ""
+    """For a sweep over more than one variant of the methods: each one's best configuration (:mod:`kd_tune.report.methods`)."""
+    importance: str = ""
+    """For a sweep over methods or their knobs: the importance of each swept axis (:mod:`kd_tune.report.importance`)."""
+
+    @property
+    def method_axis(self) -> bool:
+        """Whether the summary holds more than one method or knob setting (then tables show which, and the best lines say it)."""
+        return bool(self.summary[CONFIG_KEYS].drop_duplicates().shape[0] > 1) if len(self.summary) else False
 
     def markdown(self) -> str:
         lines = [f"# Sweep {self.name!r}", "", self.protocol.describe(), ""]
@@ -62,15 +81,11 @@ class Report:
         shown["alpha"] = shown["alpha"].map(lambda v: f"{v:.4g}")
         shown["mean acc %"] = (100 * shown["mean"]).map(lambda v: f"{v:.2f}")
         shown["95% CI %"] = shown.apply(lambda r: "n/a (n=1)" if r["n"] < 2 else f"[{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}]", axis=1)
-        cols = ["role", "alpha", "temperature", "epochs", "n", "mean acc %", "95% CI %"]
+        shown["method"], shown["knobs"] = shown["method"].where(shown["role"] == "student", "-"), shown["knobs"].where(shown["role"] == "student", "-")
+        cols = ["role", *_varying(self.summary), "alpha", "temperature", "epochs", "n", "mean acc %", "95% CI %"]
         if shown["val_mean"].notna().any():
             shown["val acc %"] = (100 * shown["val_mean"]).map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
             cols.append("val acc %")
-        if shown["label_noise"].nunique() > 1:
-            cols.insert(1, "label_noise")
-        for axis in ("teacher", "student"):
-            if shown[axis].nunique() > 1:
-                cols.insert(1, axis)
         lines += ["Test accuracy per configuration (mean over seeds):", "", markdown_table(shown[cols]), ""]
         if not self.gains.empty:
             g = self.gains.copy()
@@ -80,12 +95,7 @@ class Report:
             g["95% CI pp"] = g.apply(lambda r: "n/a" if pd.isna(r["ci_low"]) else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]", axis=1)
             g["positive"] = g.apply(lambda r: f"{int(r['positive'])}/{int(r['n'])}" if r["test"] == "paired t" else "-", axis=1)
             g["p"], g["p Holm"] = g["p"].map(_p_value), g["p_holm"].map(_p_value)
-            cols = ["alpha", "temperature", "epochs", "n", "gain pp", "95% CI pp", "test", "positive", "p", "p Holm"]
-            if g["label_noise"].nunique() > 1:
-                cols.insert(0, "label_noise")
-            for axis in ("teacher", "student"):
-                if g[axis].nunique() > 1:
-                    cols.insert(0, axis)
+            cols = [*_varying(self.gains), "alpha", "temperature", "epochs", "n", "gain pp", "95% CI pp", "test", "positive", "p", "p Holm"]
             tested = int(self.gains["p_holm"].notna().sum())
             lines += ["Gain over scratch (same epochs, seed and label noise; test accuracy, percentage points):", "",
                       markdown_table(g[cols]), ""]
@@ -98,7 +108,13 @@ class Report:
                           f"below 0.05.{best}", ""]
         if self.models:
             lines += [self.models, ""]
-        for title, b in (("Best configuration", self.best), ("Best distilled configuration (alpha < 1)", self.best_distilled)):
+        if self.methods:
+            lines += [self.methods, ""]
+        if self.importance:
+            lines += [self.importance, ""]
+        distilled = ("Best distilled configuration (learns from the teacher: kd with alpha < 1, or another method)"
+                     if self.method_axis or (self.summary["method"] != DEFAULT_METHOD).any() else "Best distilled configuration (alpha < 1)")
+        for title, b in (("Best configuration", self.best), (distilled, self.best_distilled)):
             if b is None or (title != "Best configuration" and b == self.best):
                 continue
             lines += [self._best_line(title, b), ""]
@@ -116,8 +132,14 @@ class Report:
                   else "selected on the test set (optimistic)")
         noise = f", label noise {b.label_noise:g}" if b.label_noise else ""
         noise += (f", student {b.student}" if b.student else "") + (f", teacher {b.teacher}" if b.teacher else "")
-        return (f"{title}: alpha = {b.alpha:g}, T = {b.temperature:g}, {b.epochs} epochs{noise} ({chosen}): "
+        method = f"method {b.method} ({b.knobs}), " if self.method_axis or b.method != DEFAULT_METHOD or b.knobs != DEFAULT_KNOBS else ""
+        return (f"{title}: {method}alpha = {b.alpha:g}, T = {b.temperature:g}, {b.epochs} epochs{noise} ({chosen}): "
                 f"test accuracy {100 * b.mean:.2f} %{acc_ci} (n = {b.n}); over scratch at {b.epochs} epochs: {gain}, {ci}.")
+
+
+def _varying(table: pd.DataFrame) -> list[str]:
+    """The columns of the model and method axes that take more than one value in ``table`` (a sweep without them: none)."""
+    return [c for c in ("student", "teacher", "label_noise", "method", "knobs") if table[c].nunique() > 1]
 
 
 def _p_value(p: float) -> str:
@@ -181,12 +203,34 @@ def make_report(name: str, tracking_uri: str, out: Path) -> Report:
             confusion = fig_confusion(client, best, out)
             if confusion is not None:
                 files.append(confusion)
+    if not summary.empty and has_method_axis(runs):
+        report, more = method_views(report, runs, out)
+        files += more
     md = out / "summary.md"
     md.write_text(report.markdown())
     files.append(md)
     for f in files:
         client.log_artifact(parent, str(f), artifact_path="report")
     return report
+
+
+def method_views(report: Report, runs: pd.DataFrame, out: Path) -> tuple[Report, list[Path]]:
+    """A sweep over methods or their knobs: the per-method section (more than one variant), the figure of accuracy against
+    each method's main knob, and the importance of each swept axis; the report with their Markdown, and their files."""
+    select_on, files = report.protocol.selected_on, []
+    methods = ""
+    if len(variants(report.summary)) > 1:
+        table = per_variant(runs, report.summary, report.gains, select_on)
+        files.append(out / "methods.csv")
+        table.to_csv(files[-1], index=False)
+        methods = methods_markdown(table)
+    figure = fig_accuracy_vs_main_knob(report.summary, out, select_on)
+    if figure is not None:
+        files.append(figure)
+    results = importance(runs, select_on)
+    files.append(out / "importance.csv")
+    importance_table(results).to_csv(files[-1], index=False)
+    return replace(report, methods=methods, importance=importance_markdown(results)), files
 
 
 def student_epochs_used(runs: pd.DataFrame) -> int:

@@ -1,4 +1,5 @@
-"""A sweep's runs read back from MLflow: one tidy row per student or scratch run (grid point and seed)."""
+"""A sweep's runs read back from MLflow: one tidy row per student or scratch run (grid point and seed), with its method
+and knobs (:mod:`kd_tune.report.configs`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from kd_tune.errors import UsageError
+from kd_tune.report.configs import method_columns
+from kd_tune.space.methods import ALL_KNOBS
 from kd_tune.tracking.tags import TAG_PARENT, TAG_ROLE, TAG_STOPPED_AT, TAG_SWEEP, TAG_TRIAL
 
 METRICS = ["test_acc", "test_loss", "teacher_agreement", "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece",
@@ -55,10 +58,14 @@ def load_runs(name: str, tracking_uri: str) -> tuple[pd.DataFrame, str, str]:
         "student_arch": raw.get("params.student.arch", pd.Series("cnn", index=raw.index, dtype=str)).fillna("cnn"),
         "student_parameters": pd.to_numeric(raw.get("params.student.parameters", pd.Series(None, index=raw.index, dtype=float))).astype("Int64"),
     })
+    # The method and its knobs (runs logged before methods were an axis have neither: kd with its defaults).
+    params = pd.DataFrame({name: raw[f"params.{name}"] for name in ("method", *ALL_KNOBS) if f"params.{name}" in raw}, index=raw.index)
+    rows = rows.join(method_columns(params)) if len(rows) else rows.assign(**{c: pd.Series(dtype=object) for c in
+                                                                             ["method", *ALL_KNOBS, "knobs", "variant"]})
     for m in METRICS:
         rows[m] = pd.to_numeric(raw[f"metrics.{m}"]) if f"metrics.{m}" in raw else float("nan")
     rows["teacher_acc"] = teacher_accuracies(client.get_run(parent).data.metrics, rows)
-    rows = rows.sort_values(["role", "student", "teacher", "label_noise", "temperature", "alpha", "epochs", "seed"], na_position="first",
+    rows = rows.sort_values(["role", "student", "teacher", "label_noise", "method", "knobs", "temperature", "alpha", "epochs", "seed"], na_position="first",
                             kind="stable").reset_index(drop=True)
     return rows, exp.experiment_id, parent
 

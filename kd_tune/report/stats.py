@@ -7,7 +7,8 @@ scratch is computed pairwise (same epochs, seed and label noise): mean gain, pai
 and on how many seeds it was positive. Welch's interval is used only where no pairs exist. With one
 seed there is no interval. A gains table tests many configurations at once, so each gain's p-value (of
 gain = 0) comes with its Holm adjustment over the table (family-wise error rate): with 40 configurations and
-no real effect, about two unadjusted 95 % intervals would exclude zero by chance. Plain pandas and scipy:
+no real effect, about two unadjusted 95 % intervals would exclude zero by chance. A configuration's distillation method
+and knobs are part of what it is (:data:`GAIN_KEYS`): configurations of different methods are never merged. Plain pandas and scipy:
 :mod:`kd_tune.report.report` draws and writes the results.
 """
 
@@ -21,8 +22,14 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
-GAIN_KEYS = ["student", "teacher", "label_noise", "alpha", "temperature", "epochs"]
-"""What a distilled configuration is (``student`` and ``teacher``: the grid's axes of models, "" without them)."""
+from kd_tune.report.configs import DEFAULT_KNOBS, learns_from_teacher, with_config_columns
+from kd_tune.space.methods import DEFAULT_METHOD
+
+GAIN_KEYS = ["student", "teacher", "label_noise", "method", "knobs", "alpha", "temperature", "epochs"]
+"""What a distilled configuration is (``student`` and ``teacher``: the grid's axes of models, "" without them; ``method``
+and ``knobs``: its distillation method and that method's knobs, :mod:`kd_tune.report.configs`)."""
+SUMMARY_KEYS = ["role", *GAIN_KEYS]
+"""What a configuration of a summary is: a role (student or scratch) and the keys of a distilled one."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,12 @@ class Best:
     """Its ``grid.student`` entry ("" without that axis)."""
     teacher: str = ""
     """Its ``grid.teacher`` entry ("" without that axis)."""
+    method: str = DEFAULT_METHOD
+    """Its distillation method."""
+    knobs: str = DEFAULT_KNOBS
+    """Its method's knobs (:func:`kd_tune.report.configs.knobs_key`)."""
+    variant: str = DEFAULT_METHOD
+    """Its method as the report compares it (``kd``, ``kd+ls``, ``dkd``)."""
 
     @property
     def ci_excludes_zero(self) -> bool | None:
@@ -169,50 +182,57 @@ def holm(p: pd.Series) -> pd.Series:
     return pd.Series([adjusted.get(i, math.nan) for i in p.index], index=p.index, dtype=float)
 
 
-def with_model_columns(runs: pd.DataFrame) -> pd.DataFrame:
-    """``runs`` with the ``student`` and ``teacher`` columns ("" where a frame has none: a sweep without those axes)."""
-    missing = {c: "" for c in ("student", "teacher") if c not in runs}
-    return runs.assign(**missing) if missing else runs
-
-
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, 95 % CI and n of the test accuracy over seeds, and the mean validation accuracy, per
     configuration (finished runs only)."""
-    runs = with_model_columns(runs)
+    runs = with_config_columns(runs)
     done = runs[runs["status"] == "FINISHED"]
-    keys = ["role", "student", "teacher", "label_noise", "alpha", "temperature", "epochs"]
+    keys = SUMMARY_KEYS
     rows = []
     for key, group in done.groupby(keys, dropna=False, sort=True):
         mean, lo, hi, n = t_interval(group["test_acc"])
         val = group["val_acc"].dropna() if "val_acc" in group else pd.Series(dtype=float)
-        rows.append({**dict(zip(keys, key, strict=True)), "n": n, "mean": mean, "ci_low": lo, "ci_high": hi,
+        rows.append({**dict(zip(keys, key, strict=True)), "variant": group["variant"].iloc[0], "n": n, "mean": mean, "ci_low": lo, "ci_high": hi,
                      "val_mean": float(val.mean()) if len(val) else math.nan,
                      "test_loss": group["test_loss"].mean(), "train_hard_loss": group["train_hard_loss"].mean(),
                      "train_distill_loss": group["train_distill_loss"].mean()})
-    return pd.DataFrame(rows, columns=[*keys, "n", "mean", "ci_low", "ci_high", "val_mean", "test_loss", "train_hard_loss", "train_distill_loss"])
+    return pd.DataFrame(rows, columns=[*keys, "variant", "n", "mean", "ci_low", "ci_high", "val_mean", "test_loss", "train_hard_loss", "train_distill_loss"])
 
 
 def _baseline(done: pd.DataFrame, noise: float, epochs: int, temperature: float, student: str = "", teacher: str = "") -> pd.DataFrame:
     """The scratch runs a configuration is compared with: the scratch baseline of the same student at the same epochs
-    and label noise, else the alpha = 1 students (hard labels alone: the same training) at the same T."""
+    and label noise, else the kd students with alpha = 1 (hard labels alone: the same training) at the same T. Only kd's:
+    another method's alpha = 1 still distills (its terms have weights of their own)."""
+    done = with_config_columns(done)
     same = (done["epochs"] == epochs) & (done["label_noise"] == noise) & (done["student"] == student)
     scratch = done[same & (done["role"] == "scratch")]
     if scratch.empty:
-        scratch = done[same & (done["role"] == "student") & (done["alpha"] == 1.0) & (done["temperature"] == temperature)
-                       & (done["teacher"] == teacher)]
+        scratch = done[same & (done["role"] == "student") & (done["method"] == DEFAULT_METHOD) & (done["alpha"] == 1.0)
+                       & (done["temperature"] == temperature) & (done["teacher"] == teacher)]
     return scratch
 
 
+def config_runs(done: pd.DataFrame, config: pd.Series | Best) -> pd.DataFrame:
+    """The student runs of one configuration (a summary's or gains' row, or a :class:`Best`): same keys of :data:`GAIN_KEYS`."""
+    done = with_config_columns(done)
+    mask = done["role"] == "student"
+    for key in GAIN_KEYS:
+        value = config[key] if isinstance(config, pd.Series) else getattr(config, key)
+        mask &= done[key].isna() if pd.isna(value) else done[key] == value
+    return done[mask]
+
+
 def gains_over_scratch(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per distilled configuration: the gain in test accuracy over scratch, paired by seed (paired t),
+    """Per configuration that learns from the teacher (kd with alpha < 1, any configuration of another method:
+    :func:`~kd_tune.report.configs.learns_from_teacher`): the gain in test accuracy over scratch, paired by seed (paired t),
     or Welch's interval where no seed has both (then ``positive`` is not defined); ``p``, the test's
     p-value of gain = 0, and ``p_holm``, adjusted over every configuration of the table (:func:`holm`)."""
-    runs = with_model_columns(runs)
+    runs = with_config_columns(runs)
     done = runs[runs["status"] == "FINISHED"]
     rows = []
-    students = done[(done["role"] == "student") & (done["alpha"] < 1.0)]
+    students = done[learns_from_teacher(done)]
     for key, mine in students.groupby(GAIN_KEYS, sort=True):
-        student, teacher, noise, alpha, temperature, epochs = key
+        student, teacher, noise, method, knobs, alpha, temperature, epochs = key
         base = _baseline(done, noise, epochs, temperature, student, teacher)
         if base.empty:
             continue
@@ -222,12 +242,28 @@ def gains_over_scratch(runs: pd.DataFrame) -> pd.DataFrame:
         if n == 0:
             gain, lo, hi = welch_interval(mine["test_acc"], base["test_acc"])
             n, positive, test, p = min(len(mine), len(base)), 0, "Welch", welch_p(mine["test_acc"], base["test_acc"])
-        rows.append({"student": student, "teacher": teacher, "label_noise": noise, "alpha": alpha, "temperature": temperature, "epochs": epochs, "n": n,
+        rows.append({"student": student, "teacher": teacher, "label_noise": noise, "method": method, "knobs": knobs, "alpha": alpha,
+                     "temperature": temperature, "epochs": epochs, "variant": mine["variant"].iloc[0], "n": n,
                      "gain": gain, "ci_low": lo, "ci_high": hi, "positive": positive, "test": test, "p": p})
-    cols = [*GAIN_KEYS, "n", "gain", "ci_low", "ci_high", "positive", "test", "p"]
+    cols = [*GAIN_KEYS, "variant", "n", "gain", "ci_low", "ci_high", "positive", "test", "p"]
     table = pd.DataFrame(rows, columns=cols).astype({"ci_low": float, "ci_high": float, "p": float})
     table["p_holm"] = holm(table["p"])
     return table
+
+
+def selection_column(candidates: pd.DataFrame, select_on: str = "validation") -> str:
+    """The summary column a selection among ``candidates`` is made on: ``val_mean`` (each has a validation accuracy and
+    ``select_on`` is "validation"), else ``mean`` (the test accuracy: optimistic)."""
+    return "val_mean" if select_on == "validation" and candidates["val_mean"].notna().all() else "mean"
+
+
+def select_row(candidates: pd.DataFrame, select_on: str = "validation") -> pd.Series:
+    """The summary row with the highest mean validation accuracy (:func:`selection_column`). An exact tie (common with a few
+    hundred test images) goes to the larger alpha, then the lower T, as in report.models' best alphas: a tie is no
+    evidence for the teacher; then to the summary's order."""
+    column = selection_column(candidates, select_on)
+    ordered = candidates.sort_values(["alpha", "temperature"], ascending=[False, True], kind="stable")
+    return ordered.sort_values(column, ascending=False, kind="stable").iloc[0]
 
 
 def best_config(runs: pd.DataFrame, summary: pd.DataFrame, gains: pd.DataFrame, distilled_only: bool = False,
@@ -235,33 +271,30 @@ def best_config(runs: pd.DataFrame, summary: pd.DataFrame, gains: pd.DataFrame, 
     """The student configuration with the highest mean validation accuracy (``select_on="test"``, or no
     validation split: the highest mean test accuracy; a tie: the larger alpha, then the lower T), with its
     test accuracy and its gain over scratch at the same epochs (from ``gains``, :func:`gains_over_scratch`).
-    ``distilled_only`` keeps alpha < 1 (the configurations that learn from the teacher at all)."""
-    runs, summary, gains = with_model_columns(runs), with_model_columns(summary), with_model_columns(gains)
-    students = summary[(summary["role"] == "student") & ((summary["alpha"] < 1.0) if distilled_only else True)]
+    ``distilled_only`` keeps the configurations that learn from the teacher at all (kd with alpha < 1, any configuration
+    of another method). ``summary`` may be a part of :func:`summarize`'s (one method's configurations): the candidates."""
+    runs, summary, gains = with_config_columns(runs), with_config_columns(summary), with_config_columns(gains)
+    students = summary[learns_from_teacher(summary)] if distilled_only else summary[summary["role"] == "student"]
     if students.empty:
         return None
-    column = "val_mean" if select_on == "validation" and students["val_mean"].notna().all() else "mean"
-    # An exact tie (common with a few hundred test images) goes to the larger alpha, then the lower T, as in
-    # report.models' best alphas: a tie is no evidence for the teacher.
-    ordered = students.sort_values(["alpha", "temperature"], ascending=[False, True], kind="stable")
-    b = ordered.sort_values(column, ascending=False, kind="stable").iloc[0]
+    column = selection_column(students, select_on)
+    b = select_row(students, select_on)
     noise, epochs, alpha, temp = float(b["label_noise"]), int(b["epochs"]), float(b["alpha"]), float(b["temperature"])
-    student, teacher = str(b["student"]), str(b["teacher"])
+    student, teacher, method, knobs = str(b["student"]), str(b["teacher"]), str(b["method"]), str(b["knobs"])
     done = runs[runs["status"] == "FINISHED"]
-    mine = done[(done["role"] == "student") & (done["epochs"] == epochs) & (done["label_noise"] == noise)
-                & (done["alpha"] == alpha) & (done["temperature"] == temp) & (done["student"] == student) & (done["teacher"] == teacher)]
+    mine = config_runs(done, b)
     gain, lo, hi, n, positive, test = math.nan, None, None, 0, 0, "paired t"
-    row = gains[(gains["label_noise"] == noise) & (gains["alpha"] == alpha) & (gains["temperature"] == temp) & (gains["epochs"] == epochs)
-                & (gains["student"] == student) & (gains["teacher"] == teacher)]
+    row = gains[(gains[GAIN_KEYS] == b[GAIN_KEYS]).all(axis=1)] if len(gains) else gains
     if len(row):
         r = row.iloc[0]
         gain, n, positive, test = float(r["gain"]), int(r["n"]), int(r["positive"]), str(r["test"])
         lo, hi = (None if pd.isna(r["ci_low"]) else float(r["ci_low"])), (None if pd.isna(r["ci_high"]) else float(r["ci_high"]))
-    elif alpha == 1.0:  # hard labels alone: compared with the scratch baseline of the same seeds (a zero gain)
+    elif alpha == 1.0 and method == DEFAULT_METHOD:  # hard labels alone: compared with the scratch baseline of the same seeds (a zero gain)
         base = _baseline(done, noise, epochs, temp, student, teacher)
         if len(base):
             gain, lo, hi, n, positive = paired_interval(mine.groupby("seed")["test_acc"].mean(), base.groupby("seed")["test_acc"].mean())
     best_run = str(mine.sort_values("val_acc" if column == "val_mean" else "test_acc", kind="stable").iloc[-1]["run_id"])
     return Best(alpha, temp, epochs, float(b["mean"]), int(b["n"]), gain, lo, hi, best_run, noise,
                 None if pd.isna(b["ci_low"]) else float(b["ci_low"]), None if pd.isna(b["ci_high"]) else float(b["ci_high"]),
-                None if pd.isna(b["val_mean"]) else float(b["val_mean"]), test, n, positive, student, teacher)
+                None if pd.isna(b["val_mean"]) else float(b["val_mean"]), test, n, positive, student, teacher, method, knobs,
+                str(b["variant"]))

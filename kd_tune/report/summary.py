@@ -10,8 +10,10 @@ from collections.abc import Callable
 from mlflow.tracking import MlflowClient
 
 from kd_tune.errors import first_line
+from kd_tune.report.configs import DEFAULT_KNOBS
 from kd_tune.report.run_table import load_runs, selectable
 from kd_tune.report.stats import Best, best_config, gains_over_scratch, protocol_of, summarize
+from kd_tune.space.methods import DEFAULT_METHOD
 from kd_tune.tracking.tags import TAG_PREPROCESSING, TAG_SELECTED_ON, best_tag
 
 
@@ -40,7 +42,8 @@ def log_sweep_summary(name: str, tracking_uri: str) -> Best | None:
         metrics |= {f"{prefix}_{k}": float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
         tags |= {best_tag(prefix, "alpha"): f"{b.alpha:g}", best_tag(prefix, "temperature"): f"{b.temperature:g}",
                  best_tag(prefix, "epochs"): str(b.epochs), best_tag(prefix, "label_noise"): f"{b.label_noise:g}",
-                 best_tag(prefix, "run_id"): b.run_id, best_tag(prefix, "gain_test"): b.gain_test}
+                 best_tag(prefix, "run_id"): b.run_id, best_tag(prefix, "gain_test"): b.gain_test,
+                 best_tag(prefix, "method"): b.method, best_tag(prefix, "knobs"): b.knobs, best_tag(prefix, "variant"): b.variant}
     from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
@@ -57,5 +60,6 @@ def summarize_on_parent(name: str, tracking_uri: str, log: Callable[[str], None]
         log(f"warning: no summary on the sweep's parent run ({first_line(e)}); kd-tune report {name} computes it")
         return
     if best is not None:
-        log(f"best configuration (selected on {'validation' if best.val_mean is not None else 'test'}): alpha = {best.alpha:g}, "
+        method = "" if best.method == DEFAULT_METHOD and best.knobs == DEFAULT_KNOBS else f"method {best.method} ({best.knobs}), "
+        log(f"best configuration (selected on {'validation' if best.val_mean is not None else 'test'}): {method}alpha = {best.alpha:g}, "
             f"T = {best.temperature:g}, {best.epochs} epochs: test acc {best.mean:.4f} (n = {best.n}); logged on the parent run")
