@@ -94,11 +94,14 @@ def test_augmented_training_resumed_from_a_checkpoint_equals_the_uninterrupted_r
         assert torch.equal(resumed.state_dict()[k], v), k
 
 
-def test_a_pack_scores_each_data_order_once_and_trains_as_its_members_alone() -> None:
+def test_a_pack_scores_each_data_order_once_and_trains_as_its_members_alone_whatever_their_methods() -> None:
     x, y = _data(96)
     _, teacher = _teacher()
     margs = model_args("mlp", {"hidden": [16]}, SHAPE, 10)
-    members = [Member(seed=s, epochs=1, alpha=a, temperature=4.0, teacher=0, teacher_test=0) for s, a in ((0, 0.1), (0, 0.5), (1, 0.1), (1, 0.5))]
+    # Members of different methods (grid.method): each loss takes the live teacher's logits of its own data order.
+    methods = (("kd", ()), ("dkd", (("nckd_weight", 2.0), ("warmup", 2))), ("dist", ()), ("kd", (("standardize", True),)))
+    members = [Member(seed=s, epochs=1, alpha=a, temperature=4.0, teacher=0, teacher_test=0, method=method, knobs=knobs)
+               for (s, a), (method, knobs) in zip(((0, 0.1), (0, 0.5), (1, 0.1), (1, 0.5)), methods, strict=True)]
     members.append(Member(seed=0, epochs=1, teacher_test=0))  # scratch: no teacher
     pack = pack_from_state_dicts(margs, [build(margs, m.seed).state_dict() for m in members])
     test_logits = teacher(x[:32])
@@ -109,7 +112,7 @@ def test_a_pack_scores_each_data_order_once_and_trains_as_its_members_alone() ->
     for k, m in enumerate(members):
         alone = build(margs, m.seed)
         history = train(alone, make_optimizer(alone, 1e-3), data.member_data(m), epochs=1, batch_size=32, seed=m.seed, alpha=m.alpha,
-                        temperature=m.temperature, augment=SHIFT)
+                        temperature=m.temperature, augment=SHIFT, method=m.method, knobs=m.knobs)
         assert result.history[k][0].train_loss == pytest.approx(history[0].train_loss, rel=1e-4)
         for name, w in pack.member_state_dict(k).items():
             assert torch.allclose(w, alone.state_dict()[name], atol=1e-5), name
