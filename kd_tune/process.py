@@ -1,9 +1,11 @@
 """What kd-tune changes in the process that runs it, in one place, each change with why, and how it is put back.
 
 A sweep's driver (:func:`sweep_process`) sets some environment variables, a library logger's level and the garbage
-collector for as long as the sweep runs, and restores each when it ends, so that a notebook or a script that runs a
-sweep finds its process as it was (a second sweep in the same process starts from the same state). The ``kd-tune``
-command alone ends with :func:`fast_exit`. Standard library only (the core layer).
+collector for as long as the sweep runs, and restores each when it ends, with what the libraries it drives change
+meanwhile (the environment, loggers and their handlers, MLflow's tracking URI, Ray Tune's Ctrl+C handler), so that a
+notebook or a script that runs a sweep finds its process as it was (a second sweep in the same process starts from the
+same state). The ``kd-tune`` command alone ends with :func:`fast_exit`. Standard library only (the core layer): a
+library's state is read from ``sys.modules``, never imported here.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import atexit
 import gc
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 """The MLflow client retries a failed request inside the call, for about 4 minutes by default. kd-tune's own outbox
@@ -89,6 +92,90 @@ def logger_levels(levels: Mapping[str, int]) -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def _logger_state(logger: logging.Logger) -> tuple[int, list[logging.Handler], bool, bool, list[Any]]:
+    return logger.level, list(logger.handlers), logger.propagate, logger.disabled, list(logger.filters)
+
+
+@contextmanager
+def loggers_kept() -> Iterator[None]:
+    """Every logger that exists before the block (the root logger included) with its level, handlers, filters,
+    ``propagate`` and ``disabled`` as they were, after it; and ``logging.disable``'s level.
+
+    Why: what a sweep drives reconfigures logging as it goes: ``ray.init`` configures Ray's loggers, and MLflow's
+    migrations of a new store run Alembic's ``logging.config.fileConfig``, which sets the root logger to WARN with a
+    handler of its own on stderr and drops handlers elsewhere (measured: the root logger at ERROR with a new stderr
+    handler after a sweep on a new sqlite store). Loggers made during the block (modules imported then) stay as made."""
+    manager = logging.Logger.manager
+    before = [(lg, _logger_state(lg)) for lg in (logging.root, *manager.loggerDict.values()) if isinstance(lg, logging.Logger)]
+    disabled_below = manager.disable
+    try:
+        yield
+    finally:
+        for lg, (level, handlers, propagate, disabled, filters) in before:
+            if _logger_state(lg) != (level, handlers, propagate, disabled, filters):
+                lg.handlers[:], lg.filters[:] = handlers, filters
+                lg.propagate, lg.disabled = propagate, disabled
+                lg.setLevel(level)  # also clears the loggers' cached levels
+        if manager.disable != disabled_below:
+            logging.disable(disabled_below)
+
+
+MLFLOW_FLUENT = "mlflow.tracking._tracking_service.utils"
+"""The module that holds MLflow's own tracking URI (``mlflow.set_tracking_uri``'s global) in MLflow 2 and 3."""
+
+
+def _mlflow_fluent() -> Any:
+    utils = sys.modules.get(MLFLOW_FLUENT)
+    return utils if utils is not None and hasattr(utils, "_tracking_uri") and hasattr(utils, "set_tracking_uri") else None
+
+
+@contextmanager
+def mlflow_tracking_uri_kept() -> Iterator[None]:
+    """MLflow's own tracking URI (what ``mlflow.set_tracking_uri`` sets, and ``mlflow.log_metric`` and friends use) as it
+    was before the block, after it, with ``$MLFLOW_TRACKING_URI`` (which ``set_tracking_uri`` also sets).
+
+    Why: the report reads the runs with ``mlflow.search_runs`` and the sweep logs its models with ``mlflow.pytorch``,
+    both through that process-wide setting: left set, a notebook's own ``mlflow.log_metric`` after a sweep would go to the
+    sweep's store. Unset before (MLflow not even imported): unset after. MLflow is not imported here."""
+    utils = _mlflow_fluent()
+    before = utils._tracking_uri if utils is not None else None
+    variable = "MLFLOW_TRACKING_URI"
+    env = os.environ.get(variable)
+    try:
+        yield
+    finally:
+        utils = _mlflow_fluent()
+        if utils is not None and utils._tracking_uri != before:
+            utils.set_tracking_uri(before)  # None: unset, as before
+        if env is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = env
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+
+@contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """The handlers of Ctrl+C and the stop signals (:data:`STOP_SIGNALS`) as they were before the block, after it (only
+    the main thread can set them: elsewhere nothing is done).
+
+    Why: Ray Tune's ``fit`` installs its own SIGINT and SIGUSR1 handler (the first Ctrl+C stops the trials gracefully)
+    and leaves it installed after the fit; in a notebook the next Ctrl+C, in any later cell, would only set the flag
+    of a fit long over instead of interrupting the cell. ``ray.init`` replaces SIGTERM's."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in (getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name))}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            if handler is not None and signal.getsignal(s) is not handler:
+                signal.signal(s, handler)
+
+
 class Startup:
     """The garbage collector during a sweep's start-up, as :func:`sweep_process` hands it out.
 
@@ -117,18 +204,24 @@ class Startup:
 @contextmanager
 def tracking_client() -> Iterator[None]:
     """A command's MLflow client settings for the block (:data:`CLIENT_RETRIES`, :data:`QUIET_DOWNLOADS`,
-    :data:`QUIET_LOGGERS`: ``kd-tune report`` and ``sync``), put back after it; a sweep has them in :func:`sweep_process`."""
-    with environment({**CLIENT_RETRIES, **QUIET_DOWNLOADS}), logger_levels(QUIET_LOGGERS):
+    :data:`QUIET_LOGGERS`: ``kd-tune report`` and ``sync``), put back after it, with MLflow's tracking URI and the
+    loggers a new store's migrations reconfigure (:func:`mlflow_tracking_uri_kept`, :func:`loggers_kept`); a sweep has
+    them in :func:`sweep_process`."""
+    with environment({**CLIENT_RETRIES, **QUIET_DOWNLOADS}), loggers_kept(), mlflow_tracking_uri_kept(), logger_levels(QUIET_LOGGERS):
         yield
 
 
 @contextmanager
 def sweep_process() -> Iterator[Startup]:
     """Everything a sweep's driver changes in its process (:data:`SWEEP_ENVIRONMENT`, :data:`QUIET_LOGGERS`, the
-    collector: :class:`Startup`), for the block, and put back after it, with whatever the libraries set in the
-    environment meanwhile (:func:`environment_kept`)."""
+    collector: :class:`Startup`), for the block, and put back after it, with whatever the libraries change meanwhile:
+    the environment (:func:`environment_kept`), loggers (:func:`loggers_kept`), MLflow's tracking URI
+    (:func:`mlflow_tracking_uri_kept`) and the signal handlers (:func:`signal_handlers_kept`)."""
     with ExitStack() as stack:
         stack.enter_context(environment_kept())
+        stack.enter_context(loggers_kept())
+        stack.enter_context(mlflow_tracking_uri_kept())
+        stack.enter_context(signal_handlers_kept())
         stack.enter_context(environment(SWEEP_ENVIRONMENT))
         stack.enter_context(logger_levels(QUIET_LOGGERS))
         startup = Startup()

@@ -1,5 +1,6 @@
 """The subcommands: each a plain typed function of its arguments (:mod:`kd_tune.cli.args`), importing what it needs
-when it runs.
+when it runs. ``sweep``, ``resume``, ``status`` and ``report`` are calls of the Python API (:mod:`kd_tune.api`: ``run``,
+``resume``, ``load(...).status()``, ``load(...).report()``) that print what they return.
 
 Storage is resolved here, once, at the CLI boundary (``--storage``, else ``$KD_TUNE_STORAGE``, else
 ``./kd_tune_results``): the library's functions take a resolved :class:`~kd_tune.sweep.state.storage.Storage`.
@@ -26,10 +27,11 @@ from kd_tune.cli.args import (
     SweepNameArgs,
     UiArgs,
 )
-from kd_tune.errors import DiskFullError, FlagError, TrackingUnavailableError, UsageError, condensed_disk_full_logs, first_line
+from kd_tune.errors import FlagError, condensed_disk_full_logs
 from kd_tune.process import tracking_client
 
 if TYPE_CHECKING:
+    from kd_tune.api import Sweep
     from kd_tune.sweep.results import SweepOutcome
     from kd_tune.sweep.state.storage import Storage
 
@@ -44,16 +46,14 @@ def _storage(raw: str | None) -> Storage:
 
 def sweep(args: SweepArgs) -> int:
     """Run every trial of a search space; exit 0 only if every trial finished."""
-    from kd_tune.space.parse import load_space
-    from kd_tune.sweep.start import run_sweep
+    from kd_tune import api
 
     storage = _storage(args.storage)
-    try:
-        return _report(lambda log: run_sweep(args.space, storage, args, log=log), args.quiet)
-    except (Exception, KeyboardInterrupt) as e:
-        if not isinstance(e, (UsageError, TrackingUnavailableError)):  # nothing was started
-            _ended_abnormally(e, lambda: args.name or load_space(args.space).name, storage, args.tracking_uri)
-        raise
+    return _report(lambda log: _outcome(api.run(
+        args.space, name=args.name, storage=storage, tracking_uri=args.tracking_uri, address=args.address, data_dir=args.data_dir,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, pack=args.pack, max_failures=args.max_failures,
+        share_epochs=not args.no_share_epochs, resume=args.resume, tracking_wait=args.tracking_wait,
+        progress=None if args.quiet else "table", log=log, interrupt="return")), args.quiet)
 
 
 def plan(args: PlanArgs) -> int:
@@ -80,15 +80,13 @@ def resume(args: ResumeArgs) -> int:
         return 0
     if args.ship_code:
         raise FlagError("--address", address, JOB_SERVER_ALLOWED, "is not a job server's: --ship-code sends the code with a job")
-    from kd_tune.sweep.start import resume_sweep
+    from kd_tune import api
 
     storage = _storage(opts.storage)
-    try:
-        return _report(lambda log: resume_sweep(args.name, storage, opts, log=log), opts.quiet)
-    except (Exception, KeyboardInterrupt) as e:
-        if not isinstance(e, (UsageError, TrackingUnavailableError)):  # nothing was started
-            _ended_abnormally(e, lambda: args.name, storage, opts.tracking_uri)
-        raise
+    return _report(lambda log: _outcome(api.resume(
+        args.name, storage=storage, tracking_uri=opts.tracking_uri, address=opts.address, data_dir=opts.data_dir,
+        cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial, tracking_wait=opts.tracking_wait,
+        progress=None if opts.quiet else "table", log=log, interrupt="return")), opts.quiet)
 
 
 def submit(args: SubmitArgs) -> int:
@@ -140,9 +138,9 @@ def stop(args: JobArgs) -> int:
 
 def status(args: SweepNameArgs) -> int:
     """Trials finished / running / pending / errored of a sweep, read from its storage."""
-    from kd_tune.sweep.results import sweep_status
+    from kd_tune import api
 
-    print(sweep_status(args.name, _storage(args.storage)).format())
+    print(api.load(args.name, storage=_storage(args.storage)).status().format())
     return 0
 
 
@@ -160,21 +158,11 @@ def sync(args: SweepNameArgs) -> int:
 
 def report(args: ReportArgs) -> int:
     """Tables and figures of a sweep from its MLflow runs; also logged on the sweep's parent run."""
-    from kd_tune.report.report import make_report
-    from kd_tune.sweep.state.sweep_files import SweepRecord, sweep_path
-    from kd_tune.tracking.store import check_tracking_store, open_store, resolve_tracking_uri
+    from kd_tune import api
 
-    root = _storage(args.storage)
-    sweep_path(root, args.name)
-    uri = resolve_tracking_uri(args.tracking_uri)
-    if args.tracking_uri is None and SweepRecord.exists(root, args.name):
-        uri = SweepRecord.load(root, args.name).tracking_uri  # where that sweep logged, whatever the defaults now
     # The report downloads one small JSON (the best run's confusion matrix): MLflow's progress bar for it is only
-    # noise between the command and its tables (a user's own setting wins).
-    with tracking_client():
-        check_tracking_store(uri, "no report was made")
-        open_store(uri)  # the report's own clients find the store made (safely, if several commands start at once)
-        rep = make_report(args.name, uri, Path(args.out) if args.out else Path("reports") / args.name)
+    # noise between the command and its tables (a user's own setting wins: kd_tune.process.tracking_client).
+    rep = api.load(args.name, storage=_storage(args.storage), tracking_uri=args.tracking_uri).report(args.out)
     print(rep.markdown())
     print("files (also on the sweep's parent run in MLflow, under report/):")
     for f in rep.files:
@@ -211,14 +199,19 @@ def data(args: DataArgs) -> int:
     return 0
 
 
-def _report(run: Callable[[Callable[[str], None]], SweepOutcome], quiet: bool) -> int:
+def _outcome(sweep: Sweep) -> SweepOutcome:
+    assert sweep.outcome is not None  # api.run and api.resume return the sweep they ran
+    return sweep.outcome
+
+
+def _report(run: Callable[[Callable[[str], None] | None], SweepOutcome], quiet: bool) -> int:
+    """Run a sweep or resume (``run`` gets where its lines go: None when quiet), then print its end: the results table,
+    where it is tracked, what to do next; the exit status."""
     from kd_tune.sweep.results import format_table
     from kd_tune.tracking.store import resolve_tracking_uri
     from kd_tune.tracking.ui import UI_HOST, runs_page
 
-    log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
-    with condensed_disk_full_logs():  # a full disk: Ray's and MLflow's tracebacks of it one line each, the end says which disk
-        outcome = run(log)
+    outcome = run(None if quiet else (lambda s: print(s, flush=True)))
     print()
     print(outcome.summary_line())
     print(format_table(outcome.table))
@@ -235,75 +228,3 @@ def _report(run: Callable[[Callable[[str], None]], SweepOutcome], quiet: bool) -
               f"pending (safe in the trials' checkpoints); once it is back: {then}", file=sys.stderr, flush=True)
         return TRACKING_BEHIND_EXIT
     return 0 if outcome.ok else 1
-
-
-def _ended_abnormally(e: BaseException, name: Callable[[], str], storage: Storage, tracking_uri: str | None) -> None:
-    """After an abnormal end of a sweep that had started: a full disk is said as such (raises :class:`DiskFullError`,
-    which gives the way on), anything else gets the resume hint."""
-    if not isinstance(e, KeyboardInterrupt):
-        full = _disk_full(e, name, storage, tracking_uri)
-        if full is not None:
-            raise full from e
-    _hint_resume(name, storage)
-
-
-def _disk_full(e: BaseException, name: Callable[[], str], storage: Storage, tracking_uri: str | None) -> DiskFullError | None:
-    """The one line for a sweep that a full disk ended (None if none did): which place is full, that nothing finished is
-    lost, and the command that goes on once there is room.
-
-    Where: the file the error names (kd-tune's own writes name it: the teacher cache's), else SQLite's own words (the
-    tracking store), else the place with no room left. That last one also catches a full disk whose error is gone from
-    the chain: Tune, after its syncer failed on the full storage, reads back the error file it truncated there and
-    ends with ``EOFError: Ran out of input``."""
-    from kd_tune.errors import disk_full_cause
-    from kd_tune.sweep.state.storage import FULL_BELOW_BYTES, free_bytes
-    from kd_tune.sweep.state.sweep_files import SweepRecord, resume_command
-    from kd_tune.sweep.state.tune_state import can_restore
-    from kd_tune.sweep.teacher_cache import CACHE_FOLDER
-    from kd_tune.tracking.store import local_store_path, resolve_tracking_uri
-
-    try:
-        sweep = name()
-        uri = SweepRecord.load(storage, sweep).tracking_uri if SweepRecord.exists(storage, sweep) else resolve_tracking_uri(tracking_uri)
-        cause = disk_full_cause(e)
-        store = local_store_path(uri)
-        full, tracking = f"the sweep's storage {storage.show()} is full", f"the MLflow tracking store {uri} is full"
-        places = {  # what to say -> the local paths it covers; "mlruns": MLflow's default artifact root beside a database store
-            f"{full} (writing the teacher cache)": [Path(storage.path(CACHE_FOLDER))] if storage.is_local else [],
-            full: [Path(storage.root)] if storage.is_local else [],
-            tracking: [store, Path("mlruns")] if store is not None else [],
-        }
-        named = [Path(str(f)).absolute() for f in (getattr(cause, "filename", None), getattr(cause, "filename2", None)) if f]
-        where = next((place for place, paths in places.items() for f in named for p in paths if f == p.absolute() or p.absolute() in f.parents),
-                     None)
-        if where is None and cause is not None and "database or disk is full" in first_line(cause):
-            where = tracking
-        room = None
-        for place in (full, tracking) if where is None else ():
-            room = min((b for b in map(free_bytes, places[place]) if b is not None), default=None)
-            if room is not None and room < FULL_BELOW_BYTES:
-                where = place
-                break
-        if where is None and cause is None:
-            return None
-        said = first_line(cause)[:300] if cause is not None else f"{(room or 0) // 1024} KiB left on its disk"
-        try:
-            restorable = can_restore(storage, sweep)
-        except OSError:  # it puts back a Tune state cut short, which the full disk refused: a resume does it once there is room
-            restorable = True
-        go_on = f"continue with: {resume_command(sweep, storage)}" if restorable else "run the same kd-tune sweep command again"
-        return DiskFullError(f"{where or 'a disk is full'} ({said}): nothing finished is lost; once there is room, {go_on}")
-    except Exception:  # noqa: BLE001 - saying which disk is full must never hide the error itself
-        return None
-
-
-def _hint_resume(name: Callable[[], str], storage: Storage) -> None:
-    """After an abnormal end of a sweep that had started, say how to continue it."""
-    from kd_tune.sweep.state.sweep_files import SweepRecord, resume_command, sweep_path
-
-    try:
-        sweep_path(storage, name())
-        if SweepRecord.exists(storage, name()):
-            print(f"kd-tune: the sweep did not end normally; to continue it: {resume_command(name(), storage)}", file=sys.stderr, flush=True)
-    except Exception:  # noqa: BLE001 - a hint must never hide the real error
-        pass

@@ -8,8 +8,11 @@ every trial reads them from there. :mod:`kd_tune.sweep.start` checks everything 
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,14 +27,15 @@ from kd_tune.data.split import DataSplit, flip_labels, prepare
 from kd_tune.distill.online import TeacherNet
 from kd_tune.distill.pretrained import portable_bytes
 from kd_tune.distill.teacher import Teacher, ensemble_logits, log_teacher_summary
-from kd_tune.errors import disk_full_cause
+from kd_tune.errors import FlagError, disk_full_cause
 from kd_tune.process import Startup
 from kd_tune.report.summary import summarize_on_parent
 from kd_tune.space.options import SweepOptions
 from kd_tune.space.parse import space_to_yaml
 from kd_tune.space.schema import SweepSpec
 from kd_tune.space.sections import is_model_uri
-from kd_tune.space.trials import PACK, PARAM_COLUMNS, POINT
+from kd_tune.space.trial_report import TrialReport
+from kd_tune.space.trials import PACK, PARAM_COLUMNS, POINT, TrialConfig
 from kd_tune.sweep import hooks, search
 from kd_tune.sweep.callback import MlflowTrackingCallback, open_outbox, outbox_of
 from kd_tune.sweep.checks import run_params
@@ -344,7 +348,34 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
     )
 
 
-def progress_reporter() -> tune.ProgressReporter:
+PROGRESS_STYLES = ("line", "table")
+"""How a sweep shows its progress while the trials run (:func:`progress_style`): ``"line"``, one compact line
+(:class:`ProgressLine`); ``"table"``, Ray Tune's classic table (what ``kd-tune sweep`` prints); ``None``, nothing."""
+LINE_EVERY_S = 20.0
+"""Seconds between two progress lines (the last one, when the trials end, comes whatever the time)."""
+
+
+_PROGRESS: ContextVar[tuple[str | None, str]] = ContextVar("kd_tune_progress", default=("table", ""))
+"""(style, sweep name) of the sweep this driver runs now (:func:`progress_style`)."""
+
+
+@contextmanager
+def progress_style(style: str | None, name: str = "") -> Iterator[None]:
+    """The progress a sweep run in the block shows (:data:`PROGRESS_STYLES`; the sweep's ``name`` starts the line).
+    Outside any such block: the table, as ``kd-tune sweep`` has always shown it.
+
+    Why a setting read while the sweep runs rather than the reporter's own: Ray Tune pickles the reporter with the
+    sweep's run config and a resumed sweep gets that one back, so a sweep shows what its current driver asks for."""
+    if style is not None and style not in PROGRESS_STYLES:
+        raise FlagError("progress", style, "'line', 'table' or None")
+    token = _PROGRESS.set((style, name))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _table_reporter() -> tune.CLIReporter:
     """Ray's classic table, every 30 s: trials done / running / pending, with their grid point and epoch (the classic
     output engine: ``RAY_AIR_NEW_OUTPUT=0`` in :data:`kd_tune.process.SWEEP_ENVIRONMENT`)."""
     return tune.CLIReporter(
@@ -353,3 +384,142 @@ def progress_reporter() -> tune.ProgressReporter:
         max_report_frequency=30,
         max_progress_rows=40,
     )
+
+
+@dataclass(frozen=True)
+class GridProgress:
+    """Where a sweep's trials stand, counted in grid points (a trial serves one per epochs value it reports, a pack
+    one per member and epochs value) and in student epochs (what the time left is estimated from)."""
+
+    done: int
+    running: int
+    pending: int
+    errored: int
+    epochs_done: int
+    epochs_total: int
+
+    @property
+    def total(self) -> int:
+        return self.done + self.running + self.pending
+
+    @classmethod
+    def of(cls, trials: Sequence[Any], total_samples: int | None = None) -> GridProgress:
+        """From Ray Tune's trials (each one's ``status``, ``config`` and ``last_result``); a search's trials not suggested
+        yet (``total_samples`` counts them) are pending, one grid point each, as long as the trials seen so far on average."""
+        done = running = pending = errored = epochs_done = epochs_total = 0
+        for trial in trials:
+            decoded = TrialConfig.decode(trial.config)
+            points = sum(len(p.milestones) for p in decoded.points)
+            epochs = decoded.epochs
+            epochs_total += epochs
+            if trial.status == "TERMINATED":
+                done, epochs_done = done + points, epochs_done + epochs
+            elif trial.status == "ERROR":
+                done, errored, epochs_done = done + points, errored + points, epochs_done + epochs
+            elif trial.status in ("RUNNING", "PAUSED"):
+                epoch = TrialReport.decode(trial.last_result or {}).epoch
+                reached = sum(1 for p in decoded.points for m in p.milestones if m <= epoch)
+                done, running, epochs_done = done + reached, running + points - reached, epochs_done + min(epoch, epochs)
+            else:
+                pending += points
+        unsuggested = max(0, (total_samples or 0) - len(trials))
+        if unsuggested:
+            pending += unsuggested
+            epochs_total += unsuggested * (round(epochs_total / len(trials)) if trials else 1)
+        return cls(done, running, pending, errored, epochs_done, epochs_total)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s} s"
+
+
+class ProgressLine:
+    """One line per report: grid points done / running / pending (and errored), the time since the trials started and
+    the time left, estimated from the student epochs trained so far in this run. In a Jupyter notebook the line is one
+    output, updated in place; elsewhere each report prints a line, at most one per ``every_s`` seconds."""
+
+    def __init__(self, every_s: float = LINE_EVERY_S) -> None:
+        self.every_s = every_s
+        self.setup(time.time())
+
+    def setup(self, start_time: float | None, total_samples: int | None = None) -> None:
+        self._start = time.time() if start_time is None else start_time
+        self._total_samples = total_samples
+        self._last = -float("inf")
+        self._epochs_at_start: int | None = None
+        self._handle: Any = None
+
+    def should_report(self, done: bool, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        if done or now - self._last >= self.every_s:
+            self._last = now
+            return True
+        return False
+
+    def text(self, trials: Sequence[Any], name: str = "", now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        p = GridProgress.of(trials, self._total_samples)
+        if self._epochs_at_start is None:
+            self._epochs_at_start = p.epochs_done  # a resumed sweep's epochs trained before do not count in its pace
+        elapsed = max(now - self._start, 0.0)
+        trained = p.epochs_done - self._epochs_at_start
+        left = p.epochs_total - p.epochs_done
+        eta = "done" if left <= 0 else f"about {_duration(left * elapsed / trained)} left" if trained > 0 and elapsed > 0 else "time left: not known yet"
+        errored = f", {p.errored} errored" if p.errored else ""
+        who = f"sweep {name!r}: " if name else ""
+        return (f"{who}{p.done}/{p.total} grid points done, {p.running} running, {p.pending} pending{errored}; "
+                f"{_duration(elapsed)} elapsed, {eta}")
+
+    def show(self, text: str) -> None:
+        if self._handle is None and _in_notebook():
+            from IPython.display import Pretty, display
+
+            self._handle = display(Pretty(text), display_id=True)
+        elif self._handle is not None:
+            from IPython.display import Pretty
+
+            self._handle.update(Pretty(text))
+        else:
+            print(text, flush=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handle": None}  # a notebook's display is this driver's alone
+
+
+def _in_notebook() -> bool:
+    """A Jupyter kernel runs this driver (what Ray Tune itself asks before showing its notebook reporter)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class SweepProgress(tune.ProgressReporter):
+    """The sweep's progress reporter: the style the current driver asks for (:func:`progress_style`): one compact line
+    (:class:`ProgressLine`) or Ray's classic table (every 30 s), or nothing."""
+
+    def __init__(self, line_every_s: float = LINE_EVERY_S) -> None:
+        self.table = _table_reporter()
+        self.line = ProgressLine(line_every_s)
+
+    def setup(self, start_time: float | None = None, total_samples: int | None = None, metric: str | None = None,
+              mode: str | None = None, **kwargs: Any) -> None:
+        self.table.setup(start_time=start_time, total_samples=total_samples, metric=metric, mode=mode, **kwargs)
+        self.line.setup(start_time, total_samples)
+
+    def should_report(self, trials: list[Any], done: bool = False) -> bool:
+        style, _ = _PROGRESS.get()
+        if style == "table":
+            return bool(self.table.should_report(trials, done))
+        return style == "line" and self.line.should_report(done)
+
+    def report(self, trials: list[Any], done: bool, *sys_info: str) -> None:
+        style, name = _PROGRESS.get()
+        if style == "table":
+            self.table.report(trials, done, *sys_info)
+        elif style == "line":
+            self.line.show(self.line.text(trials, name))
+
+
+def progress_reporter() -> tune.ProgressReporter:
+    """The sweep's progress reporter (:class:`SweepProgress`: the style :func:`progress_style` sets, the table by default)."""
+    return SweepProgress()

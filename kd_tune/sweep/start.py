@@ -8,16 +8,16 @@ the heavy modules load on a thread beside Ray's start, which is mostly waiting f
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kd_tune.errors import FlagError, UsageError
 from kd_tune.process import sweep_process
 from kd_tune.space.options import SweepOptions, apply_overrides
-from kd_tune.space.parse import load_space, load_space_text
+from kd_tune.space.parse import load_space, load_space_text, parse_space
 from kd_tune.space.schema import SweepSpec
 from kd_tune.sweep.checks import check_models
 from kd_tune.sweep.cluster.connect import check_local_fits, check_reachable, check_shared, cluster_address, connect_ray, shutdown_ray
@@ -33,32 +33,55 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 DEFAULT_OPTIONS = SweepOptions()
 DEFAULT_TRACKING_WAIT_S = 120.0
+SpaceInput = str | Path | Mapping[str, Any] | SweepSpec
+"""A search space: a YAML file's path, the same data as a dict (what the file would load as), or a validated spec."""
+DICT_SOURCE = "<dict>"
+"""What a search space given as a dict is called in its errors (a file's are named by its path)."""
 
 
 class SweepExistsError(UsageError):
     """``sweep`` on a name that already has a sweep (the message gives the resume command)."""
 
 
-def run_sweep(space: str | Path, storage: Storage, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = print) -> SweepOutcome:
-    """Start a new sweep from a search-space file (or, with ``opts.resume``, continue one of that name).
+def read_space(space: SpaceInput) -> tuple[SweepSpec, str]:
+    """The validated search space and what its errors call it: a file by its path (:func:`~kd_tune.space.parse.load_space`),
+    a dict as :data:`DICT_SOURCE` (:func:`~kd_tune.space.parse.parse_space`: the same checks, the same messages).
+
+    Raises :class:`~kd_tune.errors.SpaceError` for a bad space."""
+    if isinstance(space, SweepSpec):
+        return space, f"<space {space.name}>"
+    if isinstance(space, Mapping):
+        return parse_space(dict(space), DICT_SOURCE), DICT_SOURCE
+    return load_space(space), str(space)
+
+
+def run_sweep(space: SpaceInput, storage: Storage, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = print,
+              progress: str | None = "table") -> SweepOutcome:
+    """Start a new sweep from a search space (a file, a dict or a spec: :func:`read_space`) or, with ``opts.resume``,
+    continue one of that name. ``progress``: what the trials show while they run
+    (:func:`kd_tune.sweep.driver.progress_style`; ``opts.quiet`` shows nothing).
 
     Raises :class:`~kd_tune.errors.SpaceError` for a bad space, :class:`~kd_tune.errors.FlagError` for a
     bad flag, :class:`SweepExistsError` when the name is taken (without ``resume``).
     """
-    spec = apply_overrides(load_space(space), opts)
+    spec, source = read_space(space)
+    spec = apply_overrides(spec, opts)
     sweep_path(storage, spec.name)
     if can_restore(storage, spec.name):
         if opts.resume:
-            return resume_sweep(spec.name, storage, replace(opts, name=None), log)
+            return resume_sweep(spec.name, storage, replace(opts, name=None), log, progress)
         raise SweepExistsError(f"a sweep named {spec.name!r} already exists in {storage.show()}; "
                                f"to continue it: {resume_command(spec.name, storage)} (or add --resume; or choose another --name)")
     # Killed before Ray saved any state: start over, but keep the MLflow parent run made then.
     record = SweepRecord.load(storage, spec.name) if SweepRecord.exists(storage, spec.name) else None
-    return _execute(spec, storage, opts, record, log, str(space))
+    # Nothing to continue: ``resume`` has done its part, and the sweep says it is starting (not "resuming (0 of N ...)").
+    return _execute(spec, storage, replace(opts, resume=False), record, log, source, progress)
 
 
-def resume_sweep(name: str, storage: Storage, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = print) -> SweepOutcome:
-    """Continue an interrupted sweep: finished trials stay, the others go on from their checkpoints.
+def resume_sweep(name: str, storage: Storage, opts: SweepOptions = DEFAULT_OPTIONS, log: Log = print,
+                 progress: str | None = "table") -> SweepOutcome:
+    """Continue an interrupted sweep: finished trials stay, the others go on from their checkpoints (``progress``: as
+    :func:`run_sweep`'s).
 
     Raises :class:`~kd_tune.errors.UsageError` when there is no such sweep, :class:`~kd_tune.errors.FlagError`
     for a ``--tracking-uri`` that is not the sweep's own.
@@ -74,10 +97,11 @@ def resume_sweep(name: str, storage: Storage, opts: SweepOptions = DEFAULT_OPTIO
         raise FlagError("--tracking-uri", opts.tracking_uri, "that URI or none", f"sweep {name!r} is tracked in {record.tracking_uri}")
     source = storage.show(name, SPACE_FILE)
     spec = apply_overrides(load_space_text(storage.read_text(name, SPACE_FILE), source), replace(opts, name=None, max_failures=None))
-    return _execute(spec, storage, opts, record, log, source)
+    return _execute(spec, storage, opts, record, log, source, progress)
 
 
-def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, source: str) -> SweepOutcome:
+def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: SweepRecord | None, log: Log, source: str,
+             progress: str | None = "table") -> SweepOutcome:
     """The checks that need no Ray, then Ray (joined or started here) while the data loads, then the sweep."""
     started = time.perf_counter()
     wait = tracking_wait(opts)  # validated before anything is touched
@@ -103,9 +127,10 @@ def _execute(spec: SweepSpec, storage: Storage, opts: SweepOptions, record: Swee
                     # Every node must reach the storage; on a cluster find that out now, not at the first checkpoint.
                     check_shared(storage, log)
                 loaded = loading.result()
-                from kd_tune.sweep.driver import drive  # imported by the loading thread by now
+                from kd_tune.sweep.driver import drive, progress_style  # imported by the loading thread by now
 
-                return drive(spec, storage, opts, loaded, log, started=started, wait=wait, startup=startup)
+                with progress_style(progress, spec.name):
+                    return drive(spec, storage, opts, loaded, log, started=started, wait=wait, startup=startup)
             finally:
                 if started_ray:
                     shutdown_ray()
