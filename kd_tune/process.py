@@ -153,6 +153,22 @@ def mlflow_tracking_uri_kept() -> Iterator[None]:
             os.environ[variable] = env
 
 
+_MLFLOW_URI_LOCK = threading.RLock()
+
+
+@contextmanager
+def mlflow_tracking_uri_held() -> Iterator[None]:
+    """For a block that sets MLflow's process-wide tracking URI (``mlflow.set_tracking_uri``) and uses it: the setting put
+    back after it (:func:`mlflow_tracking_uri_kept`), and one such block at a time across threads.
+
+    Why the lock: the setting is one global, and the sweep logs models on its tracking thread while the main thread may
+    read runs or fetch a model; one thread putting back its "before" (unset: the default store in the current folder)
+    in the middle of another's ``log_model`` sent that model to the wrong store (seen in the test suite). A block
+    must not wait on another thread that needs this lock. (MLflow is not imported here: the caller sets the URI.)"""
+    with _MLFLOW_URI_LOCK, mlflow_tracking_uri_kept():
+        yield
+
+
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
 

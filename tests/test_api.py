@@ -270,8 +270,13 @@ class Example:
 def example(tmp_path_factory: pytest.TempPathFactory, user_ray: str) -> Example:
     """docs/examples/python_api.py run as a user runs it: in a fresh folder (its storage, a new MLflow store and the
     report land there), MNIST's slice as $KD_TUNE_DATA_DIR, nothing else set."""
+    import mlflow
+
+    from kd_tune.process import mlflow_tracking_uri_kept
+
     folder = tmp_path_factory.mktemp("example")
-    with pytest.MonkeyPatch.context() as mp:
+    with mlflow_tracking_uri_kept(), pytest.MonkeyPatch.context() as mp:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # as in a fresh process, whatever an earlier test of this worker set
         mp.chdir(folder)
         mp.setenv("KD_TUNE_DATA_DIR", str(FIXTURE_DATA))
         for variable in ("MLFLOW_TRACKING_URI", "KD_TUNE_STORAGE", "RAY_ADDRESS"):

@@ -138,6 +138,7 @@ def test_augmentation_is_a_function_of_seed_and_epoch_and_moves_the_image() -> N
 def test_a_pretrained_teacher_from_a_file_and_from_an_mlflow_uri_has_the_models_own_logits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow.pytorch
 
+    from kd_tune.tracking.logged_models import using_tracking_uri
     from kd_tune.tracking.model_uri import fetch
 
     margs = model_args("convnet", SMALL["convnet"], MNIST, 10)
@@ -149,8 +150,7 @@ def test_a_pretrained_teacher_from_a_file_and_from_an_mlflow_uri_has_the_models_
     assert args == margs and torch.equal(predict_logits(from_file, x), own)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run():
+    with using_tracking_uri(uri), mlflow.start_run():  # MLflow's process-wide setting, put back after: later tests start clean
         info = mlflow.pytorch.log_model(model, name="teacher", input_example=x[:2].contiguous().numpy(), pip_requirements=["torch"])
     for source in (info.model_uri, f"models:/{info.model_id}"):
         program, args = load_model(fetch(source, uri, tmp_path / source.replace(":", "_").replace("/", "_")))

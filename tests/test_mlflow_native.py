@@ -30,7 +30,7 @@ from kd_tune.sweep.callback import MlflowTrackingCallback
 from kd_tune.sweep.state.storage import resolve_storage
 from kd_tune.sweep.state.sweep_files import sweep_path
 from kd_tune.tracking.datasets import dataset_inputs, log_dataset_inputs
-from kd_tune.tracking.logged_models import input_example, log_model_once
+from kd_tune.tracking.logged_models import input_example, log_model_once, using_tracking_uri
 from kd_tune.tracking.runs import get_or_create_experiment, sweep_experiments
 from kd_tune.tracking.tags import DATASET_CONTEXT_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TAG_ROLE
 from kd_tune.tracking.ui import runs_page, ui_lines
@@ -134,6 +134,11 @@ def test_dataset_inputs_without_validation_split_and_what_the_digest_covers(tmp_
 def test_each_run_has_an_mlflow_model_that_reproduces_its_test_acc(swept: Swept) -> None:
     client, split = swept.client, _split(swept.spec)
     test_x = normalize(split.test_x, split.info, standardize=split.normalize)  # as in training
+    with using_tracking_uri(swept.uri):  # models:/ URIs are read from MLflow's process-wide store (put back after the test)
+        _check_logged_models(swept, client, split, test_x)
+
+
+def _check_logged_models(swept: Swept, client: MlflowClient, split: DataSplit, test_x: torch.Tensor) -> None:
     for run in [*swept.children(), *swept.runs["teacher"]]:
         (output,) = run.outputs.model_outputs
         logged = client.get_logged_model(output.model_id)

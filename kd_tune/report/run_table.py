@@ -7,7 +7,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from kd_tune.errors import UsageError
-from kd_tune.process import mlflow_tracking_uri_kept
+from kd_tune.process import mlflow_tracking_uri_held
 from kd_tune.report.configs import method_columns
 from kd_tune.space.methods import ALL_KNOBS
 from kd_tune.tracking.tags import TAG_PARENT, TAG_ROLE, TAG_STOPPED_AT, TAG_SWEEP, TAG_TRIAL
@@ -30,7 +30,7 @@ def load_runs(name: str, tracking_uri: str) -> tuple[pd.DataFrame, str, str]:
     if not parents:
         raise UsageError(f"experiment {name!r} in {tracking_uri} holds no kd-tune sweep; allowed: a name given to kd-tune sweep")
     parent = parents[0].info.run_id
-    with mlflow_tracking_uri_kept():  # the caller's own setting (a notebook's) is back once the runs are read
+    with mlflow_tracking_uri_held():  # the caller's own setting (a notebook's) is back once the runs are read
         mlflow.set_tracking_uri(tracking_uri)
         raw = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent}'", max_results=100000,
                                  output_format="pandas")

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.data.split import DataSplit
 from kd_tune.distill.checkpoint import model_from_state
+from kd_tune.process import mlflow_tracking_uri_held
 from kd_tune.tracking.tags import MAX_PARAM_LEN, TAG_ROLE, TAG_SWEEP
 
 
@@ -29,18 +30,14 @@ def input_example(split: DataSplit) -> np.ndarray:
 @contextmanager
 def using_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's fluent tracking URI set to ``uri`` for a while: ``mlflow.pytorch.log_model`` (and
-    ``load_model("models:/...")``) reach the store through it, whatever store a client talks to."""
+    ``load_model("models:/...")``) reach the store through it, whatever store a client talks to. Afterwards the setting
+    is as it was, unset included (``mlflow.get_tracking_uri()`` would give the default store resolved against the
+    current folder, and setting that back would pin every later default to this folder)."""
     import mlflow
 
-    before = mlflow.get_tracking_uri()
-    if before == uri:
+    with mlflow_tracking_uri_held():
+        mlflow.set_tracking_uri(uri)
         yield
-        return
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
 
 
 def pip_requirements() -> list[str]:
