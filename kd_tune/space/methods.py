@@ -153,11 +153,17 @@ def canonical_knobs(method: str, given: Mapping[str, Any] | Knobs = ()) -> Knobs
     return tuple((k.name, values[k.name]) for k in applicable(m, values))
 
 
+def changed_knobs(method: str, knobs: Knobs) -> Knobs:
+    """The knobs whose value is not the method's default (what a label and the results table show)."""
+    m = METHODS[method]
+    return tuple((name, v) for name, v in knobs if v != m.knob(name).default)
+
+
 def method_label(method: str, knobs: Knobs) -> str:
     """The label part of a method and its knobs: ``""`` for ``kd`` with its defaults (labels of sweeps before methods
     were an axis stay as they were), else the method and each knob that is not its default, e.g. ``dkd-nw2-wu5-``."""
     m = METHODS[method]
-    tags = [m.knob(name).tag_of(v) for name, v in knobs if v != m.knob(name).default]
+    tags = [m.knob(name).tag_of(v) for name, v in changed_knobs(method, knobs)]
     if method == DEFAULT_METHOD and not tags:
         return ""
     return "-".join([method, *tags]) + "-"

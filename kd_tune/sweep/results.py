@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from kd_tune.distill.checkpoint import read_checkpoint, trial_results
-from kd_tune.space.methods import METHODS
+from kd_tune.report.configs import knobs_key
+from kd_tune.space.methods import changed_knobs
 from kd_tune.space.parse import load_space_text
 from kd_tune.space.trial_report import TrialReport
 from kd_tune.space.trials import TrialConfig, TrialPoint
@@ -144,9 +145,8 @@ def _last_at(last: TrialReport, member: str | None, epoch: int) -> dict[str, Any
 
 
 def knob_text(point: TrialPoint) -> str:
-    """A point's knobs that are not its method's defaults, as the results table shows them (``nckd_weight=2, warmup=1``)."""
-    method = METHODS[point.method]
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.knobs if v != method.knob(k).default)
+    """A point's knobs that are not its method's defaults, written as the report writes knobs (``nckd_weight=2, warmup=1``)."""
+    return knobs_key(changed_knobs(point.method, point.knobs))
 
 
 def format_table(table: pd.DataFrame) -> str:

@@ -5,6 +5,8 @@ alike."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -48,3 +50,17 @@ def distilled_logits(
     used = has_teacher if used is None else used
     z = torch.where(used[:, None, None], student_logits, student_logits.detach())
     return z, torch.where(has_teacher[:, None, None], teacher_logits, 0.0)
+
+
+def distill_term(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, has_teacher: torch.Tensor | bool | None, like: torch.Tensor,
+    term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """A method's distillation term, ``term(z, t)`` of the logits as :func:`distilled_logits` gives them, for one
+    student or each member of a pack; zero (shaped as ``like``, the hard-label term) without a teacher, and exactly zero
+    for a pack's members without one (``has_teacher`` False), whatever their teacher rows hold."""
+    if teacher_logits is None or has_teacher is False:
+        return torch.zeros_like(like)
+    has = has_teacher if isinstance(has_teacher, torch.Tensor) else None
+    distill = term(*distilled_logits(student_logits, teacher_logits, has))
+    return distill if has is None else torch.where(has, distill, 0.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kd_tune.distill.losses.common import Knob, distilled_logits, hard_loss, per_member
+from kd_tune.distill.losses.common import Knob, distill_term, hard_loss, per_member
 from kd_tune.distill.losses.registry import KDLossTerms, register_loss
 
 EPS = 1e-8
@@ -49,19 +49,15 @@ def dist_loss_terms(
     One student ([B, C] logits, number knobs: scalar terms) or a pack ([K, B, C], [K] knobs and ``has_teacher``: [K]
     terms). Without a teacher (``teacher_logits`` None, ``has_teacher`` False) the distillation term is zero.
     """
-    hard = hard_loss(student_logits, labels)
-    if teacher_logits is None or has_teacher is False:
-        distill = torch.zeros_like(hard)
-    else:
-        has = has_teacher if isinstance(has_teacher, torch.Tensor) else None
-        z, t = distilled_logits(student_logits, teacher_logits, has)
+    def term(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temp = per_member(temperature, 2)
         y_s, y_t = (z / temp).softmax(-1), (t / temp).softmax(-1)
         inter = 1 - pearson(y_s, y_t, dim=-1).mean(-1)  # per image, over the classes
         intra = 1 - pearson(y_s, y_t, dim=-2).mean(-1)  # per class, over the batch
-        distill = temperature**2 * (inter_weight * inter + intra_weight * intra)
-        if has is not None:
-            distill = torch.where(has, distill, 0.0)
+        return temperature**2 * (inter_weight * inter + intra_weight * intra)
+
+    hard = hard_loss(student_logits, labels)
+    distill = distill_term(student_logits, teacher_logits, has_teacher, hard, term)
     return KDLossTerms(hard, distill, alpha * hard + distill)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kd_tune.distill.losses.common import Knob, distilled_logits, hard_loss, per_member, standardized
+from kd_tune.distill.losses.common import Knob, distill_term, hard_loss, per_member, standardized
 from kd_tune.distill.losses.divergences import kl_rows
 from kd_tune.distill.losses.registry import KDLossTerms, register_loss
 
@@ -72,19 +72,14 @@ def dkd_loss_terms(
     One student ([B, C] logits, number knobs: scalar terms) or a pack ([K, B, C], [K] knobs and ``has_teacher``: [K]
     terms). Without a teacher (``teacher_logits`` None, ``has_teacher`` False) the distillation term is zero.
     """
-    hard = hard_loss(student_logits, labels)
-    if teacher_logits is None or has_teacher is False:
-        distill = torch.zeros_like(hard)
-    else:
-        has = has_teacher if isinstance(has_teacher, torch.Tensor) else None
-        z, t = distilled_logits(student_logits, teacher_logits, has)
+    def term(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if standardize:
             z, t = standardized(z), standardized(t)
         tckd, nckd = decoupled_rows(z, t, labels, per_member(temperature, 2))
-        weighted = tckd_weight * tckd.mean(-1) + nckd_weight * nckd.mean(-1)
-        distill = warmup_factor(epoch, warmup) * temperature**2 * weighted
-        if has is not None:
-            distill = torch.where(has, distill, 0.0)
+        return warmup_factor(epoch, warmup) * temperature**2 * (tckd_weight * tckd.mean(-1) + nckd_weight * nckd.mean(-1))
+
+    hard = hard_loss(student_logits, labels)
+    distill = distill_term(student_logits, teacher_logits, has_teacher, hard, term)
     return KDLossTerms(hard, distill, alpha * hard + distill)
 
 

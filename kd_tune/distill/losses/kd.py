@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd_tune.distill.losses.common import Knob, per_member
+from kd_tune.distill.losses.common import Knob, distilled_logits, hard_loss, per_member
 from kd_tune.distill.losses.divergences import divergence_rows
 from kd_tune.distill.losses.registry import KDLossTerms, register_loss
 
@@ -41,7 +41,7 @@ def kd_loss_terms(
     ``skew``, DistiLLM's (Ko et al., ICML 2024; default 0.1)), always times T^2; ``standardize`` z-scores both logits
     before the temperature (Sun et al., CVPR 2024; default off). ``epoch``: unused (every loss takes it).
     """
-    hard = F.cross_entropy(student_logits, labels)
+    hard = hard_loss(student_logits, labels)
     if teacher_logits is None or has_teacher is False:
         distill = torch.zeros((), dtype=hard.dtype, device=hard.device)
     elif divergence == "forward_kl" and not standardize:  # Hinton's loss, exactly as it always was computed
@@ -96,17 +96,13 @@ def pack_loss_terms(
     Shapes: logits [K, B, classes], labels [K, B], alpha / temperature / has_teacher / skew [K].
     Train on ``total.sum()``: members share no parameter, so each one's gradient is its own.
     """
-    k, b, classes = student_logits.shape
-    hard = F.cross_entropy(student_logits.reshape(k * b, classes), labels.reshape(k * b), reduction="none").view(k, b).mean(1)
+    hard = hard_loss(student_logits, labels)
     if teacher_logits is None:
         distill = torch.zeros_like(hard)
     else:
-        has = torch.ones(k, dtype=torch.bool, device=hard.device) if has_teacher is None else has_teacher
-        # A member whose total ignores the distillation term must get no gradient through it: the term's
-        # backward would multiply a zero by whatever the teacher holds, and 0 * NaN is NaN.
-        used = (has & (alpha != 1))[:, None, None]
-        z = torch.where(used, student_logits, student_logits.detach())
-        t = torch.where(has[:, None, None], teacher_logits, 0.0)
+        has = torch.ones(hard.shape[0], dtype=torch.bool, device=hard.device) if has_teacher is None else has_teacher
+        # A member whose total ignores the distillation term (alpha 1) gets no gradient through it either.
+        z, t = distilled_logits(student_logits, teacher_logits, has, used=has & (alpha != 1))
         temp = temperature[:, None, None]
         if divergence == "forward_kl" and not standardize:  # Hinton's loss, exactly as it always was computed
             kl = F.kl_div(F.log_softmax(z / temp, dim=-1), F.log_softmax(t / temp, dim=-1), reduction="none", log_target=True)
