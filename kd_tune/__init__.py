@@ -23,13 +23,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kd_tune.api import Sweep, load, resume, run
+    from kd_tune.api import Sweep, load, replay, resume, run
     from kd_tune.errors import KdTuneError, UsageError
 
-_LAZY = {"run": "kd_tune.api", "resume": "kd_tune.api", "load": "kd_tune.api", "Sweep": "kd_tune.api",
+_LAZY = {"run": "kd_tune.api", "resume": "kd_tune.api", "load": "kd_tune.api", "replay": "kd_tune.api", "Sweep": "kd_tune.api",
          "KdTuneError": "kd_tune.errors", "UsageError": "kd_tune.errors"}
 
-__all__ = ["KdTuneError", "Sweep", "UsageError", "load", "resume", "run"]
+__all__ = ["KdTuneError", "Sweep", "UsageError", "load", "replay", "resume", "run"]
 
 
 def __getattr__(name: str) -> Any:

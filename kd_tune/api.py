@@ -128,6 +128,34 @@ def resume(name: str, *, storage: StorageLike | None = None, tracking_uri: str |
     return _ended(Sweep(outcome.name, root, tracking_uri=outcome.tracking_uri, outcome=outcome), interrupt, say)
 
 
+def replay(name: str, *, member: str | None = None, seeds: int | list[int] = 3, new_name: str | None = None,
+           storage: StorageLike | None = None, tracking_uri: str | None = None, **options: Any) -> Sweep:
+    """Train a population sweep's best schedule again from scratch with fresh seeds (``kd-tune replay NAME``).
+
+    The member (default: the best, selected on validation) leaves its alpha and T of every epoch, inherited through each
+    exploit, in its checkpoint's lineage; a grid sweep ``new_name`` (default ``NAME-replay``) trains them as fixed
+    ``table`` schedules with ``seeds`` (a count of fresh seeds, or the seeds themselves), beside the sweep's baselines of
+    those seeds, in the same storage and MLflow store. ``options``: :func:`run`'s (address, data_dir, progress, ...).
+
+    Raises:
+        UsageError: a sweep without a population, an unknown member, a member that has not finished its epochs.
+    """
+    from kd_tune.space.parse import load_space_text
+    from kd_tune.sweep.schedule_replay import replay_spec
+    from kd_tune.sweep.state.sweep_files import SPACE_FILE, sweep_path
+
+    root = _storage(storage)
+    sweep_path(root, name)
+    if not root.exists(name, SPACE_FILE):
+        raise UsageError(f"no sweep {name!r} in {root.show()} (its {SPACE_FILE} is not there)")
+    spec = load_space_text(root.read_text(name, SPACE_FILE), root.show(name, SPACE_FILE))
+    replayed, chosen = replay_spec(spec, root, name, member=member, seeds=seeds, name=new_name)
+    say = options.get("log", _print) or _silent
+    say(f"replaying {chosen.label} of sweep {name!r} (selected on {chosen.metric}: {chosen.score:.4f} at epoch {chosen.epoch}; "
+        f"{len(chosen.lineage.exploits)} exploits) as sweep {replayed.name!r}, seeds {', '.join(map(str, replayed.grid.seed))}")
+    return run(replayed, storage=root, tracking_uri=tracking_uri or load(name, storage=root).tracking_uri, **options)
+
+
 def load(name: str, *, storage: StorageLike | None = None, tracking_uri: str | None = None) -> Sweep:
     """A sweep by name, finished or still running, as its storage and its MLflow record hold it (nothing is read yet:
     each of the :class:`Sweep`'s methods reads what it needs when called, and raises :class:`UsageError` when that is

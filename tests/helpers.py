@@ -31,7 +31,7 @@ from kd_tune.distill.train import TensorData, make_optimizer, train
 from kd_tune.space.parse import load_space, load_space_text
 from kd_tune.sweep.state.storage import resolve_storage
 from kd_tune.sweep.teacher_cache import CACHE_FOLDER, TeacherCache
-from kd_tune.tracking.tags import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
+from kd_tune.tracking.tags import EVERY_RUN_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 
 from .conftest import FIXTURE_DATA, tiny_space
 from .servers import descendants
@@ -204,7 +204,7 @@ def check_record(sweep: Sweep, untouched: dict[str, float], grid_points: int, na
     assert [m.step for m in sweep.client.get_metric_history(sweeps[0].info.run_id, "teacher_test_acc")] == [0]
     for r in runs:
         assert r.info.status == "FINISHED"
-        for metric in EPOCH_METRICS:
+        for metric in EVERY_RUN_METRICS:
             steps = [m.step for m in sweep.client.get_metric_history(r.info.run_id, metric)]
             assert sorted(steps) == list(range(1, int(r.data.params["epochs"]) + 1)), (r.info.run_name, metric, steps)
         if r.info.run_id in untouched:

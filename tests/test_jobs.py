@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kd_tune.sweep.hooks import GATE_ENV
-from kd_tune.tracking.tags import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
+from kd_tune.tracking.tags import EVERY_RUN_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 
 from .conftest import FIXTURE_DATA, tiny_space
 from .servers import RAY_ENV, RayHead, free_port
@@ -116,7 +116,7 @@ def check_record(where: dict[str, str], sweep: str, grid_points: int) -> None:
     assert len(children) == grid_points and set(by_point.values()) == {1}, by_point
     for r in children:
         assert r.info.status == "FINISHED" and r.data.tags[TAG_PARENT] == parents[0].info.run_id
-        for metric in EPOCH_METRICS:
+        for metric in EVERY_RUN_METRICS:
             steps = [m.step for m in client.get_metric_history(r.info.run_id, metric)]
             assert sorted(steps) == list(range(1, int(r.data.params["epochs"]) + 1)), (r.info.run_name, metric, steps)
 

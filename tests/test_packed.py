@@ -298,3 +298,18 @@ def test_bfloat16_pack_trains_its_members_as_bfloat16_students(pack_data: PackDa
         assert _max_rel(results["bfloat16"][i], results["float32"][i]) > LOSS_REL
     with pytest.raises(ValueError, match="precision 'float16': allowed float32 or bfloat16"):
         train(model, make_optimizer(model, LR), pack_data.member_data(members[0]), epochs=1, batch_size=BATCH, seed=0, precision="float16")
+
+
+def test_scheduled_members_train_as_they_would_alone(pack_data: PackData) -> None:
+    """alpha and T schedules in a pack: each member reads its own values each epoch (loss_groups per epoch), as alone."""
+    from kd_tune.space.schedules import Schedule
+
+    members = [replace(MIXED[1], alpha=Schedule("linear", 0.0, 0.8, over=EPOCHS)),
+               replace(MIXED[2], temperature=Schedule("cosine", 10.0, 2.0)), MIXED[3]]
+    pack = build_pack(WIDTHS, (1, 28, 28), 10, [m.seed for m in members])
+    result = train_pack(pack, make_optimizer(pack, LR), pack_data, members, batch_size=BATCH)
+    for got, want in zip(result.history, _one_by_one(pack_data, members), strict=True):
+        _assert_close(got, want)
+    # and the schedule changed something: the same members with their start values as constants train otherwise
+    constant = _one_by_one(pack_data, [replace(MIXED[1], alpha=0.0)])[0]
+    assert _max_rel(result.history[0], constant) > LOSS_REL

@@ -159,7 +159,7 @@ def test_asha_stops_trials_and_their_runs_are_tagged(write_space: Callable[..., 
     from kd_tune.space.options import SweepOptions
     from kd_tune.sweep.results import sweep_status
     from kd_tune.sweep.start import run_sweep
-    from kd_tune.tracking.tags import EPOCH_METRICS, TAG_ROLE, TAG_TRIAL
+    from kd_tune.tracking.tags import EVERY_RUN_METRICS, TAG_ROLE, TAG_TRIAL
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = search_space(name="asha", search={"algorithm": "optuna", "num_samples": 5, "max_concurrent": 2, "seed": 0},
@@ -180,7 +180,7 @@ def test_asha_stops_trials_and_their_runs_are_tagged(write_space: Callable[..., 
         assert r.info.status == "FINISHED"
         last = int(r.data.tags.get("kd_tune.stopped_at_epoch", r.data.params["epochs"]))
         assert last < 3 if r in stopped else last == 3
-        for metric in EPOCH_METRICS:
+        for metric in EVERY_RUN_METRICS:
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, metric)) == list(range(1, last + 1)), (metric, r.info.run_name)
         assert [a.path for a in client.list_artifacts(r.info.run_id, "model")] == ["model/student.pt"]  # from its last checkpoint
     assert len({r.data.params["alpha"] for r in students}) == 5 and all(r.data.params["search.algorithm"] == "optuna" for r in runs)
@@ -200,7 +200,7 @@ def test_asha_stops_trials_and_their_runs_are_tagged(write_space: Callable[..., 
 def test_kill_and_resume_a_search(write_space: Callable[..., Path], tmp_path: Path) -> None:
     from ray import tune
 
-    from kd_tune.tracking.tags import EPOCH_METRICS, TAG_TRIAL
+    from kd_tune.tracking.tags import EVERY_RUN_METRICS, TAG_TRIAL
 
     from .helpers import Sweep, kill_tree
 
@@ -228,7 +228,7 @@ def test_kill_and_resume_a_search(write_space: Callable[..., Path], tmp_path: Pa
     for r in runs:
         assert r.info.status == "FINISHED"
         last = int(r.data.tags.get("kd_tune.stopped_at_epoch", r.data.params["epochs"]))
-        for metric in EPOCH_METRICS:  # each step once
+        for metric in EVERY_RUN_METRICS:  # each step once
             assert sorted(m.step for m in sweep.client.get_metric_history(r.info.run_id, metric)) == list(range(1, last + 1)), (metric, r.info.run_name)
     st = sweep.run("status", "study")
     assert st.returncode == 0 and "to continue" not in st.stdout and "more search trials" not in st.stdout

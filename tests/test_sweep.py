@@ -19,7 +19,7 @@ from kd_tune.space.options import SweepOptions
 from kd_tune.sweep.start import run_sweep
 from kd_tune.sweep.state.storage import resolve_storage
 from kd_tune.sweep.teacher_cache import CACHE_FOLDER
-from kd_tune.tracking.tags import EPOCH_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
+from kd_tune.tracking.tags import EVERY_RUN_METRICS, TAG_PARENT, TAG_ROLE, TAG_TRIAL
 
 from .conftest import FIXTURE_DATA, tiny_space
 
@@ -92,7 +92,7 @@ def test_cli_sweep_then_second_sweep_reuses_teacher(write_space: Callable[..., P
         trial_ids.add(run.data.tags[TAG_TRIAL])
         epochs = int(run.data.params["epochs"])
         assert run.data.params["student.widths"] == "[4, 8]" and run.data.params["alpha"] in ("0.0", "1.0")
-        for metric in EPOCH_METRICS:
+        for metric in EVERY_RUN_METRICS:
             steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
             assert sorted(steps) == list(range(1, epochs + 1)), (metric, steps)
         assert run.data.tags["kd_tune.epochs"] == str(epochs)
@@ -160,7 +160,7 @@ def test_epoch_sharing_gives_the_same_runs_as_separate_trials(write_space: Calla
         assert len({r.data.tags[TAG_TRIAL] for r in runs}) == (2 if share else 4)
         metrics[name] = {
             r.info.run_name: {k: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, k))
-                              for k in EPOCH_METRICS if k != "epoch_seconds"}
+                              for k in EVERY_RUN_METRICS if k != "epoch_seconds"}
             for r in runs
         }
         assert all(r.info.status == "FINISHED" for r in runs)

@@ -6,14 +6,14 @@ import dataclasses
 import json
 
 from kd_tune.distill.epochs import EpochMetrics
-from kd_tune.space.trial_report import REPORTED_METRICS, StudentEpoch, TrialReport
+from kd_tune.space.trial_report import REPORTED_METRICS, SCHEDULE_METRICS, StudentEpoch, TrialReport
 from kd_tune.tracking.tags import EPOCH_METRICS
 
 WHERE = {"device": "cpu", "node_id": "abc", "resumed_from": 2, "train_images": 900, "val_images": 100}
 
 
 def test_the_reported_metrics_are_the_training_layers_epoch_metrics_and_what_a_run_logs() -> None:
-    assert REPORTED_METRICS == tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name != "epoch")
+    assert REPORTED_METRICS == tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name != "epoch") + SCHEDULE_METRICS
     assert EPOCH_METRICS == REPORTED_METRICS
 
 
@@ -60,5 +60,5 @@ def test_a_history_entry_becomes_a_part() -> None:
                      test_macro_precision=0.9, test_macro_recall=0.9, test_macro_f1=0.9, test_ece=0.01, epoch_seconds=2.0, val_acc=0.91)
     part = StudentEpoch.of(m.as_dict())
     assert part.epoch == 5 and not part.diverged
-    assert set(part.metrics) == set(REPORTED_METRICS) - {"teacher_agreement", "val_loss"}  # None values are not reported
+    assert set(part.metrics) == set(REPORTED_METRICS) - {"teacher_agreement", "val_loss", *SCHEDULE_METRICS}  # None values are not reported; constant alpha and T neither
     assert TrialReport.one(part).encode() == m.as_dict()

@@ -41,6 +41,7 @@ COMMANDS = (
     Command("plan", "validate a search space and show its trials and cost", a.PlanArgs, commands.plan),
     Command("report", "tables and figures of a sweep, from MLflow", a.ReportArgs, commands.report),
     Command("resume", "continue an interrupted sweep", a.ResumeArgs, commands.resume),
+    Command("replay", "train a population sweep's best alpha/T schedule again from scratch, with fresh seeds", a.ReplayArgs, commands.replay),
     Command("submit", "submit a sweep to a Ray cluster as a job (from a laptop)", a.SubmitArgs, commands.submit),
     Command("jobs", "the kd-tune sweeps submitted to a cluster, their jobs and progress", a.JobsArgs, commands.jobs),
     Command("logs", "the logs of a sweep's job", a.LogsArgs, commands.logs),

@@ -39,6 +39,15 @@ class SubmitArgs(SubmitOptions):
     space: Path = field(metadata=positional("search-space YAML on this machine, e.g. search_spaces/smoke.yaml"))
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReplayArgs(ResumeOptions):
+    name: str = field(metadata=positional("a population sweep's name (scheduler pbt or pb2)"))
+    member: str | None = field(default=None, metadata=help_text("the member to replay, by label (default: the best, selected on validation)"))
+    seeds: str = field(default="3", metadata=help_text("how many fresh seeds (default 3: 1000 + the sweep's largest seed, and up), "
+                                                       "or the seeds, comma-separated"))
+    new_name: str | None = field(default=None, metadata=help_text("the replay sweep's name (default: NAME-replay)"))
+
+
 @dataclass(frozen=True)
 class PlanArgs:
     space: Path = field(metadata=positional("search-space YAML"))

@@ -20,6 +20,7 @@ from kd_tune.cli.args import (
     JobsArgs,
     LogsArgs,
     PlanArgs,
+    ReplayArgs,
     ReportArgs,
     ResumeArgs,
     SubmitArgs,
@@ -27,7 +28,7 @@ from kd_tune.cli.args import (
     SweepNameArgs,
     UiArgs,
 )
-from kd_tune.errors import FlagError, condensed_disk_full_logs
+from kd_tune.errors import FlagError, UsageError, condensed_disk_full_logs
 from kd_tune.process import tracking_client
 
 if TYPE_CHECKING:
@@ -54,6 +55,23 @@ def sweep(args: SweepArgs) -> int:
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, pack=args.pack, max_failures=args.max_failures,
         share_epochs=not args.no_share_epochs, resume=args.resume, tracking_wait=args.tracking_wait,
         progress=None if args.quiet else "table", log=log, interrupt="return")), args.quiet)
+
+
+def replay(args: ReplayArgs) -> int:
+    """Train a population sweep's best schedule again from scratch with fresh seeds (a grid sweep NAME-replay)."""
+    from kd_tune import api
+
+    try:
+        seeds: int | list[int] = int(args.seeds) if "," not in args.seeds else [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds!r}: a count (e.g. 3) or comma-separated seeds (e.g. 7,8,9)") from None
+    if isinstance(seeds, int) and not 1 <= seeds <= 100:
+        raise UsageError(f"--seeds {seeds}: a count in [1, 100], or comma-separated seeds")
+    storage = _storage(args.storage)
+    return _report(lambda log: _outcome(api.replay(
+        args.name, member=args.member, seeds=seeds, new_name=args.new_name, storage=storage, tracking_uri=args.tracking_uri,
+        address=args.address, data_dir=args.data_dir, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        tracking_wait=args.tracking_wait, progress=None if args.quiet else "table", log=log, interrupt="return")), args.quiet)
 
 
 def plan(args: PlanArgs) -> int:

@@ -55,7 +55,7 @@ def show_plan(args: PlanArgs) -> int:
               f"({shown})")
     if spec.is_search:
         print(f"student epochs: at most {spec.student_epochs()} ({spec.search.num_samples} x {max(spec.grid.epochs)} for the search"
-              f"{', fewer as the scheduler stops trials' if spec.scheduler else ''}; {shared.student_epochs() - spec.search.num_samples * max(spec.grid.epochs)} "
+              f"{', fewer as the scheduler stops trials' if spec.scheduler and not spec.scheduler.population else ''}; {shared.student_epochs() - spec.search.num_samples * max(spec.grid.epochs)} "
               f"for the baselines)")
         return 0
     print(f"student epochs: {spec.student_epochs()} (with sharing {shared.student_epochs()}, without {separate.student_epochs()}: "

@@ -27,11 +27,12 @@ STATE_FILE = "state.pt"
 
 
 def save_checkpoint(folder: Path, model_args: Mapping[str, Any], model: nn.Module, optimizer: Optimizer,
-                    history: list[dict[str, float]], confusion: list[list[int]]) -> None:
+                    history: list[dict[str, float]], confusion: list[list[int]], extra: Mapping[str, Any] | None = None) -> None:
     """Weights and their ``model_args``, optimizer, every epoch's metrics so far and this epoch's confusion
-    matrix, in one file written atomically."""
+    matrix, in one file written atomically. ``extra``: more plain values (the trial's label, its lineage: what a
+    Population Based Training exploit reads back)."""
     state = {"model": model.state_dict(), "model_args": dict(model_args), "optimizer": optimizer.state_dict(),
-             "epoch": int(history[-1]["epoch"]), "history": history, "confusion": confusion}
+             "epoch": int(history[-1]["epoch"]), "history": history, "confusion": confusion, **(extra or {})}
     save_state(folder / STATE_FILE, state)
 
 

@@ -22,6 +22,7 @@ from kd_tune.distill.packed import member_model, pack_size
 from kd_tune.distill.train import TensorData, epoch_order, eval_batch, predict_logits, step_precision
 from kd_tune.errors import DivergedError
 from kd_tune.space.methods import METHODS, canonical_knobs
+from kd_tune.space.schedules import Value, value_at
 
 EVAL_STUDENT_IMAGES = 32768
 """Images times members per evaluation forward of a pack: bounds its activations (the 16/32 student's first
@@ -35,8 +36,9 @@ class Member:
     seed: int
     """Fixes the member's epoch orders (``epoch_order``); its initial weights come from the pack given to ``train_pack``."""
     epochs: int
-    alpha: float = 1.0
-    temperature: float = 1.0
+    alpha: Value = 1.0
+    """A number, or a schedule read at each epoch (``kd_tune.space.schedules``), as ``train``'s."""
+    temperature: Value = 1.0
     labels: int = 0
     """Row of ``PackData.train_labels`` (e.g. one row per label-noise level)."""
     teacher: int | None = None
@@ -181,10 +183,10 @@ class LossGroup:
         return self.pack_terms(logits, teacher, labels, self.alpha, self.temperature, has_teacher=self.has_teacher, epoch=epoch, **self.knobs)
 
 
-def loss_groups(members: Sequence[Member], device: torch.device) -> tuple[list[LossGroup], torch.Tensor | None]:
+def loss_groups(members: Sequence[Member], device: torch.device, epoch: int = 1) -> tuple[list[LossGroup], torch.Tensor | None]:
     """The pack's members grouped by method and categorical knobs (str or bool values), in order of first appearance,
     and the permutation that puts the groups' concatenated [K] terms back in member order (None for one group: they
-    are in order already). Built once per epoch: a step only indexes."""
+    are in order already). Built once per epoch (each member's alpha and T at ``epoch``): a step only indexes."""
     full = [dict(m.full_knobs()) for m in members]
     keyed: dict[tuple[str, tuple[tuple[str, Any], ...], tuple[str, ...]], list[int]] = {}
     for i, (m, knobs) in enumerate(zip(members, full, strict=True)):
@@ -199,8 +201,8 @@ def loss_groups(members: Sequence[Member], device: torch.device) -> tuple[list[L
         group = [members[i] for i in rows]
         groups.append(LossGroup(
             pack_terms, None if len(keyed) == 1 else torch.tensor(rows, device=device),
-            alpha=torch.tensor([m.alpha for m in group], device=device),
-            temperature=torch.tensor([m.temperature for m in group], device=device),
+            alpha=torch.tensor([value_at(m.alpha, epoch, m.epochs) for m in group], device=device),
+            temperature=torch.tensor([value_at(m.temperature, epoch, m.epochs) for m in group], device=device),
             has_teacher=torch.tensor([m.teacher is not None for m in group], device=device),
             knobs=dict(categorical) | {n: torch.tensor([float(full[i][n]) for i in rows], device=device) for n in numeric},
         ))
@@ -233,7 +235,7 @@ def pack_epoch(
     check_augment(augment, data.teacher_train)
     device = data.train_x.device
     k, n = len(members), data.train_x.shape[0]
-    groups, order = loss_groups(members, device)
+    groups, order = loss_groups(members, device, epoch)
     label_rows = torch.tensor([m.labels for m in members], device=device)[:, None]
     teacher_rows = torch.tensor([m.teacher or 0 for m in members], device=device)[:, None]
     use_teacher = data.teacher_train is not None and any(m.teacher is not None for m in members)

@@ -29,6 +29,7 @@ from kd_tune.distill.metrics import Evaluation, evaluations, validations
 from kd_tune.distill.online import OnlineTeacher
 from kd_tune.distill.optim import Adam, Optimizer
 from kd_tune.errors import DivergedError
+from kd_tune.space.schedules import Value, value_at
 
 EVAL_BATCH = 2048
 """Images per evaluation forward on a GPU, where a small model's forward is launch-bound: big chunks pay."""
@@ -189,8 +190,8 @@ def train(
     epochs: int,
     batch_size: int,
     seed: int,
-    alpha: float = 1.0,
-    temperature: float = 1.0,
+    alpha: Value = 1.0,
+    temperature: Value = 1.0,
     start_epoch: int = 0,
     on_epoch: Callable[[EpochMetrics, Evaluation], None] | None = None,
     precision: str = "float32",
@@ -205,11 +206,14 @@ def train(
     ``kd_tune.space.methods.Knobs`` or a mapping; those not given take the loss's defaults, which are the method's);
     without it, the loss with a zero distillation term (kd's: cross-entropy on the labels). ``on_epoch`` sees each epoch's metrics (and may checkpoint).
     ``precision``: the forward's arithmetic (:func:`step_precision`); evaluation is always float32.
+    ``alpha`` and ``temperature``: a number, or a :class:`~kd_tune.space.schedules.Schedule` read at each epoch (over
+    ``epochs`` where the schedule spans the trial's epochs).
     Raises :class:`DivergedError` naming the epoch when the loss is NaN or infinite.
     """
 
     def step(epoch: int, active: torch.Tensor) -> torch.Tensor:
-        return train_epoch(model, optimizer, data, epoch, batch_size, seed, alpha, temperature, precision, method, knobs, augment)[None]
+        return train_epoch(model, optimizer, data, epoch, batch_size, seed, value_at(alpha, epoch, epochs), value_at(temperature, epoch, epochs),
+                           precision, method, knobs, augment)[None]
 
     def evaluated(which: Sequence[int]) -> dict[int, tuple[Evaluation, tuple[float | None, float | None]]]:
         return {0: (evaluate(model, data), validate(model, data))} if which else {}

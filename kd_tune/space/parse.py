@@ -16,7 +16,9 @@ import yaml
 
 from kd_tune.data.registry import REGISTRY
 from kd_tune.errors import SpaceError, first_line
+from kd_tune.space.methods import METHODS
 from kd_tune.space.parse_methods import read_methods
+from kd_tune.space.parse_schedules import read_schedule, split_axis
 from kd_tune.space.parse_sections import read_student, read_teacher, read_variants
 from kd_tune.space.reader import Reader
 from kd_tune.space.schema import (
@@ -25,6 +27,7 @@ from kd_tune.space.schema import (
     MAX_PACK,
     METRICS,
     NAME_ALLOWED,
+    POPULATION_SCHEDULERS,
     SCHEDULERS,
     Axis,
     DatasetSpec,
@@ -38,7 +41,7 @@ from kd_tune.space.schema import (
     is_valid_name,
 )
 from kd_tune.space.sections import StudentSpec, TeacherSpec
-from kd_tune.space.trials import TrialPoint
+from kd_tune.space.trials import student_point
 
 
 def parse_space(data: object, source: str) -> SweepSpec:
@@ -85,9 +88,14 @@ def parse_space(data: object, source: str) -> SweepSpec:
     methods = read_methods(r, g.get("method"), search, axis, alpha, temperature)
     if "alpha" not in g and not (methods and all(m.alpha is not None for m in methods)):
         raise r.fail("grid.alpha", "<missing>", "this key is required (unless every grid.method entry sets its own alpha)")
+    # A schedule is a mapping among the numbers of grid.alpha / grid.temperature (kd_tune.space.parse_schedules).
+    alpha_raw, alpha_entries = split_axis(r, "grid.alpha", g.get("alpha"), search.is_search)
+    temperature_raw, temperature_entries = split_axis(r, "grid.temperature", g.get("temperature", [3.0]), search.is_search)
     grid = GridSpec(
-        alpha=axis("grid.alpha", g["alpha"], alpha) if "alpha" in g else (),
-        temperature=axis("grid.temperature", g.get("temperature", [3.0]), temperature),
+        alpha=axis("grid.alpha", alpha_raw, alpha) if "alpha" in g and alpha_raw is not None else (),
+        temperature=axis("grid.temperature", temperature_raw, temperature) if temperature_raw is not None else (),
+        alpha_schedules=tuple(read_schedule(r, f"grid.alpha[{i}]", v, alpha) for i, v in alpha_entries),
+        temperature_schedules=tuple(read_schedule(r, f"grid.temperature[{i}]", v, temperature) for i, v in temperature_entries),
         epochs=r.items("grid.epochs", g.get("epochs", [1]), lambda k, v: r.integer(k, v, 1)),
         seed=r.items("grid.seed", g.get("seed", [0]), lambda k, v: r.integer(k, v, 0)),
         label_noise=noise_axis,
@@ -148,7 +156,7 @@ def _check_distinct(r: Reader, spec: SweepSpec, raw_methods: object) -> None:
     seen: dict[str, int] = {}
     for i, entry in enumerate(spec.grid.method):
         for a, t, knobs in entry.points(spec.grid):
-            label = TrialPoint("student", a, t, 1, 0, method=entry.method, knobs=knobs).label
+            label = student_point(a, t, 1, 0, method=entry.method, knobs=knobs).label
             if label in seen:
                 raise r.fail(f"grid.method[{i}]", raw_methods[i], f"an entry whose trials are its own: grid.method[{seen[label]}] also "  # type: ignore[index]
                                                                  f"gives {label.removesuffix('-e1-s0')}")
@@ -248,20 +256,62 @@ def _axis(r: Reader, key: str, value: object, search: SearchSpec, read: Callable
 
 
 def _scheduler(r: Reader, top: Mapping[str, Any], search: SearchSpec, grid: GridSpec) -> SchedulerSpec | None:
-    """The optional ``scheduler`` section (early stopping), for searches only."""
+    """The optional ``scheduler`` section: early stopping (asha) of a search's trials, or a population (pbt, pb2)."""
     if top.get("scheduler") is None:
         return None
+    raw = top["scheduler"]
+    name = r.choice("scheduler.name", (raw or {}).get("name") if isinstance(raw, Mapping) else raw, SCHEDULERS)
+    if name in POPULATION_SCHEDULERS:
+        return _population(r, top, search, grid, name)
     s = r.section(top, "scheduler", ("name", "grace_period", "reduction_factor"), required=("name",))
     if not search.is_search:
         raise r.fail("scheduler", top["scheduler"], "no scheduler with search.algorithm grid (epoch-shared grid trials serve every "
                                                     "epochs value); a scheduler needs search.algorithm random or optuna")
-    name = r.choice("scheduler.name", s["name"], SCHEDULERS)
     longest = max(grid.epochs)
     if longest < 2:
         raise r.fail("scheduler", top["scheduler"], f"none: the largest grid.epochs is {longest}, too short to stop a trial early "
                                                     "(early stopping needs at least 2 epochs)")
     grace = r.integer("scheduler.grace_period", s.get("grace_period", 1), 1, longest - 1)
     return SchedulerSpec(name, grace, r.integer("scheduler.reduction_factor", s.get("reduction_factor", 3), 2, 100))
+
+
+def _population(r: Reader, top: Mapping[str, Any], search: SearchSpec, grid: GridSpec, name: str) -> SchedulerSpec:
+    """``scheduler: {name: pbt | pb2, perturbation_interval, quantile_fraction, resample_probability, mutate}``: a population
+    of ``search.num_samples`` students (``kd_tune.sweep.population``)."""
+    keys = ("name", "perturbation_interval", "quantile_fraction", "mutate") + (("resample_probability",) if name == "pbt" else ())
+    s = r.section(top, "scheduler", keys, required=("name", "perturbation_interval"))
+    if search.algorithm != "random":
+        raise r.fail("search.algorithm", search.algorithm, f"random with scheduler {name} (the population's first values are drawn "
+                                                           "uniformly; the scheduler then changes them)")
+    if search.num_samples < 2:
+        raise r.fail("search.num_samples", search.num_samples, f"at least 2 with scheduler {name} (the population's size)")
+    if len(grid.epochs) != 1:
+        raise r.fail("grid.epochs", list(grid.epochs), f"one value with scheduler {name} (every member trains as long)")
+    epochs = grid.epochs[0]
+    if epochs < 2:
+        raise r.fail("grid.epochs", list(grid.epochs), f"at least 2 epochs with scheduler {name} (a member changes between epochs)")
+    if len(grid.method) > 1:
+        raise r.fail("grid.method", [m.method for m in grid.method], f"one method with scheduler {name} (a member's method never changes)")
+    interval = r.integer("scheduler.perturbation_interval", s["perturbation_interval"], 1, epochs - 1)
+    quantile = r.number("scheduler.quantile_fraction", s.get("quantile_fraction", 0.25), 0.0, 0.5, lo_open=True)
+    resample = r.number("scheduler.resample_probability", s.get("resample_probability", 0.25), 0.0, 1.0)
+    entry = grid.methods()[0]
+    alpha, temperature = entry.axes(grid)
+    axes: dict[str, object] = {"alpha": alpha, "temperature": temperature, **{k: v for k, v in entry.knobs}}
+    numeric = [k for k, v in axes.items() if k in ("alpha", "temperature") or METHODS[entry.method].knob(k).kind in ("float", "int")]
+    raw_mutate = s.get("mutate", [k for k in ("alpha", "temperature") if _varies(axes[k])])
+    mutate = r.items("scheduler.mutate", raw_mutate, lambda k, v: r.choice(k, v, tuple(numeric)))
+    for i, k in enumerate(mutate):
+        if not _varies(axes[k]):
+            raise r.fail(f"scheduler.mutate[{i}]", k, f"a value with a range {{low, high}} or several values to mutate within "
+                                                      f"(give grid.{k if k in ('alpha', 'temperature') else 'method[0].' + k} one)")
+    if not mutate:
+        raise r.fail("scheduler.mutate", raw_mutate, "at least one of alpha, temperature (a range or several values in grid)")
+    return SchedulerSpec(name, perturbation_interval=interval, quantile_fraction=quantile, resample_probability=resample, mutate=mutate)
+
+
+def _varies(axis: object) -> bool:
+    return isinstance(axis, Range) or (isinstance(axis, tuple) and len(axis) > 1)
 
 
 def load_space(path: str | Path) -> SweepSpec:
@@ -339,12 +389,19 @@ def space_to_yaml(spec: SweepSpec) -> str:
     del data["grid"]["method"]
     if spec.grid.method:
         data["grid"]["method"] = [_method_yaml(m) for m in spec.grid.method]
-    if not spec.grid.alpha:
+    # Schedules are entries of grid.alpha / grid.temperature, as written.
+    for axis in ("alpha", "temperature"):
+        schedules = data["grid"].pop(f"{axis}_schedules")
+        if schedules:
+            data["grid"][axis] = [*(data["grid"][axis] or []), *(s.as_config() for s in getattr(spec.grid, f"{axis}_schedules"))]
+    if not data["grid"]["alpha"]:
         del data["grid"]["alpha"]  # every method entry has its own
     if not spec.is_search:
         data["search"] = {"algorithm": "grid"}  # the other keys belong to a search only
-    if data["scheduler"] is None:
+    if spec.scheduler is None:
         del data["scheduler"]
+    else:
+        data["scheduler"] = _plain(spec.scheduler.params())  # the keys of its kind
     if spec.is_search:
         del data["resources"]["pack"]  # one student per trial, whatever the device
     else:

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from kd_tune.space.methods import DEFAULT_METHOD, Knobs, canonical_knobs
+from kd_tune.space.schedules import Schedule, Value
 from kd_tune.space.sections import StudentSpec, TeacherSpec, section_params
-from kd_tune.space.trials import TrialPoint, encode_pack, encode_point
+from kd_tune.space.trials import TrialPoint, encode_pack, encode_point, student_point
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 NAME_ALLOWED = "1-100 letters, digits, '_', '.', '-', starting with a letter or digit (no path separators)"
 BASELINES = ("scratch",)
 ALGORITHMS = ("grid", "random", "optuna")
 """How the students' alpha and T are chosen: every point of a grid, or sampled (uniformly / by Optuna's TPE)."""
-SCHEDULERS = ("asha",)
+POPULATION_SCHEDULERS = ("pbt", "pb2")
+SCHEDULERS = ("asha", *POPULATION_SCHEDULERS)
 METRICS = ("val_acc", "test_acc")
 MAX_PACK = 1024
 GPU_PACK = 64
@@ -94,15 +96,18 @@ class MethodEntry:
         """The entry's (alpha, temperature) axes: its own, else the grid's."""
         return (self.alpha if self.alpha is not None else grid.alpha, self.temperature if self.temperature is not None else grid.temperature)
 
-    def points(self, grid: GridSpec) -> list[tuple[float, float, Knobs]]:
-        """Every (alpha, T, knobs) of a grid's entry, in order: alpha, then T, then the knobs as listed (a knob that
+    def points(self, grid: GridSpec) -> list[tuple[Value, Value, Knobs]]:
+        """Every (alpha, T, knobs) of a grid's entry (alpha or T a number or a schedule), in order: alpha, then T, then the knobs as listed (a knob that
         does not apply given the others, e.g. ``skew`` with forward_kl, is dropped, and the combinations it would
         repeat with it)."""
         alpha, temperature = self.axes(grid)
         names = [name for name, _ in self.knobs]
         combos = list(dict.fromkeys(canonical_knobs(self.method, dict(zip(names, values, strict=True)))
                                     for values in itertools.product(*(_listed(v) for _, v in self.knobs))))
-        return [(a, t, k) for a, t, k in itertools.product(_listed(alpha), _listed(temperature), combos)]
+        # The grid's schedules are more values of its axes (an entry with its own alpha or T axis has none).
+        alphas: list[Value] = [*_listed(alpha), *(grid.alpha_schedules if self.alpha is None else ())]
+        temperatures: list[Value] = [*_listed(temperature), *(grid.temperature_schedules if self.temperature is None else ())]
+        return [(a, t, k) for a, t, k in itertools.product(alphas, temperatures, combos)]
 
     @property
     def is_default(self) -> bool:
@@ -130,6 +135,10 @@ class GridSpec:
     method: tuple[MethodEntry, ...] = ()
     """The ``grid.method`` axis: each entry a method with its knobs' axes (empty: ``kd`` with its defaults, on the
     grid's alpha and T)."""
+    alpha_schedules: tuple[Schedule, ...] = ()
+    """Schedules of alpha listed in ``grid.alpha`` beside its numbers (:mod:`kd_tune.space.schedules`): more values of the axis."""
+    temperature_schedules: tuple[Schedule, ...] = ()
+    """Schedules of T listed in ``grid.temperature``."""
 
     def methods(self) -> tuple[MethodEntry, ...]:
         """The method axis' entries (``kd`` with its defaults where there is no axis)."""
@@ -158,13 +167,35 @@ class SearchSpec:
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    """Early stopping of search trials (ASHA on the search metric, one rung check per epoch)."""
+    """Ray Tune's scheduler of a search: ``asha`` stops search trials early (one rung check per epoch); ``pbt`` and ``pb2``
+    train a population whose alpha, T (and knobs) change during training (``kd_tune.sweep.population``)."""
 
     name: str = "asha"
     grace_period: int = 1
-    """Epochs every trial trains before it can be stopped."""
+    """asha: epochs every trial trains before it can be stopped."""
     reduction_factor: int = 3
-    """Keep about the best 1 / reduction_factor of the trials at each rung."""
+    """asha: keep about the best 1 / reduction_factor of the trials at each rung."""
+    perturbation_interval: int = 0
+    """pbt, pb2: epochs between two exploit/explore decisions of a member."""
+    quantile_fraction: float = 0.25
+    """pbt, pb2: the bottom fraction of the population that clones the top fraction."""
+    resample_probability: float = 0.25
+    """pbt: how often an explored value is drawn anew from its range instead of scaled by 0.8 or 1.2."""
+    mutate: tuple[str, ...] = ()
+    """pbt, pb2: what changes during training: alpha, temperature, and numeric knobs of the method."""
+
+    def params(self) -> dict[str, Any]:
+        """The keys that apply to this scheduler (its MLflow params: an ASHA sweep's are what they were before PBT)."""
+        keys = ("name", "perturbation_interval", "quantile_fraction", "mutate") if self.population else ("name", "grace_period", "reduction_factor")
+        out = {k: getattr(self, k) for k in keys}
+        if self.name == "pbt":
+            out["resample_probability"] = self.resample_probability
+        return out
+
+    @property
+    def population(self) -> bool:
+        """Whether it trains a population (PBT, PB2) rather than stopping trials early."""
+        return self.name in POPULATION_SCHEDULERS
 
 
 @dataclass(frozen=True)
@@ -238,7 +269,7 @@ class SweepSpec:
         students, teachers = list(self.students()), list(self.teachers())
         methods = [] if self.is_search else [(m.method, point) for m in g.methods() for point in m.points(g)]
         points = [
-            TrialPoint("student", a, t, e, s, label_noise=n, student=st, teacher=te, method=method, knobs=knobs)
+            student_point(a, t, e, s, label_noise=n, student=st, teacher=te, method=method, knobs=knobs)
             for n, te, st, (method, (a, t, knobs)), s, e in itertools.product(self.noise_levels(), teachers, students, methods, g.seed,
                                                                               sorted(g.epochs))
         ]
@@ -255,8 +286,12 @@ class SweepSpec:
             return points
         groups: dict[tuple[Any, ...], list[int]] = {}
         for p in points:
-            groups.setdefault((p.role, p.alpha, p.temperature, p.seed, p.label_noise, p.student, p.teacher, p.method, p.knobs), []).append(p.epochs)
-        return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es)), n, st, te, m, k) for (r, a, t, s, n, st, te, m, k), es in groups.items()]
+            # A schedule over each trial's own epochs differs per epochs value: such a point is a trial of its own.
+            alone = None if p.shareable else p.epochs
+            groups.setdefault((p.role, p.alpha, p.temperature, p.seed, p.label_noise, p.student, p.teacher, p.method, p.knobs,
+                               p.alpha_schedule, p.temperature_schedule, alone), []).append(p.epochs)
+        return [TrialPoint(r, a, t, max(es), s, tuple(sorted(es)), n, st, te, m, k, asch, tsch)
+                for (r, a, t, s, n, st, te, m, k, asch, tsch, _), es in groups.items()]
 
     def packs(self) -> list[tuple[TrialPoint, ...]]:
         """The Ray trials of a grid: the trials of :meth:`trials` in grid order, grouped into packs of up to
@@ -299,7 +334,7 @@ class SweepSpec:
         weight their distillation terms with their own knobs: alpha 1 still distills.)"""
         groups: dict[tuple[Any, ...], list[TrialPoint]] = {}
         for t in self.trials():
-            if t.alpha == 1.0 and t.method == DEFAULT_METHOD:
+            if t.alpha == 1.0 and t.method == DEFAULT_METHOD and t.alpha_schedule is None:
                 groups.setdefault((t.seed, t.label_noise, t.milestones, t.student), []).append(t)
         return [g for g in groups.values() if len(g) > 1]
 
@@ -333,7 +368,7 @@ class SweepSpec:
                     continue  # how grid points are grouped into trials: the same grid point, packed or not, has the same params
                 out[f"{section}.{k}"] = list(v) if isinstance(v, tuple) else v
         if self.scheduler is not None:
-            out |= {f"scheduler.{k}": v for k, v in asdict(self.scheduler).items()}
+            out |= {f"scheduler.{k}": list(v) if isinstance(v, tuple) else v for k, v in self.scheduler.params().items()}
         return out
 
 

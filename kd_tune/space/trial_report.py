@@ -21,11 +21,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+SCHEDULE_METRICS = ("epoch_alpha", "epoch_T")
+"""The alpha and T an epoch trained with, reported where they change during training (a schedule, PBT)."""
 REPORTED_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test_acc", "test_loss", "teacher_agreement",
-                    "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds", "val_acc", "val_loss")
-"""A student's metrics of one epoch (the training layer's ``EpochMetrics`` fields but its epoch), as reported and logged."""
-WHERE = ("device", "node_id", "node_ip", "hostname", "resumed_from", "train_images", "val_images")
+                    "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_ece", "epoch_seconds", "val_acc", "val_loss",
+                    *SCHEDULE_METRICS)
+"""A student's metrics of one epoch (the training layer's ``EpochMetrics`` fields but its epoch, then
+:data:`SCHEDULE_METRICS`), as reported and logged."""
+WHERE = ("device", "node_id", "node_ip", "hostname", "resumed_from", "train_images", "val_images", "exploited_from", "exploited_at")
 """What a report says of the attempt that made it: the trainable's part and Ray's (node_ip, hostname)."""
+REPLAYED = "replayed"
+"""Set on a report of an epoch trained before a restart, re-reported from the checkpoint's history (for the record):
+schedulers that act on results (a population's) leave it alone."""
 MEMBERS = "members"
 DIVERGED = "diverged"
 DIVERGED_LOSS = "diverged_loss"

@@ -18,12 +18,23 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kd_tune.space.methods import DEFAULT_METHOD, Knobs, canonical_knobs, method_label, variant
+from kd_tune.space.schedules import Schedule, Value, schedule_of
 from kd_tune.space.trial_report import TrialReport
 
 POINT = "point"
 """The key of a one-student trial's config."""
 PACK = "pack"
 """The key of a pack trial's config."""
+MUTABLE = "pbt"
+"""The key, in a point's config, of what Population Based Training mutates: ``{"alpha", "temperature", <knob>...}``, the
+values in force now. The rest of the point stays the member's first values: its label, folder and MLflow params never
+change (MLflow refuses a param's new value), while these follow the population's exploits and explorations."""
+
+
+def mutable_values(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The values PBT set in a trial's config (None outside PBT)."""
+    values = (config.get(POINT) or {}).get(MUTABLE)
+    return dict(values) if values else None
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,10 @@ class TrialPoint:
     """The distillation method (:data:`kd_tune.space.methods.METHODS`); scratch baselines are ``kd``'s (alpha 1, no teacher)."""
     knobs: Knobs = ()
     """The method's knobs, every one that applies (:func:`~kd_tune.space.methods.canonical_knobs`: left out, the defaults)."""
+    alpha_schedule: Schedule | None = None
+    """alpha as a schedule over the epochs (:mod:`kd_tune.space.schedules`; ``alpha`` is then its start value); None: ``alpha`` throughout."""
+    temperature_schedule: Schedule | None = None
+    """T as a schedule (``temperature`` is then its start value); None: ``temperature`` throughout."""
 
     def __post_init__(self) -> None:
         if not self.milestones:
@@ -56,8 +71,16 @@ class TrialPoint:
         object.__setattr__(self, "knobs", canonical_knobs(self.method, self.knobs))
 
     def as_config(self) -> dict[str, Any]:
-        """The point as plain values (what Tune stores under ``point``, or as a member of ``pack``)."""
-        return {**asdict(self), "milestones": list(self.milestones), "knobs": dict(self.knobs)}
+        """The point as plain values (what Tune stores under ``point``, or as a member of ``pack``); a schedule's key only
+        where it has one (a config of before schedules is the same dict)."""
+        out = {**asdict(self), "milestones": list(self.milestones), "knobs": dict(self.knobs)}
+        for key in ("alpha_schedule", "temperature_schedule"):
+            schedule = getattr(self, key)
+            if schedule is None:
+                del out[key]
+            else:
+                out[key] = schedule.as_config()
+        return out
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrialPoint:
@@ -65,7 +88,28 @@ class TrialPoint:
         fields = {k: config[k] for k in ("role", "alpha", "temperature", "epochs", "seed")}
         return cls(**fields, milestones=tuple(config.get("milestones") or ()), label_noise=float(config.get("label_noise", 0.0)),
                    student=str(config.get("student") or ""), teacher=str(config.get("teacher") or ""),
-                   method=str(config.get("method") or DEFAULT_METHOD), knobs=tuple(dict(config.get("knobs") or {}).items()))
+                   method=str(config.get("method") or DEFAULT_METHOD), knobs=tuple(dict(config.get("knobs") or {}).items()),
+                   alpha_schedule=schedule_of(config.get("alpha_schedule")), temperature_schedule=schedule_of(config.get("temperature_schedule")))
+
+    @property
+    def alpha_value(self) -> Value:
+        """What trains: the alpha schedule, else the number."""
+        return self.alpha_schedule or self.alpha
+
+    @property
+    def temperature_value(self) -> Value:
+        """What trains: the T schedule, else the number (1 for a scratch baseline, whose loss ignores it)."""
+        return self.temperature_schedule or (self.temperature or 1.0)
+
+    @property
+    def shareable(self) -> bool:
+        """Whether one trial may serve this point at several epochs values: its schedules, if any, are per epoch index."""
+        return all(s is None or s.shareable for s in (self.alpha_schedule, self.temperature_schedule))
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether alpha or T changes during training."""
+        return self.alpha_schedule is not None or self.temperature_schedule is not None
 
     def at(self, epochs: int) -> TrialPoint:
         """The grid point this trial serves at one of its milestones."""
@@ -87,7 +131,10 @@ class TrialPoint:
     def grid_config(self) -> dict[str, Any]:
         """The grid point's own values (what a user sees as the run's params): its method and each of the method's knobs
         as a param of its own; ``student`` and ``teacher`` where those are axes of the grid."""
-        own = {k: v for k, v in asdict(self).items() if k not in ("milestones", "knobs") and not (k in ("student", "teacher") and not v)}
+        own = {k: v for k, v in asdict(self).items() if k not in ("milestones", "knobs", "alpha_schedule", "temperature_schedule")
+               and not (k in ("student", "teacher") and not v)}
+        # A schedule is a param of its own, as one readable line; a constant point has none (its params as before).
+        own |= {k: s.text() for k, s in (("alpha_schedule", self.alpha_schedule), ("temperature_schedule", self.temperature_schedule)) if s}
         return own | dict(self.knobs)
 
     @property
@@ -98,7 +145,17 @@ class TrialPoint:
         models = (f"-S{self.student}" if self.student else "") + (f"-t{self.teacher}" if self.teacher else "")
         if self.role == "scratch":
             return f"scratch-e{e}-s{self.seed}{noise}{models}"
-        return f"{method_label(self.method, self.knobs)}a{self.alpha:g}-T{self.temperature:g}-e{e}-s{self.seed}{noise}{models}"
+        a = self.alpha_schedule.tag() if self.alpha_schedule else f"{self.alpha:g}"
+        t = self.temperature_schedule.tag() if self.temperature_schedule else f"{self.temperature:g}"
+        return f"{method_label(self.method, self.knobs)}a{a}-T{t}-e{e}-s{self.seed}{noise}{models}"
+
+
+def student_point(alpha: Value, temperature: Value, epochs: int, seed: int, **fields: Any) -> TrialPoint:
+    """A student's grid point whose alpha and T are each a number or a schedule (the point's number is then the schedule's start)."""
+    return TrialPoint("student", alpha.start if isinstance(alpha, Schedule) else alpha,
+                      temperature.start if isinstance(temperature, Schedule) else temperature, epochs, seed,
+                      alpha_schedule=alpha if isinstance(alpha, Schedule) else None,
+                      temperature_schedule=temperature if isinstance(temperature, Schedule) else None, **fields)
 
 
 def encode_point(point: TrialPoint) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from kd_tune.space.schema import SweepSpec
 from kd_tune.space.sections import is_model_uri
 from kd_tune.space.trial_report import TrialReport
 from kd_tune.space.trials import PACK, PARAM_COLUMNS, POINT, TrialConfig
-from kd_tune.sweep import hooks, search
+from kd_tune.sweep import hooks, population, search
 from kd_tune.sweep.callback import MlflowTrackingCallback, open_outbox, outbox_of
 from kd_tune.sweep.checks import run_params
 from kd_tune.sweep.cluster.connect import driver_is_the_only_node, teacher_cpus
@@ -321,7 +321,10 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
                                       parent_run_id=record.parent_run_id, sweep=spec.name, static_params=run_params(spec),
                                       inputs=inputs, example=example)
     names: dict[str, Any] = {"trial_name_creator": trial_name, "trial_dirname_creator": trial_dirname, "reuse_actors": True}
-    if spec.is_search:  # the baselines, then num_samples students sampled by Ray Tune (kd_tune.sweep.search)
+    is_population = spec.scheduler is not None and spec.scheduler.population
+    if is_population:  # the baselines and a population whose alpha and T Ray's PBT / PB2 change (kd_tune.sweep.population)
+        param_space, tune_config = population.param_space(spec), population.tune_config(spec, **names)
+    elif spec.is_search:  # the baselines, then num_samples students sampled by Ray Tune (kd_tune.sweep.search)
         param_space, tune_config = search.param_space(spec), search.tune_config(spec, **names)
     else:
         configs = spec.tune_configs()  # {"point": ...} each, or with resources.pack > 1 {"pack": [...]} each
@@ -339,7 +342,9 @@ def _make_tuner(spec: SweepSpec, storage: Storage, bundle: TrialBundle, record: 
             # files: MLflow is the tracking here, and a TensorBoard writer per trial costs the driver CPU
             # that the trials need (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS in kd_tune.process.SWEEP_ENVIRONMENT).
             callbacks=[tracking, CSVLoggerCallback(), JsonLoggerCallback()],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # A population keeps every checkpoint: a member exploits another's at its last perturbation, which the
+            # donor may have trained past by then (Ray warns of num_to_keep <= 2 with PBT for that reason).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if is_population else 2),
             # A crashed trial, or one whose node died, restarts from its last checkpoint on any live node.
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0 if quiet else 1,

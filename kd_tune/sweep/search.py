@@ -210,6 +210,10 @@ class StudentsASHA(ASHAScheduler):
 def describe(spec: SweepSpec) -> list[str]:
     """What ``kd-tune plan`` says of a search: the sampler, the budget, the ranges, the scheduler."""
     s, g = spec.search, spec.grid
+    if spec.scheduler is not None and spec.scheduler.population:
+        from kd_tune.sweep.population import describe as describe_population
+
+        return describe_population(spec)
 
     def show(axis: Axis | tuple[int, ...] | tuple[str, ...]) -> str:
         if isinstance(axis, Range):

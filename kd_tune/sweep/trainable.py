@@ -36,13 +36,15 @@ from kd_tune.distill.pack_train import Member, PackData, train_pack
 from kd_tune.distill.packed import channels_last_on, member_state_dict, pack_from_state_dicts
 from kd_tune.distill.train import TensorData, make_optimizer, train
 from kd_tune.errors import DivergedError
+from kd_tune.space.lineage import Exploit, Lineage
+from kd_tune.space.schedules import value_at
 from kd_tune.space.sections import StudentSpec
-from kd_tune.space.trial_report import StudentEpoch, TrialReport
-from kd_tune.space.trials import TrialConfig, TrialPoint, trial_folder_name
+from kd_tune.space.trial_report import REPLAYED, StudentEpoch, TrialReport
+from kd_tune.space.trials import TrialConfig, TrialPoint, mutable_values, trial_folder_name
 from kd_tune.sweep.cluster.connect import assigned_device, assigned_threads
 from kd_tune.sweep.hooks import NO_HOOKS, TrialHooks
 from kd_tune.sweep.state.storage import Storage
-from kd_tune.sweep.state.trial_state import restore_state
+from kd_tune.sweep.state.trial_state import own_state_at, restore_state
 
 
 @dataclass(frozen=True)
@@ -111,20 +113,23 @@ class _Trial:
         """Epochs trained before a kill but unknown to Ray may never have reached the driver (and MLflow): report them
         again from the checkpoint's history; the tracking callback skips those it has."""
         for report in trial_results(self.state, after=self.known_epoch):
-            tune.report(self.where(report).encode())
+            # Marked: a population's scheduler must not act on epochs trained before (kd_tune.sweep.population).
+            self.report(report, replayed=True)
         self.bundle.hooks.before_training(self.label, self.folder)
 
     def where(self, report: TrialReport) -> TrialReport:
         return replace(report, where={**report.where, **self.extra})
 
-    def report(self, report: TrialReport, save: Callable[[Path], None] | None = None) -> None:
-        """One report to Tune, with the checkpoint ``save`` writes into a fresh folder (none: a report without one)."""
+    def report(self, report: TrialReport, save: Callable[[Path], None] | None = None, replayed: bool = False) -> None:
+        """One report to Tune, with the checkpoint ``save`` writes into a fresh folder (none: a report without one).
+        ``replayed``: an epoch trained before (:data:`~kd_tune.space.trial_report.REPLAYED`)."""
+        wire = {**self.where(report).encode(), **({REPLAYED: 1} if replayed else {})}
         if save is None:
-            tune.report(self.where(report).encode())
+            tune.report(wire)
             return
         with tempfile.TemporaryDirectory() as folder:
             save(Path(folder))
-            tune.report(self.where(report).encode(), checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(wire, checkpoint=tune.Checkpoint.from_directory(folder))
         self.bundle.hooks.after_epoch(self.label, self.folder, report.epoch)
 
 
@@ -173,23 +178,62 @@ def _train_one(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) 
     model = build(margs, point.seed).to(device)
     optimizer = make_optimizer(model, student.lr)
     history: list[dict[str, float]] = []
-    if run.state is not None:
-        model.load_state_dict(run.state["model"])
-        optimizer.load_state_dict(run.state["optimizer"])
-        history = list(run.state["history"])
+    hyper = mutable_values(config)  # PBT's values in force, or None
+    lineage = Lineage()
+    gap: list[dict[str, float]] = []
+    if (state := run.state) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        lineage = Lineage.from_config(state.get("lineage"))
+        donor = state.get("label")
+        if donor is not None and donor != point.label:
+            # PBT's exploit: another member's weights (and their lineage) from here on; this run keeps what it reported.
+            own = own_state_at(bundle.storage, run.folder, run.start)
+            history = [] if own is None else [h for h in own["history"] if int(h["epoch"]) <= run.start]
+            # A donor ahead of this member: the epochs between are the donor's training of the weights this run now has,
+            # so the run's record of them is the donor's (reported below; the lineage says whose they were).
+            gap = [h for h in state["history"] if int(history[-1]["epoch"] if history else 0) < int(h["epoch"]) <= run.start]
+            history += gap
+            exploit = Exploit(run.start, str(donor), str(state.get("trial_id", "")))
+            lineage = lineage.exploited(exploit)
+            run = replace(run, extra={**run.extra, "exploited_from": exploit.donor, "exploited_at": exploit.epoch})
+        elif hyper is not None and run.start > run.known_epoch and state.get("hyper") is not None:
+            hyper = dict(state["hyper"])  # newer than Ray's state (a killed driver): the values that checkpoint trained with
     else:
         bundle.hooks.initial_weights([point.label], [model.state_dict()])
     run.replay()
 
+    alpha, temperature, knobs = point.alpha_value, point.temperature_value, point.knobs
+    if hyper is not None:
+        alpha, temperature = float(hyper["alpha"]), float(hyper["temperature"])
+        knobs = tuple((k, hyper.get(k, v)) for k, v in point.knobs)
+    varies = point.scheduled or hyper is not None  # alpha and T of each epoch are then metrics of their own
+
+    def checkpoint(confusion: list[list[int]]) -> Callable[[Path], None]:
+        extra: dict[str, Any] = {"label": point.label, "trial_id": tune.get_context().get_trial_id(), "hyper": hyper}
+        if varies:
+            extra["lineage"] = lineage.as_config()
+        return lambda folder: save_checkpoint(folder, margs, model, optimizer, history, confusion, extra)
+
+    for i, h in enumerate(gap):
+        # The last of them with this member's own checkpoint of the weights it took (its label, the exploit in its lineage).
+        run.report(TrialReport.one(StudentEpoch.of(h)), checkpoint(state["confusion"]) if i == len(gap) - 1 and state else None, replayed=True)
+
     def on_epoch(m: EpochMetrics, ev: Evaluation) -> None:
-        history.append(m.as_dict())
-        run.report(TrialReport.one(StudentEpoch.of(history[-1])),
-                   lambda folder: save_checkpoint(folder, margs, model, optimizer, history, ev.confusion))
+        nonlocal lineage
+        values = m.as_dict()
+        if varies:
+            a, t = value_at(alpha, m.epoch, point.epochs), value_at(temperature, m.epoch, point.epochs)
+            values |= {"epoch_alpha": a, "epoch_T": t}
+            lineage = lineage.trained(m.epoch, a, t, knobs if hyper is not None and knobs != point.knobs else ())
+        history.append(values)
+        run.report(TrialReport.one(StudentEpoch.of(history[-1])), checkpoint(ev.confusion))
 
     try:
-        train(model, optimizer, data, epochs=point.epochs, batch_size=student.batch_size, seed=point.seed, alpha=point.alpha,
-              temperature=point.temperature or 1.0, start_epoch=run.start, on_epoch=on_epoch, precision=student.precision,
-              method=point.method, knobs=point.knobs, augment=Augment(student.augment, student.augment_pad))
+        train(model, optimizer, data, epochs=point.epochs, batch_size=student.batch_size, seed=point.seed, alpha=alpha,
+              temperature=temperature, start_epoch=run.start, on_epoch=on_epoch, precision=student.precision,
+              method=point.method, knobs=knobs, augment=Augment(student.augment, student.augment_pad))
     except DivergedError as e:
         # Deterministic: a retry would diverge again. Record it and end the trial (no retries).
         run.report(TrialReport.one(StudentEpoch(e.epoch, diverged_loss=e.loss)))
@@ -223,10 +267,13 @@ def _train_pack(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle)
     now: dict[str, StudentEpoch] = {}
 
     def on_epoch(k: int, m: EpochMetrics, ev: Evaluation) -> None:
-        entry = entries[labels[k]]
-        entry["history"] = [*entry["history"], m.as_dict()]
+        entry, p = entries[labels[k]], points[k]
+        values = m.as_dict()
+        if p.scheduled:  # the alpha and T this epoch trained with, as a member alone reports them
+            values |= {"epoch_alpha": value_at(p.alpha_value, m.epoch, p.epochs), "epoch_T": value_at(p.temperature_value, m.epoch, p.epochs)}
+        entry["history"] = [*entry["history"], values]
         entry["epoch"], entry["confusion"] = m.epoch, ev.confusion
-        now[labels[k]] = StudentEpoch.of(m.as_dict())
+        now[labels[k]] = StudentEpoch.of(values)
 
     def on_diverged(k: int, e: DivergedError) -> None:
         entries[labels[k]]["diverged"] = {"epoch": e.epoch, "loss": e.loss}
@@ -259,7 +306,7 @@ def pack_inputs(bundle: TrialBundle, points: list[TrialPoint], base: TensorData)
                     teacher_test=torch.stack([bundle.teacher_test_logits[t] for t in teachers]).to(device), val_x=base.val_x, val_y=base.val_y,
                     online_teachers=[online_teacher(bundle.teacher_nets[t], device, bundle.teacher_weights.get(t[0], ())) for t in teachers]
                     if online else None)
-    members = [Member(seed=p.seed, epochs=p.epochs, alpha=p.alpha, temperature=p.temperature or 1.0, labels=row[p.label_noise],
+    members = [Member(seed=p.seed, epochs=p.epochs, alpha=p.alpha_value, temperature=p.temperature_value, labels=row[p.label_noise],
                       teacher=trow[bundle.teacher(p)] if p.role == "student" else None, teacher_test=trow[bundle.teacher(p)],
                       method=p.method, knobs=p.knobs) for p in points]
     return data, members

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.distill.checkpoint import is_pack_state, save_model_file
 from kd_tune.errors import first_line
+from kd_tune.space.lineage import Lineage
 from kd_tune.space.trial_report import StudentEpoch, TrialReport
 from kd_tune.space.trials import TrialConfig, TrialPoint
 from kd_tune.tracking.datasets import DataInput, log_dataset_inputs
@@ -28,12 +29,14 @@ from kd_tune.tracking.runs import find_run, log_metrics, params_batch
 from kd_tune.tracking.tags import (
     CONFUSION_ARTIFACT,
     EPOCH_METRICS,
+    SCHEDULE_ARTIFACT,
     TAG_DEVICE,
     TAG_DIVERGED,
     TAG_EPOCHS,
     TAG_ERROR,
     TAG_HOSTNAME,
     TAG_LABEL,
+    TAG_LINEAGE,
     TAG_MODEL_ERROR,
     TAG_NODE,
     TAG_NODE_IP,
@@ -45,6 +48,7 @@ from kd_tune.tracking.tags import (
     TAG_STOPPED_AT,
     TAG_SWEEP,
     TAG_TRIAL,
+    exploit_tag,
 )
 
 
@@ -236,6 +240,16 @@ class RunRecorder:
                     cm = Path(tmp) / CONFUSION_ARTIFACT
                     cm.write_text(json.dumps({"rows": "true class", "columns": "predicted class", "matrix": state["confusion"]}))
                     self.client.log_artifact(run_id, str(cm))
+                lineage = Lineage.from_config(state.get("lineage"))
+                if lineage.epochs:  # alpha or T changed during training (a schedule, PBT): what trained these weights
+                    schedule = Path(tmp) / SCHEDULE_ARTIFACT
+                    schedule.write_text(json.dumps({"label": state.get("label"), **lineage.as_config()}, indent=1))
+                    self.client.log_artifact(run_id, str(schedule))
+                    tags = {exploit_tag(x.epoch): x.donor for x in lineage.exploits}
+                    if lineage.exploits:
+                        tags[TAG_LINEAGE] = "; ".join(x.text() for x in lineage.exploits)[:5000]
+                    if tags:
+                        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.log_model(run_id, state)
         self.client.set_terminated(run_id, status="FINISHED")
         self._complete.add(key)

@@ -7,7 +7,7 @@ record that older sweeps cannot be matched with.
 
 from __future__ import annotations
 
-from kd_tune.space.trial_report import REPORTED_METRICS
+from kd_tune.space.trial_report import REPORTED_METRICS, SCHEDULE_METRICS
 
 # --- finding runs ------------------------------------------------------------------------------
 TAG_SWEEP = "kd_tune.sweep"
@@ -46,6 +46,14 @@ TAG_STOPPED_AT = "kd_tune.stopped_at_epoch"
 TAG_DISCARDED = "kd_tune.discarded"
 """Why a run was deleted: its trial was created after Ray's last saved state and lost with the driver."""
 # --- the parent run and the teachers' runs -----------------------------------------------------------
+TAG_EXPLOIT = "kd_tune.exploit.e"
+"""Prefix of a PBT exploit's tag, ``kd_tune.exploit.e0004`` = the member whose weights this run's student took on at the end of
+epoch 4: one tag per exploit in the lineage of its final weights, set when the run ends (as ``schedule.json``)."""
+TAG_LINEAGE = "kd_tune.lineage"
+"""A PBT member's exploits in one line (``epoch 4: cloned a0.84-T6.3-e8-s0 (1a3b7_00001); ...``), set when its run ends."""
+SCHEDULE_ARTIFACT = "schedule.json"
+"""A run's alpha and T of every epoch that trained its final weights, and its exploits (``kd_tune.space.lineage``): what
+``kd-tune replay`` trains again."""
 TAG_PATH = "kd_tune.path"
 """The sweep's folder in its storage (on the parent run)."""
 TAG_MEMBER = "kd_tune.member"
@@ -72,7 +80,10 @@ DATASET_CONTEXT_TAG = "mlflow.data.context"
 """mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT: what the UI shows beside a dataset."""
 # --- metrics, artifacts, limits ------------------------------------------------------------------
 EPOCH_METRICS = REPORTED_METRICS
-"""What a run logs per epoch (step = epoch): what a trial reports (the training layer's ``EpochMetrics`` fields)."""
+"""What a run logs per epoch (step = epoch): what a trial reports (the training layer's ``EpochMetrics`` fields, and
+``epoch_alpha`` / ``epoch_T`` where they change during training)."""
+EVERY_RUN_METRICS = tuple(m for m in EPOCH_METRICS if m not in SCHEDULE_METRICS)
+"""What every student's run logs per epoch (one with a constant alpha and T logs no ``epoch_alpha`` / ``epoch_T``)."""
 CONFUSION_ARTIFACT = "confusion_matrix.json"
 MAX_PARAM_LEN = 6000
 """The longest param value MLflow's stores take."""
@@ -81,3 +92,8 @@ MAX_PARAM_LEN = 6000
 def best_tag(selection: str, key: str) -> str:
     """A parent run's tag of a selected configuration: ``kd_tune.best.alpha``, ``kd_tune.best_distilled.run_id``, ..."""
     return f"kd_tune.{selection}.{key}"
+
+
+def exploit_tag(epoch: int) -> str:
+    """The tag of a PBT exploit at the end of ``epoch`` (:data:`TAG_EXPLOIT`)."""
+    return f"{TAG_EXPLOIT}{epoch:04d}"

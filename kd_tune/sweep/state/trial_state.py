@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ray import tune
@@ -29,7 +29,9 @@ def persisted_states(storage: Storage, trial_dir: str) -> dict[int, dict[str, An
 
 
 def newest_persisted(storage: Storage, trial_dir: str) -> dict[str, Any] | None:
-    """The complete checkpoint with the highest epoch among the trial's persisted ones."""
+    """The complete checkpoint with the highest epoch among the trial's persisted ones. (Also in Population Based Training:
+    a member never takes weights from behind its own epoch, ``kd_tune.sweep.population``, so after an exploit its own
+    folder's newest epochs are of its newest lineage.)"""
     states = persisted_states(storage, trial_dir)
     return states[max(states)] if states else None
 
@@ -46,10 +48,35 @@ def restore_state(storage: Storage, trial_dir: str) -> tuple[dict[str, Any] | No
         with checkpoint.as_directory() as folder:
             state = read_checkpoint(Path(folder))
             known_epoch = int(state["epoch"]) if state else lost_checkpoint_epoch(Path(folder))
+        if state is not None and is_donated(checkpoint.path, trial_dir):
+            # Population Based Training cloned another member's checkpoint into this trial: that is what it continues
+            # from, unless this trial's own folder already holds training that followed this very exploit (a driver
+            # killed after the exploit and before Ray saved the trial's progress).
+            on_disk = newest_persisted(storage, trial_dir)
+            exploit = (known_epoch, state.get("label"))
+            if on_disk is not None and on_disk["epoch"] > known_epoch and exploit in _exploits(on_disk):
+                return on_disk, known_epoch
+            return state, known_epoch
     on_disk = newest_persisted(storage, trial_dir)
     if on_disk is not None and on_disk["epoch"] > known_epoch:
         state = on_disk
     return state, known_epoch
+
+
+def _exploits(state: dict[str, Any]) -> set[tuple[int, Any]]:
+    """(epoch, donor label) of each exploit in a checkpoint's lineage (``kd_tune.space.lineage``)."""
+    return {(int(x["epoch"]), x["donor"]) for x in (state.get("lineage") or {}).get("exploits") or ()}
+
+
+def is_donated(checkpoint_path: str, trial_dir: str) -> bool:
+    """Whether Ray's checkpoint for this trial lies in another trial's folder (a PBT exploit)."""
+    return PurePosixPath(checkpoint_path.rstrip("/")).parent.name != PurePosixPath(trial_dir.rstrip("/")).name
+
+
+def own_state_at(storage: Storage, trial_dir: str, epoch: int) -> dict[str, Any] | None:
+    """This trial's own newest complete checkpoint up to ``epoch`` (what it had reported before an exploit)."""
+    states = {e: s for e, s in persisted_states(storage, trial_dir).items() if e <= epoch}
+    return states[max(states)] if states else None
 
 
 def lost_checkpoint_epoch(folder: Path) -> int:

@@ -1,0 +1,232 @@
+"""Population Based Training of alpha, T and a method's knobs: Ray Tune's ``PopulationBasedTraining`` and ``PB2``.
+
+``scheduler: {name: pbt}`` (or ``pb2``) with ``search.algorithm: random`` trains a population of ``search.num_samples``
+students, each started from a point drawn uniformly (seeded by ``search.seed``) from the grid's ranges or lists; every
+``perturbation_interval`` epochs Ray's scheduler ranks them by the search metric, and a member in the bottom
+``quantile_fraction`` continues from the checkpoint of one in the top (an exploit) with that member's values perturbed
+(PBT: times 0.8 or 1.2, or resampled with ``resample_probability``; PB2: chosen by a GP bandit over the population's
+progress). The sweep's scratch baselines train beside the population, outside it.
+
+What kd-tune adds to Ray's schedulers (:class:`PopulationMixin`):
+
+- **A member keeps its identity.** Ray's exploit copies the donor's whole config; here only the mutable values (the
+  ``pbt`` entry of the point, :data:`kd_tune.space.trials.MUTABLE`) are taken: the point itself (label, trial folder,
+  MLflow params) stays the member's own, so params never change ("Changing param values is not allowed", ray#20473).
+- **Values stay in their ranges.** PBT's perturbation multiplies by 1.2: alpha could leave [0, 1]. Values are clipped to
+  the axis' range and rounded to 4 significant digits.
+- **Baselines are not members.** Neither ranked nor cloned, and started first.
+
+The trainable records what it trains with per epoch (``epoch_alpha`` / ``epoch_T`` metrics) and, in each checkpoint,
+its lineage (:mod:`kd_tune.space.lineage`): the exploits and the values of every epoch that shaped its weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+from ray.tune.schedulers.pb2 import PB2
+
+from kd_tune.space.methods import METHODS
+from kd_tune.space.schema import Axis, Range, SweepSpec
+from kd_tune.space.trial_report import REPLAYED
+from kd_tune.space.trials import MUTABLE, POINT, TrialConfig, TrialPoint, mutable_values
+
+MODE = "max"
+
+
+def mutable_axes(spec: SweepSpec) -> dict[str, Axis]:
+    """Each value the population mutates (``scheduler.mutate``) with its axis: alpha's and T's from the grid (or the one
+    method entry's own), a knob's from that entry."""
+    assert spec.scheduler is not None
+    entry = spec.grid.methods()[0]
+    alpha, temperature = entry.axes(spec.grid)
+    axes: dict[str, Axis] = {"alpha": alpha, "temperature": temperature, **dict(entry.knobs)}
+    return {name: axes[name] for name in spec.scheduler.mutate}
+
+
+def _draw(rng: random.Random, axis: Axis) -> float:
+    if isinstance(axis, Range):
+        x = math.exp(rng.uniform(math.log(axis.low), math.log(axis.high))) if axis.log else rng.uniform(axis.low, axis.high)
+        return _round(x)
+    return axis[rng.randrange(len(axis))]
+
+
+def _round(x: float) -> float:
+    """4 significant digits: readable labels and params; PBT's steps of 20 % are far coarser."""
+    return float(f"{x:.4g}")
+
+
+def initial_population(spec: SweepSpec) -> list[TrialPoint]:
+    """The population's first points: ``search.num_samples`` distinct draws (seeded by ``search.seed``), each with its
+    mutable values under ``pbt``. Raises ValueError when the lists allow fewer distinct members."""
+    g, s = spec.grid, spec.search
+    rng = random.Random(s.seed)
+    entry = g.methods()[0]
+    alpha, temperature = entry.axes(g)
+    axes = mutable_axes(spec)
+    points: dict[str, TrialPoint] = {}
+    for _ in range(100 * s.num_samples):
+        knobs = {k: (_draw(rng, v) if isinstance(v, Range) else v[rng.randrange(len(v))]) for k, v in entry.knobs}
+        p = TrialPoint("student", _draw(rng, alpha), _draw(rng, temperature), g.epochs[rng.randrange(len(g.epochs))],
+                       g.seed[rng.randrange(len(g.seed))], label_noise=spec.dataset.label_noise, method=entry.method, knobs=tuple(knobs.items()),
+                       student=g.student[rng.randrange(len(g.student))] if g.student else "",
+                       teacher=g.teacher[rng.randrange(len(g.teacher))] if g.teacher else "")
+        points.setdefault(p.label, p)
+        if len(points) == s.num_samples:
+            break
+    else:
+        raise ValueError(f"the grid's lists give only {len(points)} distinct members for a population of {s.num_samples}")
+    del axes
+    return list(points.values())
+
+
+def member_config(point: TrialPoint, names: tuple[str, ...]) -> dict[str, Any]:
+    """A member's point config with its mutable values (its own, to start with) under ``pbt``."""
+    values = {"alpha": point.alpha, "temperature": point.temperature, **dict(point.knobs)}
+    return {**point.as_config(), MUTABLE: {n: values[n] for n in names}}
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Every trial as one grid-search value: the scratch baselines, then the population (fixed and seeded: a resumed or
+    repeated sweep starts the same population)."""
+    assert spec.scheduler is not None
+    members = [member_config(p, spec.scheduler.mutate) for p in initial_population(spec)]
+    return {POINT: tune.grid_search([t.as_config() for t in spec.trials()] + members)}
+
+
+def _mutations(spec: SweepSpec) -> dict[str, Any]:
+    """Ray's ``hyperparam_mutations`` (PBT: a distribution to resample from, or a list to step along) or ``hyperparam_bounds``
+    (PB2: [low, high]), nested as the config is: ``{"point": {"pbt": {...}}}``."""
+    assert spec.scheduler is not None
+    out: dict[str, Any] = {}
+    for name, axis in mutable_axes(spec).items():
+        if spec.scheduler.name == "pb2":
+            out[name] = [axis.low, axis.high] if isinstance(axis, Range) else [min(axis), max(axis)]
+        elif isinstance(axis, Range):
+            out[name] = tune.loguniform(axis.low, axis.high) if axis.log else tune.uniform(axis.low, axis.high)
+        else:
+            out[name] = list(axis)
+    return {POINT: {MUTABLE: out}}
+
+
+class Explore:
+    """PBT's ``custom_explore_fn``: each perturbed value back into its axis' range, rounded (a plain class: Tune pickles it)."""
+
+    def __init__(self, bounds: Mapping[str, tuple[float, float, bool]]) -> None:
+        self.bounds = dict(bounds)
+        """name -> (low, high, integer)."""
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        values = config[POINT][MUTABLE]
+        for name, (low, high, integer) in self.bounds.items():
+            if isinstance(values.get(name), int | float) and not isinstance(values[name], bool):
+                x = min(high, max(low, float(values[name])))
+                values[name] = int(round(x)) if integer else _round(x)
+        return config
+
+
+def _bounds(spec: SweepSpec) -> dict[str, tuple[float, float, bool]]:
+    entry = _entry(spec)
+    out = {}
+    for name, axis in mutable_axes(spec).items():
+        low, high = (axis.low, axis.high) if isinstance(axis, Range) else (min(axis), max(axis))
+        integer = name in METHODS[entry.method].knob_names and METHODS[entry.method].knob(name).kind == "int"
+        out[name] = (float(low), float(high), integer)
+    return out
+
+
+def _entry(spec: SweepSpec) -> Any:
+    return spec.grid.methods()[0]
+
+
+class PopulationMixin:
+    """Ray's PBT or PB2, for the population only (see the module's docstring)."""
+
+    _trial_state: dict[Trial, Any]
+
+    @staticmethod
+    def is_member(trial: Trial) -> bool:
+        return mutable_values(trial.config) is not None
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        if self.is_member(trial):
+            super().on_trial_add(tune_controller, trial)  # type: ignore[misc]
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        if trial not in self._trial_state or result.get(REPLAYED):
+            # A replayed epoch (re-reported after a restart) was trained before: exploiting on it would send the member
+            # back to retrain what its run has recorded.
+            return str(TrialScheduler.CONTINUE)
+        return str(super().on_trial_result(tune_controller, trial, result))  # type: ignore[misc]
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        # Baselines first (Ray's own choice indexes the population's state, which has none for them).
+        for trial in tune_controller.get_trials():
+            if trial.status == Trial.PENDING and trial not in self._trial_state:
+                return trial
+        return super().choose_trial_to_run(tune_controller)  # type: ignore[misc]
+
+    def _exploit(self, tune_controller: Any, trial: Trial, trial_to_clone: Trial) -> None:
+        # Async PBT may pick a donor whose last checkpoint is behind the member (the donor waited for a CPU). Cloning it
+        # would send the member back in time: it would train again epochs its run has logged, and the run would then
+        # show the metrics of weights it no longer has (or log a step twice). A member only takes weights from its
+        # present or future; it keeps its own until such a donor comes.
+        donor_epoch = int((self._trial_state[trial_to_clone].last_result or {}).get("epoch", 0) or 0)
+        at = int(self._trial_state[trial].last_train_time or 0)
+        if donor_epoch < at or at >= TrialConfig.decode(trial.config).epochs:
+            return  # ... nor at its last epoch, where the clone would only replace the weights it ends with
+        super()._exploit(tune_controller, trial, trial_to_clone)  # type: ignore[misc]
+
+    def _get_new_config(self, trial: Trial, trial_to_clone: Trial) -> tuple[dict[str, Any], dict[str, Any]]:
+        explored, operations = super()._get_new_config(trial, trial_to_clone)  # type: ignore[misc]
+        own = copy.deepcopy(trial.config)
+        own[POINT][MUTABLE] = explored[POINT][MUTABLE]  # the donor's values, explored; the member's own point
+        return own, operations
+
+
+class MembersPBT(PopulationMixin, PopulationBasedTraining):
+    """Ray's PopulationBasedTraining for the population (:class:`PopulationMixin`)."""
+
+
+class MembersPB2(PopulationMixin, PB2):
+    """Ray's PB2 for the population (:class:`PopulationMixin`)."""
+
+
+def make_scheduler(spec: SweepSpec) -> PopulationBasedTraining:
+    """PBT or PB2 on the search metric, one step per epoch, perturbing every ``perturbation_interval`` epochs."""
+    sc = spec.scheduler
+    assert sc is not None
+    common: dict[str, Any] = {"time_attr": "epoch", "metric": spec.search.metric, "mode": MODE, "perturbation_interval": sc.perturbation_interval,
+              "quantile_fraction": sc.quantile_fraction, "custom_explore_fn": Explore(_bounds(spec))}
+    if sc.name == "pb2":
+        return MembersPB2(hyperparam_bounds=_mutations(spec), **common)
+    return MembersPBT(hyperparam_mutations=_mutations(spec), resample_probability=sc.resample_probability, **common)
+
+
+def tune_config(spec: SweepSpec, **kw: Any) -> tune.TuneConfig:
+    """Tune's config for a population sweep: every trial fixed in the param space, the scheduler doing the rest."""
+    return tune.TuneConfig(scheduler=make_scheduler(spec), num_samples=1, **kw)
+
+
+def describe(spec: SweepSpec) -> list[str]:
+    """What ``kd-tune plan`` says of a population sweep."""
+    sc, s, g = spec.scheduler, spec.search, spec.grid
+    assert sc is not None
+    how = ("PBT: a bottom member clones a top one's checkpoint and perturbs its values by x0.8 / x1.2 (resampled with "
+           f"probability {sc.resample_probability:g})") if sc.name == "pbt" else \
+        "PB2: a bottom member clones a top one's checkpoint; its new values come from a GP bandit over the population's progress"
+    axes = ", ".join(f"{n} {a.show() if isinstance(a, Range) else '{' + ', '.join(f'{v:g}' for v in a) + '}'}" for n, a in mutable_axes(spec).items())
+    members = initial_population(spec)
+    return [f"population: {s.num_samples} students ({sc.name}, first values drawn uniformly with seed {s.seed}), {max(g.epochs)} epochs each, "
+            f"maximizing {s.metric}",
+            f"  every {sc.perturbation_interval} epochs the bottom {sc.quantile_fraction:.0%} exploit the top {sc.quantile_fraction:.0%}: {how}",
+            f"  mutating {axes} (clipped to those ranges); each member's alpha and T per epoch are metrics (epoch_alpha, epoch_T)",
+            "  first members: " + ", ".join(p.label for p in members[:6]) + (", ..." if len(members) > 6 else ""),
+            "  kd-tune replay SWEEP trains the best member's schedule again from scratch with fresh seeds"]
