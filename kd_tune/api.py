@@ -301,7 +301,8 @@ class Sweep:
         from contextlib import ExitStack
 
         from kd_tune.process import tracking_client
-        from kd_tune.tracking.store import check_tracking_store, open_store
+        from kd_tune.tracking.store import open_store
+        from kd_tune.tracking.store_checks import check_tracking_store
 
         stack = ExitStack()
         stack.enter_context(tracking_client())

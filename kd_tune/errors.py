@@ -38,6 +38,13 @@ class SpaceError(UsageError):
         super().__init__(f"{source}: {where}: bad value {shown}; allowed: {allowed}")
 
 
+class TrackingStoreError(UsageError):
+    """A tracking store that cannot serve as given (exit 2, before anything starts): a database that does not answer, does
+    not exist, refuses the role or has no driver here, or a tracking server whose own database does not answer. Unlike
+    :class:`~kd_tune.errors.TrackingUnavailableError` (a server that does not answer at all: an outage, over when it
+    is back), each needs someone to fix the URI or the database."""
+
+
 class FlagError(UsageError):
     """A bad command-line flag or argument (or the environment variable standing for it): the message
     names the flag, the value and what is allowed, as :class:`SpaceError` does for a search-space key.

@@ -24,7 +24,8 @@ from kd_tune.sweep.cluster.connect import check_local_fits, check_reachable, che
 from kd_tune.sweep.state.storage import Storage, check_writable
 from kd_tune.sweep.state.sweep_files import SPACE_FILE, SweepRecord, refuse_second_driver, resume_command, sweep_path
 from kd_tune.sweep.state.tune_state import can_restore, require_sweep, torn_tune_states
-from kd_tune.tracking.store import check_tracking_store, resolve_tracking_uri
+from kd_tune.tracking.store import resolve_tracking_uri
+from kd_tune.tracking.store_checks import check_tracking_store
 
 if TYPE_CHECKING:
     from kd_tune.sweep.driver import Loaded

@@ -1,4 +1,5 @@
-"""Which MLflow tracking store a command writes to, and whether it answers: settled before anything starts.
+"""Which MLflow tracking store a command writes to, and opening it (a new one made once, whoever else races for it);
+whether it answers is :mod:`kd_tune.tracking.store_checks`'.
 
 Light to import (MLflow itself is imported only when a URI is resolved), so that a sweep can check
 its store before Ray starts, while the heavy modules load on a thread beside Ray's start.
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from kd_tune.errors import TrackingUnavailableError, first_line
 from kd_tune.files import exclusive_lock
 
 if TYPE_CHECKING:
@@ -32,20 +32,6 @@ def resolve_tracking_uri(uri: str | None) -> str:
     import mlflow
 
     return str(mlflow.get_tracking_uri())
-
-
-def check_tracking_store(uri: str, doing: str) -> None:
-    """Make sure a tracking server at ``uri`` answers; raises :class:`TrackingUnavailableError` (one line saying
-    what was not done) when it does not. A database or folder store is not probed: the command opens (and, when
-    new, makes) it itself, and a refused command must not leave a new store behind."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001 - whatever the store or the network says, the user gets one line
-        raise TrackingUnavailableError(f"the tracking store {uri} cannot be reached ({first_line(e)[:200]}); {doing}") from e
 
 
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # MLflow's other SQLAlchemy stores (``postgresql+psycopg2://`` too)

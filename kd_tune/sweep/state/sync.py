@@ -36,7 +36,8 @@ from kd_tune.sweep.state.trial_state import persisted_states
 from kd_tune.sweep.state.tune_state import require_sweep
 from kd_tune.tracking.recorder import RunRecorder
 from kd_tune.tracking.runs import close_running_runs
-from kd_tune.tracking.store import check_tracking_store, open_store
+from kd_tune.tracking.store import open_store
+from kd_tune.tracking.store_checks import check_tracking_store
 
 Log = Callable[[str], None]
 
