@@ -30,6 +30,7 @@ from kd_tune.sweep.callback import MlflowTrackingCallback
 from kd_tune.sweep.state.storage import resolve_storage
 from kd_tune.sweep.state.sweep_files import sweep_path
 from kd_tune.tracking.datasets import dataset_inputs, log_dataset_inputs
+from kd_tune.tracking.grid_view import GRID_VIEW
 from kd_tune.tracking.logged_models import input_example, log_model_once, using_tracking_uri
 from kd_tune.tracking.runs import get_or_create_experiment, sweep_experiments
 from kd_tune.tracking.tags import DATASET_CONTEXT_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TAG_ROLE
@@ -224,8 +225,9 @@ def test_ui_prints_each_sweeps_runs_page(swept: Swept) -> None:
     assert url == f"http://127.0.0.1:5123/#/experiments/{swept.experiment_id}/runs?workflowType=machine_learning"
     lines = ui_lines(swept.uri, "127.0.0.1", 5123)
     assert lines[0] == f"MLflow UI for {swept.uri} on http://127.0.0.1:5123 (Ctrl+C stops it)"
-    assert f"  {SWEEP}  {url}" in lines
-    assert ui_lines(swept.uri, "10.1.2.3", 80, SWEEP)[1:] == [f"runs of sweep {SWEEP!r}:", f"  {SWEEP}  {runs_page('10.1.2.3', 80, swept.experiment_id)}"]
+    assert f"  {SWEEP}  {url}&viewStateShareKey={GRID_VIEW}" in lines
+    assert ui_lines(swept.uri, "10.1.2.3", 80, SWEEP)[1:3] == [f"sweep {SWEEP!r}: its grid points (best first), then its report's figures:",
+                                                               f"  {SWEEP}  {runs_page('10.1.2.3', 80, swept.experiment_id, GRID_VIEW)}"]
 
 
 @pytest.mark.integration

@@ -227,16 +227,20 @@ def _report(run: Callable[[Callable[[str], None] | None], SweepOutcome], quiet: 
     where it is tracked, what to do next; the exit status."""
     from kd_tune.sweep.results import format_table
     from kd_tune.tracking.store import resolve_tracking_uri
-    from kd_tune.tracking.ui import UI_HOST, runs_page
+    from kd_tune.tracking.store_checks import shown_uri
+    from kd_tune.tracking.ui import UI_HOST, runs_page, sweep_page
 
     outcome = run(None if quiet else (lambda s: print(s, flush=True)))
     print()
     print(outcome.summary_line())
     print(format_table(outcome.table))
     print()
-    print(f"MLflow: experiment {outcome.name!r} (id {outcome.experiment_id}) in {outcome.tracking_uri}")
+    print(f"MLflow: experiment {outcome.name!r} (id {outcome.experiment_id}) in {shown_uri(outcome.tracking_uri)}")
     ui = f"kd-tune ui {outcome.name}" + ("" if outcome.tracking_uri == resolve_tracking_uri(None) else f" --tracking-uri '{outcome.tracking_uri}'")
-    print(f"Open the UI: {ui}   (then the runs page it prints: {runs_page(UI_HOST, 5000, outcome.experiment_id)})")
+    # The page on the view of the sweep's grid points, saved now (an unreachable store: the plain runs page).
+    page = (runs_page(UI_HOST, 5000, outcome.experiment_id) if outcome.tracking_behind
+            else sweep_page(outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id))
+    print(f"Open the UI: {ui}   (then the runs page it prints: {page})")
     if not outcome.ok:
         print(f"Not every trial finished; to retry the rest: {outcome.resume_command}")
     if outcome.tracking_behind:
