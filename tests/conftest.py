@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 # two xdist workers take whole files; given them heaviest first they end together. In pytest-xdist's own order
 # (files with the most tests first) test_resume.py's four long tests came last, and one worker ran them alone
 # for a minute. Files not listed (seconds each) follow in their usual order.
-FILE_SECONDS = {"test_resume.py": 161, "test_outage.py": 133, "test_jobs.py": 124, "test_sweep.py": 111, "test_cluster.py": 104,
+FILE_SECONDS = {"test_resume.py": 161, "test_outage.py": 133, "test_postgres.py": 120, "test_population.py": 110, "test_jobs.py": 124, "test_sweep.py": 111, "test_cluster.py": 104,
                 "test_pack_sweep.py": 97, "test_full_disk.py": 93, "test_search.py": 58, "test_api.py": 45, "test_new_store.py": 41,
                 "test_own_data.py": 38, "test_architectures.py": 32, "test_models_sweep.py": 32, "test_bench.py": 28, "test_storage.py": 25,
-                "test_cli.py": 22, "test_layers.py": 19, "test_mlflow_native.py": 17, "test_report.py": 17, "test_mlflow_ui.py": 17,
+                "test_cli.py": 22, "test_layers.py": 19, "test_mlflow_native.py": 17, "test_report.py": 17, "test_mlflow_ui.py": 60,
                 "test_ui.py": 12, "test_report_methods.py": 8}
 # Files that one xdist worker takes together, as one unit: all inspect the session's shared sweep (native_sweep), which
 # each worker would otherwise run once for itself.

@@ -129,7 +129,9 @@ def test_replay_trains_the_best_members_schedule_again_exactly(population: Sweep
 def test_a_killed_population_resumes_with_a_clean_record(write_space: Callable[..., Path], tmp_path: Path) -> None:
     # ~1 s per epoch, so that the kill lands while members train and exploit
     space = population_space(dataset={"name": "mnist", "train_size": 1800, "val_size": 200},
-                             student={"widths": [16, 32], "lr": 0.003, "batch_size": 16})
+                             student={"widths": [16, 32], "lr": 0.003, "batch_size": 16},
+                             # alpha alone mutates here (T stays each member's first: the rest of a member's point)
+                             scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5, "mutate": ["alpha"]})
     sweep = Sweep(tmp_path, write_space(space))
     proc = sweep.start("sweep", str(sweep.space))
 
@@ -144,7 +146,8 @@ def test_a_killed_population_resumes_with_a_clean_record(write_space: Callable[.
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{POPULATION + 1}/{POPULATION + 1} grid points finished" in done.stdout
     try:
-        check_population(sweep)
+        for r in check_population(sweep):
+            assert set(history(sweep, r, "epoch_T").values()) == {float(r.data.params["temperature"])}
     except AssertionError:
         for t in sorted(sweep.dir.glob("a*")):  # what each member's checkpoints hold, to tell what went wrong
             import torch

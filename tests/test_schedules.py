@@ -220,3 +220,25 @@ def test_plan_says_what_a_population_will_run(write_space: Callable[..., Path], 
     assert "population: 4 students (pbt, first values drawn uniformly with seed 0), 4 epochs each" in out
     assert "every 1 epochs the bottom 50% exploit the top 50%" in out and "mutating alpha [0, 1], temperature [1, 8]" in out
     assert "as the scheduler stops trials" not in out  # PBT stops no trial: every member trains its epochs
+
+
+def test_a_report_keeps_a_schedule_apart_from_the_constant_it_starts_at() -> None:
+    """alpha 0.1 and a schedule from 0.1 share the param alpha: their knobs key (what every grouping keys on) differs."""
+    import pandas as pd
+
+    from kd_tune.report.configs import config_label, method_columns
+
+    params = pd.DataFrame({"method": ["kd", "kd", "kd", "kd"], "role": ["student"] * 3 + ["scratch"],
+                           "alpha_schedule": [None, "linear 0.1 -> 0.7 over 10 epochs", None, None],
+                           "scheduler.name": [None, None, "pbt", "pbt"]})
+    columns = method_columns(params)
+    assert columns["knobs"].tolist() == [
+        "divergence=forward_kl, standardize=False",
+        "divergence=forward_kl, standardize=False, alpha_schedule=linear 0.1 -> 0.7 over 10 epochs",
+        "divergence=forward_kl, standardize=False, population=pbt",
+        "divergence=forward_kl, standardize=False",  # a population sweep's scratch baseline is plain scratch
+    ]
+    assert config_label("kd", columns["knobs"][1]) == "kd alpha linear 0.1 -> 0.7 over 10 epochs"
+    assert config_label("kd", columns["knobs"][2]) == "kd (pbt)"
+    table = Schedule("table", 0.5, values=(0.5, 0.25))
+    assert "," not in table.text()  # a knobs key splits on ", "

@@ -79,7 +79,7 @@ def method_columns(frame: pd.DataFrame) -> pd.DataFrame:
         given = {name: parse_knob(name, frame.at[i, name]) for name in ALL_KNOBS if name in frame}
         knobs = canonical(method, given)
         values = dict(knobs)
-        rows.append({"method": method, **{name: values.get(name) for name in ALL_KNOBS}, "knobs": knobs_key(knobs),
+        rows.append({"method": method, **{name: values.get(name) for name in ALL_KNOBS}, "knobs": knobs_key(knobs) + _changing(frame, i),
                      "variant": variant(method, knobs) if method in METHODS else method})
     out = pd.DataFrame(rows, index=frame.index, columns=["method", *ALL_KNOBS, "knobs", "variant"])
     for name in ALL_KNOBS:
@@ -91,6 +91,23 @@ def method_columns(frame: pd.DataFrame) -> pd.DataFrame:
         else:
             out[name] = out[name].astype(object).where(out[name].notna(), None)
     return out.astype({"method": str, "knobs": str, "variant": str})
+
+
+CHANGING = ("alpha_schedule", "temperature_schedule")
+"""Params of a run whose alpha or T changed during training by a schedule (``kd_tune.space.schedules``: its text)."""
+POPULATION = "population"
+"""The knobs key's entry of a run that a population scheduler (PBT, PB2) changed: its alpha and T params are the first."""
+
+
+def _changing(frame: pd.DataFrame, i: Any) -> str:
+    """What the knobs key adds for a run whose alpha or T changed during training: its schedules (``, alpha_schedule=linear
+    0.1 -> 0.7 over 10 epochs``), or ``, population=pbt`` for a member of a population. A configuration is thereby never
+    pooled with the constant of its start value."""
+    parts = [f"{name}={frame.at[i, name]}" for name in CHANGING if name in frame and not _missing(frame.at[i, name])]
+    scheduler = frame.at[i, "scheduler.name"] if "scheduler.name" in frame else None
+    if scheduler in ("pbt", "pb2") and ("role" not in frame or frame.at[i, "role"] == "student"):
+        parts.append(f"{POPULATION}={scheduler}")
+    return "".join(f", {p}" for p in parts)
 
 
 def with_config_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -142,7 +159,9 @@ def config_label(method: str, knobs: str) -> str:
     m, values = METHODS[method], parse_knobs_key(knobs)
     typed = canonical(method, values)
     changed = [f"{name}={_show(v)}" for name, v in typed if m.knob(name).kind in ("int", "float") and v != m.knob(name).default]
-    return " ".join([variant(method, typed), *changed])
+    changing = [f"{name.split('_')[0].replace('temperature', 'T')} {values[name]}" for name in CHANGING if name in values]
+    changing += [f"({values[POPULATION]})"] if POPULATION in values else []
+    return " ".join([variant(method, typed), *changed, *changing])
 
 
 def method_order(names: Any) -> list[str]:

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_tune.errors import UsageError
 from kd_tune.process import mlflow_tracking_uri_held
-from kd_tune.report.configs import method_columns
+from kd_tune.report.configs import CHANGING, method_columns
 from kd_tune.space.methods import ALL_KNOBS
 from kd_tune.tracking.tags import TAG_PARENT, TAG_ROLE, TAG_STOPPED_AT, TAG_SWEEP, TAG_TRIAL
 
@@ -61,7 +61,8 @@ def load_runs(name: str, tracking_uri: str) -> tuple[pd.DataFrame, str, str]:
         "student_parameters": pd.to_numeric(raw.get("params.student.parameters", pd.Series(None, index=raw.index, dtype=float))).astype("Int64"),
     })
     # The method and its knobs (runs logged before methods were an axis have neither: kd with its defaults).
-    params = pd.DataFrame({name: raw[f"params.{name}"] for name in ("method", *ALL_KNOBS) if f"params.{name}" in raw}, index=raw.index)
+    params = pd.DataFrame({name: raw[f"params.{name}"] for name in ("method", *ALL_KNOBS, *CHANGING, "scheduler.name", "role")
+                           if f"params.{name}" in raw}, index=raw.index)
     rows = rows.join(method_columns(params)) if len(rows) else rows.assign(**{c: pd.Series(dtype=object) for c in
                                                                              ["method", *ALL_KNOBS, "knobs", "variant"]})
     for m in METRICS:

@@ -107,7 +107,7 @@ class Schedule:
     def text(self) -> str:
         """One readable line (an MLflow param, the plan): ``linear 0 -> 0.7 over 20 epochs after 2 warm-up epochs``."""
         if self.shape == "table":
-            shown = ", ".join(f"{v:g}" for v in self.values[:8]) + (", ..." if len(self.values) > 8 else "")
+            shown = " ".join(f"{v:g}" for v in self.values[:8]) + (" ..." if len(self.values) > 8 else "")  # no comma: a report's knobs key holds it
             return f"table of {len(self.values)} epochs [{shown}] (sha {self.digest()})"
         if self.shape == "constant":
             return f"constant {self.start:g}"

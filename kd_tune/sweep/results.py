@@ -7,6 +7,7 @@ metrics it reported when it passed that epoch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from kd_tune.report.configs import knobs_key
 from kd_tune.space.methods import changed_knobs
 from kd_tune.space.parse import load_space_text
 from kd_tune.space.trial_report import TrialReport
-from kd_tune.space.trials import TrialConfig, TrialPoint
+from kd_tune.space.trials import TrialConfig, TrialPoint, mutable_values
 from kd_tune.sweep.state.storage import Storage
 from kd_tune.sweep.state.sweep_files import SPACE_FILE, live_driver, resume_command
 from kd_tune.sweep.state.tune_state import require_sweep
@@ -107,7 +108,7 @@ def results_table(result_grid: tune.ResultGrid, finished_before: set[str] | None
                 status = ("stopped early" if stopped and at else "finished" if at else "errored" if r.error else
                           "diverged" if diverged else "unfinished")
                 rows.append({
-                    "student": "", "teacher": "", **point.at(milestone).grid_config(), "knobs": knob_text(point), "status": status, "how": how,
+                    "student": "", "teacher": "", **point.at(milestone).grid_config(), "knobs": knob_text(point, r.config), "status": status, "how": how,
                     "test_acc": at.get("test_acc"), "test_loss": at.get("test_loss"), "teacher_agreement": at.get("teacher_agreement"),
                 })
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -144,9 +145,14 @@ def _last_at(last: TrialReport, member: str | None, epoch: int) -> dict[str, Any
     return {"epoch": part.epoch, **part.metrics}
 
 
-def knob_text(point: TrialPoint) -> str:
-    """A point's knobs that are not its method's defaults, written as the report writes knobs (``nckd_weight=2, warmup=1``)."""
-    return knobs_key(changed_knobs(point.method, point.knobs))
+def knob_text(point: TrialPoint, config: Mapping[str, Any] | None = None) -> str:
+    """A point's knobs that are not its method's defaults, written as the report writes knobs (``nckd_weight=2, warmup=1``),
+    then its schedules, or for a population's member (its trial's ``config``) the values it ended with."""
+    parts = [knobs_key(changed_knobs(point.method, point.knobs))]
+    parts += [f"{name}={s.text()}" for name, s in (("alpha_schedule", point.alpha_schedule), ("temperature_schedule", point.temperature_schedule)) if s]
+    if config is not None and (values := mutable_values(config)):
+        parts.append("pbt, ended at " + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    return ", ".join(p for p in parts if p)
 
 
 def format_table(table: pd.DataFrame) -> str:

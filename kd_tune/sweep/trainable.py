@@ -205,8 +205,9 @@ def _train_one(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) 
     run.replay()
 
     alpha, temperature, knobs = point.alpha_value, point.temperature_value, point.knobs
-    if hyper is not None:
-        alpha, temperature = float(hyper["alpha"]), float(hyper["temperature"])
+    if hyper is not None:  # what the population mutates (scheduler.mutate); the rest stays the point's
+        alpha = float(hyper["alpha"]) if "alpha" in hyper else alpha
+        temperature = float(hyper["temperature"]) if "temperature" in hyper else temperature
         knobs = tuple((k, hyper.get(k, v)) for k, v in point.knobs)
     varies = point.scheduled or hyper is not None  # alpha and T of each epoch are then metrics of their own
 
