@@ -154,7 +154,8 @@ def test_training_with_a_schedule_is_training_each_epoch_with_its_value() -> Non
 
 def test_a_lineage_records_each_epoch_and_each_exploit() -> None:
     donor = Lineage().trained(1, 0.5, 4.0).trained(2, 0.5, 4.0)
-    member = donor.exploited(Exploit(2, "a0.5-T4-e4-s0", "t1")).trained(3, 0.6, 3.2).trained(4, 0.6, 3.2)
+    member = donor.exploited(Exploit(2, "a0.5-T4-e4-s0", "t1", "a0.9-T2-e4-s0")).trained(3, 0.6, 3.2).trained(4, 0.6, 3.2)
+    assert member.exploits[0].text() == "epoch 2: a0.9-T2-e4-s0 cloned a0.5-T4-e4-s0"
     assert member.epochs == ((1, 0.5, 4.0), (2, 0.5, 4.0), (3, 0.6, 3.2), (4, 0.6, 3.2))
     assert Lineage.from_config(member.as_config()) == member
     alpha, temperature = member.schedules()
@@ -169,7 +170,7 @@ def test_a_lineage_records_each_epoch_and_each_exploit() -> None:
 def pbt_space(**scheduler: Any) -> dict[str, Any]:
     return tiny_space(search={"algorithm": "random", "num_samples": 4, "seed": 0},
                       grid={"alpha": {"low": 0.0, "high": 1.0}, "temperature": {"low": 1.0, "high": 8.0}, "epochs": [4], "seed": [0]},
-                      scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5, **scheduler}, baselines=["scratch"])
+                      scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5, **scheduler})
 
 
 def test_a_population_from_a_file() -> None:
@@ -181,13 +182,13 @@ def test_a_population_from_a_file() -> None:
     assert members == initial_population(spec)  # seeded
     assert len({m.label for m in members}) == 4 and all(0 <= m.alpha <= 1 and 1 <= (m.temperature or 0) <= 8 for m in members)
     configs = param_space(spec)[POINT]["grid_search"]
-    assert [c["role"] for c in configs] == ["scratch"] + ["student"] * 4
-    assert all(c[MUTABLE] == {"alpha": c["alpha"], "temperature": c["temperature"]} for c in configs[1:])  # each starts with its own
+    assert [c["role"] for c in configs] == ["student"] * 4
+    assert all(c[MUTABLE] == {"alpha": c["alpha"], "temperature": c["temperature"]} for c in configs)  # each starts with its own
     # Ray's exploit would copy the donor's whole config: the member keeps its own point, with the donor's values explored
     scheduler = make_scheduler(spec)
-    own, donor = {POINT: configs[1]}, {POINT: configs[2]}
+    own, donor = {POINT: configs[0]}, {POINT: configs[1]}
     new, _ = scheduler._get_new_config(SimpleNamespace(config=own), SimpleNamespace(config=donor))  # type: ignore[arg-type]
-    assert {k: v for k, v in new[POINT].items() if k != MUTABLE} == {k: v for k, v in configs[1].items() if k != MUTABLE}
+    assert {k: v for k, v in new[POINT].items() if k != MUTABLE} == {k: v for k, v in configs[0].items() if k != MUTABLE}
     assert 0 <= new[POINT][MUTABLE]["alpha"] <= 1 and 1 <= new[POINT][MUTABLE]["temperature"] <= 8
     # PBT's x1.2 would leave [0, 1]: explored values are clipped into their axis and rounded
     explore = Explore({"alpha": (0.0, 1.0, False), "temperature": (1.0, 8.0, False)})
@@ -205,6 +206,7 @@ def test_a_population_from_a_file() -> None:
     ({"grid": {"alpha": {"low": 0.0, "high": 1.0}, "temperature": [4.0], "epochs": [4]},
       "scheduler": {"name": "pbt", "perturbation_interval": 1, "mutate": ["temperature"]}}, "scheduler.mutate[0]", "a range {low, high} or several"),
     ({"scheduler": {"name": "pb2", "perturbation_interval": 1, "resample_probability": 0.5}}, "scheduler.resample_probability", "known keys"),
+    ({"baselines": ["scratch"]}, "baselines", "none with scheduler pbt (a population is its members alone"),
 ])
 def test_a_bad_population_gets_one_line_naming_its_key(change: dict[str, Any], key: str, allowed: str) -> None:
     space = pbt_space()

@@ -19,17 +19,20 @@ from kd_tune.space.schedules import Schedule
 
 @dataclass(frozen=True)
 class Exploit:
-    """At the end of ``epoch`` the weights of ``donor`` (its trial's label and Ray trial id) replaced the member's own."""
+    """At the end of ``epoch`` the weights of ``donor`` (its trial's label and Ray trial id) replaced those of ``member``.
+    A lineage inherits its donor's exploits: the chain of clones behind the final weights, whoever made each."""
 
     epoch: int
     donor: str
     donor_trial: str = ""
+    member: str = ""
 
     def as_config(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "donor": self.donor, "donor_trial": self.donor_trial}
+        return {"epoch": self.epoch, "donor": self.donor, "donor_trial": self.donor_trial, "member": self.member}
 
     def text(self) -> str:
-        return f"epoch {self.epoch}: cloned {self.donor}" + (f" ({self.donor_trial})" if self.donor_trial else "")
+        """``epoch 4: a0.31-T5-e10-s0 cloned a0.84-T5-e10-s0``."""
+        return f"epoch {self.epoch}: {self.member or 'cloned'}{' cloned' if self.member else ''} {self.donor}"
 
 
 @dataclass(frozen=True)
@@ -71,5 +74,6 @@ class Lineage:
         if not config:
             return cls()
         return cls(epochs=tuple((int(e), float(a), float(t)) for e, a, t in config.get("epochs", ())),
-                   exploits=tuple(Exploit(int(x["epoch"]), str(x["donor"]), str(x.get("donor_trial", ""))) for x in config.get("exploits", ())),
+                   exploits=tuple(Exploit(int(x["epoch"]), str(x["donor"]), str(x.get("donor_trial", "")), str(x.get("member", "")))
+                                  for x in config.get("exploits", ())),
                    knobs=tuple((int(e), tuple((str(k), v) for k, v in ks)) for e, ks in config.get("knobs", ())))

@@ -292,6 +292,9 @@ def _population(r: Reader, top: Mapping[str, Any], search: SearchSpec, grid: Gri
         raise r.fail("grid.epochs", list(grid.epochs), f"at least 2 epochs with scheduler {name} (a member changes between epochs)")
     if len(grid.method) > 1:
         raise r.fail("grid.method", [m.method for m in grid.method], f"one method with scheduler {name} (a member's method never changes)")
+    if top.get("baselines"):
+        raise r.fail("baselines", top["baselines"], f"none with scheduler {name} (a population is its members alone; "
+                                                    "kd-tune replay trains the best member's schedule beside scratch students of the same seeds)")
     interval = r.integer("scheduler.perturbation_interval", s["perturbation_interval"], 1, epochs - 1)
     quantile = r.number("scheduler.quantile_fraction", s.get("quantile_fraction", 0.25), 0.0, 0.5, lo_open=True)
     resample = r.number("scheduler.resample_probability", s.get("resample_probability", 0.25), 0.0, 1.0)

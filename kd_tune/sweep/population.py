@@ -5,7 +5,8 @@ students, each started from a point drawn uniformly (seeded by ``search.seed``) 
 ``perturbation_interval`` epochs Ray's scheduler ranks them by the search metric, and a member in the bottom
 ``quantile_fraction`` continues from the checkpoint of one in the top (an exploit) with that member's values perturbed
 (PBT: times 0.8 or 1.2, or resampled with ``resample_probability``; PB2: chosen by a GP bandit over the population's
-progress). The sweep's scratch baselines train beside the population, outside it.
+progress). A population has no baselines: ``kd-tune replay`` trains the best member's schedule beside scratch students
+of the same fresh seeds, which is the comparison that counts (:mod:`kd_tune.sweep.schedule_replay`).
 
 What kd-tune adds to Ray's schedulers (:class:`PopulationMixin`):
 
@@ -14,7 +15,7 @@ What kd-tune adds to Ray's schedulers (:class:`PopulationMixin`):
   MLflow params) stays the member's own, so params never change ("Changing param values is not allowed", ray#20473).
 - **Values stay in their ranges.** PBT's perturbation multiplies by 1.2: alpha could leave [0, 1]. Values are clipped to
   the axis' range and rounded to 4 significant digits.
-- **Baselines are not members.** Neither ranked nor cloned, and started first.
+- **Fair clones.** A member clones a top member at its own epoch or beyond, never one behind it, nor at its last epoch.
 
 The trainable records what it trains with per epoch (``epoch_alpha`` / ``epoch_T`` metrics) and, in each checkpoint,
 its lineage (:mod:`kd_tune.space.lineage`): the exploits and the values of every epoch that shaped its weights.
@@ -29,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ray import tune
+from ray.train._internal.session import _FutureTrainingResult
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.tune.schedulers.pb2 import PB2
@@ -36,7 +38,7 @@ from ray.tune.schedulers.pb2 import PB2
 from kd_tune.space.methods import METHODS
 from kd_tune.space.schema import Axis, Range, SweepSpec
 from kd_tune.space.trial_report import REPLAYED
-from kd_tune.space.trials import MUTABLE, POINT, TrialConfig, TrialPoint, mutable_values
+from kd_tune.space.trials import MUTABLE, POINT, TrialConfig, TrialPoint
 
 MODE = "max"
 
@@ -94,11 +96,9 @@ def member_config(point: TrialPoint, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
-    """Every trial as one grid-search value: the scratch baselines, then the population (fixed and seeded: a resumed or
-    repeated sweep starts the same population)."""
+    """Every member as one grid-search value (fixed and seeded: a resumed or repeated sweep starts the same population)."""
     assert spec.scheduler is not None
-    members = [member_config(p, spec.scheduler.mutate) for p in initial_population(spec)]
-    return {POINT: tune.grid_search([t.as_config() for t in spec.trials()] + members)}
+    return {POINT: tune.grid_search([member_config(p, spec.scheduler.mutate) for p in initial_population(spec)])}
 
 
 def _mutations(spec: SweepSpec) -> dict[str, Any]:
@@ -151,38 +151,41 @@ class PopulationMixin:
 
     _trial_state: dict[Trial, Any]
 
-    @staticmethod
-    def is_member(trial: Trial) -> bool:
-        return mutable_values(trial.config) is not None
-
-    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        if self.is_member(trial):
-            super().on_trial_add(tune_controller, trial)  # type: ignore[misc]
-
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
-        if trial not in self._trial_state or result.get(REPLAYED):
+        if result.get(REPLAYED):
             # A replayed epoch (re-reported after a restart) was trained before: exploiting on it would send the member
             # back to retrain what its run has recorded.
             return str(TrialScheduler.CONTINUE)
         return str(super().on_trial_result(tune_controller, trial, result))  # type: ignore[misc]
 
-    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
-        # Baselines first (Ray's own choice indexes the population's state, which has none for them).
-        for trial in tune_controller.get_trials():
-            if trial.status == Trial.PENDING and trial not in self._trial_state:
-                return trial
-        return super().choose_trial_to_run(tune_controller)  # type: ignore[misc]
-
     def _exploit(self, tune_controller: Any, trial: Trial, trial_to_clone: Trial) -> None:
-        # Async PBT may pick a donor whose last checkpoint is behind the member (the donor waited for a CPU). Cloning it
-        # would send the member back in time: it would train again epochs its run has logged, and the run would then
-        # show the metrics of weights it no longer has (or log a step twice). A member only takes weights from its
-        # present or future; it keeps its own until such a donor comes.
-        donor_epoch = int((self._trial_state[trial_to_clone].last_result or {}).get("epoch", 0) or 0)
+        # Async PBT ranks a member against donors that may not have trained as far: on a few CPUs the population takes
+        # turns. Cloning a donor behind the member would send it back in time: it would train again epochs its run has
+        # logged, and the run would then show the metrics of weights it no longer has. So the donor is one of the top
+        # members at the member's epoch or beyond (Ray drew one at random from all of them); none such: no exploit.
+        # Nor at a member's last epoch, where the clone would only replace the weights it ends with.
         at = int(self._trial_state[trial].last_train_time or 0)
-        if donor_epoch < at or at >= TrialConfig.decode(trial.config).epochs:
-            return  # ... nor at its last epoch, where the clone would only replace the weights it ends with
-        super()._exploit(tune_controller, trial, trial_to_clone)  # type: ignore[misc]
+        if at >= TrialConfig.decode(trial.config).epochs:
+            return
+        _, upper = self._quantiles()  # type: ignore[attr-defined]
+        ahead = [t for t in upper if t is not trial and self._epoch(t) >= at and self._checkpoint_of(t) is not None]
+        if not ahead:
+            return
+        donor = trial_to_clone if trial_to_clone in ahead else random.choice(ahead)
+        super()._exploit(tune_controller, trial, donor)  # type: ignore[misc]
+
+    def _checkpoint_of(self, trial: Trial) -> Any:
+        """A top member's kept checkpoint, a save still under way resolved first (as Ray's own exploit does for the donor
+        it drew: ``_checkpoint_or_exploit``); None when it has none."""
+        state = self._trial_state[trial]
+        if isinstance(state.last_checkpoint, _FutureTrainingResult):
+            result = state.last_checkpoint.resolve()
+            state.last_checkpoint, state.last_result = (result.checkpoint, result.metrics) if result else (None, state.last_result)
+        return state.last_checkpoint
+
+    def _epoch(self, trial: Trial) -> int:
+        """The epoch of the member's last ranked result (what its kept checkpoint holds, or later)."""
+        return int((self._trial_state[trial].last_result or {}).get("epoch", 0) or 0)
 
     def _get_new_config(self, trial: Trial, trial_to_clone: Trial) -> tuple[dict[str, Any], dict[str, Any]]:
         explored, operations = super()._get_new_config(trial, trial_to_clone)  # type: ignore[misc]
@@ -203,8 +206,10 @@ def make_scheduler(spec: SweepSpec) -> PopulationBasedTraining:
     """PBT or PB2 on the search metric, one step per epoch, perturbing every ``perturbation_interval`` epochs."""
     sc = spec.scheduler
     assert sc is not None
+    # Asynchronous (Ray's default): synchronous PBT did not resume from a killed driver here (Ray 2.60: the restored
+    # members stayed paused); _exploit keeps the clones fair instead.
     common: dict[str, Any] = {"time_attr": "epoch", "metric": spec.search.metric, "mode": MODE, "perturbation_interval": sc.perturbation_interval,
-              "quantile_fraction": sc.quantile_fraction, "custom_explore_fn": Explore(_bounds(spec))}
+                              "quantile_fraction": sc.quantile_fraction, "custom_explore_fn": Explore(_bounds(spec))}
     if sc.name == "pb2":
         return MembersPB2(hyperparam_bounds=_mutations(spec), **common)
     return MembersPBT(hyperparam_mutations=_mutations(spec), resample_probability=sc.resample_probability, **common)

@@ -54,8 +54,8 @@ def members(storage: Storage, sweep: str) -> list[Member]:
 def replay_spec(spec: SweepSpec, storage: Storage, sweep: str, *, member: str | None = None, seeds: int | list[int] = 3,
                 name: str | None = None) -> tuple[SweepSpec, Member]:
     """The grid sweep that replays ``member`` (default: the best, selected on validation) of the population sweep ``sweep``:
-    its alpha and T of every epoch as table schedules, each of ``seeds`` (a count of fresh seeds, or the seeds), with the
-    sweep's baselines. Raises UsageError for a sweep without a population, an unknown member, or mutated knobs."""
+    its alpha and T of every epoch as table schedules, each of ``seeds`` (a count of fresh seeds, or the seeds), beside
+    scratch students of those seeds (the paired baseline). Raises UsageError for a sweep without a population, an unknown member, or mutated knobs."""
     if spec.scheduler is None or not spec.scheduler.population:
         raise UsageError(f"sweep {sweep!r} has no population to replay (its scheduler is {spec.scheduler.name if spec.scheduler else 'none'}; "
                          "replay needs scheduler pbt or pb2)")
@@ -82,7 +82,7 @@ def replay_spec(spec: SweepSpec, storage: Storage, sweep: str, *, member: str | 
     grid = replace(spec.grid, alpha=(), temperature=(), alpha_schedules=(alpha,), temperature_schedules=(temperature,), epochs=(chosen.epoch,),
                    seed=tuple(seed_list), student=(point.student,) if spec.grid.student else (), teacher=(point.teacher,) if spec.grid.teacher else (),
                    method=(MethodEntry(point.method, tuple((k, (v,)) for k, v in point.knobs)),) if spec.grid.method else ())
-    out = replace(spec, name=name or f"{spec.name}-replay", grid=grid, search=SearchSpec(), scheduler=None,
+    out = replace(spec, name=name or f"{spec.name}-replay", grid=grid, search=SearchSpec(), scheduler=None, baselines=("scratch",),
                   student_variants=tuple((n, s) for n, s in spec.student_variants if n == point.student),
                   teacher_variants=tuple((n, t) for n, t in spec.teacher_variants if n == point.teacher))
     return out, chosen

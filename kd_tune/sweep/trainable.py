@@ -195,7 +195,7 @@ def _train_one(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) 
             # so the run's record of them is the donor's (reported below; the lineage says whose they were).
             gap = [h for h in state["history"] if int(history[-1]["epoch"] if history else 0) < int(h["epoch"]) <= run.start]
             history += gap
-            exploit = Exploit(run.start, str(donor), str(state.get("trial_id", "")))
+            exploit = Exploit(run.start, str(donor), str(state.get("trial_id", "")), point.label)
             lineage = lineage.exploited(exploit)
             run = replace(run, extra={**run.extra, "exploited_from": exploit.donor, "exploited_at": exploit.epoch})
         elif hyper is not None and run.start > run.known_epoch and state.get("hyper") is not None:

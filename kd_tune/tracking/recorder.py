@@ -245,7 +245,7 @@ class RunRecorder:
                     schedule = Path(tmp) / SCHEDULE_ARTIFACT
                     schedule.write_text(json.dumps({"label": state.get("label"), **lineage.as_config()}, indent=1))
                     self.client.log_artifact(run_id, str(schedule))
-                    tags = {exploit_tag(x.epoch): x.donor for x in lineage.exploits}
+                    tags = {exploit_tag(x.epoch): x.text() for x in lineage.exploits}
                     if lineage.exploits:
                         tags[TAG_LINEAGE] = "; ".join(x.text() for x in lineage.exploits)[:5000]
                     if tags:

@@ -47,8 +47,9 @@ TAG_DISCARDED = "kd_tune.discarded"
 """Why a run was deleted: its trial was created after Ray's last saved state and lost with the driver."""
 # --- the parent run and the teachers' runs -----------------------------------------------------------
 TAG_EXPLOIT = "kd_tune.exploit.e"
-"""Prefix of a PBT exploit's tag, ``kd_tune.exploit.e0004`` = the member whose weights this run's student took on at the end of
-epoch 4: one tag per exploit in the lineage of its final weights, set when the run ends (as ``schedule.json``)."""
+"""Prefix of a PBT exploit's tag: ``kd_tune.exploit.e0004`` = ``epoch 4: a0.31-T5-e10-s0 cloned a0.84-T5-e10-s0``, one tag per
+exploit in the chain behind the run's final weights (its own, and those its donors inherited), set when the run ends
+(as ``schedule.json``): following the donors' runs leads back to the first epochs."""
 TAG_LINEAGE = "kd_tune.lineage"
 """A PBT member's exploits in one line (``epoch 4: cloned a0.84-T6.3-e8-s0 (1a3b7_00001); ...``), set when its run ends."""
 SCHEDULE_ARTIFACT = "schedule.json"
