@@ -158,7 +158,7 @@ def test_the_docs_agree() -> None:
     cli, api = (REPO / "docs" / "cli.md").read_text(), (REPO / "docs" / "python-api.md").read_text()
     rows = _table(cli, "## From Python")
     assert rows == _table(api, "## The command line and the API")
-    assert {re.match(r"\| `kd-tune (\w+)", r).group(1) for r in rows} == {"sweep", "resume", "status", "report"}  # type: ignore[union-attr]
+    assert {re.match(r"\| `kd-tune (\w+)", r).group(1) for r in rows} == {"sweep", "resume", "replay", "status", "report"}  # type: ignore[union-attr]
     shown = re.search(r"## A worked example.*?```python\n(.*?)```", api, re.S)
     assert shown is not None and shown.group(1) == EXAMPLE.read_text()
     readme = (REPO / "README.md").read_text()
