@@ -39,7 +39,8 @@ class Member:
 
 
 def members(storage: Storage, sweep: str) -> list[Member]:
-    """Every member of a population sweep with a lineage in its newest checkpoint, best first (selected on validation)."""
+    """Every member of a population sweep with a lineage in its newest checkpoint, best first (selected on validation; a tie:
+    the first label)."""
     out = []
     for folder in storage.list_dirs(sweep):
         state = newest_persisted(storage, f"{sweep}/{folder}")
