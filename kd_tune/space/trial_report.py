@@ -28,7 +28,7 @@ REPORTED_METRICS = ("train_loss", "train_hard_loss", "train_distill_loss", "test
                     *SCHEDULE_METRICS)
 """A student's metrics of one epoch (the training layer's ``EpochMetrics`` fields but its epoch, then
 :data:`SCHEDULE_METRICS`), as reported and logged."""
-WHERE = ("device", "node_id", "node_ip", "hostname", "resumed_from", "train_images", "val_images", "exploited_from", "exploited_at")
+WHERE = ("device", "node_id", "node_ip", "hostname", "resumed_from", "train_images", "val_images")
 """What a report says of the attempt that made it: the trainable's part and Ray's (node_ip, hostname)."""
 REPLAYED = "replayed"
 """Set on a report of an epoch trained before a restart, re-reported from the checkpoint's history (for the record):

@@ -37,7 +37,7 @@ from kd_tune.distill.packed import channels_last_on, member_state_dict, pack_fro
 from kd_tune.distill.train import TensorData, make_optimizer, train
 from kd_tune.errors import DivergedError
 from kd_tune.space.lineage import Exploit, Lineage
-from kd_tune.space.schedules import value_at
+from kd_tune.space.schedules import Value, value_at
 from kd_tune.space.sections import StudentSpec
 from kd_tune.space.trial_report import REPLAYED, StudentEpoch, TrialReport
 from kd_tune.space.trials import TrialConfig, TrialPoint, mutable_values, trial_folder_name
@@ -197,7 +197,6 @@ def _train_one(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) 
             history += gap
             exploit = Exploit(run.start, str(donor), str(state.get("trial_id", "")), point.label)
             lineage = lineage.exploited(exploit)
-            run = replace(run, extra={**run.extra, "exploited_from": exploit.donor, "exploited_at": exploit.epoch})
         elif hyper is not None and run.start > run.known_epoch and state.get("hyper") is not None:
             hyper = dict(state["hyper"])  # newer than Ray's state (a killed driver): the values that checkpoint trained with
     else:
@@ -225,9 +224,8 @@ def _train_one(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle) 
         nonlocal lineage
         values = m.as_dict()
         if varies:
-            a, t = value_at(alpha, m.epoch, point.epochs), value_at(temperature, m.epoch, point.epochs)
-            values |= {"epoch_alpha": a, "epoch_T": t}
-            lineage = lineage.trained(m.epoch, a, t, knobs if hyper is not None and knobs != point.knobs else ())
+            values |= epoch_values(alpha, temperature, m.epoch, point.epochs)
+            lineage = lineage.trained(m.epoch, values["epoch_alpha"], values["epoch_T"], knobs if hyper is not None and knobs != point.knobs else ())
         history.append(values)
         run.report(TrialReport.one(StudentEpoch.of(history[-1])), checkpoint(ev.confusion))
 
@@ -270,8 +268,8 @@ def _train_pack(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle)
     def on_epoch(k: int, m: EpochMetrics, ev: Evaluation) -> None:
         entry, p = entries[labels[k]], points[k]
         values = m.as_dict()
-        if p.scheduled:  # the alpha and T this epoch trained with, as a member alone reports them
-            values |= {"epoch_alpha": value_at(p.alpha_value, m.epoch, p.epochs), "epoch_T": value_at(p.temperature_value, m.epoch, p.epochs)}
+        if p.scheduled:  # as a member alone reports them
+            values |= epoch_values(p.alpha_value, p.temperature_value, m.epoch, p.epochs)
         entry["history"] = [*entry["history"], values]
         entry["epoch"], entry["confusion"] = m.epoch, ev.confusion
         now[labels[k]] = StudentEpoch.of(values)
@@ -290,6 +288,12 @@ def _train_pack(config: dict[str, Any], trial: TrialConfig, bundle: TrialBundle)
     train_pack(model, optimizer, data, members, batch_size=student.batch_size, start_epoch=run.start, exclude=exclude,
                on_epoch=on_epoch, on_diverged=on_diverged, on_epoch_end=on_epoch_end, precision=student.precision, margs=margs,
                augment=Augment(student.augment, student.augment_pad))
+
+
+def epoch_values(alpha: Value, temperature: Value, epoch: int, epochs: int) -> dict[str, float]:
+    """The alpha and T epoch ``epoch`` trained with (a schedule's value, or the number), as the metrics
+    :data:`~kd_tune.space.trial_report.SCHEDULE_METRICS` report them."""
+    return {"epoch_alpha": value_at(alpha, epoch, epochs), "epoch_T": value_at(temperature, epoch, epochs)}
 
 
 def pack_inputs(bundle: TrialBundle, points: list[TrialPoint], base: TensorData) -> tuple[PackData, list[Member]]:
