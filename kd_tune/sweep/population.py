@@ -39,8 +39,7 @@ from kd_tune.space.methods import METHODS
 from kd_tune.space.schema import Axis, Range, SweepSpec
 from kd_tune.space.trial_report import REPLAYED
 from kd_tune.space.trials import MUTABLE, POINT, TrialConfig, TrialPoint
-
-MODE = "max"
+from kd_tune.sweep.search import MODE
 
 
 def mutable_axes(spec: SweepSpec) -> dict[str, Axis]:
@@ -72,7 +71,6 @@ def initial_population(spec: SweepSpec) -> list[TrialPoint]:
     rng = random.Random(s.seed)
     entry = g.methods()[0]
     alpha, temperature = entry.axes(g)
-    axes = mutable_axes(spec)
     points: dict[str, TrialPoint] = {}
     for _ in range(100 * s.num_samples):
         knobs = {k: (_draw(rng, v) if isinstance(v, Range) else v[rng.randrange(len(v))]) for k, v in entry.knobs}
@@ -85,7 +83,6 @@ def initial_population(spec: SweepSpec) -> list[TrialPoint]:
             break
     else:
         raise ValueError(f"the grid's lists give only {len(points)} distinct members for a population of {s.num_samples}")
-    del axes
     return list(points.values())
 
 
@@ -133,17 +130,13 @@ class Explore:
 
 
 def _bounds(spec: SweepSpec) -> dict[str, tuple[float, float, bool]]:
-    entry = _entry(spec)
+    entry = spec.grid.methods()[0]
     out = {}
     for name, axis in mutable_axes(spec).items():
         low, high = (axis.low, axis.high) if isinstance(axis, Range) else (min(axis), max(axis))
         integer = name in METHODS[entry.method].knob_names and METHODS[entry.method].knob(name).kind == "int"
         out[name] = (float(low), float(high), integer)
     return out
-
-
-def _entry(spec: SweepSpec) -> Any:
-    return spec.grid.methods()[0]
 
 
 class PopulationMixin:
