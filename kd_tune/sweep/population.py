@@ -39,7 +39,8 @@ from kd_tune.space.methods import METHODS
 from kd_tune.space.schema import Axis, Range, SweepSpec
 from kd_tune.space.trial_report import REPLAYED
 from kd_tune.space.trials import MUTABLE, POINT, TrialConfig, TrialPoint
-from kd_tune.sweep.search import MODE
+
+MODE = "max"  # as search.py's (which imports this module for its plan, so not imported from there)
 
 
 def mutable_axes(spec: SweepSpec) -> dict[str, Axis]:
